@@ -1,0 +1,52 @@
+"""The backend protocol and the factory that picks a backend from a model spec.
+
+A backend turns chat messages into a :class:`~moa_ray.chat.Completion`. It runs
+inside a Ray Serve replica in production and in-process in unit tests; the
+pipeline never sees the difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
+
+from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk
+from moa_ray.config import LlamaCppModelSpec, ModelSpecBase, OpenAIModelSpec, VLLMModelSpec
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    """One loaded model (or a client for one remote model)."""
+
+    async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion: ...
+
+    def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def effective_params(spec: ModelSpecBase, params: ChatParams) -> ChatParams:
+    """Fill the call's unset sampling parameters from the model's configured defaults."""
+    return params.model_copy(
+        update={
+            "temperature": spec.temperature if params.temperature is None else params.temperature,
+            "max_tokens": spec.max_tokens if params.max_tokens is None else params.max_tokens,
+        }
+    )
+
+
+def create_backend(spec: ModelSpecBase) -> ChatBackend:
+    """Instantiate the backend a model spec names (heavy imports happen lazily here)."""
+    if isinstance(spec, OpenAIModelSpec):
+        from moa_ray.backends.openai_http import OpenAIBackend
+
+        return OpenAIBackend(spec)
+    if isinstance(spec, LlamaCppModelSpec):
+        from moa_ray.backends.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(spec)
+    if isinstance(spec, VLLMModelSpec):
+        from moa_ray.backends.vllm_engine import VLLMBackend
+
+        return VLLMBackend(spec)
+    raise TypeError(f"no backend for {type(spec).__name__}")

@@ -1,0 +1,215 @@
+"""OpenAI-compatible chat backend over ``httpx.AsyncClient``.
+
+Works with vLLM, Together, Ollama, OpenAI and anything else speaking
+``/v1/chat/completions``. One connection pool per backend instance (one per
+Serve replica); retries with full-jitter exponential backoff on 429, 5xx and
+timeouts; context-length errors surface as :class:`ContextLengthExceeded` and are
+never retried. The API key is read from the environment and never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from httpx_sse import aconnect_sse
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from moa_ray.backends.base import effective_params
+from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
+from moa_ray.config import OpenAIModelSpec
+from moa_ray.errors import (
+    AuthenticationFailed,
+    BackendError,
+    BackendTimeout,
+    BadRequest,
+    ContextLengthExceeded,
+    RateLimited,
+    StreamInterrupted,
+    UpstreamError,
+)
+
+log = logging.getLogger(__name__)
+
+_CONTEXT_MARKERS = (
+    "context_length_exceeded",
+    "context length",
+    "maximum context",
+    "context window",
+    "too many tokens",
+    "prompt is too long",
+)
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        err = body.get("error", body) if isinstance(body, dict) else body
+        if isinstance(err, dict):
+            return str(err.get("message") or err)[:500]
+        return str(err)[:500]
+    except (ValueError, json.JSONDecodeError):
+        return response.text[:500]
+
+
+def classify_response(response: httpx.Response, model: str) -> BackendError:
+    """Map an unsuccessful HTTP response onto the error hierarchy."""
+    status = response.status_code
+    text = _error_text(response)
+    msg = f"{model}: HTTP {status}: {text}"
+    if status == 429:
+        return RateLimited(msg, model=model, status_code=status)
+    if status >= 500:
+        return UpstreamError(msg, model=model, status_code=status)
+    if status in (401, 403):
+        return AuthenticationFailed(f"{model}: HTTP {status}: the provider rejected the API key", model=model, status_code=status)
+    lowered = (text + json.dumps(_safe_json(response))).lower()
+    if any(marker in lowered for marker in _CONTEXT_MARKERS):
+        return ContextLengthExceeded(msg, model=model, status_code=status)
+    return BadRequest(msg, model=model, status_code=status)
+
+
+def _safe_json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+class OpenAIBackend:
+    """Client for one model on an OpenAI-compatible endpoint."""
+
+    def __init__(self, spec: OpenAIModelSpec, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.spec = spec
+        headers = {"Content-Type": "application/json"}
+        if spec.api_key_env:
+            key = os.environ.get(spec.api_key_env)
+            if not key:
+                log.warning("environment variable %s is not set; calling %s without an API key", spec.api_key_env, spec.base_url)
+            else:
+                headers["Authorization"] = f"Bearer {key}"
+        self._client = httpx.AsyncClient(
+            base_url=spec.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(spec.timeout.read_s, connect=spec.timeout.connect_s),
+            limits=httpx.Limits(max_connections=spec.max_connections, max_keepalive_connections=spec.max_connections),
+            transport=transport,
+        )
+
+    def _payload(self, messages: list[ChatMessage], params: ChatParams, stream: bool) -> dict[str, Any]:
+        p = effective_params(self.spec, params)
+        payload: dict[str, Any] = {
+            "model": self.spec.model,
+            "messages": [m.model_dump() for m in messages],
+            "temperature": p.temperature,
+            "max_tokens": p.max_tokens,
+        }
+        if p.top_p is not None:
+            payload["top_p"] = p.top_p
+        if p.stop:
+            payload["stop"] = p.stop
+        if p.seed is not None:
+            payload["seed"] = p.seed
+        if p.json_mode:
+            payload["response_format"] = {"type": "json_object"}
+        if stream:
+            payload["stream"] = True
+            payload["stream_options"] = {"include_usage": True}
+        return payload
+
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.spec.max_retries + 1),
+            wait=wait_random_exponential(multiplier=self.spec.backoff_s, max=self.spec.backoff_max_s),
+            retry=retry_if_exception(lambda e: isinstance(e, BackendError) and e.retryable),
+            reraise=True,
+            before_sleep=lambda state: log.info(
+                "%s: attempt %d failed (%s); retrying", self.spec.model, state.attempt_number, state.outcome.exception()
+            ),
+        )
+
+    async def _post_once(self, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await self._client.post("/chat/completions", json=payload)
+        except httpx.TimeoutException as err:
+            raise BackendTimeout(f"{self.spec.model}: {type(err).__name__} after {self._client.timeout}", model=self.spec.model) from None
+        except httpx.TransportError as err:
+            raise UpstreamError(f"{self.spec.model}: connection failed: {type(err).__name__}: {err}", model=self.spec.model) from None
+        if response.status_code != 200:
+            raise classify_response(response, self.spec.model)
+        try:
+            return response.json()
+        except ValueError:
+            raise UpstreamError(f"{self.spec.model}: response is not JSON", model=self.spec.model) from None
+
+    async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion:
+        payload = self._payload(messages, params, stream=False)
+        start = time.perf_counter()
+        async for attempt in self._retrying():
+            with attempt:
+                body = await self._post_once(payload)
+        try:
+            choice = body["choices"][0]
+            text = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise UpstreamError(f"{self.spec.model}: malformed response without choices[0].message", model=self.spec.model) from None
+        usage = body.get("usage") or {}
+        return Completion(
+            text=text,
+            usage=Usage(prompt_tokens=usage.get("prompt_tokens") or 0, completion_tokens=usage.get("completion_tokens") or 0),
+            latency_s=time.perf_counter() - start,
+            finish_reason=choice.get("finish_reason"),
+            model=self.spec.model,
+        )
+
+    async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
+        """Stream deltas; retries only until the first token has been received."""
+        payload = self._payload(messages, params, stream=True)
+        start = time.perf_counter()
+        async for attempt in self._retrying():
+            with attempt:
+                parts: list[str] = []
+                usage: dict[str, Any] = {}
+                finish_reason = None
+                try:
+                    async with aconnect_sse(self._client, "POST", "/chat/completions", json=payload) as source:
+                        if source.response.status_code != 200:
+                            await source.response.aread()
+                            raise classify_response(source.response, self.spec.model)
+                        async for event in source.aiter_sse():
+                            if event.data.strip() == "[DONE]":
+                                break
+                            chunk = event.json()
+                            usage = chunk.get("usage") or usage
+                            for choice in chunk.get("choices") or []:
+                                delta = (choice.get("delta") or {}).get("content") or ""
+                                finish_reason = choice.get("finish_reason") or finish_reason
+                                if delta:
+                                    parts.append(delta)
+                                    yield StreamChunk(delta=delta)
+                except httpx.TimeoutException:
+                    if parts:
+                        raise StreamInterrupted(f"{self.spec.model}: stream timed out mid-answer", model=self.spec.model) from None
+                    raise BackendTimeout(f"{self.spec.model}: stream timed out", model=self.spec.model) from None
+                except httpx.TransportError as err:
+                    if parts:
+                        raise StreamInterrupted(f"{self.spec.model}: stream broke mid-answer: {err}", model=self.spec.model) from None
+                    raise UpstreamError(f"{self.spec.model}: connection failed: {err}", model=self.spec.model) from None
+        completion_tokens = usage.get("completion_tokens") or len(parts)
+        yield StreamChunk(
+            completion=Completion(
+                text="".join(parts),
+                usage=Usage(prompt_tokens=usage.get("prompt_tokens") or 0, completion_tokens=completion_tokens),
+                latency_s=time.perf_counter() - start,
+                finish_reason=finish_reason,
+                model=self.spec.model,
+            )
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,78 @@
+"""Chat data types shared by backends, Serve deployments and pipelines.
+
+These are the wire format of the async chat interface: they cross Ray Serve
+handles as plain dicts (``model_dump``) so replicas and drivers need not share
+pickled classes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["system", "user", "assistant"]
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+    content: str
+
+
+class ChatParams(BaseModel):
+    """Sampling parameters of one call; ``None`` means the model's configured default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: list[str] | None = None
+    seed: int | None = None
+    json_mode: bool = False
+
+
+class Usage(BaseModel):
+    """Token usage of one call."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Completion(BaseModel):
+    """The result of one chat call: text, usage, latency and why generation stopped."""
+
+    text: str
+    usage: Usage = Field(default_factory=Usage)
+    latency_s: float = 0.0
+    finish_reason: str | None = None
+    model: str = ""
+
+
+class ChatRequest(BaseModel):
+    """What a driver sends to an agent deployment."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    params: ChatParams = Field(default_factory=ChatParams)
+
+
+class StreamChunk(BaseModel):
+    """A piece of a streamed completion; the last chunk carries the full :class:`Completion`."""
+
+    delta: str = ""
+    completion: Completion | None = None
+
+
+def as_messages(messages: list[ChatMessage] | list[dict] | str) -> list[ChatMessage]:
+    """Accept a prompt string, OpenAI-style dicts or ChatMessages."""
+    if isinstance(messages, str):
+        return [ChatMessage(role="user", content=messages)]
+    return [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m) for m in messages]

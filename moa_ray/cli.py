@@ -1,0 +1,101 @@
+"""The ``moa-ray`` command line: run a pipeline, inspect configs (more subcommands register here)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import click
+from rich.console import Console
+
+from moa_ray.config import DEFAULT_PIPELINE, dump_config, load_config
+from moa_ray.errors import ConfigError, MoARayError, PipelineError
+from moa_ray.render import layer_table
+
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+class _Group(click.Group):
+    """Turns moa-ray errors into one clear line and exit code 2 (config) or 1 (run)."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except ConfigError as err:
+            err_console.print(f"[red]config error:[/red] {err}", highlight=False)
+            sys.exit(2)
+        except MoARayError as err:
+            err_console.print(f"[red]error:[/red] {err}", highlight=False)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="moa-ray")
+def main() -> None:
+    """Mixture-of-Agents and Sparse Mixture-of-Agents on Ray Serve."""
+
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (default: shipped presets)."
+)
+
+
+@main.command()
+@click.argument("prompt")
+@config_option
+@click.option("--pipeline", "pipeline_name", default=DEFAULT_PIPELINE, show_default=True, help="Pipeline name.")
+@click.option("--address", default=None, help="Ray cluster address to join (default: start a local Ray).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answer, pipeline and trace.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Cap the final answer's tokens.")
+def run(prompt: str, config_path: str | None, pipeline_name: str, address: str | None, as_json: bool, max_tokens: int | None) -> None:
+    """Answer PROMPT with a pipeline deployed on Ray Serve."""
+    from moa_ray.chat import ChatParams
+    from moa_ray.pipeline import build_pipeline
+    from moa_ray.runtime import deploy_agents, init_ray
+
+    if not prompt.strip():
+        raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
+    config = load_config(config_path)
+    config.pipeline(pipeline_name)  # fail on an unknown name before Ray starts
+    with err_console.status(f"starting Ray and deploying the models of {pipeline_name!r}..."):
+        init_ray(address)
+        agents = deploy_agents(config, [pipeline_name])
+    pipeline = build_pipeline(config, pipeline_name, agents)
+    params = ChatParams(max_tokens=max_tokens) if max_tokens else None
+    with err_console.status(f"running {pipeline_name!r}..."):
+        try:
+            result = asyncio.run(pipeline.run(prompt, params))
+        except PipelineError as err:
+            if as_json and err.trace is not None:
+                click.echo(json.dumps({"error": str(err), "pipeline": pipeline_name, "trace": err.trace.to_json_dict()}))
+            raise
+    if as_json:
+        click.echo(json.dumps({"answer": result.answer, "pipeline": pipeline_name, "trace": result.trace.to_json_dict()}))
+        return
+    click.echo(result.answer)
+    err_console.print(layer_table(result.trace))
+
+
+@main.group()
+def config() -> None:
+    """Validate and show configs (no Ray needed)."""
+
+
+@config.command("validate")
+@click.argument("path", type=click.Path(dir_okay=False))
+def config_validate(path: str) -> None:
+    """Check PATH: schema, references between models and pipelines, value ranges."""
+    cfg = load_config(path)
+    click.echo(f"ok: {len(cfg.models)} models, {len(cfg.pipelines)} pipelines ({', '.join(cfg.pipelines)})")
+
+
+@config.command("show")
+@click.argument("path", type=click.Path(dir_okay=False), required=False)
+def config_show(path: str | None) -> None:
+    """Print the config at PATH (default: the shipped presets) with defaults filled in."""
+    click.echo(dump_config(load_config(path)), nl=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,461 @@
+"""Configuration: models (backend, sampling defaults, placement, scaling, cost) and pipelines.
+
+A config is YAML validated by pydantic. Every cross reference (a model named in a
+layer, the aggregator, the judge) is checked at load time, so a typo fails before
+Ray starts, with a message that names the offending field.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from moa_ray.errors import ConfigError
+
+PRESET_PACKAGE = "moa_ray.presets"
+DEFAULT_PIPELINE = "embedded"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class Autoscaling(_Strict):
+    """Ray Serve autoscaling of one model's deployment."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    upscale_delay_s: float | None = Field(default=None, ge=0)
+    downscale_delay_s: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+    def to_serve(self) -> dict[str, Any]:
+        """The ``autoscaling_config`` dict Ray Serve expects."""
+        return self.model_dump(exclude_none=True)
+
+
+class Pricing(_Strict):
+    """USD per million tokens."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class ModelSpecBase(_Strict):
+    """What every backend shares: sampling defaults, placement, scaling and cost facts."""
+
+    model: str = Field(min_length=1, description="Provider model id, GGUF path or packaged alias.")
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=512, ge=1)
+    # placement
+    num_cpus: float | None = Field(default=None, ge=0, description="CPUs per replica; default depends on the backend.")
+    num_gpus: float = Field(default=0, ge=0)
+    pool: str | None = Field(default=None, description="Custom Ray resource naming this model's node pool.")
+    resources: dict[str, float] = Field(default_factory=dict)
+    label_selector: dict[str, str] = Field(default_factory=dict)
+    # scaling
+    num_replicas: int = Field(default=1, ge=1)
+    autoscaling: Autoscaling | None = None
+    max_ongoing_requests: int = Field(default=16, ge=1)
+    # cost accounting
+    parameters_b: float | None = Field(default=None, gt=0, description="Parameters in billions, for TFLOPs estimates.")
+    pricing: Pricing | None = None
+
+    default_num_cpus: ClassVar[float] = 1.0
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        """``ray_actor_options`` for this model's Serve deployment."""
+        num_cpus = self.num_cpus if self.num_cpus is not None else self.default_num_cpus
+        opts: dict[str, Any] = {"num_cpus": num_cpus}
+        if self.num_gpus:
+            opts["num_gpus"] = self.num_gpus
+        res = dict(self.resources)
+        if self.pool:
+            res.setdefault(self.pool, 1.0)
+        if res:
+            opts["resources"] = res
+        if self.label_selector:
+            opts["label_selector"] = dict(self.label_selector)
+        return opts
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Options for ``Deployment.options`` (replicas or autoscaling, concurrency, placement)."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": self.ray_actor_options(),
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.to_serve()
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class Timeouts(_Strict):
+    connect_s: float = Field(default=10.0, gt=0)
+    read_s: float = Field(default=120.0, gt=0)
+
+
+class OpenAIModelSpec(ModelSpecBase):
+    """Any OpenAI-compatible chat endpoint (vLLM, Together, Ollama, OpenAI...)."""
+
+    backend: Literal["openai"]
+    base_url: str = "https://api.openai.com/v1"
+    api_key_env: str | None = Field(default=None, description="Environment variable holding the API key.")
+    timeout: Timeouts = Field(default_factory=Timeouts)
+    max_retries: int = Field(default=3, ge=0)
+    backoff_s: float = Field(default=0.5, gt=0, description="First backoff; grows exponentially with full jitter.")
+    backoff_max_s: float = Field(default=20.0, gt=0)
+    max_connections: int = Field(default=64, ge=1)
+    default_num_cpus: ClassVar[float] = 0.05
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return v.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or not v.replace("_", "").isalnum()):
+            raise ValueError("api_key_env must be the NAME of an environment variable, not a key")
+        return v
+
+
+class LlamaCppModelSpec(ModelSpecBase):
+    """A GGUF model run in-process by llama.cpp (the embedded default)."""
+
+    backend: Literal["llamacpp"]
+    n_threads: int | None = Field(default=None, ge=1)
+    n_ctx: int = Field(default=4096, ge=256)
+    seed: int = -1
+    chat_format: str | None = None
+    max_ongoing_requests: int = Field(default=64, ge=1)
+
+
+class VLLMModelSpec(ModelSpecBase):
+    """A Hugging Face model served in-process by vLLM on the replica's GPUs (lazy import)."""
+
+    backend: Literal["vllm"]
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    max_model_len: int | None = Field(default=None, ge=256)
+    dtype: str = "auto"
+    num_gpus: float = Field(default=1, ge=0)
+    max_ongoing_requests: int = Field(default=64, ge=1)
+
+
+ModelSpec = Annotated[
+    Union[OpenAIModelSpec, LlamaCppModelSpec, VLLMModelSpec],
+    Field(discriminator="backend"),
+]
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def _proposer_from_str(value: Any) -> Any:
+    return {"model": value} if isinstance(value, str) else value
+
+
+class ProposerSpec(_Strict):
+    """A call to a model with per-call overrides (temperature, max_tokens, a system role)."""
+
+    model: str = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    system: str | None = None
+
+    @property
+    def label(self) -> str:
+        extras = []
+        if self.temperature is not None:
+            extras.append(f"t={self.temperature:g}")
+        if self.system:
+            extras.append("role")
+        return f"{self.model}({', '.join(extras)})" if extras else self.model
+
+
+ProposerRef = Annotated[ProposerSpec, BeforeValidator(_proposer_from_str)]
+
+
+def _layer_from_list(value: Any) -> Any:
+    return {"proposers": value} if isinstance(value, list) else value
+
+
+class LayerSpec(_Strict):
+    """One proposer layer; ``min_responses`` + ``deadline_s`` let it leave stragglers behind."""
+
+    proposers: list[ProposerRef] = Field(min_length=1)
+    min_responses: int | None = Field(default=None, ge=1)
+    deadline_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _quorum(self) -> LayerSpec:
+        if self.min_responses is not None and self.min_responses > len(self.proposers):
+            raise ValueError(f"min_responses ({self.min_responses}) exceeds the layer's {len(self.proposers)} proposers")
+        return self
+
+
+LayerRef = Annotated[LayerSpec, BeforeValidator(_layer_from_list)]
+
+
+class PipelineBase(_Strict):
+    description: str = ""
+    min_responses: int | None = Field(default=None, ge=1, description="Default quorum for every layer.")
+    layer_deadline_s: float | None = Field(default=None, gt=0, description="Default deadline for every layer.")
+
+    def resolved_layers(self) -> list[LayerSpec]:
+        """Proposer layers with pipeline-level quorum/deadline defaults filled in."""
+        out = []
+        for layer in getattr(self, "layers", []):
+            update: dict[str, Any] = {}
+            if layer.min_responses is None and self.min_responses is not None:
+                update["min_responses"] = min(self.min_responses, len(layer.proposers))
+            if layer.deadline_s is None and self.layer_deadline_s is not None:
+                update["deadline_s"] = self.layer_deadline_s
+            out.append(layer.model_copy(update=update))
+        return out
+
+    def calls(self) -> list[tuple[str, ProposerSpec]]:
+        """Every (field path, proposer) this pipeline may call; used to validate references."""
+        raise NotImplementedError
+
+
+class _LayeredMixin(_Strict):
+    layers: list[LayerRef] = Field(min_length=1)
+    aggregator: ProposerRef
+
+    def _layer_calls(self) -> list[tuple[str, ProposerSpec]]:
+        out = [(f"layers[{i}][{j}]", p) for i, layer in enumerate(self.layers) for j, p in enumerate(layer.proposers)]
+        out.append(("aggregator", self.aggregator))
+        return out
+
+
+class MoAPipelineSpec(PipelineBase, _LayeredMixin):
+    """Mixture-of-Agents: proposer layers, each seeing the previous layer's answers, then an aggregator."""
+
+    kind: Literal["moa"]
+
+    def calls(self) -> list[tuple[str, ProposerSpec]]:
+        return self._layer_calls()
+
+
+class RolesSpec(_Strict):
+    """Role-playing: one LLM call turns a dataset and task description into n proposer roles."""
+
+    dataset: str = Field(min_length=1)
+    task: str = Field(min_length=1)
+    model: ProposerRef | None = Field(default=None, description="Defaults to the pipeline's aggregator model.")
+
+
+class SMoAPipelineSpec(PipelineBase, _LayeredMixin):
+    """Sparse MoA: a judge keeps the best k responses per layer, a moderator may stop early."""
+
+    kind: Literal["smoa"]
+    judge: ProposerRef | None = Field(default=None, description="Defaults to the aggregator model.")
+    k: int = Field(default=2, ge=1)
+    moderator: bool | ProposerRef = True
+    max_layers: int | None = Field(default=None, ge=1)
+    roles: RolesSpec | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _k_below_n(self) -> SMoAPipelineSpec:
+        for i, layer in enumerate(self.layers):
+            if self.k >= len(layer.proposers):
+                raise ValueError(f"k ({self.k}) must be smaller than the {len(layer.proposers)} proposers of layers[{i}]")
+        if self.max_layers is not None and self.max_layers > len(self.layers):
+            raise ValueError(f"max_layers ({self.max_layers}) exceeds the {len(self.layers)} configured layers")
+        return self
+
+    @property
+    def judge_spec(self) -> ProposerSpec:
+        return self.judge or ProposerSpec(model=self.aggregator.model)
+
+    @property
+    def moderator_spec(self) -> ProposerSpec | None:
+        """A separate moderator model, or None when the judge moderates (or moderation is off)."""
+        return self.moderator if isinstance(self.moderator, ProposerSpec) else None
+
+    @property
+    def moderation_enabled(self) -> bool:
+        return self.moderator is not False
+
+    def calls(self) -> list[tuple[str, ProposerSpec]]:
+        out = self._layer_calls() + [("judge", self.judge_spec)]
+        if self.moderator_spec is not None:
+            out.append(("moderator", self.moderator_spec))
+        if self.roles is not None and self.roles.model is not None:
+            out.append(("roles.model", self.roles.model))
+        return out
+
+
+class SinglePipelineSpec(PipelineBase):
+    """Baseline: one call to one model."""
+
+    kind: Literal["single"]
+    model: ProposerRef
+
+    def calls(self) -> list[tuple[str, ProposerSpec]]:
+        return [("model", self.model)]
+
+
+class RankerPipelineSpec(PipelineBase):
+    """Baseline (LLM-ranker): the aggregator picks one of the n responses verbatim, no synthesis."""
+
+    kind: Literal["ranker"]
+    layers: list[LayerRef] = Field(min_length=1, max_length=1)
+    aggregator: ProposerRef
+
+    def calls(self) -> list[tuple[str, ProposerSpec]]:
+        return [(f"layers[0][{j}]", p) for j, p in enumerate(self.layers[0].proposers)] + [("aggregator", self.aggregator)]
+
+
+class SelfMoAPipelineSpec(PipelineBase):
+    """Baseline (Self-MoA): one model sampled n times at its temperature, then aggregated."""
+
+    kind: Literal["self-moa"]
+    model: ProposerRef
+    n: int = Field(default=6, ge=2)
+    aggregator: ProposerRef | None = Field(default=None, description="Defaults to the proposer model.")
+
+    @property
+    def aggregator_spec(self) -> ProposerSpec:
+        return self.aggregator or ProposerSpec(model=self.model.model)
+
+    @property
+    def layers(self) -> list[LayerSpec]:
+        return [LayerSpec(proposers=[self.model] * self.n)]
+
+    def calls(self) -> list[tuple[str, ProposerSpec]]:
+        return [("model", self.model), ("aggregator", self.aggregator_spec)]
+
+
+PipelineSpec = Annotated[
+    Union[MoAPipelineSpec, SMoAPipelineSpec, SinglePipelineSpec, RankerPipelineSpec, SelfMoAPipelineSpec],
+    Field(discriminator="kind"),
+]
+
+
+# --------------------------------------------------------------------------- root
+
+
+class ServerSpec(_Strict):
+    """Limits of the OpenAI-compatible endpoint."""
+
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    max_message_chars: int = Field(default=100_000, ge=1)
+    max_messages: int = Field(default=256, ge=1)
+
+
+class MoARayConfig(_Strict):
+    """The root of a moa-ray YAML file."""
+
+    models: dict[str, ModelSpec] = Field(min_length=1)
+    pipelines: dict[str, PipelineSpec] = Field(default_factory=dict)
+    server: ServerSpec = Field(default_factory=ServerSpec)
+
+    @model_validator(mode="after")
+    def _references(self) -> MoARayConfig:
+        known = ", ".join(sorted(self.models))
+        for name, pipe in self.pipelines.items():
+            for path, call in pipe.calls():
+                if call.model not in self.models:
+                    raise ValueError(
+                        f"pipelines.{name}.{path}.model: unknown model {call.model!r} (known models: {known})"
+                    )
+        return self
+
+    def pipeline(self, name: str) -> PipelineSpec:
+        try:
+            return self.pipelines[name]
+        except KeyError:
+            raise ConfigError(f"unknown pipeline {name!r} (known pipelines: {', '.join(sorted(self.pipelines))})") from None
+
+    def models_for(self, pipelines: list[str]) -> dict[str, ModelSpec]:
+        """The models the named pipelines call, in config order."""
+        needed = {call.model for p in pipelines for _, call in self.pipeline(p).calls()}
+        return {name: spec for name, spec in self.models.items() if name in needed}
+
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
+    return "\n".join(lines)
+
+
+_UNION_TAGS = {"openai", "llamacpp", "vllm", "moa", "smoa", "single", "ranker", "self-moa", "function-before[_proposer_from_str(), ProposerSpec]", "function-before[_layer_from_list(), LayerSpec]"}
+
+
+def parse_config(data: Any, source: str = "<dict>") -> MoARayConfig:
+    """Validate a config mapping, raising :class:`ConfigError` that names each bad field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: top level must be a mapping with 'models' and 'pipelines'")
+    try:
+        return MoARayConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None) -> MoARayConfig:
+    """Load a YAML config file, or the shipped presets when ``path`` is None."""
+    if path is None:
+        return load_presets()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid YAML in {p}: {err}") from None
+    return parse_config(data, str(p))
+
+
+def load_presets() -> MoARayConfig:
+    """All shipped presets merged into one config (each file adds models and pipelines)."""
+    merged: dict[str, dict[str, Any]] = {"models": {}, "pipelines": {}}
+    for entry in sorted(resources.files(PRESET_PACKAGE).iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".yaml"):
+            continue
+        data = yaml.safe_load(entry.read_text()) or {}
+        for section in ("models", "pipelines"):
+            for key, value in (data.get(section) or {}).items():
+                if key in merged[section] and merged[section][key] != value:
+                    raise ConfigError(f"preset {entry.name}: {section}.{key} conflicts with another preset")
+                merged[section][key] = value
+    return parse_config(merged, "<presets>")
+
+
+def dump_config(config: MoARayConfig) -> str:
+    """YAML of a validated config with defaults filled in."""
+    return yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False)

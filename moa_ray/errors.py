@@ -1,0 +1,104 @@
+"""One exception hierarchy for the whole package (in the style of httpx).
+
+Every error a user can meet derives from :class:`MoARayError`, so callers can
+catch one type; subclasses say which layer of the stack failed and whether a
+retry can help.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MoARayError(Exception):
+    """Base class of every moa-ray error."""
+
+
+class ConfigError(MoARayError):
+    """A configuration file or preset is invalid; raised before any cluster work starts."""
+
+
+class BackendError(MoARayError):
+    """A model backend failed to produce a completion."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, model: str | None = None, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+        self.status_code = status_code
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialise for transport across a Ray Serve handle."""
+        return {"type": type(self).__name__, "message": str(self), "model": self.model, "status_code": self.status_code}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> BackendError:
+        """Rebuild the error raised inside a replica on the caller's side."""
+        cls = _BACKEND_ERRORS.get(data.get("type", ""), BackendError)
+        return cls(data.get("message", "backend error"), model=data.get("model"), status_code=data.get("status_code"))
+
+
+class BackendTimeout(BackendError):
+    """Connecting to or reading from the model service timed out."""
+
+    retryable = True
+
+
+class RateLimited(BackendError):
+    """The provider answered 429."""
+
+    retryable = True
+
+
+class UpstreamError(BackendError):
+    """The provider answered 5xx or the connection broke."""
+
+    retryable = True
+
+
+class ContextLengthExceeded(BackendError):
+    """The prompt does not fit the model's context window; retrying cannot help."""
+
+
+class BadRequest(BackendError):
+    """The provider rejected the request (4xx other than 429); retrying cannot help."""
+
+
+class StreamInterrupted(BackendError):
+    """A stream broke after tokens were delivered; retrying would duplicate them."""
+
+
+class AuthenticationFailed(BackendError):
+    """The provider rejected the API key (401/403)."""
+
+
+_BACKEND_ERRORS: dict[str, type[BackendError]] = {
+    cls.__name__: cls
+    for cls in (
+        BackendError,
+        BackendTimeout,
+        RateLimited,
+        UpstreamError,
+        ContextLengthExceeded,
+        BadRequest,
+        AuthenticationFailed,
+        StreamInterrupted,
+    )
+}
+
+
+class PipelineError(MoARayError):
+    """A pipeline could not produce an answer; carries the partial trace."""
+
+    def __init__(self, message: str, trace: Any = None) -> None:
+        super().__init__(message)
+        self.trace = trace
+
+
+class LayerFailed(PipelineError):
+    """Every proposer of a layer failed (or too few answered to meet ``min_responses``)."""
+
+
+class AggregatorFailed(PipelineError):
+    """The final aggregator call failed."""

@@ -1,0 +1,69 @@
+"""How a pipeline reaches a model: one async chat interface, two transports.
+
+:class:`HandleAgent` calls a Ray Serve deployment (production); :class:`LocalAgent`
+calls a backend in this process (unit tests, debugging). Pipelines only see
+:class:`Agent`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from moa_ray.backends.base import ChatBackend
+from moa_ray.chat import ChatMessage, ChatParams, ChatRequest, Completion, StreamChunk
+from moa_ray.errors import BackendError
+
+
+class Agent(Protocol):
+    async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion: ...
+
+    def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]: ...
+
+
+class LocalAgent:
+    """An in-process backend as an agent."""
+
+    def __init__(self, backend: ChatBackend) -> None:
+        self.backend = backend
+
+    async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion:
+        return await self.backend.chat(messages, params)
+
+    def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
+        return self.backend.stream(messages, params)
+
+
+def _unwrap(reply: dict[str, Any]) -> dict[str, Any]:
+    if "error" in reply:
+        raise BackendError.from_dict(reply["error"])
+    return reply
+
+
+class HandleAgent:
+    """A model deployed as a Ray Serve deployment, called through its handle."""
+
+    def __init__(self, handle: Any, name: str) -> None:
+        self.handle = handle
+        self.name = name
+
+    async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion:
+        request = ChatRequest(messages=messages, params=params).model_dump()
+        response = self.handle.chat.remote(request)
+        try:
+            reply = await response
+        except asyncio.CancelledError:
+            response.cancel()  # a cut straggler must stop using its replica
+            raise
+        return Completion.model_validate(_unwrap(reply)["completion"])
+
+    async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
+        request = ChatRequest(messages=messages, params=params).model_dump()
+        generator = self.handle.options(stream=True).stream.remote(request)
+        try:
+            async for reply in generator:
+                yield StreamChunk.model_validate(_unwrap(reply)["chunk"])
+        except asyncio.CancelledError:
+            generator.cancel()
+            raise

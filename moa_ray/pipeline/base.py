@@ -1,0 +1,247 @@
+"""The driver shared by every pipeline kind: traced calls, parallel layers, the final call.
+
+A pipeline kind implements :meth:`Pipeline.plan`, which runs whatever comes
+before the final answer (proposer layers, judge, moderator) and returns either
+the final call to make or an answer that is already known (the ranker). The base
+class turns that into :meth:`run` (one answer) and :meth:`stream` (the final
+call's tokens as they come), so the CLI, the jobs and the HTTP endpoint share
+one code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, as_messages
+from moa_ray.config import LayerSpec, ProposerSpec
+from moa_ray.errors import AggregatorFailed, LayerFailed, MoARayError
+from moa_ray.pipeline.agents import Agent
+from moa_ray.pipeline.trace import CallRecord, CallRole, LayerRecord, Trace
+from moa_ray.prompts import with_role
+
+
+class PipelineResult(BaseModel):
+    """A pipeline's answer with its trace."""
+
+    answer: str
+    finish_reason: str | None = None
+    trace: Trace
+
+
+@dataclass
+class FinalCall:
+    """The last call of a request, whose text is the answer."""
+
+    spec: ProposerSpec
+    messages: list[ChatMessage]
+    layer: int
+    role: CallRole = "aggregator"
+
+
+@dataclass
+class KnownAnswer:
+    """An answer decided without a final generation (the ranker picks a response verbatim)."""
+
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class Response:
+    """A successful call inside a layer."""
+
+    index: int
+    spec: ProposerSpec
+    completion: Completion
+
+    @property
+    def text(self) -> str:
+        return self.completion.text
+
+
+def call_params(spec: ProposerSpec, override: ChatParams | None = None) -> ChatParams:
+    """Per-call parameters: the request's override beats the proposer's, unset falls to the model."""
+    params = ChatParams(temperature=spec.temperature, max_tokens=spec.max_tokens, top_p=spec.top_p)
+    if override is not None:
+        params = params.model_copy(update=override.model_dump(exclude_unset=True, exclude_defaults=True))
+    return params
+
+
+class Pipeline:
+    """Base class of every pipeline kind."""
+
+    def __init__(self, name: str, spec: BaseModel, agents: Mapping[str, Agent]) -> None:
+        self.name = name
+        self.spec = spec
+        self.agents = agents
+        missing = sorted({s.model for _, s in spec.calls()} - set(agents))  # type: ignore[attr-defined]
+        if missing:
+            raise MoARayError(f"pipeline {name!r} needs agents for models {missing}")
+
+    # ------------------------------------------------------------------ to implement
+
+    async def plan(self, messages: list[ChatMessage], trace: Trace, t0: float) -> FinalCall | KnownAnswer:
+        """Run everything before the final answer."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ building blocks
+
+    async def call(
+        self,
+        spec: ProposerSpec,
+        messages: list[ChatMessage],
+        *,
+        layer: int,
+        index: int,
+        role: CallRole,
+        trace: Trace,
+        t0: float,
+        params: ChatParams | None = None,
+    ) -> Completion | None:
+        """One traced call; returns None (and records why) when it fails or is cut."""
+        record = CallRecord(layer=layer, index=index, role=role, model=spec.model, label=spec.label, start_s=time.perf_counter() - t0)
+        trace.calls.append(record)
+        start = time.perf_counter()
+        try:
+            completion = await self.agents[spec.model].chat(with_role(messages, spec.system), call_params(spec, params))
+        except asyncio.CancelledError:
+            record.status, record.error, record.latency_s = "cut", "cut by the layer deadline", time.perf_counter() - start
+            raise
+        except Exception as err:  # noqa: BLE001 - a failed agent is recorded, the layer decides what it means
+            record.status, record.latency_s = "error", time.perf_counter() - start
+            record.error = f"{type(err).__name__}: {err}"
+            return None
+        record.prompt_tokens = completion.usage.prompt_tokens
+        record.completion_tokens = completion.usage.completion_tokens
+        record.latency_s = completion.latency_s or (time.perf_counter() - start)
+        record.finish_reason = completion.finish_reason
+        return completion
+
+    async def run_layer(
+        self,
+        layer_no: int,
+        layer: LayerSpec,
+        messages_for: Sequence[list[ChatMessage]] | list[ChatMessage],
+        trace: Trace,
+        t0: float,
+    ) -> list[Response]:
+        """Send every proposer call of a layer concurrently and return the successful responses in proposer order.
+
+        With ``min_responses`` and/or ``deadline_s`` the layer leaves stragglers behind: once the
+        deadline has passed (immediately when no deadline is set) and at least ``min_responses``
+        calls have answered, the pending calls are cancelled and traced as ``cut``.
+        """
+        start = time.perf_counter()
+        record = LayerRecord(layer=layer_no, role="proposer")
+        trace.layers.append(record)
+        per_call = messages_for if messages_for and isinstance(messages_for[0], list) else [messages_for] * len(layer.proposers)
+        tasks = {
+            asyncio.create_task(self.call(spec, msgs, layer=layer_no, index=i, role="proposer", trace=trace, t0=t0)): i  # type: ignore[arg-type]
+            for i, (spec, msgs) in enumerate(zip(layer.proposers, per_call))
+        }
+        try:
+            done = await self._await_quorum(set(tasks), layer)
+        finally:
+            pending = [t for t in tasks if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        record.wall_s = time.perf_counter() - start
+        responses = [
+            Response(index=tasks[t], spec=layer.proposers[tasks[t]], completion=t.result())
+            for t in done
+            if not t.cancelled() and t.result() is not None
+        ]
+        responses.sort(key=lambda r: r.index)
+        if not responses:
+            errors = "; ".join(c.error or c.status for c in trace.calls_in(layer_no))
+            raise LayerFailed(f"layer {layer_no}: every proposer failed ({errors})", trace)
+        return responses
+
+    @staticmethod
+    async def _await_quorum(tasks: set[asyncio.Task], layer: LayerSpec) -> set[asyncio.Task]:
+        if layer.min_responses is None and layer.deadline_s is None:
+            await asyncio.wait(tasks)
+            return tasks
+        quorum = layer.min_responses or 1
+        done, pending = await asyncio.wait(tasks, timeout=layer.deadline_s) if layer.deadline_s else (set(), tasks)
+
+        def ok(ts: set[asyncio.Task]) -> int:
+            return sum(1 for t in ts if t.result() is not None)
+
+        while pending and ok(done) < quorum:
+            newly, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            done |= newly
+        return done
+
+    # ------------------------------------------------------------------ entry points
+
+    def _new_trace(self) -> Trace:
+        return Trace(pipeline=self.name, kind=self.spec.kind)  # type: ignore[attr-defined]
+
+    async def run(self, messages: list[ChatMessage] | list[dict] | str, params: ChatParams | None = None) -> PipelineResult:
+        """Answer one conversation. ``params`` (e.g. the endpoint's max_tokens) apply to the final call."""
+        t0 = time.perf_counter()
+        trace = self._new_trace()
+        try:
+            step = await self.plan(as_messages(messages), trace, t0)
+            if isinstance(step, KnownAnswer):
+                return PipelineResult(answer=step.text, finish_reason=step.finish_reason, trace=trace)
+            final_start = time.perf_counter()
+            trace.layers.append(LayerRecord(layer=step.layer, role="aggregator"))
+            completion = await self.call(
+                step.spec, step.messages, layer=step.layer, index=0, role=step.role, trace=trace, t0=t0, params=params
+            )
+            trace.layers[-1].wall_s = time.perf_counter() - final_start
+            if completion is None:
+                raise AggregatorFailed(f"the {step.role} ({step.spec.model}) failed: {trace.calls[-1].error}", trace)
+            return PipelineResult(answer=completion.text, finish_reason=completion.finish_reason, trace=trace)
+        finally:
+            trace.wall_s = time.perf_counter() - t0
+
+    async def stream(
+        self, messages: list[ChatMessage] | list[dict] | str, params: ChatParams | None = None
+    ) -> AsyncIterator[StreamChunk | PipelineResult]:
+        """Run the layers, then stream the final call's deltas; the last item is the :class:`PipelineResult`."""
+        t0 = time.perf_counter()
+        trace = self._new_trace()
+        step = await self.plan(as_messages(messages), trace, t0)
+        if isinstance(step, KnownAnswer):
+            trace.wall_s = time.perf_counter() - t0
+            yield StreamChunk(delta=step.text)
+            yield PipelineResult(answer=step.text, finish_reason=step.finish_reason, trace=trace)
+            return
+        final_start = time.perf_counter()
+        layer = LayerRecord(layer=step.layer, role="aggregator")
+        trace.layers.append(layer)
+        record = CallRecord(layer=step.layer, role=step.role, model=step.spec.model, label=step.spec.label, start_s=final_start - t0)
+        trace.calls.append(record)
+        completion: Completion | None = None
+        try:
+            async for chunk in self.agents[step.spec.model].stream(
+                with_role(step.messages, step.spec.system), call_params(step.spec, params)
+            ):
+                if chunk.completion is not None:
+                    completion = chunk.completion
+                elif chunk.delta:
+                    yield chunk
+        except Exception as err:  # noqa: BLE001 - recorded, then surfaced as AggregatorFailed
+            record.status, record.error = "error", f"{type(err).__name__}: {err}"
+            record.latency_s = layer.wall_s = time.perf_counter() - final_start
+            trace.wall_s = time.perf_counter() - t0
+            raise AggregatorFailed(f"the {step.role} ({step.spec.model}) failed: {record.error}", trace) from None
+        record.latency_s = layer.wall_s = time.perf_counter() - final_start
+        trace.wall_s = time.perf_counter() - t0
+        if completion is None:
+            record.status, record.error = "error", "stream ended without a completion"
+            raise AggregatorFailed(f"the {step.role} ({step.spec.model}) stream ended without a completion", trace)
+        record.prompt_tokens = completion.usage.prompt_tokens
+        record.completion_tokens = completion.usage.completion_tokens
+        record.finish_reason = completion.finish_reason
+        yield PipelineResult(answer=completion.text, finish_reason=completion.finish_reason, trace=trace)

@@ -1,0 +1,130 @@
+"""The trace of one pipeline request: every call, every layer, and the totals derived from them.
+
+Only raw facts are stored (calls and layer wall times); every sum is derived, so
+per-call, per-layer and per-role totals cannot disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, computed_field
+
+CallRole = Literal["proposer", "aggregator", "judge", "moderator", "roles", "ranker"]
+CallStatus = Literal["ok", "error", "cut"]
+
+
+class CallRecord(BaseModel):
+    """One LLM call of a request."""
+
+    layer: int = Field(description="1-based layer; the aggregator's layer is the last.")
+    index: int = Field(default=0, description="Position of the call within its layer.")
+    role: CallRole
+    model: str = Field(description="Config name of the model.")
+    label: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    start_s: float = Field(default=0.0, description="Seconds from the request's start to this call's start.")
+    finish_reason: str | None = None
+    status: CallStatus = "ok"
+    error: str | None = None
+    selected: bool | None = Field(default=None, description="Kept by the SMoA judge (None where no judge ran).")
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class LayerRecord(BaseModel):
+    """One layer of a request: its wall time and what the sparse machinery decided."""
+
+    layer: int
+    role: Literal["proposer", "aggregator"]
+    wall_s: float = 0.0
+    selected: list[int] | None = Field(default=None, description="Indices of the responses the judge kept.")
+    judge_fallback: str | None = Field(default=None, description="Why the judge's selection was replaced, if it was.")
+    stopped: bool = Field(default=False, description="The moderator ended the debate after this layer.")
+    stop_reason: str | None = None
+
+
+class TokenTotals(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, call: CallRecord) -> None:
+        self.prompt_tokens += call.prompt_tokens
+        self.completion_tokens += call.completion_tokens
+        self.calls += 1
+
+
+class Trace(BaseModel):
+    """Everything that happened while answering one request."""
+
+    pipeline: str
+    kind: str
+    wall_s: float = 0.0
+    layers: list[LayerRecord] = Field(default_factory=list)
+    calls: list[CallRecord] = Field(default_factory=list)
+    stopped_at_layer: int | None = Field(default=None, description="Proposer layer after which the moderator stopped.")
+    accounting: dict | None = Field(default=None, description="Cost and TFLOPs, filled by moa_ray.pipeline.accounting.")
+
+    def calls_in(self, layer: int) -> list[CallRecord]:
+        return [c for c in self.calls if c.layer == layer]
+
+    def tokens_by_role(self) -> dict[str, TokenTotals]:
+        out: dict[str, TokenTotals] = {}
+        for call in self.calls:
+            out.setdefault(call.role, TokenTotals()).add(call)
+        return out
+
+    def tokens_by_layer(self) -> dict[int, TokenTotals]:
+        out: dict[int, TokenTotals] = {}
+        for call in self.calls:
+            out.setdefault(call.layer, TokenTotals()).add(call)
+        return out
+
+    def totals(self) -> TokenTotals:
+        total = TokenTotals()
+        for call in self.calls:
+            total.add(call)
+        return total
+
+    @property
+    def layers_run(self) -> int:
+        return len(self.layers)
+
+    @property
+    def critical_path_s(self) -> float:
+        """Sum over layers of the slowest call: the latency with perfect parallelism and no overhead."""
+        return sum(max((c.latency_s for c in self.calls_in(layer.layer)), default=0.0) for layer in self.layers)
+
+    @property
+    def sum_latency_s(self) -> float:
+        """Sum of all call latencies: the latency if every call ran one after another."""
+        return sum(c.latency_s for c in self.calls)
+
+    def summary(self) -> dict:
+        """Totals for JSON output and Parquet rows."""
+        return {
+            "layers_run": self.layers_run,
+            "stopped_at_layer": self.stopped_at_layer,
+            "wall_s": round(self.wall_s, 4),
+            "critical_path_s": round(self.critical_path_s, 4),
+            "sum_latency_s": round(self.sum_latency_s, 4),
+            "tokens": self.totals().model_dump(),
+            "tokens_by_role": {k: v.model_dump() for k, v in self.tokens_by_role().items()},
+            "tokens_by_layer": {str(k): v.model_dump() for k, v in self.tokens_by_layer().items()},
+        }
+
+    def to_json_dict(self) -> dict:
+        """The ``trace`` object of ``moa-ray run --json``."""
+        data = self.model_dump(mode="json")
+        data.update(self.summary())
+        return data

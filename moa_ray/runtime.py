@@ -1,0 +1,52 @@
+"""Starting or joining Ray, deploying the agents a run needs, and building its pipelines."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from moa_ray.config import MoARayConfig
+from moa_ray.pipeline.agents import Agent, HandleAgent
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Join ``address`` (or RAY_ADDRESS), or start a local Ray; idempotent."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "logging_level": logging.ERROR if quiet else logging.INFO}
+    if quiet:
+        kwargs["log_to_driver"] = False
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # Logical CPUs above the core count avoid actor-pool deadlocks on small machines;
+        # the embedded model's threads are set by its config, not by this number.
+        cpus = num_cpus or max(8, os.cpu_count() or 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
+
+
+def deploy_agents(
+    config: MoARayConfig,
+    pipelines: list[str],
+    *,
+    app_name: str = "moa-agents",
+    http: bool = False,
+) -> dict[str, Agent]:
+    """Deploy every model the named pipelines call (one Serve deployment each) and return their agents."""
+    from ray import serve
+
+    from moa_ray.serve.builder import agent_deployment_name, build_agents_app
+
+    models = list(config.models_for(pipelines))
+    if not http:
+        serve.start(http_options={"location": "NoServer"})
+    serve.run(build_agents_app(config, models), name=app_name, route_prefix=None)
+    return {m: HandleAgent(serve.get_deployment_handle(agent_deployment_name(m), app_name), m) for m in models}

@@ -1,0 +1,40 @@
+"""Builders: a config and the models a run needs -> Ray Serve applications."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from moa_ray.config import MoARayConfig, ModelSpecBase
+from moa_ray.serve.agent import AgentDeployment
+
+AGENTS_APP = "moa-agents"
+
+
+def agent_deployment_name(model: str) -> str:
+    return f"agent-{model}"
+
+
+def build_agent(name: str, spec: ModelSpecBase) -> Application:
+    """One model's deployment with the placement, replicas and concurrency of its spec."""
+    return AgentDeployment.options(name=agent_deployment_name(name), **spec.deployment_options()).bind(
+        name, spec.model_dump(mode="json")
+    )
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class AgentDirectory:
+    """Root of the agents application: holds the agent deployments and lists them."""
+
+    def __init__(self, **agents: Any) -> None:
+        self.agents = agents
+
+    async def list_models(self) -> list[str]:
+        return sorted(self.agents)
+
+
+def build_agents_app(config: MoARayConfig, models: list[str]) -> Application:
+    """An application deploying ``models`` (one deployment each) under one :class:`AgentDirectory`."""
+    return AgentDirectory.bind(**{name: build_agent(name, config.models[name]) for name in models})
