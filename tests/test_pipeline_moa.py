@@ -258,6 +258,19 @@ def test_aggregator_failing_while_streaming_raises_aggregator_failed():
     assert info.value.trace.calls[-1].status == "error"
 
 
+def test_every_proposer_failing_while_streaming_raises_layer_failed_with_timing():
+    cfg = moa_config([["bad"]], aggregator="agg")
+    agents = {"bad": SleepyAgent("bad", 0.05, error=UpstreamError("bad: down")), "agg": SleepyAgent("agg", 0.01)}
+
+    async def consume():
+        return [item async for item in build_pipeline(cfg, "p", agents).stream("q")]
+
+    with pytest.raises(LayerFailed) as info:
+        run(consume())
+    assert info.value.trace.wall_s >= 0.05
+    assert agents["agg"].calls == []
+
+
 # --------------------------------------------------------------------------- prompts, params, streaming, trace
 
 
