@@ -190,6 +190,7 @@ def run_simulator(config: SimulatorConfig | None = None, *, host: str = "127.0.0
         yield RunningSimulator(host, port, stats, config)
     finally:
         server.should_exit = True
+        server.force_exit = True  # a hanging request must not hold the shutdown for the join timeout
         thread.join(timeout=5)
 
 

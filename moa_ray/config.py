@@ -7,6 +7,7 @@ Ray starts, with a message that names the offending field.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -113,6 +114,17 @@ class ModelSpecBase(_Strict):
         return opts
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEY_PREFIXES = ("sk-", "sk_", "hf_", "gsk_", "tgp_", "xai-", "AIza", "key-", "pk_", "rk_")
+
+
+def _looks_like_key(value: str) -> bool:
+    """Provider keys have known prefixes, or are long runs of letters and digits without underscores."""
+    if value.startswith(_KEY_PREFIXES):
+        return True
+    return len(value) >= 24 and "_" not in value and any(c.isdigit() for c in value)
+
+
 class Timeouts(_Strict):
     connect_s: float = Field(default=10.0, gt=0)
     read_s: float = Field(default=120.0, gt=0)
@@ -141,8 +153,9 @@ class OpenAIModelSpec(ModelSpecBase):
     @field_validator("api_key_env")
     @classmethod
     def _env_name(cls, v: str | None) -> str | None:
-        if v is not None and (not v or not v.replace("_", "").isalnum()):
-            raise ValueError("api_key_env must be the NAME of an environment variable, not a key")
+        if v is not None and (not _ENV_NAME.fullmatch(v) or _looks_like_key(v)):
+            # never echo the value: it may be the secret itself
+            raise ValueError("api_key_env must be the NAME of an environment variable (e.g. TOGETHER_API_KEY), not a key")
         return v
 
 
@@ -405,10 +418,20 @@ class MoARayConfig(_Strict):
 
 
 
+def _field_path(parts: Any) -> str:
+    """``pipelines.x.layers[0].proposers[2].temperature``: list indices in brackets, as in reference errors."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+        loc = _field_path(p for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):  # name the discriminator field itself
+            loc += "." + str(e.get("ctx", {}).get("discriminator", "")).strip("'")
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
     return "\n".join(lines)

@@ -30,7 +30,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         # Logical CPUs above the core count avoid actor-pool deadlocks on small machines;
         # the embedded model's threads are set by its config, not by this number.
         cpus = num_cpus or max(8, os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
+        # "local": never attach to the latest `ray start` cluster of this machine by surprise.
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **kwargs)
 
 
 def deploy_agents(

@@ -151,8 +151,10 @@ class LlamaCppBackend:
                 await worker
             text = "".join(parts)
             completion_tokens = len(self._llm.tokenize(text.encode(), add_bos=False)) if text else 0
-            # after generation the context holds prompt + completion tokens
-            prompt_tokens = max(self._llm.n_tokens - completion_tokens, 0)
+            # after generation the context holds the prompt and the generated tokens, except the last
+            # one when max_tokens stopped it (sampled, never evaluated)
+            unevaluated = 1 if finish_reason == "length" else 0
+            prompt_tokens = max(self._llm.n_tokens - completion_tokens + unevaluated, 0)
         yield StreamChunk(
             completion=Completion(
                 text=text,

@@ -211,7 +211,10 @@ class Pipeline:
         """Run the layers, then stream the final call's deltas; the last item is the :class:`PipelineResult`."""
         t0 = time.perf_counter()
         trace = self._new_trace()
-        step = await self.plan(as_messages(messages), trace, t0)
+        try:
+            step = await self.plan(as_messages(messages), trace, t0)
+        finally:  # a failed layer's trace still says how long the request ran
+            trace.wall_s = time.perf_counter() - t0
         if isinstance(step, KnownAnswer):
             trace.wall_s = time.perf_counter() - t0
             yield StreamChunk(delta=step.text)

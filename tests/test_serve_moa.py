@@ -1,0 +1,190 @@
+"""Ray Serve integration: MoA pipelines on real agent deployments (openai backend -> the simulator).
+
+One application for the module (serve.run of a small app takes ~12 s); every test
+reads the simulator's counters as deltas, since the deployments are shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from bench.simulator import Behaviour, SimulatorConfig, run_simulator
+from moa_ray.chat import ChatMessage, ChatParams
+from moa_ray.config import parse_config
+from moa_ray.errors import AggregatorFailed, BackendError, LayerFailed, UpstreamError
+from moa_ray.pipeline import build_pipeline
+from moa_ray.pipeline.agents import HandleAgent
+from moa_ray.pipeline.base import PipelineResult
+
+pytestmark = pytest.mark.ray
+
+APP = "t-serve-moa"
+LATENCY_MS = 100
+OUTPUT_TOKENS = 12
+
+
+def _config(base_url: str):
+    def model(name: str, **extra):
+        return {"backend": "openai", "model": f"sim/{name}", "base_url": base_url, "max_retries": 0, **extra}
+
+    return parse_config(
+        {
+            "models": {
+                "a": model("a", num_replicas=2),
+                "b": model("b"),
+                "c": model("c"),
+                "bad": model("bad"),
+                "slow": model("slow"),
+            },
+            "pipelines": {
+                "moa2": {"kind": "moa", "layers": [["a", "b", "bad"]], "aggregator": "c"},
+                "moa3": {"kind": "moa", "layers": [["a", "b", "c"], ["a", "b", "c"]], "aggregator": "a"},
+                "all-bad": {"kind": "moa", "layers": [["bad", "bad"]], "aggregator": "a"},
+                "bad-agg": {"kind": "moa", "layers": [["a", "b"]], "aggregator": "bad"},
+                "quorum": {
+                    "kind": "moa",
+                    "layers": [{"proposers": ["a", "b", "slow"], "min_responses": 2, "deadline_s": 0.5}],
+                    "aggregator": "c",
+                },
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def deployed(ray_session):
+    from ray import serve
+
+    from moa_ray.runtime import deploy_agents
+
+    sim_config = SimulatorConfig(
+        latency_ms=LATENCY_MS,
+        output_tokens=OUTPUT_TOKENS,
+        models={
+            "sim/bad": Behaviour(latency_ms=20, failure_rate=1.0, failure_status=503),
+            "sim/slow": Behaviour(latency_ms=30_000),
+        },
+    )
+    with run_simulator(sim_config) as sim:
+        config = _config(sim.base_url)
+        agents = deploy_agents(config, list(config.pipelines), app_name=APP)
+        try:
+            yield config, agents, sim
+        finally:
+            serve.delete(APP)
+
+
+def _run(config, agents, name: str, prompt: str = "Why is the sky blue?", params: ChatParams | None = None) -> PipelineResult:
+    return asyncio.run(build_pipeline(config, name, agents).run(prompt, params))
+
+
+def _requests(sim) -> dict[str, int]:
+    return dict(sim.stats.by_model)
+
+
+def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+
+
+def test_every_model_gets_its_own_deployment_with_its_options(deployed):
+    from ray import serve
+
+    config, agents, _ = deployed
+    assert set(agents) == set(config.models)
+    assert all(isinstance(agent, HandleAgent) for agent in agents.values())
+    status = serve.status().applications[APP]
+    assert {"agent-a", "agent-b", "agent-c", "agent-bad", "agent-slow"} <= set(status.deployments)
+    assert status.deployments["agent-a"].replica_states.get("RUNNING") == 2  # num_replicas from the config
+    info = serve.get_deployment_handle("agent-b", APP).info.remote().result()
+    assert (info["name"], info["model"], info["backend"]) == ("b", "sim/b", "openai")
+
+
+def test_two_layer_moa_on_real_deployments(deployed):
+    config, agents, sim = deployed
+    before = _requests(sim)
+    result = _run(config, agents, "moa2", params=ChatParams(max_tokens=8))
+    trace = result.trace
+
+    assert result.answer and len(result.answer.split()) == 8  # the final call's max_tokens reached the provider
+    assert [(layer.layer, layer.role) for layer in trace.layers] == [(1, "proposer"), (2, "aggregator")]
+    assert [(c.layer, c.model, c.status) for c in trace.calls] == [
+        (1, "a", "ok"),
+        (1, "b", "ok"),
+        (1, "bad", "error"),
+        (2, "c", "ok"),
+    ]
+    failed = trace.calls[2]
+    assert failed.error.startswith("UpstreamError: sim/bad: HTTP 503")
+    for call in (trace.calls[0], trace.calls[1]):
+        assert call.prompt_tokens == 5 and call.completion_tokens == OUTPUT_TOKENS
+        assert LATENCY_MS / 1000 <= call.latency_s < 1.0
+    aggregator = trace.calls[3]
+    assert aggregator.prompt_tokens > 2 * OUTPUT_TOKENS + 50  # the paper's prompt and both references reached it
+    assert aggregator.completion_tokens == 8 and aggregator.finish_reason == "length"
+    assert trace.wall_s >= 2 * LATENCY_MS / 1000
+    assert _delta(before, _requests(sim)) == {"sim/a": 1, "sim/b": 1, "sim/bad": 1, "sim/c": 1}
+
+
+def test_layers_run_in_parallel_through_serve(deployed):
+    config, agents, sim = deployed
+    _run(config, agents, "moa3")  # warm the handles' routers
+    sim.stats.max_in_flight = 0
+    result = _run(config, agents, "moa3")
+    assert len(result.trace.calls) == 7 and all(c.status == "ok" for c in result.trace.calls)
+    assert sim.stats.max_in_flight == 3
+    # calls one after another would take at least the sum of their latencies; three parallel layers take ~3/7 of it
+    assert result.trace.wall_s < 0.75 * result.trace.sum_latency_s
+
+
+def test_backend_errors_cross_the_handle_as_their_own_class(deployed):
+    _, agents, _ = deployed
+    with pytest.raises(UpstreamError) as info:
+        asyncio.run(agents["bad"].chat([ChatMessage(role="user", content="hi")], ChatParams()))
+    err = info.value
+    assert isinstance(err, BackendError) and err.retryable
+    assert err.status_code == 503 and err.model == "sim/bad"
+    assert "simulated failure" in str(err)
+
+
+def test_every_proposer_failing_through_serve_raises_layer_failed(deployed):
+    config, agents, sim = deployed
+    before = _requests(sim)
+    with pytest.raises(LayerFailed, match="layer 1: every proposer failed") as info:
+        _run(config, agents, "all-bad")
+    assert [c.status for c in info.value.trace.calls] == ["error", "error"]
+    assert all("UpstreamError" in c.error for c in info.value.trace.calls)
+    assert _delta(before, _requests(sim)) == {"sim/bad": 2}  # the aggregator was never called
+
+
+def test_aggregator_failing_through_serve_raises_aggregator_failed(deployed):
+    config, agents, _ = deployed
+    with pytest.raises(AggregatorFailed, match=r"the aggregator \(bad\) failed: UpstreamError") as info:
+        _run(config, agents, "bad-agg")
+    calls = info.value.trace.calls
+    assert [c.status for c in calls] == ["ok", "ok", "error"] and calls[-1].role == "aggregator"
+
+
+def test_deadline_cuts_a_straggling_deployment(deployed):
+    config, agents, _ = deployed
+    start = time.perf_counter()
+    result = _run(config, agents, "quorum")
+    assert time.perf_counter() - start < 5  # the straggler answers after 30 s
+    status = {c.model: c.status for c in result.trace.calls_in(1)}
+    assert status == {"a": "ok", "b": "ok", "slow": "cut"}
+    assert result.answer
+
+
+def test_streaming_the_final_answer_through_serve(deployed):
+    config, agents, _ = deployed
+
+    async def consume():
+        return [item async for item in build_pipeline(config, "moa2", agents).stream("Why?", ChatParams(max_tokens=6))]
+
+    *chunks, result = asyncio.run(consume())
+    assert isinstance(result, PipelineResult)
+    assert len(chunks) == 6 and "".join(c.delta for c in chunks) == result.answer
+    final = result.trace.calls[-1]
+    assert (final.role, final.status, final.completion_tokens) == ("aggregator", "ok", 6)
