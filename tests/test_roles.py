@@ -32,6 +32,11 @@ def test_parse_roles_json_forms():
     assert parse_roles(json.dumps({"roles": [{"job": "pilot"}]})) == ["job: pilot"]
 
 
+def test_parse_roles_from_truncated_json():
+    text = json.dumps({"roles": ROLES})[:-40]  # cut inside the third role
+    assert parse_roles(text) == DESCRIBED[:2]
+
+
 def test_parse_roles_numbered_lines_and_garbage():
     text = "1. A nurse who is calm\n2) An engineer, blunt\n- A farmer from the countryside\nThanks!"
     assert parse_roles(text) == ["A nurse who is calm", "An engineer, blunt", "A farmer from the countryside"]

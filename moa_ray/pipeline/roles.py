@@ -97,18 +97,19 @@ class RoleCache:
 # --------------------------------------------------------------------------- parsing
 
 
-def roles_schema(n: int) -> dict[str, Any]:
-    """JSON schema of the role call's answer."""
+def roles_schema() -> dict[str, Any]:
+    """JSON schema of the role call's answer.
+
+    The count (n) is asked for in the prompt and checked by the parser, not put in the
+    schema: llama.cpp expands ``minItems``/``maxItems`` of object items and string
+    ``maxLength`` into grammars that make generation many times slower.
+    """
     role = {
         "type": "object",
-        "properties": {key: {"type": "string", "maxLength": 120} for key, _ in _ROLE_FIELDS},
+        "properties": {key: {"type": "string"} for key, _ in _ROLE_FIELDS},
         "required": [key for key, _ in _ROLE_FIELDS],
     }
-    return {
-        "type": "object",
-        "properties": {"roles": {"type": "array", "items": role, "minItems": n, "maxItems": n}},
-        "required": ["roles"],
-    }
+    return {"type": "object", "properties": {"roles": {"type": "array", "items": role}}, "required": ["roles"]}
 
 
 def describe_role(role: Any) -> str | None:
@@ -144,9 +145,25 @@ def _json_roles(text: str) -> list[Any] | None:
     return None
 
 
+def _complete_objects(text: str) -> list[dict[str, Any]]:
+    """The complete flat ``{...}`` objects in text whose JSON was cut off (``max_tokens``)."""
+    out = []
+    for match in re.finditer(r"\{[^{}]*\}", text):
+        try:
+            obj = json.loads(match.group(0))
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
 def parse_roles(text: str) -> list[str]:
-    """Distinct roles from the model's answer: JSON (``{"roles": [...]}`` or a list), else numbered lines."""
-    items = _json_roles(text)
+    """Distinct roles from the model's answer: JSON (``{"roles": [...]}`` or a list), the complete role
+    objects of truncated JSON, else numbered or bulleted lines."""
+    items: list[Any] | None = _json_roles(text)
+    if items is None:
+        items = _complete_objects(text) or None
     if items is not None:
         roles = [describe_role(item) for item in items]
     else:
@@ -201,7 +218,7 @@ class RoleAssigner:
             self._roles = cached
             return cached, "cache"
         messages = [ChatMessage(role="user", content=roles_prompt(self.spec.dataset, self.spec.task, self.n))]
-        params = ChatParams(json_mode=True, json_schema=roles_schema(self.n), seed=self.seed)
+        params = ChatParams(json_mode=True, json_schema=roles_schema(), seed=self.seed)
         completion = await call(self.model, messages, layer=0, index=0, role="roles", params=params)
         if completion is None:
             return [], "role generation failed; proposers ran without roles (not cached)"
