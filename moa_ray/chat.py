@@ -7,7 +7,7 @@ pickled classes.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,6 +34,12 @@ class ChatParams(BaseModel):
     stop: list[str] | None = None
     seed: int | None = None
     json_mode: bool = False
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="With json_mode: a JSON schema the output must follow where the backend can enforce it "
+        "(llama.cpp compiles it to a grammar, which keeps small models' structured output valid); "
+        "HTTP backends send plain JSON mode and rely on the prompt.",
+    )
 
 
 class Usage(BaseModel):

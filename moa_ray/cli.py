@@ -11,7 +11,7 @@ from rich.console import Console
 
 from moa_ray.config import DEFAULT_PIPELINE, dump_config, load_config
 from moa_ray.errors import ConfigError, MoARayError, PipelineError
-from moa_ray.render import layer_table
+from moa_ray.render import trace_view
 
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -48,7 +48,18 @@ config_option = click.option(
 @click.option("--address", default=None, help="Ray cluster address to join (default: start a local Ray).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answer, pipeline and trace.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Cap the final answer's tokens.")
-def run(prompt: str, config_path: str | None, pipeline_name: str, address: str | None, as_json: bool, max_tokens: int | None) -> None:
+@click.option("--roles-dataset", default=None, help="SMoA role-playing: describe the dataset the prompts come from.")
+@click.option("--roles-task", default=None, help="SMoA role-playing: describe the task (roles are generated once, then cached).")
+def run(
+    prompt: str,
+    config_path: str | None,
+    pipeline_name: str,
+    address: str | None,
+    as_json: bool,
+    max_tokens: int | None,
+    roles_dataset: str | None,
+    roles_task: str | None,
+) -> None:
     """Answer PROMPT with a pipeline deployed on Ray Serve."""
     from moa_ray.chat import ChatParams
     from moa_ray.pipeline import build_pipeline
@@ -58,6 +69,10 @@ def run(prompt: str, config_path: str | None, pipeline_name: str, address: str |
         raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
     config = load_config(config_path)
     config.pipeline(pipeline_name)  # fail on an unknown name before Ray starts
+    if roles_dataset or roles_task:
+        from moa_ray.pipeline.roles import override_roles
+
+        config = override_roles(config, pipeline_name, roles_dataset, roles_task)
     with err_console.status(f"starting Ray and deploying the models of {pipeline_name!r}..."):
         init_ray(address)
         agents = deploy_agents(config, [pipeline_name])
@@ -74,7 +89,7 @@ def run(prompt: str, config_path: str | None, pipeline_name: str, address: str |
         click.echo(json.dumps({"answer": result.answer, "pipeline": pipeline_name, "trace": result.trace.to_json_dict()}))
         return
     click.echo(result.answer)
-    err_console.print(layer_table(result.trace))
+    err_console.print(trace_view(result.trace))
 
 
 @main.group()

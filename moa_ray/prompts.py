@@ -42,3 +42,93 @@ def with_role(messages: list[ChatMessage], system: str | None) -> list[ChatMessa
     if messages and messages[0].role == "system":
         return [ChatMessage(role="system", content=system + "\n\n" + messages[0].content), *messages[1:]]
     return [ChatMessage(role="system", content=system), *messages]
+
+
+# --------------------------------------------------------------------------- SMoA, ranker, roles
+# SMoA (Li et al. 2024): the judge keeps the best k responses and the moderator decides by their
+# consistency whether to end the debate, by default in one call. Output is requested as JSON with
+# the paper's fields (reasoning, chosen responses, end debate); moa_ray.pipeline.judge also parses
+# the paper's markdown-ish form. Response numbers shown to models are 1-based.
+
+
+def render_question(messages: list[ChatMessage]) -> str:
+    """The question a judge sees: the lone user message, or the whole conversation as a transcript."""
+    turns = [m for m in messages if m.role != "system"]
+    if len(turns) == 1 and turns[0].role == "user" and len(messages) == 1:
+        return turns[0].content
+    return "\n\n".join(f"{m.role.capitalize()}: {m.content}" for m in messages)
+
+
+def numbered_responses(responses: list[str]) -> str:
+    """``Response 1:`` ... blocks, numbered from 1."""
+    return "\n\n".join(f"Response {i}:\n{text.strip()}" for i, text in enumerate(responses, start=1))
+
+
+_JUDGE_TASK = (
+    "As the judge, choose the {k} best responses. Judge each one by its correctness, fluency, relevance to the "
+    "question and overall quality. Evaluate them critically: some of them may be biased or incorrect."
+)
+_MODERATOR_TASK = (
+    "As the moderator, decide whether to end the debate by measuring the consistency between the responses: end it "
+    "when they are consistent with each other, so that another round of discussion would not change the answer; "
+    "continue it when they disagree."
+)
+
+
+def judge_prompt(question: str, responses: list[str], k: int, *, moderate: bool) -> str:
+    """The SMoA judge (and, with ``moderate``, moderator) instruction as one user message."""
+    n = len(responses)
+    tasks = _JUDGE_TASK.format(k=k)
+    keys = (
+        f'"reasoning" (one or two short sentences) and "chosen_responses" (a list of the {k} best response numbers, '
+        f"each from 1 to {n})"
+    )
+    if moderate:
+        tasks += "\n" + _MODERATOR_TASK
+        keys = keys.replace(" and ", ", ", 1) + ' and "end_debate" (true or false)'
+    role = "the judge and the moderator" if moderate else "the judge"
+    return (
+        f"You are {role} of a discussion between assistants. Here is the question and {n} numbered responses.\n\n"
+        f"Question:\n{question}\n\n{numbered_responses(responses)}\n\n{tasks}\n\n"
+        f"Reply with a JSON object only, with the keys {keys}."
+    )
+
+
+def moderator_prompt(question: str, responses: list[str]) -> str:
+    """The SMoA moderator as a separate call: only the end-the-debate decision."""
+    return (
+        f"You are the moderator of a discussion between assistants. Here is the question and {len(responses)} "
+        f"numbered responses.\n\nQuestion:\n{question}\n\n{numbered_responses(responses)}\n\n{_MODERATOR_TASK}\n\n"
+        'Reply with a JSON object only, with the keys "reasoning" (one or two short sentences) and '
+        '"end_debate" (true or false).'
+    )
+
+
+def ranker_prompt(question: str, responses: list[str]) -> str:
+    """The LLM-ranker baseline (MoA paper ablation): pick one response verbatim instead of synthesising."""
+    n = len(responses)
+    return (
+        f"Here is a question and {n} numbered responses from different assistants.\n\nQuestion:\n{question}\n\n"
+        f"{numbered_responses(responses)}\n\nChoose the single best response by its correctness, fluency, relevance "
+        "and overall quality. Evaluate critically: some responses may be biased or incorrect.\n\n"
+        f'Reply with a JSON object only, with the keys "reasoning" (one or two short sentences) and '
+        f'"best_response" (the number of the best response, from 1 to {n}).'
+    )
+
+
+def roles_prompt(dataset: str, task: str, n: int) -> str:
+    """SMoA role-playing: one call assigns ``n`` distinct roles suited to a dataset and task."""
+    return (
+        f"{n} assistants will each answer questions from a dataset, and the best answers will be combined.\n\n"
+        f"Dataset description:\n{dataset}\n\nTask description:\n{task}\n\n"
+        f"Assign {n} different roles to the assistants, each suited to this task and different from the others, "
+        "so that together they cover diverse expertise and viewpoints. Describe each role by an occupation, a "
+        "personality and a social group.\n\n"
+        f'Reply with a JSON object only, with the key "roles": a list of exactly {n} objects, each with the keys '
+        '"occupation", "personality" and "social_group".'
+    )
+
+
+def role_system(role: str) -> str:
+    """The system message that gives a proposer its role."""
+    return f"Your role: {role}. Answer the user's request from the perspective and with the expertise of this role."

@@ -84,6 +84,8 @@ class LlamaCppBackend:
             kwargs["seed"] = p.seed
         if p.json_mode:
             kwargs["response_format"] = {"type": "json_object"}
+            if p.json_schema:
+                kwargs["response_format"]["schema"] = p.json_schema
         return kwargs
 
     def _error(self, err: Exception) -> BackendError:

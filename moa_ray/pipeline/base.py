@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, as_messages
-from moa_ray.config import LayerSpec, ProposerSpec
+from moa_ray.config import LayerSpec, ModelSpecBase, ProposerSpec
 from moa_ray.errors import AggregatorFailed, LayerFailed, MoARayError
+from moa_ray.pipeline.accounting import fill_accounting
 from moa_ray.pipeline.agents import Agent
 from moa_ray.pipeline.trace import CallRecord, CallRole, LayerRecord, Trace
 from moa_ray.prompts import with_role
@@ -75,10 +76,18 @@ def call_params(spec: ProposerSpec, override: ChatParams | None = None) -> ChatP
 class Pipeline:
     """Base class of every pipeline kind."""
 
-    def __init__(self, name: str, spec: BaseModel, agents: Mapping[str, Agent]) -> None:
+    def __init__(
+        self,
+        name: str,
+        spec: BaseModel,
+        agents: Mapping[str, Agent],
+        *,
+        models: Mapping[str, ModelSpecBase] | None = None,
+    ) -> None:
         self.name = name
         self.spec = spec
         self.agents = agents
+        self.models = models  # parameters and prices for the trace's accounting (None: unknown)
         missing = sorted({s.model for _, s in spec.calls()} - set(agents))  # type: ignore[attr-defined]
         if missing:
             raise MoARayError(f"pipeline {name!r} needs agents for models {missing}")
@@ -185,6 +194,10 @@ class Pipeline:
     def _new_trace(self) -> Trace:
         return Trace(pipeline=self.name, kind=self.spec.kind)  # type: ignore[attr-defined]
 
+    def _finish(self, trace: Trace, t0: float) -> None:
+        trace.wall_s = time.perf_counter() - t0
+        fill_accounting(trace, self.models)
+
     async def run(self, messages: list[ChatMessage] | list[dict] | str, params: ChatParams | None = None) -> PipelineResult:
         """Answer one conversation. ``params`` (e.g. the endpoint's max_tokens) apply to the final call."""
         t0 = time.perf_counter()
@@ -203,7 +216,7 @@ class Pipeline:
                 raise AggregatorFailed(f"the {step.role} ({step.spec.model}) failed: {trace.calls[-1].error}", trace)
             return PipelineResult(answer=completion.text, finish_reason=completion.finish_reason, trace=trace)
         finally:
-            trace.wall_s = time.perf_counter() - t0
+            self._finish(trace, t0)
 
     async def stream(
         self, messages: list[ChatMessage] | list[dict] | str, params: ChatParams | None = None
@@ -213,10 +226,11 @@ class Pipeline:
         trace = self._new_trace()
         try:
             step = await self.plan(as_messages(messages), trace, t0)
-        finally:  # a failed layer's trace still says how long the request ran
-            trace.wall_s = time.perf_counter() - t0
+        except BaseException:  # a failed layer's trace still says how long the request ran
+            self._finish(trace, t0)
+            raise
         if isinstance(step, KnownAnswer):
-            trace.wall_s = time.perf_counter() - t0
+            self._finish(trace, t0)
             yield StreamChunk(delta=step.text)
             yield PipelineResult(answer=step.text, finish_reason=step.finish_reason, trace=trace)
             return
@@ -237,14 +251,15 @@ class Pipeline:
         except Exception as err:  # noqa: BLE001 - recorded, then surfaced as AggregatorFailed
             record.status, record.error = "error", f"{type(err).__name__}: {err}"
             record.latency_s = layer.wall_s = time.perf_counter() - final_start
-            trace.wall_s = time.perf_counter() - t0
+            self._finish(trace, t0)
             raise AggregatorFailed(f"the {step.role} ({step.spec.model}) failed: {record.error}", trace) from None
         record.latency_s = layer.wall_s = time.perf_counter() - final_start
-        trace.wall_s = time.perf_counter() - t0
         if completion is None:
             record.status, record.error = "error", "stream ended without a completion"
+            self._finish(trace, t0)
             raise AggregatorFailed(f"the {step.role} ({step.spec.model}) stream ended without a completion", trace)
         record.prompt_tokens = completion.usage.prompt_tokens
         record.completion_tokens = completion.usage.completion_tokens
         record.finish_reason = completion.finish_reason
+        self._finish(trace, t0)
         yield PipelineResult(answer=completion.text, finish_reason=completion.finish_reason, trace=trace)

@@ -12,12 +12,14 @@ from pydantic import BaseModel, Field, computed_field
 
 CallRole = Literal["proposer", "aggregator", "judge", "moderator", "roles", "ranker"]
 CallStatus = Literal["ok", "error", "cut"]
+#: Roles whose calls wait for their layer's proposers (a sequential step on the critical path).
+SEQUENTIAL_AFTER_LAYER = ("judge", "moderator")
 
 
 class CallRecord(BaseModel):
     """One LLM call of a request."""
 
-    layer: int = Field(description="1-based layer; the aggregator's layer is the last.")
+    layer: int = Field(description="1-based layer; the aggregator's layer is the last; role generation is layer 0.")
     index: int = Field(default=0, description="Position of the call within its layer.")
     role: CallRole
     model: str = Field(description="Config name of the model.")
@@ -73,6 +75,8 @@ class Trace(BaseModel):
     layers: list[LayerRecord] = Field(default_factory=list)
     calls: list[CallRecord] = Field(default_factory=list)
     stopped_at_layer: int | None = Field(default=None, description="Proposer layer after which the moderator stopped.")
+    roles: list[str] | None = Field(default=None, description="System roles given to the proposers (role-playing SMoA).")
+    roles_source: str | None = Field(default=None, description="Where the roles came from: generated, cache, or why partial.")
     accounting: dict | None = Field(default=None, description="Cost and TFLOPs, filled by moa_ray.pipeline.accounting.")
 
     def calls_in(self, layer: int) -> list[CallRecord]:
@@ -102,8 +106,16 @@ class Trace(BaseModel):
 
     @property
     def critical_path_s(self) -> float:
-        """Sum over layers of the slowest call: the latency with perfect parallelism and no overhead."""
-        return sum(max((c.latency_s for c in self.calls_in(layer.layer)), default=0.0) for layer in self.layers)
+        """Sum over sequential steps of the slowest call: the latency with perfect parallelism and no overhead.
+
+        A step is a layer's parallel calls; the SMoA judge/moderator run after their layer's
+        proposers, so they are a step of their own, as is role generation (layer 0).
+        """
+        slowest: dict[tuple[int, int], float] = {}
+        for c in self.calls:
+            step = (c.layer, 1 if c.role in SEQUENTIAL_AFTER_LAYER else 0)
+            slowest[step] = max(slowest.get(step, 0.0), c.latency_s)
+        return sum(slowest.values())
 
     @property
     def sum_latency_s(self) -> float:

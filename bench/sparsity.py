@@ -1,0 +1,191 @@
+"""What sparsity saves: MoA vs SMoA (moderator on and off) on AlpacaEval instructions with real models.
+
+The same embedded model (SmolLM2-135M-Instruct through llama.cpp, four proposer
+personas) runs three pipelines on the first N AlpacaEval instructions:
+
+- ``moa``: n = 4 proposers x 3 layers, then the aggregator;
+- ``smoa``: n = 4, k = 2, moderator on, up to 3 proposer layers;
+- ``smoa-nomod``: the same SMoA with the moderator off (always 3 layers).
+
+It prints, per prompt, the tokens, critical-path latency, the judge's selections
+and where the moderator stopped; then totals broken down by role (proposer,
+judge, aggregator) so the drivers of the ratio are visible. The last line is
+``token_ratio <smoa tokens / moa tokens>`` (moderator on). The moderator decides
+on the real responses; nothing forces or biases a stop.
+
+Models run in-process (LocalAgent: one llama.cpp instance, calls serialised), so
+latencies are per-call generation times and the critical path is what a
+parallel deployment would see; wall time is the serial sum.
+
+    python -m bench.sparsity --prompts 20 --max-tokens 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from moa_ray.config import MoARayConfig, parse_config
+from moa_ray.pipeline import build_pipeline
+from moa_ray.pipeline.agents import LocalAgent
+from moa_ray.pipeline.trace import Trace
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATASET = REPO.parent / "shared" / "data" / "alpaca_eval" / "alpaca_eval.jsonl"
+PIPELINES = ("moa", "smoa", "smoa-nomod")
+
+PERSONAS = [
+    {"temperature": 0.7},
+    {"temperature": 1.0, "system": "You are a careful fact checker. Answer precisely and point out common misconceptions."},
+    {"temperature": 0.4, "system": "You are a patient teacher. Explain the answer step by step with a short example."},
+    {"temperature": 0.9, "system": "You are a concise expert. Give the key facts first, then brief details."},
+]
+
+
+def bench_config(max_tokens: int, judge_max_tokens: int, layers: int, k: int, threads: int) -> MoARayConfig:
+    """MoA and SMoA over the same model and proposers."""
+    layer = [{"model": "smollm2", **p} for p in PERSONAS]
+    aggregator = {"model": "smollm2", "temperature": 0.3}
+    judge = {"model": "smollm2", "temperature": 0.3, "max_tokens": judge_max_tokens}
+    smoa = {"kind": "smoa", "layers": [layer] * layers, "aggregator": aggregator, "judge": judge, "k": k}
+    return parse_config(
+        {
+            "models": {
+                "smollm2": {
+                    "backend": "llamacpp", "model": "smollm2-135m-instruct", "n_threads": threads, "n_ctx": 8192,
+                    "temperature": 0.7, "max_tokens": max_tokens, "parameters_b": 0.135,
+                }
+            },
+            "pipelines": {
+                "moa": {"kind": "moa", "layers": [layer] * layers, "aggregator": aggregator},
+                "smoa": {**smoa, "moderator": True},
+                "smoa-nomod": {**smoa, "moderator": False},
+            },
+        },
+        "<bench.sparsity>",
+    )
+
+
+def load_prompts(path: Path, n: int) -> list[dict[str, str]]:
+    if not path.is_file():
+        sys.exit(f"dataset not found: {path} (pass --dataset PATH to alpaca_eval.jsonl)")
+    rows = []
+    with path.open() as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows.append({"id": str(row.get("id", len(rows))), "instruction": row["instruction"]})
+            if len(rows) == n:
+                break
+    return rows
+
+
+def describe(trace: Trace) -> str:
+    tokens = trace.totals().total_tokens
+    parts = [f"{tokens:6d} tok", f"{trace.critical_path_s:6.1f}s cp"]
+    picks = [layer.selected for layer in trace.layers if layer.role == "proposer" and layer.selected is not None]
+    if picks:
+        parts.append("kept " + " ".join(str(p) for p in picks))
+    if trace.stopped_at_layer is not None:
+        parts.append(f"stop@{trace.stopped_at_layer}")
+    fallbacks = [layer.judge_fallback for layer in trace.layers if layer.judge_fallback]
+    if fallbacks:
+        parts.append(f"fallbacks={len(fallbacks)}")
+    return " ".join(parts)
+
+
+def summarise(name: str, traces: list[Trace]) -> dict[str, Any]:
+    by_role: dict[str, int] = {}
+    for t in traces:
+        for role, totals in t.tokens_by_role().items():
+            by_role[role] = by_role.get(role, 0) + totals.total_tokens
+    proposer_layers = [sum(1 for layer in t.layers if layer.role == "proposer") for t in traces]
+    stops = [t.stopped_at_layer for t in traces if t.stopped_at_layer is not None]
+    return {
+        "pipeline": name,
+        "prompts": len(traces),
+        "total_tokens": sum(t.totals().total_tokens for t in traces),
+        "prompt_tokens": sum(t.totals().prompt_tokens for t in traces),
+        "completion_tokens": sum(t.totals().completion_tokens for t in traces),
+        "tokens_by_role": by_role,
+        "calls": sum(len(t.calls) for t in traces),
+        "critical_path_s_mean": statistics.fmean(t.critical_path_s for t in traces),
+        "critical_path_s_total": sum(t.critical_path_s for t in traces),
+        "proposer_layers_mean": statistics.fmean(proposer_layers),
+        "stops": {str(layer): stops.count(layer) for layer in sorted(set(stops))},
+        "judge_fallbacks": sum(1 for t in traces for layer in t.layers if layer.judge_fallback),
+        "tflops": sum((t.accounting or {}).get("totals", {}).get("tflops") or 0.0 for t in traces),
+    }
+
+
+async def run(args: argparse.Namespace) -> None:
+    from moa_ray.backends import create_backend
+
+    prompts = load_prompts(Path(args.dataset), args.prompts)
+    config = bench_config(args.max_tokens, args.judge_max_tokens, args.layers, args.k, args.threads)
+    print(f"loading SmolLM2-135M-Instruct (llama.cpp, {args.threads} threads, max_tokens={args.max_tokens}); "
+          f"transport: in-process LocalAgent", flush=True)
+    backend = create_backend(config.models["smollm2"])
+    agents = {"smollm2": LocalAgent(backend)}
+    pipelines = {name: build_pipeline(config, name, agents) for name in PIPELINES}
+    traces: dict[str, list[Trace]] = {name: [] for name in PIPELINES}
+    rows = []
+    start = time.perf_counter()
+    try:
+        for i, prompt in enumerate(prompts, start=1):
+            line = [f"[{i}/{len(prompts)}] {prompt['id']}"]
+            row: dict[str, Any] = {"id": prompt["id"]}
+            for name, pipeline in pipelines.items():
+                result = await pipeline.run(prompt["instruction"])
+                traces[name].append(result.trace)
+                line.append(f"{name}: {describe(result.trace)}")
+                row[name] = result.trace.to_json_dict()
+            rows.append(row)
+            print(" | ".join(line) + f"  ({time.perf_counter() - start:.0f}s)", flush=True)
+    finally:
+        await backend.aclose()
+
+    summaries = {name: summarise(name, traces[name]) for name in PIPELINES}
+    print("\npipeline     tokens  (prompt/compl)  proposer  judge  aggregator  calls  layers  cp_mean_s  stops  fallbacks")
+    for s in summaries.values():
+        r = s["tokens_by_role"]
+        print(
+            f"{s['pipeline']:<11} {s['total_tokens']:7d}  ({s['prompt_tokens']}/{s['completion_tokens']})  "
+            f"{r.get('proposer', 0):8d}  {r.get('judge', 0):5d}  {r.get('aggregator', 0):10d}  {s['calls']:5d}  "
+            f"{s['proposer_layers_mean']:6.2f}  {s['critical_path_s_mean']:9.2f}  {s['stops'] or '-'}  {s['judge_fallbacks']}"
+        )
+    moa = summaries["moa"]["total_tokens"]
+    for name in ("smoa", "smoa-nomod"):
+        s = summaries[name]
+        print(f"{name}/moa: tokens {s['total_tokens'] / moa:.3f}, critical path "
+              f"{s['critical_path_s_total'] / summaries['moa']['critical_path_s_total']:.3f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "summaries": summaries, "rows": rows}, indent=1))
+        print(f"traces written to {args.out}")
+    print(f"token_ratio {summaries['smoa']['total_tokens'] / moa:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=20, help="First N AlpacaEval instructions.")
+    parser.add_argument("--dataset", default=str(DEFAULT_DATASET), help="alpaca_eval.jsonl path.")
+    parser.add_argument("--max-tokens", type=int, default=96, help="max_tokens of proposers and aggregator.")
+    parser.add_argument("--judge-max-tokens", type=int, default=160, help="max_tokens of the judge (room for its JSON).")
+    parser.add_argument("--layers", type=int, default=3, help="Proposer layers (SMoA: at most).")
+    parser.add_argument("--k", type=int, default=2, help="Responses the SMoA judge keeps.")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads.")
+    parser.add_argument("--out", default=None, help="Write summaries and every trace as JSON here.")
+    args = parser.parse_args()
+    if args.prompts < 1 or args.max_tokens < 1 or not 1 <= args.k < 4:
+        parser.error("--prompts and --max-tokens must be positive and 1 <= --k < 4")
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

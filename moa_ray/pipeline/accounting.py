@@ -1,0 +1,149 @@
+"""Cost accounting of one request: tokens, latency, TFLOPs and USD per call, layer, role and model.
+
+Users pick a pipeline on quality, cost and latency, so every trace carries its
+cost. Everything is derived from the trace's calls and the models' config facts
+(``parameters_b``, ``pricing``): per-layer, per-role, per-model and total buckets
+are sums of the same per-call numbers and cannot disagree. A fact the config
+does not give is *unknown* (``None``), never a silent zero: a bucket that
+contains tokens of a model without ``parameters_b`` has unknown TFLOPs, one with
+tokens of an unpriced model has unknown cost.
+
+Estimates: TFLOPs = 2 x parameters x (prompt + completion tokens) / 1e12 (the
+usual forward-pass estimate; active parameters for MoE models); cost = prompt
+tokens x input price + completion tokens x output price (USD per million
+tokens). Failed or cut calls count the tokens their backend reported (none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pydantic import BaseModel, Field, computed_field
+
+from moa_ray.config import ModelSpecBase
+from moa_ray.pipeline.trace import CallRecord, Trace
+
+
+class CallCost(BaseModel):
+    """The estimates of one call (same order as ``Trace.calls``)."""
+
+    layer: int
+    index: int
+    role: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    tflops: float | None
+    cost_usd: float | None
+
+
+class CostBucket(BaseModel):
+    """Sums over a set of calls; ``None`` where a model's parameters or prices are unknown."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = Field(default=0.0, description="Sum of the calls' latencies.")
+    tflops: float | None = 0.0
+    cost_usd: float | None = 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, call: CallRecord, cost: CallCost) -> None:
+        self.calls += 1
+        self.prompt_tokens += call.prompt_tokens
+        self.completion_tokens += call.completion_tokens
+        self.latency_s += call.latency_s
+        self.tflops = None if self.tflops is None or cost.tflops is None else self.tflops + cost.tflops
+        self.cost_usd = None if self.cost_usd is None or cost.cost_usd is None else self.cost_usd + cost.cost_usd
+
+
+class Accounting(BaseModel):
+    """What a request cost, broken down every way a user compares pipelines."""
+
+    totals: CostBucket
+    by_role: dict[str, CostBucket]
+    by_layer: dict[str, CostBucket] = Field(description="Keyed by layer number (0 = role generation).")
+    by_model: dict[str, CostBucket]
+    calls: list[CallCost]
+    layers_run: int = Field(description="Layers that ran: proposer layers plus the final call.")
+    proposer_layers_run: int
+    stopped_at_layer: int | None
+    critical_path_s: float = Field(description="Sum over sequential steps of the slowest call.")
+    sum_latency_s: float = Field(description="Sum of every call's latency (the cost of running them one by one).")
+    wall_s: float
+    unknown_parameters: list[str] = Field(description="Models called without parameters_b: their TFLOPs are unknown.")
+    unknown_pricing: list[str] = Field(description="Models called without pricing: their cost is unknown.")
+
+
+def call_cost(call: CallRecord, spec: ModelSpecBase | None) -> CallCost:
+    """TFLOPs and USD of one call; zero tokens cost zero even for a model with unknown facts."""
+    tokens = call.prompt_tokens + call.completion_tokens
+    tflops: float | None
+    cost: float | None
+    if tokens == 0:
+        tflops, cost = 0.0, 0.0
+    else:
+        params = spec.parameters_b if spec is not None else None
+        tflops = None if params is None else 2.0 * params * 1e9 * tokens / 1e12
+        pricing = spec.pricing if spec is not None else None
+        cost = (
+            None
+            if pricing is None
+            else (call.prompt_tokens * pricing.input_per_mtok + call.completion_tokens * pricing.output_per_mtok) / 1e6
+        )
+    return CallCost(
+        layer=call.layer,
+        index=call.index,
+        role=call.role,
+        model=call.model,
+        prompt_tokens=call.prompt_tokens,
+        completion_tokens=call.completion_tokens,
+        tflops=tflops,
+        cost_usd=cost,
+    )
+
+
+def account(trace: Trace, models: Mapping[str, ModelSpecBase] | None = None) -> Accounting:
+    """The accounting of ``trace``; ``models`` maps config model names to their specs (None: all unknown)."""
+    models = models or {}
+    totals = CostBucket()
+    by_role: dict[str, CostBucket] = {}
+    by_layer: dict[str, CostBucket] = {}
+    by_model: dict[str, CostBucket] = {}
+    costs = []
+    for call in trace.calls:
+        cost = call_cost(call, models.get(call.model))
+        costs.append(cost)
+        for bucket in (
+            totals,
+            by_role.setdefault(call.role, CostBucket()),
+            by_layer.setdefault(str(call.layer), CostBucket()),
+            by_model.setdefault(call.model, CostBucket()),
+        ):
+            bucket.add(call, cost)
+    called = list(by_model)
+    return Accounting(
+        totals=totals,
+        by_role=by_role,
+        by_layer=by_layer,
+        by_model=by_model,
+        calls=costs,
+        layers_run=trace.layers_run,
+        proposer_layers_run=sum(1 for layer in trace.layers if layer.role == "proposer"),
+        stopped_at_layer=trace.stopped_at_layer,
+        critical_path_s=trace.critical_path_s,
+        sum_latency_s=trace.sum_latency_s,
+        wall_s=trace.wall_s,
+        unknown_parameters=[m for m in called if m not in models or models[m].parameters_b is None],
+        unknown_pricing=[m for m in called if m not in models or models[m].pricing is None],
+    )
+
+
+def fill_accounting(trace: Trace, models: Mapping[str, ModelSpecBase] | None = None) -> Trace:
+    """Store the accounting in ``trace.accounting`` (the JSON form travels through Serve and Parquet)."""
+    trace.accounting = account(trace, models).model_dump(mode="json")
+    return trace
