@@ -48,6 +48,6 @@ def deploy_agents(
 
     models = list(config.models_for(pipelines))
     if not http:
-        serve.start(http_options={"location": "NoServer"})
+        serve.start(proxy_location="Disabled")
     serve.run(build_agents_app(config, models), name=app_name, route_prefix=None)
     return {m: HandleAgent(serve.get_deployment_handle(agent_deployment_name(m), app_name), m) for m in models}

@@ -26,7 +26,7 @@ def ray_session():
     from moa_ray.runtime import init_ray
 
     init_ray(num_cpus=8)
-    serve.start(http_options={"location": "NoServer"})
+    serve.start(proxy_location="Disabled")
     yield ray
     serve.shutdown()
     ray.shutdown()
