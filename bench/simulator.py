@@ -51,6 +51,7 @@ class Behaviour(BaseModel):
     failure_status: int = Field(default=500, description="Status of injected failures (429, 500, 503...).")
     context_tokens: int = Field(default=1_000_000, ge=1, description="Prompts longer than this get a context-length 400.")
     hang: bool = Field(default=False, description="Never answer (to exercise client timeouts).")
+    reply: str | None = Field(default=None, description="Answer this fixed text (e.g. a judge's verdict) instead of filler words.")
 
 
 class SimulatorConfig(Behaviour):
@@ -109,9 +110,12 @@ def create_app(config: SimulatorConfig, stats: Stats | None = None) -> Starlette
             return JSONResponse({"error": {"message": "simulated failure", "type": "server_error"}}, behaviour.failure_status)
         n_out = min(behaviour.output_tokens, int(body.get("max_tokens") or behaviour.output_tokens))
         words = [WORDS[(i + len(messages)) % len(WORDS)] for i in range(n_out)]
+        if behaviour.reply is not None:
+            words = behaviour.reply.split(" ")
+            n_out = len(words)
         delay = (behaviour.latency_ms + rng.uniform(0, behaviour.jitter_ms)) / 1000
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out, "total_tokens": prompt_tokens + n_out}
-        finish = "length" if n_out < behaviour.output_tokens else "stop"
+        finish = "length" if n_out < behaviour.output_tokens and behaviour.reply is None else "stop"
         rid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
@@ -203,10 +207,11 @@ def main() -> None:
     parser.add_argument("--failure-rate", type=float, default=0.0)
     parser.add_argument("--failure-status", type=int, default=500)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--reply", default=None, help="Fixed answer text instead of filler words.")
     args = parser.parse_args()
     config = SimulatorConfig(
         latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, output_tokens=args.output_tokens,
-        failure_rate=args.failure_rate, failure_status=args.failure_status, seed=args.seed,
+        failure_rate=args.failure_rate, failure_status=args.failure_status, seed=args.seed, reply=args.reply,
     )
     print(f"simulator on http://{args.host}:{args.port}/v1 ({config.model_dump_json(exclude={'models'})})", flush=True)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning", backlog=4096)
