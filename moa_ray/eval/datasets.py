@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -107,7 +107,7 @@ def _read_jsonl_text(text: str, source: str) -> list[dict[str, Any]]:
     return rows
 
 
-@lru_cache(maxsize=None)
+@cache
 def _shipped_jsonl(*parts: str) -> tuple[dict[str, Any], ...]:
     return tuple(_read_jsonl_text(data_file(*parts).read_text(encoding="utf-8"), "/".join(parts)))
 

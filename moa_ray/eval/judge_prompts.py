@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 from typing import Literal
 
 from pydantic import BaseModel
@@ -45,7 +45,7 @@ class JudgePrompt(BaseModel):
         ]
 
 
-@lru_cache(maxsize=None)
+@cache
 def judge_prompts() -> dict[str, JudgePrompt]:
     return {p.name: p for p in (JudgePrompt.model_validate(r) for r in _shipped_jsonl("mt_bench", "judge_prompts.jsonl"))}
 

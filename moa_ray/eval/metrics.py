@@ -274,6 +274,8 @@ def length_controlled_win_rate(
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a .json / .jsonl(.gz) / .parquet file, or of a directory of part files."""
     p = Path(path)
+    if (p / "pairwise").is_dir():  # the output directory of `moa-ray eval judge`
+        p = path = p / "pairwise"
     if p.is_dir() or str(path).endswith((".parquet", ".pq")) or "://" in str(path):
         import pyarrow.dataset as pads
 

@@ -220,7 +220,7 @@ def plot_tradeoff(rows: Sequence[ReportRow], x_field: str, x_label: str, title: 
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
     xs, ys = [p[1] for p in pts], [p[2] for p in pts]
-    front = pareto_frontier(list(zip(xs, ys)))
+    front = pareto_frontier(list(zip(xs, ys, strict=True)))
     ax.scatter(xs, ys, s=40, color="#4c72b0", zorder=3, label="pipelines")
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="#c44e52", zorder=2, label="Pareto frontier")
     ax.scatter([xs[i] for i in front], [ys[i] for i in front], s=70, facecolors="none", edgecolors="#c44e52", zorder=4)
@@ -229,6 +229,7 @@ def plot_tradeoff(rows: Sequence[ReportRow], x_field: str, x_label: str, title: 
     ax.set_xlabel(x_label)
     ax.set_ylabel(QUALITY_METRICS[metric])
     ax.set_title(title)
+    ax.margins(x=0.12, y=0.1)  # room for the labels of the extreme points
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     if len(set(xs)) > 1 and max(xs) / max(min(xs), 1e-12) > 50:
