@@ -38,7 +38,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+def _stop_group(proc: subprocess.Popen, timeout: float = 10) -> None:
     """Stop a process this test started (SIGTERM: `ray start --block` then stops its node), then
     SIGKILL whatever is left of its process group."""
     if proc.poll() is None:
@@ -89,7 +89,7 @@ def cluster():
         cfg.write_text(yaml.safe_dump(eval_config(f"http://127.0.0.1:{sim_port}/v1")))
         yield f"127.0.0.1:{gcs}", dashboard, cfg
     finally:
-        _stop_group(head)
+        _stop_group(head, timeout=10)
         _stop_group(sim)
         log.close()
 
@@ -130,7 +130,7 @@ def test_kill_and_resume(cluster, tmp_path: Path) -> None:
 
     def command(run_id: str) -> list[str]:
         return [sys.executable, "-m", "jobs.generate", "--address", address, "--config", str(cfg), "--pipeline", "one",
-                "--dataset", "alpaca_eval", "--limit", str(n), "--out", str(out), "--concurrency", "2", "--flush-rows", "1",
+                "--dataset", "alpaca_eval", "--limit", str(n), "--out", str(out), "--concurrency", "2",
                 "--worker-cpus", "0.01", "--no-progress", "--app-name", "t-kill", "--run-id", run_id]
 
     first = subprocess.Popen(command("first"), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)

@@ -40,7 +40,7 @@ def env(ray_session):
 
 
 def options(out: Path, pipelines: list[str], **kw) -> GenerateOptions:
-    return GenerateOptions(pipelines=pipelines, out=str(out), concurrency=4, workers=2, worker_cpus=0.01, progress=False, flush_rows=2, **kw)
+    return GenerateOptions(pipelines=pipelines, out=str(out), concurrency=4, workers=2, worker_cpus=0.01, progress=False, **kw)
 
 
 def test_two_pipelines_share_models_and_rerun_skips(env, tmp_path: Path) -> None:

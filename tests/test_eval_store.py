@@ -65,15 +65,22 @@ def test_foreign_files_fail_clearly(tmp_path: Path) -> None:
         RowTable(str(tmp_path / "t"), GenerationRow).latest()
 
 
-def test_writer_flushes_by_rows_and_on_exit(tmp_path: Path) -> None:
+def test_writer_flushes_each_batch_caps_rows_and_flushes_on_exit(tmp_path: Path) -> None:
     table = RowTable(str(tmp_path / "t"), GenerationRow)
-    with table.writer("r", flush_rows=2, flush_s=3600) as writer:
+    with table.writer("r", flush_rows=3) as writer:
         writer.add([row("a")])
-        assert table.part_files() == []
         writer.add([row("b")])
-        assert len(table.part_files()) == 1
-        writer.add([row("c")])
-    assert len(table.part_files()) == 2 and writer.written == 3
+        assert table.part_files() == []  # results that arrived together...
+        writer.maybe_flush()
+        assert len(table.part_files()) == 1  # ...land in one file, before the runner waits again
+        writer.add([row(x) for x in "cdef"])
+        assert len(table.part_files()) == 2  # the flush_rows cap writes a large batch at once
+    assert len(table.part_files()) == 2 and writer.written == 6
+    with table.writer("r2", flush_s=3600) as slow:
+        slow.add([row("g")])
+        slow.maybe_flush()
+        assert len(table.part_files()) == 2  # batching for an hour
+    assert len(table.part_files()) == 3
 
 
 def test_file_uri(tmp_path: Path) -> None:

@@ -54,8 +54,11 @@ workers_option = click.option("--workers", type=click.IntRange(min=1), default=N
 worker_cpus_option = click.option("--worker-cpus", type=click.FloatRange(min=0), default=0.25, show_default=True, help="CPUs reserved per worker actor.")
 keep_option = click.option("--keep-deployed", is_flag=True, help="Leave the Serve application running at the end.")
 progress_option = click.option("--no-progress", is_flag=True, help="No progress bar or progress lines.")
-flush_rows_option = click.option("--flush-rows", type=click.IntRange(min=1), default=32, show_default=True, help="Write a part file every N rows...")
-flush_s_option = click.option("--flush-seconds", type=click.FloatRange(min=0.01), default=2.0, show_default=True, help="...or every S seconds, whichever comes first.")
+flush_rows_option = click.option("--flush-rows", type=click.IntRange(min=1), default=256, show_default=True, help="Most rows per part file.")
+flush_s_option = click.option(
+    "--flush-seconds", type=click.FloatRange(min=0), default=0.0, show_default=True,
+    help="Batch results for S seconds per part file (0: write as they arrive; a kill loses only work in flight).",
+)
 
 
 @click.group("eval")

@@ -57,8 +57,8 @@ class GenerateOptions(BaseModel):
     workers: int | None = Field(default=None, ge=1, description="Ray actors sharing the prompts.")
     worker_cpus: float = Field(default=0.25, ge=0)
     run_id: str = Field(default_factory=new_run_id)
-    flush_rows: int = Field(default=32, ge=1)
-    flush_s: float = Field(default=2.0, gt=0)
+    flush_rows: int = Field(default=256, ge=1, description="Most rows per part file.")
+    flush_s: float = Field(default=0.0, ge=0, description="0: write each batch of results as it arrives.")
     max_tokens: int | None = Field(default=None, ge=1, description="Cap of the final answer's tokens.")
     allow_config_change: bool = False
     progress: bool = True

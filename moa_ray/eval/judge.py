@@ -65,8 +65,8 @@ class JudgeOptions(BaseModel):
     max_tokens: int = Field(default=1024, ge=1)
     temperature: float = Field(default=0.0, ge=0, le=2)
     run_id: str
-    flush_rows: int = Field(default=32, ge=1)
-    flush_s: float = Field(default=2.0, gt=0)
+    flush_rows: int = Field(default=256, ge=1, description="Most rows per part file.")
+    flush_s: float = Field(default=0.0, ge=0, description="0: write each batch of results as it arrives.")
     progress: bool = True
 
 

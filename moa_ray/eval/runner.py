@@ -108,7 +108,8 @@ class WorkerPool(Generic[I, R]):
     def run(self, items: Iterable[I], on_rows: Callable[[I, list[R]], None], *, tick: Callable[[], None] | None = None) -> PoolStats:
         """Process ``items`` with at most ``concurrency`` in flight; ``on_rows`` gets each item's rows as it finishes.
 
-        ``tick`` runs at least every half second (time-based flushing of part files).
+        ``tick`` runs after each batch of results that arrived together, and at least every half
+        second: the writers flush there, so rows reach storage before the driver waits again.
         """
         import ray
 

@@ -3,8 +3,8 @@
 A table is a directory (local path or any pyarrow filesystem URI: ``s3://``, ``gs://``,
 ``hdfs://``, ``file://``) of ``part-*.parquet`` files that share one explicit schema.
 Writers add rows in small part files as results arrive, each written under a hidden
-temporary name and then moved into place, so a killed run loses only the rows it had
-not flushed yet and never leaves a torn file that readers would see (pyarrow, Ray Data
+temporary name and then moved into place, so a killed run loses only the work in
+flight and never leaves a torn file that readers would see (pyarrow, Ray Data
 and pandas skip names starting with ``.`` or ``_``).
 
 A key (e.g. prompt, pipeline, turn) has at most one ``ok`` row: runs skip keys that
@@ -155,7 +155,7 @@ class RowTable(Generic[R]):
             raise StoreError(f"cannot write {final}: {err}") from None
         return final
 
-    def writer(self, run_id: str, *, flush_rows: int = 32, flush_s: float = 2.0) -> PartWriter[R]:
+    def writer(self, run_id: str, *, flush_rows: int = 256, flush_s: float = 0.0) -> PartWriter[R]:
         return PartWriter(self, run_id, flush_rows=flush_rows, flush_s=flush_s)
 
     def compact(self, run_id: str) -> CompactionResult:
@@ -196,12 +196,19 @@ def _stamp() -> str:
 
 @dataclass
 class PartWriter(Generic[R]):
-    """Buffers rows and writes them as a part file every ``flush_rows`` rows or ``flush_s`` seconds."""
+    """Buffers rows and writes them as part files.
+
+    The runner calls :meth:`maybe_flush` after each batch of results that arrived
+    together, so with the default ``flush_s=0`` rows reach storage as soon as they
+    exist (a kill loses only the work in flight) while a burst of results still lands
+    in one file. ``flush_s > 0`` batches more (for object stores with slow writes);
+    ``flush_rows`` caps a file's rows.
+    """
 
     table: RowTable[R]
     run_id: str
-    flush_rows: int = 32
-    flush_s: float = 2.0
+    flush_rows: int = 256
+    flush_s: float = 0.0
     written: int = 0
     files: list[str] = field(default_factory=list)
     _buffer: list[R] = field(default_factory=list)
@@ -209,10 +216,11 @@ class PartWriter(Generic[R]):
 
     def add(self, rows: Iterable[R]) -> None:
         self._buffer.extend(rows)
-        self.maybe_flush()
+        if len(self._buffer) >= self.flush_rows:
+            self.flush()
 
     def maybe_flush(self) -> None:
-        if len(self._buffer) >= self.flush_rows or (self._buffer and time.monotonic() - self._since >= self.flush_s):
+        if self._buffer and time.monotonic() - self._since >= self.flush_s:
             self.flush()
 
     def flush(self) -> None:
