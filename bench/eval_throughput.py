@@ -57,9 +57,22 @@ def start_simulator(latency_ms: float, jitter_ms: float, output_tokens: int) -> 
     port = free_port()
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.simulator", "--port", str(port), "--latency-ms", str(latency_ms), "--jitter-ms", str(jitter_ms),
-         "--output-tokens", str(output_tokens)],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "bench.simulator",
+            "--port",
+            str(port),
+            "--latency-ms",
+            str(latency_ms),
+            "--jitter-ms",
+            str(jitter_ms),
+            "--output-tokens",
+            str(output_tokens),
+        ],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))},
     )
     base_url = f"http://127.0.0.1:{port}/v1"
@@ -94,10 +107,14 @@ def main() -> None:
         agents = deploy_agents(config, [PIPELINE], app_name="bench-eval")
         # expected slowest of the 6 proposers, then the aggregator: 2 L + J (6/7 + 1/2) for uniform jitter
         critical_path_s = (2 * args.latency_ms + args.jitter_ms * (N_PROPOSERS / (N_PROPOSERS + 1) + 0.5)) / 1000
-        print(f"MoA-Lite shape: {N_PROPOSERS} proposers + aggregator, {args.latency_ms:.0f} ms (+ up to {args.jitter_ms:.0f} ms) per call, "
-              f"critical path {critical_path_s:.2f} s, {len(dataset.prompts)} prompts per level")
-        print(f"{'concurrency':>11} {'prompts/s':>10} {'ideal':>8} {'efficiency':>10} {'elapsed s':>9} {'failed':>6}"
-              f" {'request s':>9} {'measured critical path s':>24}")
+        print(
+            f"MoA-Lite shape: {N_PROPOSERS} proposers + aggregator, {args.latency_ms:.0f} ms (+ up to {args.jitter_ms:.0f} ms) per call, "
+            f"critical path {critical_path_s:.2f} s, {len(dataset.prompts)} prompts per level"
+        )
+        print(
+            f"{'concurrency':>11} {'prompts/s':>10} {'ideal':>8} {'efficiency':>10} {'elapsed s':>9} {'failed':>6}"
+            f" {'request s':>9} {'measured critical path s':>24}"
+        )
         efficiency = 0.0
         for level in levels:
             with tempfile.TemporaryDirectory(prefix="moa-bench-") as out:
@@ -109,8 +126,10 @@ def main() -> None:
             efficiency = measured / ideal
             request_s = statistics.fmean(r["latency_s"] for r in rows)
             path_s = statistics.fmean(r["critical_path_s"] for r in rows)
-            print(f"{level:>11} {measured:>10.2f} {ideal:>8.2f} {efficiency:>10.3f} {summary.elapsed_s:>9.2f} {summary.failed_rows:>6}"
-                  f" {request_s:>9.2f} {path_s:>24.2f}")
+            print(
+                f"{level:>11} {measured:>10.2f} {ideal:>8.2f} {efficiency:>10.3f} {summary.elapsed_s:>9.2f} {summary.failed_rows:>6}"
+                f" {request_s:>9.2f} {path_s:>24.2f}"
+            )
         print(f"efficiency {efficiency:.3f}")
     finally:
         proc.terminate()

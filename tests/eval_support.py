@@ -26,8 +26,15 @@ def simulator_config(latency_ms: float = 30, **kwargs: Any) -> SimulatorConfig:
 
 
 def model(base_url: str, provider_id: str, **extra: Any) -> dict[str, Any]:
-    return {"backend": "openai", "model": provider_id, "base_url": base_url, "max_retries": 0, "max_ongoing_requests": 64,
-            "num_cpus": 0.01, **extra}
+    return {
+        "backend": "openai",
+        "model": provider_id,
+        "base_url": base_url,
+        "max_retries": 0,
+        "max_ongoing_requests": 64,
+        "num_cpus": 0.01,
+        **extra,
+    }
 
 
 def eval_config(base_url: str) -> dict[str, Any]:

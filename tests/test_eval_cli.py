@@ -38,7 +38,9 @@ def invoke(*args: str):
         (["--pipeline", "one", "--dataset", "alpaca_eval", "--limit", "0"], 2, "--limit"),
     ],
 )
-def test_generate_rejects_bad_input_before_ray(config_file: Path, tmp_path: Path, args: list[str], code: int, message: str) -> None:
+def test_generate_rejects_bad_input_before_ray(
+    config_file: Path, tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
     result = invoke("generate", "--config", str(config_file), "--out", str(tmp_path / "out"), *args)
     assert result.exit_code == code, result.output
     assert message in result.output
@@ -53,29 +55,77 @@ def test_generate_with_nothing_left_runs_no_ray(config_file: Path, tmp_path: Pat
     out = tmp_path / "out"
     fp = pipeline_fingerprint(load_config(config_file), "one")
     RowTable(str(out), GenerationRow).write_part(
-        [GenerationRow(run_id="r", prompt_id="ae-000", pipeline="one", turn=1, dataset="alpaca_eval", instruction="q", output="o", config_hash=fp)],
+        [
+            GenerationRow(
+                run_id="r",
+                prompt_id="ae-000",
+                pipeline="one",
+                turn=1,
+                dataset="alpaca_eval",
+                instruction="q",
+                output="o",
+                config_hash=fp,
+            )
+        ],
         "1",
     )
     export = tmp_path / "model_outputs.json"
-    result = invoke("generate", "--config", str(config_file), "--pipeline", "one", "--dataset", "alpaca_eval", "--limit", "1",
-                    "--out", str(out), "--export-alpaca-eval", str(export))
+    result = invoke(
+        "generate",
+        "--config",
+        str(config_file),
+        "--pipeline",
+        "one",
+        "--dataset",
+        "alpaca_eval",
+        "--limit",
+        "1",
+        "--out",
+        str(out),
+        "--export-alpaca-eval",
+        str(export),
+    )
     assert result.exit_code == 0, result.output
     assert "1 already done, 0 to generate" in result.output
     assert json.loads(export.read_text())[0]["generator"] == "one"
 
 
 def test_judge_rejects_unknown_judge_and_empty_generations(config_file: Path, tmp_path: Path) -> None:
-    result = invoke("judge", "--config", str(config_file), "--judge", "gpt-9", "--generations", str(tmp_path), "--out", str(tmp_path / "j"))
+    result = invoke(
+        "judge", "--config", str(config_file), "--judge", "gpt-9", "--generations", str(tmp_path), "--out", str(tmp_path / "j")
+    )
     assert result.exit_code == 2 and "unknown judge model 'gpt-9'" in result.output
-    result = invoke("judge", "--config", str(config_file), "--judge", "judge", "--generations", str(tmp_path / "none"), "--out", str(tmp_path / "j"))
+    result = invoke(
+        "judge",
+        "--config",
+        str(config_file),
+        "--judge",
+        "judge",
+        "--generations",
+        str(tmp_path / "none"),
+        "--out",
+        str(tmp_path / "j"),
+    )
     assert result.exit_code == 1 and "no generations" in result.output
 
 
 def _gen(pipeline: str, prompt_id: str, turn: int, latency: float, cost: float | None) -> GenerationRow:
     return GenerationRow(
-        run_id="r", prompt_id=prompt_id, pipeline=pipeline, turn=turn, dataset="d", instruction="q", output="answer " * 10,
-        config_hash="h", tokens_by_role=[RoleTokens(role="proposer", prompt_tokens=100, completion_tokens=50, calls=2)],
-        prompt_tokens=100, completion_tokens=50, calls=2, latency_s=latency, cost_usd=cost, tflops=1.5,
+        run_id="r",
+        prompt_id=prompt_id,
+        pipeline=pipeline,
+        turn=turn,
+        dataset="d",
+        instruction="q",
+        output="answer " * 10,
+        config_hash="h",
+        tokens_by_role=[RoleTokens(role="proposer", prompt_tokens=100, completion_tokens=50, calls=2)],
+        prompt_tokens=100,
+        completion_tokens=50,
+        calls=2,
+        latency_s=latency,
+        cost_usd=cost,
+        tflops=1.5,
     )
 
 
@@ -85,17 +135,50 @@ def test_report_writes_tables_and_plots(tmp_path: Path) -> None:
     RowTable(str(gen), GenerationRow).write_part(rows, "1")
     now = datetime.now(timezone.utc)
     prefs = [
-        PairwiseRow(run_id="j", prompt_id=f"p{i}", pipeline=p, judge="gpt", judge_prompt="pair-v2", instruction=f"q{i}",
-                    output_1="r" * 100, generator_1="ref", output_2="m" * (50 + 10 * i), generator_2=p, preference=pref, created_at=now)
-        for i in range(6) for p, pref in (("cheap", 1.0 + (i % 2)), ("big", 2.0 if i else 1.5))
+        PairwiseRow(
+            run_id="j",
+            prompt_id=f"p{i}",
+            pipeline=p,
+            judge="gpt",
+            judge_prompt="pair-v2",
+            instruction=f"q{i}",
+            output_1="r" * 100,
+            generator_1="ref",
+            output_2="m" * (50 + 10 * i),
+            generator_2=p,
+            preference=pref,
+            created_at=now,
+        )
+        for i in range(6)
+        for p, pref in (("cheap", 1.0 + (i % 2)), ("big", 2.0 if i else 1.5))
     ]
     pairwise_table(str(judged)).write_part(prefs, "1")
     single_table(str(judged)).write_part(
-        [GradeRow(run_id="j", prompt_id="p0", pipeline="big", turn=1, judge="gpt", judge_prompt="single-v1", category="math", score=9.0)], "1"
+        [
+            GradeRow(
+                run_id="j",
+                prompt_id="p0",
+                pipeline="big",
+                turn=1,
+                judge="gpt",
+                judge_prompt="single-v1",
+                category="math",
+                score=9.0,
+            )
+        ],
+        "1",
     )
-    result = CliRunner().invoke(main, ["eval", "report", "--generations", str(gen), "--judgments", str(judged), "--out", str(out)])
+    result = CliRunner().invoke(
+        main, ["eval", "report", "--generations", str(gen), "--judgments", str(judged), "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
-    assert {p.name for p in out.iterdir()} == {"report.md", "report.csv", "report.json", "quality_vs_cost.png", "quality_vs_latency.png"}
+    assert {p.name for p in out.iterdir()} == {
+        "report.md",
+        "report.csv",
+        "report.json",
+        "quality_vs_cost.png",
+        "quality_vs_latency.png",
+    }
     report = {r["pipeline"]: r for r in json.loads((out / "report.json").read_text())}
     assert report["cheap"]["win_rate"] == pytest.approx(50.0)
     assert report["big"]["win_rate"] == pytest.approx(100 * (5 + 0.5) / 6)

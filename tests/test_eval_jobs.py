@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(
-        RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
     return env
@@ -65,13 +66,36 @@ def cluster():
     log = open(Path(temp) / "head.log", "wb")  # noqa: SIM115 - closed at teardown
     sim = subprocess.Popen(
         [sys.executable, "-m", "bench.simulator", "--port", str(sim_port), "--latency-ms", "150", "--output-tokens", "16"],
-        cwd=ROOT, env=_env(), stdout=log, stderr=log, start_new_session=True,
+        cwd=ROOT,
+        env=_env(),
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
     )
     head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client_port}",
-         f"--dashboard-agent-listen-port={agent}", "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats"],
-        cwd=ROOT, env=_env(), stdout=log, stderr=log, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client_port}",
+            f"--dashboard-agent-listen-port={agent}",
+            "--num-cpus=4",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
     )
     dashboard = f"http://127.0.0.1:{dash}"
     try:
@@ -129,11 +153,36 @@ def test_kill_and_resume(cluster, tmp_path: Path) -> None:
     out, n = tmp_path / "out", 40
 
     def command(run_id: str) -> list[str]:
-        return [sys.executable, "-m", "jobs.generate", "--address", address, "--config", str(cfg), "--pipeline", "one",
-                "--dataset", "alpaca_eval", "--limit", str(n), "--out", str(out), "--concurrency", "2",
-                "--worker-cpus", "0.01", "--no-progress", "--app-name", "t-kill", "--run-id", run_id]
+        return [
+            sys.executable,
+            "-m",
+            "jobs.generate",
+            "--address",
+            address,
+            "--config",
+            str(cfg),
+            "--pipeline",
+            "one",
+            "--dataset",
+            "alpaca_eval",
+            "--limit",
+            str(n),
+            "--out",
+            str(out),
+            "--concurrency",
+            "2",
+            "--worker-cpus",
+            "0.01",
+            "--no-progress",
+            "--app-name",
+            "t-kill",
+            "--run-id",
+            run_id,
+        ]
 
-    first = subprocess.Popen(command("first"), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    first = subprocess.Popen(
+        command("first"), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 240
         while len(_rows(out)) < n // 4:

@@ -46,14 +46,29 @@ def test_cli_reproduces_the_leaderboard(model: str) -> None:
     # Without AlpacaEval's instruction-difficulty file the minimal LC model is fitted: it moves the
     # win rate the same way as the leaderboard's LC (towards 50 for the short wizardlm answers).
     assert 0 < got["lc_win_rate"] < 100
-    assert np.sign(got["lc_win_rate"] - got["win_rate"]) == np.sign(float(row["length_controlled_winrate"]) - float(row["win_rate"]))
+    assert np.sign(got["lc_win_rate"] - got["win_rate"]) == np.sign(
+        float(row["length_controlled_winrate"]) - float(row["win_rate"])
+    )
+
+
+@pytest.mark.parametrize("model, expected", [(MODELS[0], 65.003), (MODELS[1], 15.529)])
+def test_minimal_lc_matches_scikit_learn(model: str, expected: float) -> None:
+    """AlpacaEval's ``length_controlled_minimal`` GLM fitted offline with alpaca_eval's own recipe
+    (scikit-learn 1.9 LogisticRegressionCV, L1, liblinear, GroupKFold(5), soft labels) gives these values."""
+    result = win_rates(read_records(DATA / f"annotations_{model}.jsonl.gz"))[model]
+    assert result.lc_model == "length_controlled_minimal"
+    assert result.lc_win_rate == pytest.approx(expected, abs=0.05)
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_counts_match_the_leaderboard(model: str) -> None:
     result = win_rates(read_records(DATA / f"annotations_{model}.jsonl.gz"), lc=False)[model]
     row = leaderboard()[model]
-    assert (result.n_wins, result.n_wins_base, result.n_draws) == (int(row["n_wins"]), int(row["n_wins_base"]), int(row["n_draws"]))
+    assert (result.n_wins, result.n_wins_base, result.n_draws) == (
+        int(row["n_wins"]),
+        int(row["n_wins_base"]),
+        int(row["n_draws"]),
+    )
     assert result.lc_win_rate is None
 
 
@@ -93,7 +108,9 @@ def test_lc_win_rate_removes_a_length_bias() -> None:
 def test_lc_with_instruction_difficulty(tmp_path: Path) -> None:
     prefs, model_len, ref_len = _synthetic(n=300, seed=1)
     difficulty = np.linspace(-1, 1, 300)
-    (tmp_path / "instruction_difficulty.csv").write_text("index,instruction_difficulty\n" + "".join(f"{i},{d}\n" for i, d in enumerate(difficulty)))
+    (tmp_path / "instruction_difficulty.csv").write_text(
+        "index,instruction_difficulty\n" + "".join(f"{i},{d}\n" for i, d in enumerate(difficulty))
+    )
     glm = GLMData.from_dir(tmp_path)
     lc, se, name = length_controlled_win_rate(prefs, model_len, ref_len, list(range(300)), glm)
     assert name == "length_controlled_noreg" and 0 < lc < 100 and se >= 0
@@ -102,7 +119,15 @@ def test_lc_with_instruction_difficulty(tmp_path: Path) -> None:
 
 
 def test_own_pairwise_rows_resolve_attempts() -> None:
-    base = {"instruction": "q", "output_1": "r" * 10, "output_2": "m" * 20, "generator_2": "p", "pipeline": "p", "turn": 1, "judge": "j"}
+    base = {
+        "instruction": "q",
+        "output_1": "r" * 10,
+        "output_2": "m" * 20,
+        "generator_2": "p",
+        "pipeline": "p",
+        "turn": 1,
+        "judge": "j",
+    }
     rows = [
         {**base, "prompt_id": "a", "preference": None, "status": "error", "attempt": 1, "created_at": 1},
         {**base, "prompt_id": "a", "preference": 2.0, "status": "ok", "attempt": 2, "created_at": 2},

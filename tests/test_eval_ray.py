@@ -83,7 +83,17 @@ def test_judge_and_report(env, tmp_path: Path) -> None:
     gens = read_generations(str(gen))
 
     def judge(name: str, mode: str):
-        opts = JudgeOptions(judge=name, generations=str(gen), out=str(judged), mode=mode, concurrency=4, workers=1, worker_cpus=0.01, run_id=f"j-{name}", progress=False)  # type: ignore[arg-type]
+        opts = JudgeOptions(
+            judge=name,
+            generations=str(gen),
+            out=str(judged),
+            mode=mode,
+            concurrency=4,
+            workers=1,
+            worker_cpus=0.01,
+            run_id=f"j-{name}",
+            progress=False,
+        )  # type: ignore[arg-type]
         return run_judging(gens, agents[name], opts)
 
     pair = judge("judge", "pairwise")
@@ -98,7 +108,11 @@ def test_judge_and_report(env, tmp_path: Path) -> None:
     grades = single_table(str(judged)).read().to_pylist()
     assert {r["score"] for r in grades} == {7.0}
     # alpaca_eval's reference outputs make its grading reference-guided; mt_bench writing has none
-    assert {(r["turn"], r["judge_prompt"]) for r in grades} == {(1, "single-v1"), (2, "single-v1-multi-turn"), (1, "single-math-v1")}
+    assert {(r["turn"], r["judge_prompt"]) for r in grades} == {
+        (1, "single-v1"),
+        (2, "single-v1-multi-turn"),
+        (1, "single-math-v1"),
+    }
 
     rows = build_report(gens, prefs, grades)
     by_name = {r.pipeline: r for r in rows}

@@ -24,11 +24,30 @@ from moa_ray.pipeline.agents import LocalAgent
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
 
-def row(prompt_id: str, pipeline: str = "p", turn: int = 1, *, status: str = "ok", attempt: int = 1, at: int = 0, output: str = "out", config_hash: str = "h") -> GenerationRow:
+def row(
+    prompt_id: str,
+    pipeline: str = "p",
+    turn: int = 1,
+    *,
+    status: str = "ok",
+    attempt: int = 1,
+    at: int = 0,
+    output: str = "out",
+    config_hash: str = "h",
+) -> GenerationRow:
     return GenerationRow(
-        run_id="r", prompt_id=prompt_id, pipeline=pipeline, turn=turn, dataset="d", instruction=f"q {prompt_id} {turn}",
-        output=output if status == "ok" else None, status=status, error=None if status == "ok" else "boom", attempt=attempt,
-        config_hash=config_hash, created_at=T0 + timedelta(seconds=at),
+        run_id="r",
+        prompt_id=prompt_id,
+        pipeline=pipeline,
+        turn=turn,
+        dataset="d",
+        instruction=f"q {prompt_id} {turn}",
+        output=output if status == "ok" else None,
+        status=status,
+        error=None if status == "ok" else "boom",
+        attempt=attempt,
+        config_hash=config_hash,
+        created_at=T0 + timedelta(seconds=at),
     )
 
 
@@ -91,13 +110,23 @@ def test_file_uri(tmp_path: Path) -> None:
 
 def test_plan_skips_done_retries_failed_and_resumes_turn_two() -> None:
     ds = EvalDataset(
-        name="d", kind="file",
-        prompts=[EvalPrompt(prompt_id="x", turns=["q1", "q2"]), EvalPrompt(prompt_id="y", turns=["q1", "q2"]), EvalPrompt(prompt_id="z", turns=["q"])],
+        name="d",
+        kind="file",
+        prompts=[
+            EvalPrompt(prompt_id="x", turns=["q1", "q2"]),
+            EvalPrompt(prompt_id="y", turns=["q1", "q2"]),
+            EvalPrompt(prompt_id="z", turns=["q"]),
+        ],
     )
-    latest = {r.key(): r.model_dump() for r in [
-        row("x", turn=1, output="x-answer-1"), row("x", turn=2, status="error", attempt=2),
-        row("y", turn=1), row("y", turn=2),
-    ]}
+    latest = {
+        r.key(): r.model_dump()
+        for r in [
+            row("x", turn=1, output="x-answer-1"),
+            row("x", turn=2, status="error", attempt=2),
+            row("y", turn=1),
+            row("y", turn=2),
+        ]
+    }
     plan = plan_generation(ds, ["p"], latest, {"p": "h"})
     assert (plan.total_rows, plan.done_rows, plan.pending_rows) == (5, 3, 2)
     by_id = {i.prompt.prompt_id: i for i in plan.items}
@@ -147,7 +176,10 @@ def test_handler_asks_turn_two_with_its_own_turn_one_answer(simulator) -> None:
 
     assert len(failed) == 1 and failed[0].status == "error" and "aggregator" in failed[0].error
     assert failed[0].prompt_tokens > 0  # the partial trace is kept
-    assert handler.failed(WorkItem(prompt=prompt, pipeline="one", dataset="mt_bench", start_turn=2, history=["x"]), "lost")[0].turn == 2
+    assert (
+        handler.failed(WorkItem(prompt=prompt, pipeline="one", dataset="mt_bench", start_turn=2, history=["x"]), "lost")[0].turn
+        == 2
+    )
 
 
 def test_export_alpaca_eval(tmp_path: Path) -> None:

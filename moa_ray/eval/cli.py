@@ -16,7 +16,14 @@ from rich.table import Table
 
 from moa_ray.errors import ConfigError, MoARayError
 
-err_console = Console(stderr=True, soft_wrap=True)
+
+def _console(stderr: bool) -> Console:
+    """Wide tables in job logs (not a terminal: rich would squeeze them into 80 columns)."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, soft_wrap=True, width=None if stream.isatty() else 160)
+
+
+err_console = _console(stderr=True)
 EXIT_PARTIAL = 3
 
 DATASET_HELP = "alpaca_eval, mt_bench, or a .jsonl / .json / .parquet file (path or URI) with an id and a prompt column."
@@ -47,16 +54,32 @@ def _names(value: str | None) -> list[str] | None:
     return names
 
 
-config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (default: shipped presets).")
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (default: shipped presets)."
+)
 address_option = click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
-concurrency_option = click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True, help="Items in flight across all workers.")
-workers_option = click.option("--workers", type=click.IntRange(min=1), default=None, help="Ray actors sharing the work [default: 1 per 32 in flight, at most 8].")
-worker_cpus_option = click.option("--worker-cpus", type=click.FloatRange(min=0), default=0.25, show_default=True, help="CPUs reserved per worker actor.")
+concurrency_option = click.option(
+    "--concurrency", type=click.IntRange(min=1), default=16, show_default=True, help="Items in flight across all workers."
+)
+workers_option = click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Ray actors sharing the work [default: 1 per 32 in flight, at most 8].",
+)
+worker_cpus_option = click.option(
+    "--worker-cpus", type=click.FloatRange(min=0), default=0.25, show_default=True, help="CPUs reserved per worker actor."
+)
 keep_option = click.option("--keep-deployed", is_flag=True, help="Leave the Serve application running at the end.")
 progress_option = click.option("--no-progress", is_flag=True, help="No progress bar or progress lines.")
-flush_rows_option = click.option("--flush-rows", type=click.IntRange(min=1), default=256, show_default=True, help="Most rows per part file.")
+flush_rows_option = click.option(
+    "--flush-rows", type=click.IntRange(min=1), default=256, show_default=True, help="Most rows per part file."
+)
 flush_s_option = click.option(
-    "--flush-seconds", type=click.FloatRange(min=0), default=0.0, show_default=True,
+    "--flush-seconds",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
     help="Batch results for S seconds per part file (0: write as they arrive; a kill loses only work in flight).",
 )
 
@@ -71,7 +94,9 @@ def eval_group() -> None:
 
 @click.command("generate", cls=_EvalCommand)
 @config_option
-@click.option("--pipeline", "pipeline_names", required=True, help="Pipeline name(s), comma separated; they share the deployed models.")
+@click.option(
+    "--pipeline", "pipeline_names", required=True, help="Pipeline name(s), comma separated; they share the deployed models."
+)
 @click.option("--dataset", required=True, help=DATASET_HELP)
 @click.option("--out", required=True, help="Output directory or pyarrow filesystem URI (s3://, gs://...).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts.")
@@ -80,21 +105,48 @@ def eval_group() -> None:
 @worker_cpus_option
 @address_option
 @click.option("--id-column", default=None, help="Id column of a dataset file [default: id, prompt_id, question_id or uid].")
-@click.option("--prompt-column", default=None, help="Prompt column of a dataset file [default: prompt, instruction, question, turns or input].")
+@click.option(
+    "--prompt-column",
+    default=None,
+    help="Prompt column of a dataset file [default: prompt, instruction, question, turns or input].",
+)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Cap the final answer's tokens.")
-@click.option("--export-alpaca-eval", "export_path", default=None, help="Also write AlpacaEval model_outputs.json here ({pipeline} is replaced).")
+@click.option(
+    "--export-alpaca-eval",
+    "export_path",
+    default=None,
+    help="Also write AlpacaEval model_outputs.json here ({pipeline} is replaced).",
+)
 @click.option("--run-id", default=None, help="Id recorded in the rows of this run [default: random].")
 @click.option("--app-name", default="moa-eval", show_default=True, help="Ray Serve application of the agents.")
-@click.option("--allow-config-change", is_flag=True, help="Resume even if the pipeline's settings changed since the stored answers.")
+@click.option(
+    "--allow-config-change", is_flag=True, help="Resume even if the pipeline's settings changed since the stored answers."
+)
 @keep_option
 @flush_rows_option
 @flush_s_option
 @progress_option
 def generate_command(
-    config_path: str | None, pipeline_names: str, dataset: str, out: str, limit: int | None, concurrency: int,
-    workers: int | None, worker_cpus: float, address: str | None, id_column: str | None, prompt_column: str | None,
-    max_tokens: int | None, export_path: str | None, run_id: str | None, app_name: str, allow_config_change: bool,
-    keep_deployed: bool, flush_rows: int, flush_seconds: float, no_progress: bool,
+    config_path: str | None,
+    pipeline_names: str,
+    dataset: str,
+    out: str,
+    limit: int | None,
+    concurrency: int,
+    workers: int | None,
+    worker_cpus: float,
+    address: str | None,
+    id_column: str | None,
+    prompt_column: str | None,
+    max_tokens: int | None,
+    export_path: str | None,
+    run_id: str | None,
+    app_name: str,
+    allow_config_change: bool,
+    keep_deployed: bool,
+    flush_rows: int,
+    flush_seconds: float,
+    no_progress: bool,
 ) -> None:
     """Answer every prompt of DATASET with each pipeline, into Parquet; rerun to resume."""
     from moa_ray.config import load_config
@@ -116,12 +168,22 @@ def generate_command(
         config.pipeline(name)
     data = load_dataset(dataset, limit=limit, id_column=id_column, prompt_column=prompt_column)
     options = GenerateOptions(
-        pipelines=pipelines, out=out, concurrency=concurrency, workers=workers, worker_cpus=worker_cpus,
-        run_id=run_id or new_run_id(), flush_rows=flush_rows, flush_s=flush_seconds, max_tokens=max_tokens,
-        allow_config_change=allow_config_change, progress=not no_progress,
+        pipelines=pipelines,
+        out=out,
+        concurrency=concurrency,
+        workers=workers,
+        worker_cpus=worker_cpus,
+        run_id=run_id or new_run_id(),
+        flush_rows=flush_rows,
+        flush_s=flush_seconds,
+        max_tokens=max_tokens,
+        allow_config_change=allow_config_change,
+        progress=not no_progress,
     )
     fingerprints = {p: pipeline_fingerprint(config, p) for p in pipelines}
-    plan = plan_generation(data, pipelines, RowTable(out, GenerationRow).latest(), fingerprints, allow_config_change=allow_config_change)
+    plan = plan_generation(
+        data, pipelines, RowTable(out, GenerationRow).latest(), fingerprints, allow_config_change=allow_config_change
+    )
     err_console.print(
         f"{data.name}: {len(data.prompts)} prompts x {len(pipelines)} pipeline(s) = {plan.total_rows} rows, "
         f"{plan.done_rows} already done, {plan.pending_rows} to generate -> {out}",
@@ -174,7 +236,10 @@ def _print_generate_summary(summary: Any) -> None:
         table.add_column(header, justify="left" if header == "pipeline" else "right")
     for p in summary.pipelines:
         table.add_row(
-            p.pipeline, str(p.done), str(p.failed), str(p.missing),
+            p.pipeline,
+            str(p.done),
+            str(p.failed),
+            str(p.missing),
             *("-" if v is None else f"{v:.2f}" for v in (p.mean_latency_s, p.p95_latency_s, p.mean_tokens)),
             "-" if p.total_cost_usd is None else f"{p.total_cost_usd:.4f}",
         )
@@ -192,8 +257,13 @@ def _print_generate_summary(summary: Any) -> None:
 @click.option("--judge", "judge_model", required=True, help="Config name of the judge model (any backend).")
 @click.option("--generations", required=True, help="Output directory of `eval generate`.")
 @click.option("--out", required=True, help="Judgment directory (pairwise/ and single/ tables).")
-@click.option("--mode", type=click.Choice(["auto", "pairwise", "single"]), default="auto", show_default=True,
-              help="auto: MT-Bench is graded 1-10, prompts with a reference get pairwise preferences.")
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "pairwise", "single"]),
+    default="auto",
+    show_default=True,
+    help="auto: MT-Bench is graded 1-10, prompts with a reference get pairwise preferences.",
+)
 @click.option("--pipeline", "pipeline_names", default=None, help="Only these pipelines (comma separated).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N prompts per pipeline.")
 @concurrency_option
@@ -208,9 +278,24 @@ def _print_generate_summary(summary: Any) -> None:
 @flush_s_option
 @progress_option
 def judge_command(
-    config_path: str | None, judge_model: str, generations: str, out: str, mode: str, pipeline_names: str | None,
-    limit: int | None, concurrency: int, workers: int | None, worker_cpus: float, address: str | None, max_tokens: int,
-    run_id: str | None, app_name: str, keep_deployed: bool, flush_rows: int, flush_seconds: float, no_progress: bool,
+    config_path: str | None,
+    judge_model: str,
+    generations: str,
+    out: str,
+    mode: str,
+    pipeline_names: str | None,
+    limit: int | None,
+    concurrency: int,
+    workers: int | None,
+    worker_cpus: float,
+    address: str | None,
+    max_tokens: int,
+    run_id: str | None,
+    app_name: str,
+    keep_deployed: bool,
+    flush_rows: int,
+    flush_seconds: float,
+    no_progress: bool,
 ) -> None:
     """Judge the answers in GENERATIONS with a model: pairwise vs the reference, or MT-Bench grades."""
     from moa_ray.config import load_config
@@ -224,13 +309,29 @@ def judge_command(
     if not gens:
         raise MoARayError(f"no generations in {generations}")
     options = JudgeOptions(
-        judge=judge_model, generations=generations, out=out, mode=mode, pipelines=_names(pipeline_names), limit=limit,  # type: ignore[arg-type]
-        concurrency=concurrency, workers=workers, worker_cpus=worker_cpus, max_tokens=max_tokens, run_id=run_id or new_run_id(),
-        flush_rows=flush_rows, flush_s=flush_seconds, progress=not no_progress,
+        judge=judge_model,
+        generations=generations,
+        out=out,
+        mode=mode,
+        pipelines=_names(pipeline_names),
+        limit=limit,  # type: ignore[arg-type]
+        concurrency=concurrency,
+        workers=workers,
+        worker_cpus=worker_cpus,
+        max_tokens=max_tokens,
+        run_id=run_id or new_run_id(),
+        flush_rows=flush_rows,
+        flush_s=flush_seconds,
+        progress=not no_progress,
     )
     items = plan_judging(
-        gens, judge_model, pairwise_table(out).latest(), single_table(out).latest(), mode=options.mode,
-        pipelines=options.pipelines, limit=limit,
+        gens,
+        judge_model,
+        pairwise_table(out).latest(),
+        single_table(out).latest(),
+        mode=options.mode,
+        pipelines=options.pipelines,
+        limit=limit,
     )
     err_console.print(f"{len(items)} judgments to make with {judge_model!r} -> {out}", highlight=False)
     agent = None
@@ -276,8 +377,12 @@ def deploy_models(config: Any, models: list[str], app_name: str) -> dict[str, An
 @click.option("--out", required=True, help="Where to write report.md, report.csv, report.json and the PNG plots.")
 @click.option("--judge", "judge_model", default=None, help="Judge whose judgments to use (needed when several judged).")
 @click.option("--pipeline", "pipeline_names", default=None, help="Only these pipelines (comma separated).")
-@click.option("--glm-data", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Directory with AlpacaEval's instruction_difficulty.csv (and df_gamed.csv) for the official LC model.")
+@click.option(
+    "--glm-data",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Directory with AlpacaEval's instruction_difficulty.csv (and df_gamed.csv) for the official LC model.",
+)
 def report_command(
     generations: str, judgments: str | None, out: str, judge_model: str | None, pipeline_names: str | None, glm_data: str | None
 ) -> None:
@@ -303,11 +408,13 @@ def report_command(
         for kind, rows_of_kind in (("pairwise", pairwise), ("single", grades)):
             kind_judges = sorted({r["judge"] for r in rows_of_kind})
             if len(kind_judges) > 1:
-                raise MoARayError(f"{judgments} holds {kind} judgments of several judges ({', '.join(kind_judges)}); choose one with --judge")
+                raise MoARayError(
+                    f"{judgments} holds {kind} judgments of several judges ({', '.join(kind_judges)}); choose one with --judge"
+                )
     rows = build_report(
         gens, pairwise, grades, pipelines=_names(pipeline_names), glm_data=GLMData.from_dir(glm_data) if glm_data else None
     )
-    Console().print(rich_table(rows))
+    _console(stderr=False).print(rich_table(rows))
     for path in write_report(rows, out):
         err_console.print(f"wrote {path}", highlight=False)
 
@@ -316,10 +423,21 @@ def report_command(
 
 
 @click.command("metrics", cls=_EvalCommand)
-@click.option("--annotations", required=True, help="AlpacaEval annotations (.json, .jsonl[.gz]) or a moa-ray pairwise table/Parquet file.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON: win_rate, standard_error, discrete_win_rate, lc_win_rate, avg_length, n_total.")
-@click.option("--glm-data", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Directory with AlpacaEval's instruction_difficulty.csv (and df_gamed.csv) for the official LC model.")
+@click.option(
+    "--annotations", required=True, help="AlpacaEval annotations (.json, .jsonl[.gz]) or a moa-ray pairwise table/Parquet file."
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print JSON: win_rate, standard_error, discrete_win_rate, lc_win_rate, avg_length, n_total.",
+)
+@click.option(
+    "--glm-data",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Directory with AlpacaEval's instruction_difficulty.csv (and df_gamed.csv) for the official LC model.",
+)
 @click.option("--no-lc", is_flag=True, help="Skip the length-controlled win rate.")
 def metrics_command(annotations: str, as_json: bool, glm_data: str | None, no_lc: bool) -> None:
     """AlpacaEval win rate, standard error, discrete and length-controlled win rate of annotations."""
@@ -331,15 +449,35 @@ def metrics_command(annotations: str, as_json: bool, glm_data: str | None, no_lc
         click.echo(json.dumps(payload))
         return
     table = Table(title=f"AlpacaEval metrics of {annotations}")
-    for header in ("generator", "win rate", "± se", "discrete", "LC win rate", "LC model", "avg length", "wins", "losses", "draws", "n"):
+    for header in (
+        "generator",
+        "win rate",
+        "± se",
+        "discrete",
+        "LC win rate",
+        "LC model",
+        "avg length",
+        "wins",
+        "losses",
+        "draws",
+        "n",
+    ):
         table.add_column(header, justify="left" if header in ("generator", "LC model") else "right")
     for r in results.values():
         table.add_row(
-            r.generator, f"{r.win_rate:.2f}", f"{r.standard_error:.2f}", f"{r.discrete_win_rate:.2f}",
-            "-" if r.lc_win_rate is None else f"{r.lc_win_rate:.2f}", r.lc_model or "-", str(r.avg_length),
-            str(r.n_wins), str(r.n_wins_base), str(r.n_draws), str(r.n_total),
+            r.generator,
+            f"{r.win_rate:.2f}",
+            f"{r.standard_error:.2f}",
+            f"{r.discrete_win_rate:.2f}",
+            "-" if r.lc_win_rate is None else f"{r.lc_win_rate:.2f}",
+            r.lc_model or "-",
+            str(r.avg_length),
+            str(r.n_wins),
+            str(r.n_wins_base),
+            str(r.n_draws),
+            str(r.n_total),
         )
-    Console().print(table)
+    _console(stderr=False).print(table)
 
 
 for _command in (generate_command, judge_command, report_command, metrics_command):

@@ -153,8 +153,13 @@ class GenerateHandler:
     """Runs one work item in a worker: each remaining turn through the pipeline, one row per turn."""
 
     def __init__(
-        self, config: MoARayConfig, agents: Mapping[str, Agent], pipelines: list[str], run_id: str,
-        fingerprints: Mapping[str, str], params: ChatParams | None = None,
+        self,
+        config: MoARayConfig,
+        agents: Mapping[str, Agent],
+        pipelines: list[str],
+        run_id: str,
+        fingerprints: Mapping[str, str],
+        params: ChatParams | None = None,
     ) -> None:
         self.config = config
         self.agents = dict(agents)
@@ -191,7 +196,10 @@ class GenerateHandler:
         messages: list[ChatMessage] = []
         for turn, question in enumerate(item.prompt.turns, start=1):
             if turn < item.start_turn:
-                messages += [ChatMessage(role="user", content=question), ChatMessage(role="assistant", content=item.history[turn - 1])]
+                messages += [
+                    ChatMessage(role="user", content=question),
+                    ChatMessage(role="assistant", content=item.history[turn - 1]),
+                ]
         rows = []
         for turn in range(item.start_turn, len(item.prompt.turns) + 1):
             messages.append(ChatMessage(role="user", content=item.prompt.turns[turn - 1]))
@@ -203,7 +211,9 @@ class GenerateHandler:
             except Exception as err:  # noqa: BLE001 - recorded and retried next run, never lost
                 rows.append(self._row(item, turn, status="error", error=f"{type(err).__name__}: {err}"))
                 break
-            rows.append(self._row(item, turn, output=result.answer, finish_reason=result.finish_reason, **trace_columns(result.trace)))
+            rows.append(
+                self._row(item, turn, output=result.answer, finish_reason=result.finish_reason, **trace_columns(result.trace))
+            )
             messages.append(ChatMessage(role="assistant", content=result.answer))
         return rows
 
@@ -292,7 +302,9 @@ def run_generation(
         config.pipeline(name)
     table: RowTable[GenerationRow] = RowTable(options.out, GenerationRow)
     fingerprints = {p: pipeline_fingerprint(config, p) for p in options.pipelines}
-    plan = plan_generation(dataset, options.pipelines, table.latest(), fingerprints, allow_config_change=options.allow_config_change)
+    plan = plan_generation(
+        dataset, options.pipelines, table.latest(), fingerprints, allow_config_change=options.allow_config_change
+    )
     params = ChatParams(max_tokens=options.max_tokens) if options.max_tokens else None
     handler = GenerateHandler(config, agents, options.pipelines, options.run_id, fingerprints, params)
     ok = failed = 0
@@ -310,7 +322,9 @@ def run_generation(
             failed += n_failed
             progress.advance(n_ok, n_failed + not_reached)
 
-        with WorkerPool(handler, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus) as pool:
+        with WorkerPool(
+            handler, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus
+        ) as pool:
             with writer, progress:
                 stats = pool.run(plan.items, on_rows, tick=writer.maybe_flush)
         elapsed, workers = stats.elapsed_s, stats.workers
@@ -348,7 +362,12 @@ def export_alpaca_eval(out: str, dataset: EvalDataset, pipelines: list[str], pat
             row = latest.get((prompt.prompt_id, pipeline, 1))
             if row is not None and row["status"] == "ok":
                 records.append(
-                    {"instruction": prompt.turns[0], "output": row["output"], "generator": pipeline, "dataset": prompt.category or dataset.name}
+                    {
+                        "instruction": prompt.turns[0],
+                        "output": row["output"],
+                        "generator": pipeline,
+                        "dataset": prompt.category or dataset.name,
+                    }
                 )
         target = _export_path(path, pipeline, len(pipelines) > 1)
         fs, p = resolve(target)

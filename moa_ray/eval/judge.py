@@ -130,9 +130,14 @@ def plan_judging(
                 continue
             items.append(
                 PairwiseItem(
-                    prompt_id=prompt_id, pipeline=pipeline, instruction=first["instruction"], category=first["category"],
-                    reference=first["reference"], reference_generator=first["reference_generator"] or "reference",
-                    output=first["output"], attempt=prev["attempt"] + 1 if prev else 1,
+                    prompt_id=prompt_id,
+                    pipeline=pipeline,
+                    instruction=first["instruction"],
+                    category=first["category"],
+                    reference=first["reference"],
+                    reference_generator=first["reference_generator"] or "reference",
+                    output=first["output"],
+                    attempt=prev["attempt"] + 1 if prev else 1,
                 )
             )
             continue
@@ -149,8 +154,14 @@ def plan_judging(
                 continue
             items.append(
                 GradeItem(
-                    prompt_id=prompt_id, pipeline=pipeline, turn=turn, category=first["category"], questions=list(questions),
-                    answers=list(answers), references=list(references), attempt=prev["attempt"] + 1 if prev else 1,
+                    prompt_id=prompt_id,
+                    pipeline=pipeline,
+                    turn=turn,
+                    category=first["category"],
+                    questions=list(questions),
+                    answers=list(answers),
+                    references=list(references),
+                    attempt=prev["attempt"] + 1 if prev else 1,
                 )
             )
     return items
@@ -210,10 +221,19 @@ class JudgeHandler:
 
     def _pairwise_base(self, item: PairwiseItem) -> dict[str, Any]:
         return {
-            "run_id": self.run_id, "prompt_id": item.prompt_id, "pipeline": item.pipeline, "turn": 1, "judge": self.judge,
-            "judge_prompt": PAIRWISE_PROMPT, "instruction": item.instruction, "dataset": item.category,
-            "output_1": item.reference, "generator_1": item.reference_generator, "output_2": item.output,
-            "generator_2": item.pipeline, "attempt": item.attempt,
+            "run_id": self.run_id,
+            "prompt_id": item.prompt_id,
+            "pipeline": item.pipeline,
+            "turn": 1,
+            "judge": self.judge,
+            "judge_prompt": PAIRWISE_PROMPT,
+            "instruction": item.instruction,
+            "dataset": item.category,
+            "output_1": item.reference,
+            "generator_1": item.reference_generator,
+            "output_2": item.output,
+            "generator_2": item.pipeline,
+            "attempt": item.attempt,
         }
 
     async def _grade(self, item: GradeItem) -> GradeRow:
@@ -233,8 +253,14 @@ class JudgeHandler:
 
     def _grade_base(self, item: GradeItem, prompt_name: str) -> dict[str, Any]:
         return {
-            "run_id": self.run_id, "prompt_id": item.prompt_id, "pipeline": item.pipeline, "turn": item.turn, "judge": self.judge,
-            "judge_prompt": prompt_name, "category": item.category, "attempt": item.attempt,
+            "run_id": self.run_id,
+            "prompt_id": item.prompt_id,
+            "pipeline": item.pipeline,
+            "turn": item.turn,
+            "judge": self.judge,
+            "judge_prompt": prompt_name,
+            "category": item.category,
+            "attempt": item.attempt,
         }
 
     def failed(self, item: JudgeItem, error: str) -> list[Any]:
@@ -259,7 +285,13 @@ def run_judging(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Ag
     """Judge what is still unjudged (Ray must be up and the judge deployed)."""
     ptable, stable = pairwise_table(options.out), single_table(options.out)
     items = plan_judging(
-        generations, options.judge, ptable.latest(), stable.latest(), mode=options.mode, pipelines=options.pipelines, limit=options.limit
+        generations,
+        options.judge,
+        ptable.latest(),
+        stable.latest(),
+        mode=options.mode,
+        pipelines=options.pipelines,
+        limit=options.limit,
     )
     params = ChatParams(temperature=options.temperature, max_tokens=options.max_tokens)
     handler = JudgeHandler(agent, options.judge, options.run_id, params)
@@ -282,16 +314,23 @@ def run_judging(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Ag
             pwriter.maybe_flush()
             swriter.maybe_flush()
 
-        with WorkerPool(handler, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus) as pool:
+        with WorkerPool(
+            handler, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus
+        ) as pool:
             with pwriter, swriter, progress:
                 elapsed = pool.run(items, on_rows, tick=tick).elapsed_s
     for table in (ptable, stable):
         if table.part_files():
             table.compact(options.run_id)
     return JudgeSummary(
-        run_id=options.run_id, judge=options.judge, out=options.out,
-        pairwise_items=sum(isinstance(i, PairwiseItem) for i in items), single_items=sum(isinstance(i, GradeItem) for i in items),
-        ok_rows=ok, failed_rows=failed, elapsed_s=elapsed,
+        run_id=options.run_id,
+        judge=options.judge,
+        out=options.out,
+        pairwise_items=sum(isinstance(i, PairwiseItem) for i in items),
+        single_items=sum(isinstance(i, GradeItem) for i in items),
+        ok_rows=ok,
+        failed_rows=failed,
+        elapsed_s=elapsed,
     )
 
 

@@ -95,7 +95,7 @@ def parse_rating(judgment: str) -> float | None:
 
 
 def parse_verdict(judgment: str) -> Verdict | None:
-    """"[[A]]", "[[B]]" or "[[C]]"; None when missing or ambiguous (several different verdicts)."""
+    """ "[[A]]", "[[B]]" or "[[C]]"; None when missing or ambiguous (several different verdicts)."""
     found = {v for tag, v in _VERDICTS.items() if tag in judgment}
     return found.pop() if len(found) == 1 else None
 

@@ -332,7 +332,9 @@ def win_rates(records: list[dict[str, Any]], *, glm_data: GLMData | None = None,
         raise MetricsError("no annotations")
     missing = [c for c in needed if c not in records[0]]
     if missing:
-        raise MetricsError(f"annotations lack the columns {missing} (AlpacaEval format: instruction, output_1, output_2, preference, generator_2)")
+        raise MetricsError(
+            f"annotations lack the columns {missing} (AlpacaEval format: instruction, output_1, output_2, preference, generator_2)"
+        )
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[str(r.get("generator_2") or "model")].append(r)
@@ -379,6 +381,7 @@ def mt_bench_scores(grades: list[dict[str, Any]]) -> dict[str, MTBenchScore]:
             by_pipeline[g["pipeline"]].append(g)
     out = {}
     for pipeline, rows in by_pipeline.items():
+
         def mean(sel: list[dict[str, Any]]) -> float | None:
             return float(np.mean([r["score"] for r in sel])) if sel else None
 

@@ -44,7 +44,9 @@ def _fmt_eta(seconds: float | None) -> str:
 class EvalProgress:
     """Counts finished rows and failures; use as a context manager around the run."""
 
-    def __init__(self, total: int, description: str, *, unit: str = "rows", log_every_s: float = 10.0, enabled: bool = True) -> None:
+    def __init__(
+        self, total: int, description: str, *, unit: str = "rows", log_every_s: float = 10.0, enabled: bool = True
+    ) -> None:
         self.total = total
         self.description = description
         self.unit = unit

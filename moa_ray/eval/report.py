@@ -126,14 +126,23 @@ def build_report(
             w = rates[pipeline]
             report = report.model_copy(
                 update={
-                    "win_rate": w.win_rate, "standard_error": w.standard_error, "discrete_win_rate": w.discrete_win_rate,
-                    "lc_win_rate": w.lc_win_rate, "avg_length": w.avg_length, "n_judged": w.n_total,
+                    "win_rate": w.win_rate,
+                    "standard_error": w.standard_error,
+                    "discrete_win_rate": w.discrete_win_rate,
+                    "lc_win_rate": w.lc_win_rate,
+                    "avg_length": w.avg_length,
+                    "n_judged": w.n_total,
                 }
             )
         if pipeline in mt:
             s = mt[pipeline]
             report = report.model_copy(
-                update={"mt_bench": s.score, "mt_bench_turn_1": s.turn_1, "mt_bench_turn_2": s.turn_2, "mt_bench_categories": s.by_category}
+                update={
+                    "mt_bench": s.score,
+                    "mt_bench_turn_1": s.turn_1,
+                    "mt_bench_turn_2": s.turn_2,
+                    "mt_bench_categories": s.by_category,
+                }
             )
         out.append(report)
     return out
@@ -159,14 +168,25 @@ def rich_table(rows: Sequence[ReportRow], title: str = "moa-ray evaluation") -> 
 
 def markdown(rows: Sequence[ReportRow]) -> str:
     cols = _visible_columns(rows)
-    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "|".join("---" if h == "pipeline" else "---:" for _, h, _ in cols) + "|"]
+    lines = [
+        "| " + " | ".join(h for _, h, _ in cols) + " |",
+        "|" + "|".join("---" if h == "pipeline" else "---:" for _, h, _ in cols) + "|",
+    ]
     lines += ["| " + " | ".join(_fmt(getattr(r, f), fmt) for f, _, fmt in cols) + " |" for r in rows]
     categories = sorted({c for r in rows for c in r.mt_bench_categories})
     if categories:
-        lines += ["", "MT-Bench by category:", "", "| pipeline | " + " | ".join(categories) + " |", "|---|" + "---:|" * len(categories)]
+        lines += [
+            "",
+            "MT-Bench by category:",
+            "",
+            "| pipeline | " + " | ".join(categories) + " |",
+            "|---|" + "---:|" * len(categories),
+        ]
         for r in rows:
             if r.mt_bench_categories:
-                lines.append(f"| {r.pipeline} | " + " | ".join(_fmt(r.mt_bench_categories.get(c), "{:.2f}") for c in categories) + " |")
+                lines.append(
+                    f"| {r.pipeline} | " + " | ".join(_fmt(r.mt_bench_categories.get(c), "{:.2f}") for c in categories) + " |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -177,7 +197,10 @@ def to_csv(rows: Sequence[ReportRow]) -> str:
     writer = csv.writer(buf)
     writer.writerow(fields + [f"mt_bench_{c}" for c in categories])
     for r in rows:
-        writer.writerow([getattr(r, f) if getattr(r, f) is not None else "" for f in fields] + [r.mt_bench_categories.get(c, "") for c in categories])
+        writer.writerow(
+            [getattr(r, f) if getattr(r, f) is not None else "" for f in fields]
+            + [r.mt_bench_categories.get(c, "") for c in categories]
+        )
     return buf.getvalue()
 
 
@@ -188,9 +211,7 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats (lower or equal x and higher or equal y, one strictly), by x."""
     frontier = []
     for i, (x, y) in enumerate(points):
-        dominated = any(
-            (x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i
-        )
+        dominated = any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
         if not dominated:
             frontier.append(i)
     return sorted(frontier, key=lambda i: (points[i][0], -points[i][1]))

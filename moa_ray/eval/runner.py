@@ -72,7 +72,9 @@ def default_workers(concurrency: int) -> int:
 class WorkerPool(Generic[I, R]):
     """A pool of :class:`EvalWorker` actors for one handler; start once, :meth:`run` items, :meth:`shutdown`."""
 
-    def __init__(self, handler: Handler[I, R], *, concurrency: int, workers: int | None = None, worker_cpus: float = 0.25) -> None:
+    def __init__(
+        self, handler: Handler[I, R], *, concurrency: int, workers: int | None = None, worker_cpus: float = 0.25
+    ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.handler = handler
@@ -105,7 +107,9 @@ class WorkerPool(Generic[I, R]):
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def run(self, items: Iterable[I], on_rows: Callable[[I, list[R]], None], *, tick: Callable[[], None] | None = None) -> PoolStats:
+    def run(
+        self, items: Iterable[I], on_rows: Callable[[I, list[R]], None], *, tick: Callable[[], None] | None = None
+    ) -> PoolStats:
         """Process ``items`` with at most ``concurrency`` in flight; ``on_rows`` gets each item's rows as it finishes.
 
         ``tick`` runs after each batch of results that arrived together, and at least every half
