@@ -57,6 +57,8 @@ def test_parquet_with_named_columns(tmp_path: Path) -> None:
     pq.write_table(pa.table({"key": ["a", "b"], "text": ["one", "two"], "reference": ["r1", None]}), path)
     ds = load_dataset(str(path), id_column="key", prompt_column="text")
     assert [(p.prompt_id, p.turns[0], p.references[0]) for p in ds.prompts] == [("a", "one", "r1"), ("b", "two", None)]
+    via_uri = load_dataset(f"file://{path}", id_column="key", prompt_column="text")  # any pyarrow filesystem URI
+    assert via_uri.prompts == ds.prompts
 
 
 @pytest.mark.parametrize(

@@ -191,3 +191,22 @@ def test_export_alpaca_eval(tmp_path: Path) -> None:
     assert written == {str(tmp_path / "model_outputs-p1.json"): 1, str(tmp_path / "model_outputs-p2.json"): 1}
     records = json.loads((tmp_path / "model_outputs-p1.json").read_text())
     assert records == [{"instruction": ds.prompts[0].turns[0], "output": "o1", "generator": "p1", "dataset": "helpful_base"}]
+
+
+def test_trace_columns_read_accounting_defensively() -> None:
+    from moa_ray.eval.generate import trace_columns
+    from moa_ray.pipeline.trace import CallRecord, LayerRecord, Trace
+
+    trace = Trace(
+        pipeline="p", kind="moa", layers=[LayerRecord(layer=1, role="proposer")],
+        calls=[CallRecord(layer=1, role="proposer", model="a", prompt_tokens=3, completion_tokens=4, latency_s=0.5)],
+    )
+    cols = trace_columns(trace)
+    assert (cols["cost_usd"], cols["tflops"]) == (None, None)  # no accounting: unknown, not zero
+    assert cols["tokens_by_role"][0].model_dump() == {"role": "proposer", "prompt_tokens": 3, "completion_tokens": 4, "calls": 1}
+    assert cols["critical_path_s"] == 0.5 and json.loads(cols["trace"])["tokens"]["total_tokens"] == 7
+    trace.accounting = {"totals": {"cost_usd": 0.25, "tflops": None}, "by_role": {}}
+    assert (trace_columns(trace)["cost_usd"], trace_columns(trace)["tflops"]) == (0.25, None)
+    trace.accounting = {"cost_usd": 1, "tflops": 2.5}
+    assert (trace_columns(trace)["cost_usd"], trace_columns(trace)["tflops"]) == (1.0, 2.5)
+    assert trace_columns(None) == {}

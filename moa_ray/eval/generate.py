@@ -126,12 +126,21 @@ def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def accounting_total(accounting: Any, key: str) -> float | None:
+    """``cost_usd`` / ``tflops`` of a trace's accounting (``totals.<key>``, or ``<key>`` at the top); None if unknown."""
+    if not isinstance(accounting, dict):
+        return None
+    if key in accounting:
+        return _num(accounting[key])
+    totals = accounting.get("totals")
+    return _num(totals.get(key)) if isinstance(totals, dict) else None
+
+
 def trace_columns(trace: Trace | None) -> dict[str, Any]:
     """The row's token, latency, cost and trace columns; cost and TFLOPs only where accounting filled them."""
     if trace is None:
         return {}
     totals = trace.totals()
-    accounting = trace.accounting if isinstance(trace.accounting, dict) else {}
     return {
         "tokens_by_role": [
             RoleTokens(role=role, prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens, calls=t.calls)
@@ -143,8 +152,8 @@ def trace_columns(trace: Trace | None) -> dict[str, Any]:
         "latency_s": trace.wall_s,
         "critical_path_s": trace.critical_path_s,
         "layers_run": trace.layers_run,
-        "cost_usd": _num(accounting.get("cost_usd")),
-        "tflops": _num(accounting.get("tflops")),
+        "cost_usd": accounting_total(trace.accounting, "cost_usd"),
+        "tflops": accounting_total(trace.accounting, "tflops"),
         "trace": json.dumps(trace.to_json_dict()),
     }
 
