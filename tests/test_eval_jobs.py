@@ -10,6 +10,7 @@ its own process so the job's Serve replicas can reach it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +117,7 @@ def cluster():
         _stop_group(head, timeout=10)
         _stop_group(sim)
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_generate_job_through_the_job_submission_api(cluster, tmp_path: Path) -> None:
