@@ -208,10 +208,11 @@ def main() -> None:
     parser.add_argument("--failure-rate", type=float, default=0.0)
     parser.add_argument("--failure-status", type=int, default=500)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--reply", default=None, help="Fixed answer text instead of filler words.")
     args = parser.parse_args()
     config = SimulatorConfig(
         latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, output_tokens=args.output_tokens,
-        failure_rate=args.failure_rate, failure_status=args.failure_status, seed=args.seed,
+        failure_rate=args.failure_rate, failure_status=args.failure_status, seed=args.seed, reply=args.reply,
     )
     print(f"simulator on http://{args.host}:{args.port}/v1 ({config.model_dump_json(exclude={'models'})})", flush=True)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning", backlog=4096)

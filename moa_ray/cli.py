@@ -112,5 +112,9 @@ def config_show(path: str | None) -> None:
     click.echo(dump_config(load_config(path)), nl=False)
 
 
+from moa_ray.eval.cli import eval_group  # noqa: E402 - subcommand groups register after main exists
+
+main.add_command(eval_group)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,251 @@
+"""Evaluation datasets: AlpacaEval, MT-Bench (shipped in ``moa_ray/data``) or any jsonl / Parquet file.
+
+Every prompt gets a deterministic id (the dataset's own id, else a hash of the
+prompt), which is what makes generation resumable: the same file always yields the
+same keys.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from collections.abc import Iterable
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field, model_validator
+
+from moa_ray.errors import MoARayError
+
+ALPACA_EVAL = "alpaca_eval"
+MT_BENCH = "mt_bench"
+BUILTIN = (ALPACA_EVAL, MT_BENCH)
+#: MT-Bench categories graded against a reference answer (FastChat's NEED_REF_CATS).
+MT_BENCH_REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
+
+ID_COLUMNS = ("id", "prompt_id", "question_id", "uid")
+PROMPT_COLUMNS = ("prompt", "instruction", "question", "turns", "input")
+REFERENCE_COLUMNS = ("reference_output", "reference", "reference_answer")
+CATEGORY_COLUMNS = ("category", "dataset", "subset")
+
+
+class DatasetError(MoARayError):
+    """A dataset cannot be found or read, or its rows are unusable."""
+
+
+class EvalPrompt(BaseModel):
+    """One prompt of an evaluation: one user turn, or several asked one after another."""
+
+    prompt_id: str = Field(min_length=1)
+    turns: list[str] = Field(min_length=1)
+    category: str | None = None
+    references: list[str | None] = Field(default_factory=list, description="Reference answer per turn, if any.")
+    reference_generator: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> EvalPrompt:
+        if any(not t.strip() for t in self.turns):
+            raise ValueError(f"prompt {self.prompt_id!r} has an empty turn")
+        if len(self.references) > len(self.turns):
+            raise ValueError(f"prompt {self.prompt_id!r} has more references than turns")
+        self.references = self.references + [None] * (len(self.turns) - len(self.references))
+        return self
+
+
+class EvalDataset(BaseModel):
+    """A named list of prompts with unique ids."""
+
+    name: str
+    kind: str = Field(description="alpaca_eval, mt_bench or file")
+    prompts: list[EvalPrompt]
+
+    @model_validator(mode="after")
+    def _unique(self) -> EvalDataset:
+        seen: set[str] = set()
+        dupes = [p.prompt_id for p in self.prompts if p.prompt_id in seen or seen.add(p.prompt_id)]  # type: ignore[func-returns-value]
+        if dupes:
+            raise ValueError(f"dataset {self.name!r} has duplicate prompt ids: {sorted(set(dupes))[:5]}")
+        return self
+
+    def head(self, limit: int | None) -> EvalDataset:
+        return self if limit is None else self.model_copy(update={"prompts": self.prompts[:limit]})
+
+    def by_id(self) -> dict[str, EvalPrompt]:
+        return {p.prompt_id: p for p in self.prompts}
+
+
+def prompt_hash(text: str) -> str:
+    """A stable id for a prompt that has none."""
+    return "h-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- shipped data
+
+
+def data_file(*parts: str) -> Any:
+    """A file shipped in ``moa_ray/data`` (works from a wheel or a checkout)."""
+    return resources.files("moa_ray").joinpath("data", *parts)
+
+
+def _read_jsonl_text(text: str, source: str) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{source}: line {n} is not JSON: {err}") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{source}: line {n} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+@cache
+def _shipped_jsonl(*parts: str) -> tuple[dict[str, Any], ...]:
+    return tuple(_read_jsonl_text(data_file(*parts).read_text(encoding="utf-8"), "/".join(parts)))
+
+
+def load_alpaca_eval() -> EvalDataset:
+    """The 805 AlpacaEval 2 instructions with the GPT-4-turbo reference outputs."""
+    prompts = [
+        EvalPrompt(
+            prompt_id=r["id"],
+            turns=[r["instruction"]],
+            category=r.get("dataset"),
+            references=[r.get("reference_output")],
+            reference_generator=r.get("reference_generator"),
+        )
+        for r in _shipped_jsonl("alpaca_eval", "alpaca_eval.jsonl")
+    ]
+    return EvalDataset(name=ALPACA_EVAL, kind=ALPACA_EVAL, prompts=prompts)
+
+
+def mt_bench_reference_answers() -> dict[int, list[str]]:
+    """GPT-4 reference answers (both turns) of the math, reasoning and coding questions."""
+    return {r["question_id"]: r["choices"][0]["turns"] for r in _shipped_jsonl("mt_bench", "reference_answer_gpt-4.jsonl")}
+
+
+def mt_bench_id(question_id: int) -> str:
+    return f"mt-{question_id:03d}"
+
+
+def load_mt_bench() -> EvalDataset:
+    """The 80 two-turn MT-Bench questions; math/reasoning/coding carry GPT-4 reference answers."""
+    refs = mt_bench_reference_answers()
+    prompts = []
+    for q in _shipped_jsonl("mt_bench", "question.jsonl"):
+        use_ref = q["category"] in MT_BENCH_REFERENCE_CATEGORIES and q["question_id"] in refs
+        prompts.append(
+            EvalPrompt(
+                prompt_id=mt_bench_id(q["question_id"]),
+                turns=list(q["turns"]),
+                category=q["category"],
+                references=list(refs[q["question_id"]]) if use_ref else [],
+                reference_generator="gpt-4" if use_ref else None,
+            )
+        )
+    return EvalDataset(name=MT_BENCH, kind=MT_BENCH, prompts=prompts)
+
+
+# --------------------------------------------------------------------------- user files
+
+
+def _read_rows(path: str) -> list[dict[str, Any]]:
+    from moa_ray.eval.store import StoreError, resolve
+
+    try:
+        fs, p = resolve(path)
+        lower = p.lower()
+        if lower.endswith(".parquet") or lower.endswith(".pq"):
+            return pq.read_table(p, filesystem=fs).to_pylist()
+        with fs.open_input_stream(p) as stream:
+            raw = stream.read()
+    except FileNotFoundError:
+        raise DatasetError(f"dataset file not found: {path}") from None
+    except (OSError, pa.ArrowException, StoreError) as err:
+        raise DatasetError(f"cannot read dataset {path}: {err}") from None
+    if lower.endswith(".gz"):
+        raw = gzip.decompress(raw)
+        lower = lower[:-3]
+    text = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8").read()
+    if lower.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path} is not JSON: {err}") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DatasetError(f"{path}: a .json dataset must be a list of objects")
+        return data
+    if lower.endswith(".jsonl"):
+        return _read_jsonl_text(text, path)
+    raise DatasetError(f"{path}: unsupported dataset format (use .jsonl, .json, .parquet, optionally .gz)")
+
+
+def _pick(columns: Iterable[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: str) -> str | None:
+    columns = list(columns)
+    if wanted is not None:
+        if wanted not in columns:
+            raise DatasetError(f"{path}: no {what} column {wanted!r} (columns: {', '.join(columns)})")
+        return wanted
+    return next((c for c in candidates if c in columns), None)
+
+
+def load_file(
+    path: str, *, id_column: str | None = None, prompt_column: str | None = None, name: str | None = None
+) -> EvalDataset:
+    """Prompts from a jsonl / json / Parquet file with a prompt column and, ideally, an id column.
+
+    The prompt column may hold a string or a list of strings (turns). Without an id
+    column, ids are hashes of the prompt text, so reruns still find the same keys.
+    """
+    rows = _read_rows(path)
+    if not rows:
+        raise DatasetError(f"{path}: the dataset is empty")
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # rows of a jsonl may differ
+    id_col = _pick(columns, id_column, ID_COLUMNS, "id", path)
+    prompt_col = _pick(columns, prompt_column, PROMPT_COLUMNS, "prompt", path)
+    if prompt_col is None:
+        raise DatasetError(f"{path}: no prompt column (looked for {', '.join(PROMPT_COLUMNS)}; columns: {', '.join(columns)})")
+    ref_col = _pick(columns, None, REFERENCE_COLUMNS, "reference", path)
+    cat_col = _pick(columns, None, CATEGORY_COLUMNS, "category", path)
+    prompts = []
+    for n, row in enumerate(rows, start=1):
+        value = row.get(prompt_col)
+        turns = [value] if isinstance(value, str) else value
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise DatasetError(f"{path}: row {n}: {prompt_col!r} must be a non-empty string or list of strings")
+        raw_id = row.get(id_col) if id_col else None
+        pid = str(raw_id) if raw_id not in (None, "") else prompt_hash("\n\n".join(turns))
+        ref = row.get(ref_col) if ref_col else None
+        refs = ref if isinstance(ref, list) else [ref]
+        cat = row.get(cat_col) if cat_col else None
+        try:
+            prompts.append(EvalPrompt(prompt_id=pid, turns=turns, category=None if cat is None else str(cat), references=refs))
+        except ValueError as err:
+            raise DatasetError(f"{path}: row {n}: {err}") from None
+    try:
+        return EvalDataset(name=name or path, kind="file", prompts=prompts)
+    except ValueError as err:
+        raise DatasetError(str(err)) from None
+
+
+def load_dataset(
+    spec: str, *, limit: int | None = None, id_column: str | None = None, prompt_column: str | None = None
+) -> EvalDataset:
+    """``alpaca_eval``, ``mt_bench``, or the path/URI of a jsonl / json / Parquet file."""
+    if limit is not None and limit < 1:
+        raise DatasetError("limit must be at least 1")
+    if spec == ALPACA_EVAL:
+        dataset = load_alpaca_eval()
+    elif spec == MT_BENCH:
+        dataset = load_mt_bench()
+    else:
+        dataset = load_file(spec, id_column=id_column, prompt_column=prompt_column)
+    return dataset.head(limit)

@@ -1,0 +1,410 @@
+"""Generation: answer every prompt of a dataset with one or more pipelines, into a resumable Parquet table.
+
+Work items are (prompt, pipeline) pairs sharded across a :class:`~moa_ray.eval.runner.WorkerPool`;
+every pipeline is built in every worker on top of the same Serve-deployed agents,
+so several pipelines in one run share the models. A multi-turn prompt (MT-Bench) is
+one item: turn 2 is asked with the pipeline's own turn-1 answer in the history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from moa_ray.chat import ChatMessage, ChatParams
+from moa_ray.config import MoARayConfig
+from moa_ray.errors import ConfigError, PipelineError
+from moa_ray.eval.datasets import EvalDataset, EvalPrompt
+from moa_ray.eval.progress import EvalProgress
+from moa_ray.eval.runner import WorkerPool, count_rows
+from moa_ray.eval.schema import GenerationRow, RoleTokens
+from moa_ray.eval.store import RowTable, StoreError, resolve
+from moa_ray.pipeline.agents import Agent
+from moa_ray.pipeline.trace import Trace
+
+#: Model settings that change answers; placement, endpoints and prices do not.
+_FINGERPRINT_MODEL_FIELDS = ("backend", "model", "temperature", "max_tokens")
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def pipeline_fingerprint(config: MoARayConfig, pipeline: str) -> str:
+    """A hash of what shapes a pipeline's answers, to refuse resuming a directory made with other settings."""
+    spec = config.pipeline(pipeline)
+    models = config.models_for([pipeline])
+    payload = {
+        "pipeline": spec.model_dump(mode="json", exclude={"description"}),
+        "models": {name: {f: getattr(m, f) for f in _FINGERPRINT_MODEL_FIELDS} for name, m in models.items()},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class GenerateOptions(BaseModel):
+    """Everything ``moa-ray eval generate`` needs besides the config and the dataset."""
+
+    pipelines: list[str] = Field(min_length=1)
+    out: str = Field(min_length=1)
+    concurrency: int = Field(default=16, ge=1, description="Prompts in flight across all workers.")
+    workers: int | None = Field(default=None, ge=1, description="Ray actors sharing the prompts.")
+    worker_cpus: float = Field(default=0.25, ge=0)
+    run_id: str = Field(default_factory=new_run_id)
+    flush_rows: int = Field(default=256, ge=1, description="Most rows per part file.")
+    flush_s: float = Field(default=0.0, ge=0, description="0: write each batch of results as it arrives.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Cap of the final answer's tokens.")
+    allow_config_change: bool = False
+    progress: bool = True
+
+
+class WorkItem(BaseModel):
+    """One prompt for one pipeline, from the first turn that is not done yet."""
+
+    prompt: EvalPrompt
+    pipeline: str
+    dataset: str
+    start_turn: int = 1
+    history: list[str] = Field(default_factory=list, description="The pipeline's stored answers to the turns before start_turn.")
+    attempts: dict[int, int] = Field(default_factory=dict, description="Attempt number of each turn in this run.")
+
+
+class Plan(BaseModel):
+    items: list[WorkItem]
+    total_rows: int
+    done_rows: int
+    pending_rows: int
+
+
+def plan_generation(
+    dataset: EvalDataset,
+    pipelines: list[str],
+    latest: Mapping[tuple[Any, ...], dict[str, Any]],
+    fingerprints: Mapping[str, str],
+    *,
+    allow_config_change: bool = False,
+) -> Plan:
+    """Which (prompt, pipeline, turn) rows are still to do; refuses a directory made with another config."""
+    if not allow_config_change:
+        for (_, pipeline, _), row in latest.items():
+            if pipeline in fingerprints and row["status"] == "ok" and row["config_hash"] != fingerprints[pipeline]:
+                raise ConfigError(
+                    f"the output already holds answers of pipeline {pipeline!r} made with different settings "
+                    f"(config hash {row['config_hash']} != {fingerprints[pipeline]}); use another --out, or "
+                    "--allow-config-change to mix them"
+                )
+    items, total, done = [], 0, 0
+    for prompt in dataset.prompts:
+        for pipeline in pipelines:
+            rows = [latest.get((prompt.prompt_id, pipeline, t)) for t in range(1, len(prompt.turns) + 1)]
+            total += len(rows)
+            finished = [r is not None and r["status"] == "ok" for r in rows]
+            done += sum(finished)
+            if all(finished):
+                continue
+            start = finished.index(False) + 1
+            items.append(
+                WorkItem(
+                    prompt=prompt,
+                    pipeline=pipeline,
+                    dataset=dataset.name,
+                    start_turn=start,
+                    history=[rows[t]["output"] for t in range(start - 1)],  # type: ignore[index]
+                    attempts={t: (rows[t - 1]["attempt"] + 1 if rows[t - 1] else 1) for t in range(start, len(rows) + 1)},
+                )
+            )
+    return Plan(items=items, total_rows=total, done_rows=done, pending_rows=total - done)
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def accounting_total(accounting: Any, key: str) -> float | None:
+    """``cost_usd`` / ``tflops`` of a trace's accounting (``totals.<key>``, or ``<key>`` at the top); None if unknown."""
+    if not isinstance(accounting, dict):
+        return None
+    if key in accounting:
+        return _num(accounting[key])
+    totals = accounting.get("totals")
+    return _num(totals.get(key)) if isinstance(totals, dict) else None
+
+
+def trace_columns(trace: Trace | None) -> dict[str, Any]:
+    """The row's token, latency, cost and trace columns; cost and TFLOPs only where accounting filled them."""
+    if trace is None:
+        return {}
+    totals = trace.totals()
+    return {
+        "tokens_by_role": [
+            RoleTokens(role=role, prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens, calls=t.calls)
+            for role, t in trace.tokens_by_role().items()
+        ],
+        "prompt_tokens": totals.prompt_tokens,
+        "completion_tokens": totals.completion_tokens,
+        "calls": totals.calls,
+        "latency_s": trace.wall_s,
+        "critical_path_s": trace.critical_path_s,
+        "layers_run": trace.layers_run,
+        "cost_usd": accounting_total(trace.accounting, "cost_usd"),
+        "tflops": accounting_total(trace.accounting, "tflops"),
+        "trace": json.dumps(trace.to_json_dict()),
+    }
+
+
+class GenerateHandler:
+    """Runs one work item in a worker: each remaining turn through the pipeline, one row per turn."""
+
+    def __init__(
+        self,
+        config: MoARayConfig,
+        agents: Mapping[str, Agent],
+        pipelines: list[str],
+        run_id: str,
+        fingerprints: Mapping[str, str],
+        params: ChatParams | None = None,
+    ) -> None:
+        self.config = config
+        self.agents = dict(agents)
+        self.pipeline_names = list(pipelines)
+        self.run_id = run_id
+        self.fingerprints = dict(fingerprints)
+        self.params = params
+        self.pipelines: dict[str, Any] = {}
+
+    async def setup(self) -> None:
+        from moa_ray.pipeline import build_pipeline
+
+        self.pipelines = {name: build_pipeline(self.config, name, self.agents) for name in self.pipeline_names}
+
+    def _row(self, item: WorkItem, turn: int, **fields: Any) -> GenerationRow:
+        prompt = item.prompt
+        return GenerationRow(
+            run_id=self.run_id,
+            prompt_id=prompt.prompt_id,
+            pipeline=item.pipeline,
+            turn=turn,
+            dataset=item.dataset,
+            category=prompt.category,
+            instruction=prompt.turns[turn - 1],
+            reference=prompt.references[turn - 1],
+            reference_generator=prompt.reference_generator,
+            config_hash=self.fingerprints[item.pipeline],
+            attempt=item.attempts.get(turn, 1),
+            **fields,
+        )
+
+    async def handle(self, item: WorkItem) -> list[GenerationRow]:
+        pipeline = self.pipelines[item.pipeline]
+        messages: list[ChatMessage] = []
+        for turn, question in enumerate(item.prompt.turns, start=1):
+            if turn < item.start_turn:
+                messages += [
+                    ChatMessage(role="user", content=question),
+                    ChatMessage(role="assistant", content=item.history[turn - 1]),
+                ]
+        rows = []
+        for turn in range(item.start_turn, len(item.prompt.turns) + 1):
+            messages.append(ChatMessage(role="user", content=item.prompt.turns[turn - 1]))
+            try:
+                result = await pipeline.run(list(messages), self.params)
+            except PipelineError as err:
+                rows.append(self._row(item, turn, status="error", error=str(err), **trace_columns(err.trace)))
+                break  # later turns need this answer; the next run retries from here
+            except Exception as err:  # noqa: BLE001 - recorded and retried next run, never lost
+                rows.append(self._row(item, turn, status="error", error=f"{type(err).__name__}: {err}"))
+                break
+            rows.append(
+                self._row(item, turn, output=result.answer, finish_reason=result.finish_reason, **trace_columns(result.trace))
+            )
+            messages.append(ChatMessage(role="assistant", content=result.answer))
+        return rows
+
+    def failed(self, item: WorkItem, error: str) -> list[GenerationRow]:
+        return [self._row(item, item.start_turn, status="error", error=error)]
+
+
+class PipelineSummary(BaseModel):
+    pipeline: str
+    done: int
+    failed: int
+    missing: int
+    mean_latency_s: float | None = None
+    p95_latency_s: float | None = None
+    mean_tokens: float | None = None
+    total_cost_usd: float | None = None
+
+
+class GenerateSummary(BaseModel):
+    """What a run did, and where the table stands after it."""
+
+    run_id: str
+    out: str
+    dataset: str
+    total_rows: int
+    skipped_rows: int = Field(description="Already done before this run.")
+    attempted_rows: int
+    ok_rows: int
+    failed_rows: int
+    elapsed_s: float
+    items: int
+    workers: int
+    pipelines: list[PipelineSummary]
+
+    @property
+    def rows_per_s(self) -> float:
+        return (self.ok_rows + self.failed_rows) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def complete(self) -> bool:
+        return all(p.failed == 0 and p.missing == 0 for p in self.pipelines)
+
+
+def summarize_table(
+    latest: Mapping[tuple[Any, ...], dict[str, Any]], dataset: EvalDataset, pipelines: list[str]
+) -> list[PipelineSummary]:
+    """Per pipeline: finished, failed and missing rows of the dataset, latency, tokens and cost of the finished ones."""
+    out = []
+    for pipeline in pipelines:
+        ok_rows, failed, missing = [], 0, 0
+        for prompt in dataset.prompts:
+            for turn in range(1, len(prompt.turns) + 1):
+                row = latest.get((prompt.prompt_id, pipeline, turn))
+                if row is None:
+                    missing += 1
+                elif row["status"] == "ok":
+                    ok_rows.append(row)
+                else:
+                    failed += 1
+        lat = [r["latency_s"] for r in ok_rows if r["latency_s"] is not None]
+        costs = [r["cost_usd"] for r in ok_rows]
+        out.append(
+            PipelineSummary(
+                pipeline=pipeline,
+                done=len(ok_rows),
+                failed=failed,
+                missing=missing,
+                mean_latency_s=float(np.mean(lat)) if lat else None,
+                p95_latency_s=float(np.percentile(lat, 95)) if lat else None,
+                mean_tokens=float(np.mean([r["prompt_tokens"] + r["completion_tokens"] for r in ok_rows])) if ok_rows else None,
+                total_cost_usd=float(sum(costs)) if ok_rows and all(c is not None for c in costs) else None,
+            )
+        )
+    return out
+
+
+def run_generation(
+    config: MoARayConfig, dataset: EvalDataset, agents: Mapping[str, Agent], options: GenerateOptions
+) -> GenerateSummary:
+    """Answer the dataset's missing rows with the pipelines (Ray must be up and the agents deployed)."""
+    for name in options.pipelines:
+        config.pipeline(name)
+    table: RowTable[GenerationRow] = RowTable(options.out, GenerationRow)
+    fingerprints = {p: pipeline_fingerprint(config, p) for p in options.pipelines}
+    plan = plan_generation(
+        dataset, options.pipelines, table.latest(), fingerprints, allow_config_change=options.allow_config_change
+    )
+    params = ChatParams(max_tokens=options.max_tokens) if options.max_tokens else None
+    handler = GenerateHandler(config, agents, options.pipelines, options.run_id, fingerprints, params)
+    ok = failed = 0
+    elapsed, workers = 0.0, 0
+    if plan.items:
+        writer = table.writer(options.run_id, flush_rows=options.flush_rows, flush_s=options.flush_s)
+        progress = EvalProgress(plan.pending_rows, "generate", enabled=options.progress)
+
+        def on_rows(item: WorkItem, rows: list[GenerationRow]) -> None:
+            nonlocal ok, failed
+            writer.add(rows)
+            n_ok, n_failed = count_rows(rows)
+            not_reached = (len(item.prompt.turns) - item.start_turn + 1) - len(rows)  # turns after a failed one
+            ok += n_ok
+            failed += n_failed
+            progress.advance(n_ok, n_failed + not_reached)
+
+        with WorkerPool(
+            handler, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus
+        ) as pool:
+            with writer, progress:
+                stats = pool.run(plan.items, on_rows, tick=writer.maybe_flush)
+        elapsed, workers = stats.elapsed_s, stats.workers
+    table.compact(options.run_id)
+    return GenerateSummary(
+        run_id=options.run_id,
+        out=options.out,
+        dataset=dataset.name,
+        total_rows=plan.total_rows,
+        skipped_rows=plan.done_rows,
+        attempted_rows=plan.pending_rows,
+        ok_rows=ok,
+        failed_rows=failed,
+        elapsed_s=elapsed,
+        items=len(plan.items),
+        workers=workers,
+        pipelines=summarize_table(table.latest(), dataset, options.pipelines),
+    )
+
+
+# --------------------------------------------------------------------------- AlpacaEval export
+
+
+def export_alpaca_eval(out: str, dataset: EvalDataset, pipelines: list[str], path: str) -> dict[str, int]:
+    """Write AlpacaEval ``model_outputs.json`` (instruction, output, generator, dataset) per pipeline.
+
+    With several pipelines, each gets its own file: ``{pipeline}`` in ``path`` is replaced by
+    its name, or ``-<pipeline>`` is added before the extension. Returns rows written per file.
+    """
+    latest = RowTable(out, GenerationRow).latest()
+    written: dict[str, int] = {}
+    for pipeline in pipelines:
+        records = []
+        for prompt in dataset.prompts:
+            row = latest.get((prompt.prompt_id, pipeline, 1))
+            if row is not None and row["status"] == "ok":
+                records.append(
+                    {
+                        "instruction": prompt.turns[0],
+                        "output": row["output"],
+                        "generator": pipeline,
+                        "dataset": prompt.category or dataset.name,
+                    }
+                )
+        target = _export_path(path, pipeline, len(pipelines) > 1)
+        fs, p = resolve(target)
+        parent = p.rsplit("/", 1)[0]
+        try:
+            if parent:
+                fs.create_dir(parent, recursive=True)
+            with fs.open_output_stream(p) as stream:
+                stream.write(json.dumps(records, ensure_ascii=False, indent=2).encode("utf-8"))
+        except OSError as err:
+            raise StoreError(f"cannot write {target}: {err}") from None
+        written[target] = len(records)
+    return written
+
+
+def _export_path(path: str, pipeline: str, several: bool) -> str:
+    if "{pipeline}" in path:
+        return path.replace("{pipeline}", pipeline)
+    if not several:
+        return path
+    head, dot, ext = path.rpartition(".")
+    return f"{head}-{pipeline}.{ext}" if dot and "/" not in ext else f"{path}-{pipeline}"
+
+
+def group_failures(latest: Mapping[tuple[Any, ...], dict[str, Any]], limit: int = 5) -> list[tuple[str, int]]:
+    """The most common error messages of failed rows (for the end-of-run summary)."""
+    counts: dict[str, int] = defaultdict(int)
+    for row in latest.values():
+        if row["status"] == "error":
+            counts[(row["error"] or "unknown error")[:160]] += 1
+    return sorted(counts.items(), key=lambda kv: -kv[1])[:limit]

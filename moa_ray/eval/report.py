@@ -1,0 +1,320 @@
+"""The report: per-pipeline quality, cost and latency as a terminal table, Markdown, CSV, JSON and plots.
+
+Quality comes from the judge tables (AlpacaEval win rates, MT-Bench grades), cost and
+latency from the generation table (traces). The plots put quality against cost and
+against latency and draw the Pareto frontier, like Figure 5 of the MoA paper.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+from rich.table import Table
+
+from moa_ray.eval.metrics import GLMData, mt_bench_scores, win_rates
+from moa_ray.eval.store import StoreError, join, resolve
+
+QUALITY_METRICS = {
+    "lc_win_rate": "AlpacaEval LC win rate (%)",
+    "win_rate": "AlpacaEval win rate (%)",
+    "mt_bench": "MT-Bench score (1-10)",
+}
+
+
+class ReportRow(BaseModel):
+    """One pipeline's line of the report."""
+
+    pipeline: str
+    answers: int = Field(description="Finished generation rows (all turns).")
+    failed: int = 0
+    win_rate: float | None = None
+    standard_error: float | None = None
+    discrete_win_rate: float | None = None
+    lc_win_rate: float | None = None
+    avg_length: int | None = None
+    n_judged: int | None = None
+    mt_bench: float | None = None
+    mt_bench_turn_1: float | None = None
+    mt_bench_turn_2: float | None = None
+    mt_bench_categories: dict[str, float] = Field(default_factory=dict)
+    mean_prompt_tokens: float | None = None
+    mean_completion_tokens: float | None = None
+    mean_tokens: float | None = None
+    mean_cost_usd: float | None = None
+    total_cost_usd: float | None = None
+    latency_p50_s: float | None = None
+    latency_p95_s: float | None = None
+    mean_tflops: float | None = None
+
+
+TABLE_COLUMNS: list[tuple[str, str, str]] = [
+    # (field, header, format)
+    ("pipeline", "pipeline", "{}"),
+    ("answers", "answers", "{}"),
+    ("failed", "failed", "{}"),
+    ("lc_win_rate", "LC win %", "{:.2f}"),
+    ("win_rate", "win %", "{:.2f}"),
+    ("standard_error", "± se", "{:.2f}"),
+    ("discrete_win_rate", "discrete %", "{:.2f}"),
+    ("avg_length", "avg len", "{}"),
+    ("mt_bench", "MT-Bench", "{:.2f}"),
+    ("mt_bench_turn_1", "turn 1", "{:.2f}"),
+    ("mt_bench_turn_2", "turn 2", "{:.2f}"),
+    ("mean_tokens", "tokens/answer", "{:.0f}"),
+    ("mean_cost_usd", "$/answer", "{:.5f}"),
+    ("total_cost_usd", "$ total", "{:.4f}"),
+    ("latency_p50_s", "p50 s", "{:.2f}"),
+    ("latency_p95_s", "p95 s", "{:.2f}"),
+    ("mean_tflops", "TFLOPs/answer", "{:.2f}"),
+]
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present and len(present) == len(values) else None
+
+
+def build_report(
+    generations: Mapping[tuple[Any, ...], dict[str, Any]],
+    pairwise: Sequence[dict[str, Any]] = (),
+    grades: Sequence[dict[str, Any]] = (),
+    *,
+    pipelines: list[str] | None = None,
+    glm_data: GLMData | None = None,
+) -> list[ReportRow]:
+    """One row per pipeline; cost and TFLOPs only where every finished answer has them."""
+    by_pipeline: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in generations.values():
+        if pipelines is None or row["pipeline"] in pipelines:
+            by_pipeline[row["pipeline"]].append(row)
+    wanted = (lambda name: True) if pipelines is None else (lambda name: name in pipelines)
+    pair_ok = [r for r in pairwise if r["status"] == "ok" and r["preference"] is not None and wanted(r["pipeline"])]
+    rates = win_rates(pair_ok, glm_data=glm_data) if pair_ok else {}
+    mt = mt_bench_scores([g for g in grades if wanted(g["pipeline"])])
+    out = []
+    for pipeline in sorted(set(by_pipeline) | set(rates) | set(mt)):
+        rows = by_pipeline.get(pipeline, [])
+        ok = [r for r in rows if r["status"] == "ok"]
+        lat = [r["latency_s"] for r in ok if r["latency_s"] is not None]
+        costs = [r["cost_usd"] for r in ok]
+        mean_cost = _mean(costs) if ok else None
+        report = ReportRow(
+            pipeline=pipeline,
+            answers=len(ok),
+            failed=len(rows) - len(ok),
+            mean_prompt_tokens=float(np.mean([r["prompt_tokens"] for r in ok])) if ok else None,
+            mean_completion_tokens=float(np.mean([r["completion_tokens"] for r in ok])) if ok else None,
+            mean_tokens=float(np.mean([r["prompt_tokens"] + r["completion_tokens"] for r in ok])) if ok else None,
+            mean_cost_usd=mean_cost,
+            total_cost_usd=float(sum(costs)) if mean_cost is not None else None,
+            latency_p50_s=float(np.percentile(lat, 50)) if lat else None,
+            latency_p95_s=float(np.percentile(lat, 95)) if lat else None,
+            mean_tflops=_mean([r["tflops"] for r in ok]) if ok else None,
+        )
+        if pipeline in rates:
+            w = rates[pipeline]
+            report = report.model_copy(
+                update={
+                    "win_rate": w.win_rate,
+                    "standard_error": w.standard_error,
+                    "discrete_win_rate": w.discrete_win_rate,
+                    "lc_win_rate": w.lc_win_rate,
+                    "avg_length": w.avg_length,
+                    "n_judged": w.n_total,
+                }
+            )
+        if pipeline in mt:
+            s = mt[pipeline]
+            report = report.model_copy(
+                update={
+                    "mt_bench": s.score,
+                    "mt_bench_turn_1": s.turn_1,
+                    "mt_bench_turn_2": s.turn_2,
+                    "mt_bench_categories": s.by_category,
+                }
+            )
+        out.append(report)
+    return out
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _visible_columns(rows: Sequence[ReportRow]) -> list[tuple[str, str, str]]:
+    """Columns with at least one value (a run without a judge shows no quality columns)."""
+    return [c for c in TABLE_COLUMNS if c[0] == "pipeline" or any(getattr(r, c[0]) is not None for r in rows)]
+
+
+def rich_table(rows: Sequence[ReportRow], title: str = "moa-ray evaluation") -> Table:
+    table = Table(title=title)
+    cols = _visible_columns(rows)
+    for _, header, _ in cols:
+        table.add_column(header, justify="left" if header == "pipeline" else "right")
+    for r in rows:
+        table.add_row(*[_fmt(getattr(r, f), fmt) for f, _, fmt in cols])
+    return table
+
+
+def markdown(rows: Sequence[ReportRow]) -> str:
+    cols = _visible_columns(rows)
+    lines = [
+        "| " + " | ".join(h for _, h, _ in cols) + " |",
+        "|" + "|".join("---" if h == "pipeline" else "---:" for _, h, _ in cols) + "|",
+    ]
+    lines += ["| " + " | ".join(_fmt(getattr(r, f), fmt) for f, _, fmt in cols) + " |" for r in rows]
+    categories = sorted({c for r in rows for c in r.mt_bench_categories})
+    if categories:
+        lines += [
+            "",
+            "MT-Bench by category:",
+            "",
+            "| pipeline | " + " | ".join(categories) + " |",
+            "|---|" + "---:|" * len(categories),
+        ]
+        for r in rows:
+            if r.mt_bench_categories:
+                lines.append(
+                    f"| {r.pipeline} | " + " | ".join(_fmt(r.mt_bench_categories.get(c), "{:.2f}") for c in categories) + " |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: Sequence[ReportRow]) -> str:
+    fields = [f for f in ReportRow.model_fields if f != "mt_bench_categories"]
+    categories = sorted({c for r in rows for c in r.mt_bench_categories})
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(fields + [f"mt_bench_{c}" for c in categories])
+    for r in rows:
+        writer.writerow(
+            [getattr(r, f) if getattr(r, f) is not None else "" for f in fields]
+            + [r.mt_bench_categories.get(c, "") for c in categories]
+        )
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats (lower or equal x and higher or equal y, one strictly), by x."""
+    frontier = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            frontier.append(i)
+    return sorted(frontier, key=lambda i: (points[i][0], -points[i][1]))
+
+
+def quality_metric(rows: Sequence[ReportRow]) -> str | None:
+    """The headline quality metric the rows have: LC win rate, else win rate, else MT-Bench."""
+    for metric in QUALITY_METRICS:
+        if any(getattr(r, metric) is not None for r in rows):
+            return metric
+    return None
+
+
+def plot_tradeoff(rows: Sequence[ReportRow], x_field: str, x_label: str, title: str) -> bytes | None:
+    """A PNG of quality against ``x_field`` with the Pareto frontier, or None when nothing can be plotted."""
+    metric = quality_metric(rows)
+    if metric is None:
+        return None
+    pts = [(r.pipeline, getattr(r, x_field), getattr(r, metric)) for r in rows]
+    pts = [(n, float(x), float(y)) for n, x, y in pts if x is not None and y is not None]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
+    xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+    front = pareto_frontier(list(zip(xs, ys, strict=True)))
+    ax.scatter(xs, ys, s=40, color="#4c72b0", zorder=3, label="pipelines")
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="#c44e52", zorder=2, label="Pareto frontier")
+    ax.scatter([xs[i] for i in front], [ys[i] for i in front], s=70, facecolors="none", edgecolors="#c44e52", zorder=4)
+    for name, x, y in pts:
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(QUALITY_METRICS[metric])
+    ax.set_title(title)
+    ax.margins(x=0.12, y=0.1)  # room for the labels of the extreme points
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    if len(set(xs)) > 1 and max(xs) / max(min(xs), 1e-12) > 50:
+        ax.set_xscale("log")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def cost_axis(rows: Sequence[ReportRow]) -> tuple[str, str]:
+    """Cost in USD per answer where accounting priced every pipeline, tokens per answer otherwise."""
+    if any(r.mean_cost_usd is not None for r in rows):
+        return "mean_cost_usd", "cost per answer (USD)"
+    return "mean_tokens", "tokens per answer (no prices configured)"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+    except OSError as err:
+        raise StoreError(f"cannot write {uri}: {err}") from None
+
+
+def write_report(rows: Sequence[ReportRow], out: str) -> list[str]:
+    """report.md, report.csv, report.json and the two plots into ``out``; returns what was written."""
+    fs, path = resolve(out)
+    try:
+        fs.create_dir(path, recursive=True)
+    except OSError as err:
+        raise StoreError(f"cannot create {out}: {err}") from None
+    files = {
+        "report.md": markdown(rows).encode(),
+        "report.csv": to_csv(rows).encode(),
+        "report.json": json.dumps([r.model_dump() for r in rows], indent=2).encode(),
+    }
+    x_field, x_label = cost_axis(rows)
+    cost_png = plot_tradeoff(rows, x_field, x_label, "Quality vs cost")
+    latency_png = plot_tradeoff(rows, "latency_p50_s", "p50 latency per answer (s)", "Quality vs latency")
+    if cost_png:
+        files["quality_vs_cost.png"] = cost_png
+    if latency_png:
+        files["quality_vs_latency.png"] = latency_png
+    written = []
+    for name, data in files.items():
+        target = join(out, name)
+        _write(target, data)
+        written.append(target)
+    return written
+
+
+__all__ = [
+    "ReportRow",
+    "build_report",
+    "markdown",
+    "pareto_frontier",
+    "plot_tradeoff",
+    "rich_table",
+    "to_csv",
+    "write_report",
+]

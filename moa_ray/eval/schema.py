@@ -1,0 +1,230 @@
+"""Rows of the evaluation tables: a pydantic model per table and the explicit pyarrow schema it is stored with.
+
+The pydantic model validates a row where it is made (inside a Ray worker); the
+pyarrow schema fixes the column types on disk, so every part file of a table has
+the same schema whoever wrote it, and readers never have to guess types from data.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+RowStatus = Literal["ok", "error"]
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _Row(BaseModel):
+    """Base of every table row: the key columns and the pyarrow schema of the table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Columns that identify a row; a table holds at most one finished row per key.
+    KEY: ClassVar[tuple[str, ...]]
+    SCHEMA: ClassVar[pa.Schema]
+
+    run_id: str = Field(min_length=1, description="The invocation that wrote this row.")
+    status: RowStatus = "ok"
+    error: str | None = Field(default=None, description="Why the row failed (status 'error'); retried on the next run.")
+    attempt: int = Field(default=1, ge=1, description="How many runs have tried this key, this one included.")
+    created_at: datetime = Field(default_factory=utc_now)
+
+    def key(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, c) for c in self.KEY)
+
+
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+_COMMON_TAIL = [
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("attempt", pa.int32(), nullable=False),
+    pa.field("created_at", _TIMESTAMP, nullable=False),
+]
+
+
+class RoleTokens(BaseModel):
+    """Token totals of one call role (proposer, aggregator, judge...) within one answer."""
+
+    role: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+
+
+ROLE_TOKENS_TYPE = pa.list_(
+    pa.struct(
+        [
+            pa.field("role", pa.string(), nullable=False),
+            pa.field("prompt_tokens", pa.int64(), nullable=False),
+            pa.field("completion_tokens", pa.int64(), nullable=False),
+            pa.field("calls", pa.int32(), nullable=False),
+        ]
+    )
+)
+
+
+class GenerationRow(_Row):
+    """One pipeline answer to one turn of one prompt."""
+
+    KEY: ClassVar[tuple[str, ...]] = ("prompt_id", "pipeline", "turn")
+
+    prompt_id: str = Field(min_length=1)
+    pipeline: str = Field(min_length=1)
+    turn: int = Field(ge=1, description="1-based turn; MT-Bench turn 2 saw the pipeline's own turn-1 answer.")
+    dataset: str = Field(description="Dataset name (alpaca_eval, mt_bench) or the file it came from.")
+    category: str | None = Field(default=None, description="AlpacaEval subset or MT-Bench category.")
+    instruction: str = Field(description="The user message of this turn.")
+    output: str | None = None
+    finish_reason: str | None = None
+    reference: str | None = Field(default=None, description="Reference answer for this turn, when the dataset has one.")
+    reference_generator: str | None = None
+    config_hash: str = Field(description="Fingerprint of the pipeline and model settings that shaped the answer.")
+    tokens_by_role: list[RoleTokens] = Field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+    latency_s: float | None = Field(default=None, description="Wall time of the pipeline request.")
+    critical_path_s: float | None = None
+    layers_run: int | None = None
+    cost_usd: float | None = Field(default=None, description="From the trace's accounting; None when prices are unknown.")
+    tflops: float | None = Field(default=None, description="From the trace's accounting; None when sizes are unknown.")
+    trace: str | None = Field(default=None, description="The request's trace as JSON (moa-ray run --json format).")
+
+    SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("pipeline", pa.string(), nullable=False),
+            pa.field("turn", pa.int32(), nullable=False),
+            pa.field("dataset", pa.string(), nullable=False),
+            pa.field("category", pa.string()),
+            pa.field("instruction", pa.string(), nullable=False),
+            pa.field("output", pa.string()),
+            pa.field("finish_reason", pa.string()),
+            pa.field("reference", pa.string()),
+            pa.field("reference_generator", pa.string()),
+            pa.field("config_hash", pa.string(), nullable=False),
+            pa.field("tokens_by_role", ROLE_TOKENS_TYPE, nullable=False),
+            pa.field("prompt_tokens", pa.int64(), nullable=False),
+            pa.field("completion_tokens", pa.int64(), nullable=False),
+            pa.field("calls", pa.int32(), nullable=False),
+            pa.field("latency_s", pa.float64()),
+            pa.field("critical_path_s", pa.float64()),
+            pa.field("layers_run", pa.int32()),
+            pa.field("cost_usd", pa.float64()),
+            pa.field("tflops", pa.float64()),
+            pa.field("trace", pa.string()),
+            *_COMMON_TAIL,
+        ]
+    )
+
+
+class PairwiseRow(_Row):
+    """An AlpacaEval-style preference between the reference (output_1) and a pipeline (output_2).
+
+    Column names follow AlpacaEval's annotation files, so ``moa-ray eval metrics`` reads
+    both. ``preference`` is 1 when the reference wins, 2 when the pipeline wins, the mean
+    of the two presentation orders (reference first, pipeline first) to cancel position bias.
+    """
+
+    KEY: ClassVar[tuple[str, ...]] = ("prompt_id", "pipeline", "turn", "judge")
+
+    prompt_id: str = Field(min_length=1)
+    pipeline: str = Field(min_length=1)
+    turn: int = Field(default=1, ge=1)
+    judge: str = Field(min_length=1, description="Config name of the judge model.")
+    judge_prompt: str = Field(description="Name of the judge prompt in judge_prompts.jsonl.")
+    instruction: str
+    dataset: str | None = Field(default=None, description="AlpacaEval subset (helpful_base, koala...).")
+    output_1: str = Field(description="The reference output.")
+    generator_1: str
+    output_2: str = Field(description="The pipeline's output.")
+    generator_2: str
+    preference: float | None = Field(default=None, ge=1.0, le=2.0)
+    verdict_reference_first: str | None = Field(default=None, description="A, B or C with the reference shown as A.")
+    verdict_pipeline_first: str | None = Field(default=None, description="A, B or C with the pipeline shown as A.")
+    judgment_reference_first: str | None = None
+    judgment_pipeline_first: str | None = None
+    judge_prompt_tokens: int = 0
+    judge_completion_tokens: int = 0
+    latency_s: float | None = None
+
+    SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("pipeline", pa.string(), nullable=False),
+            pa.field("turn", pa.int32(), nullable=False),
+            pa.field("judge", pa.string(), nullable=False),
+            pa.field("judge_prompt", pa.string(), nullable=False),
+            pa.field("instruction", pa.string(), nullable=False),
+            pa.field("dataset", pa.string()),
+            pa.field("output_1", pa.string(), nullable=False),
+            pa.field("generator_1", pa.string(), nullable=False),
+            pa.field("output_2", pa.string(), nullable=False),
+            pa.field("generator_2", pa.string(), nullable=False),
+            pa.field("preference", pa.float64()),
+            pa.field("verdict_reference_first", pa.string()),
+            pa.field("verdict_pipeline_first", pa.string()),
+            pa.field("judgment_reference_first", pa.string()),
+            pa.field("judgment_pipeline_first", pa.string()),
+            pa.field("judge_prompt_tokens", pa.int64(), nullable=False),
+            pa.field("judge_completion_tokens", pa.int64(), nullable=False),
+            pa.field("latency_s", pa.float64()),
+            *_COMMON_TAIL,
+        ]
+    )
+
+
+class GradeRow(_Row):
+    """An MT-Bench single-answer grade (1-10) of one turn of one pipeline's conversation."""
+
+    KEY: ClassVar[tuple[str, ...]] = ("prompt_id", "pipeline", "turn", "judge")
+
+    prompt_id: str = Field(min_length=1)
+    pipeline: str = Field(min_length=1)
+    turn: int = Field(ge=1)
+    judge: str = Field(min_length=1)
+    judge_prompt: str
+    category: str | None = None
+    score: float | None = Field(default=None, ge=1.0, le=10.0)
+    judgment: str | None = None
+    judge_prompt_tokens: int = 0
+    judge_completion_tokens: int = 0
+    latency_s: float | None = None
+
+    SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("pipeline", pa.string(), nullable=False),
+            pa.field("turn", pa.int32(), nullable=False),
+            pa.field("judge", pa.string(), nullable=False),
+            pa.field("judge_prompt", pa.string(), nullable=False),
+            pa.field("category", pa.string()),
+            pa.field("score", pa.float64()),
+            pa.field("judgment", pa.string()),
+            pa.field("judge_prompt_tokens", pa.int64(), nullable=False),
+            pa.field("judge_completion_tokens", pa.int64(), nullable=False),
+            pa.field("latency_s", pa.float64()),
+            *_COMMON_TAIL,
+        ]
+    )
+
+
+def _check_schemas() -> None:
+    """Every pydantic field has a column and vice versa (caught at import, not at write time)."""
+    for row in (GenerationRow, PairwiseRow, GradeRow):
+        fields, columns = set(row.model_fields), set(row.SCHEMA.names)
+        if fields != columns:
+            raise AssertionError(f"{row.__name__}: fields and schema differ: {sorted(fields ^ columns)}")
+
+
+_check_schemas()

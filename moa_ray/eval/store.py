@@ -1,0 +1,240 @@
+"""Parquet tables that survive interruption: small atomic part files, resume by key, compaction.
+
+A table is a directory (local path or any pyarrow filesystem URI: ``s3://``, ``gs://``,
+``hdfs://``, ``file://``) of ``part-*.parquet`` files that share one explicit schema.
+Writers add rows in small part files as results arrive, each written under a hidden
+temporary name and then moved into place, so a killed run loses only the work in
+flight and never leaves a torn file that readers would see (pyarrow, Ray Data
+and pandas skip names starting with ``.`` or ``_``).
+
+A key (e.g. prompt, pipeline, turn) has at most one ``ok`` row: runs skip keys that
+are done. Failed keys keep an ``error`` row that the next run retries; when a run ends
+:meth:`RowTable.compact` merges the part files into one row per key (ok rows win over
+errors), so a finished directory holds exactly one row per key. Readers resolve keys
+the same way, so a crash in the middle of a compaction never double counts.
+
+One writer per directory at a time: two concurrent runs on one directory may both
+answer a key.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from moa_ray.errors import MoARayError
+from moa_ray.eval.schema import _Row
+
+R = TypeVar("R", bound=_Row)
+
+PART_PREFIX = "part-"
+TMP_PREFIX = ".tmp-"
+COMPACTED_ROWS_PER_FILE = 100_000
+STALE_TMP_S = 600.0
+
+
+class StoreError(MoARayError):
+    """An output location cannot be read or written, or holds files of another schema."""
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A filesystem and a path inside it for a local path or a pyarrow filesystem URI."""
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+            raise StoreError(f"cannot open {uri}: {err}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join paths or URIs with '/', the separator of every pyarrow filesystem."""
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def resolve_latest(rows: Iterable[dict[str, Any]], key: tuple[str, ...]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """One row per key: the first ``ok`` row written, else the most recent failed attempt."""
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        k = tuple(row[c] for c in key)
+        best = out.get(k)
+        if best is None or _better(row, best):
+            out[k] = row
+    return out
+
+
+def _better(row: dict[str, Any], best: dict[str, Any]) -> bool:
+    if (row["status"] == "ok") != (best["status"] == "ok"):
+        return row["status"] == "ok"
+    if row["status"] == "ok":  # never replace a finished answer by a later one
+        return row["created_at"] < best["created_at"]
+    return (row["attempt"], row["created_at"]) > (best["attempt"], best["created_at"])
+
+
+@dataclass
+class CompactionResult:
+    files_before: int
+    files_after: int
+    rows_before: int
+    rows_after: int
+
+
+class RowTable(Generic[R]):
+    """A directory of Parquet part files holding rows of one :mod:`~moa_ray.eval.schema` model."""
+
+    def __init__(self, uri: str, row_type: type[R]) -> None:
+        self.uri = uri
+        self.row_type = row_type
+        self.schema: pa.Schema = row_type.SCHEMA
+        self.key: tuple[str, ...] = row_type.KEY
+        self.fs, self.path = resolve(uri)
+
+    # ------------------------------------------------------------------ reading
+
+    def part_files(self) -> list[str]:
+        """Visible part files, oldest name first."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        except (OSError, pa.ArrowException) as err:
+            raise StoreError(f"cannot list {self.uri}: {err}") from None
+        return sorted(
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))
+        )
+
+    def read(self, files: list[str] | None = None) -> pa.Table:
+        """Every row of every part file (unresolved: a key may appear in several attempts)."""
+        files = self.part_files() if files is None else files
+        if not files:
+            return self.schema.empty_table()
+        mismatch = (
+            f"{self.uri} holds files that do not match the {self.row_type.__name__} schema (another table, or another version?)"
+        )
+        try:
+            table = pads.dataset(files, schema=self.schema, format="parquet", filesystem=self.fs).to_table()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as err:
+            raise StoreError(f"{mismatch}: {err}") from None
+        missing = [f.name for f in self.schema if not f.nullable and table.column(f.name).null_count]
+        if missing:  # the dataset reader fills absent columns with nulls
+            raise StoreError(f"{mismatch}: no values for {', '.join(missing)}")
+        return table
+
+    def latest(self) -> dict[tuple[Any, ...], dict[str, Any]]:
+        """One resolved row per key (see :func:`resolve_latest`)."""
+        return resolve_latest(self.read().to_pylist(), self.key)
+
+    def done_keys(self) -> set[tuple[Any, ...]]:
+        return {k for k, row in self.latest().items() if row["status"] == "ok"}
+
+    # ------------------------------------------------------------------ writing
+
+    def _ensure_dir(self) -> None:
+        try:
+            self.fs.create_dir(self.path, recursive=True)
+        except (OSError, pa.ArrowException) as err:
+            raise StoreError(f"cannot create {self.uri}: {err}") from None
+
+    def write_part(self, rows: list[R], name: str) -> str:
+        """Write ``rows`` as one part file, atomically where the filesystem can rename."""
+        self._ensure_dir()
+        table = pa.Table.from_pylist([r.model_dump() for r in rows], schema=self.schema)
+        final = join(self.path, f"{PART_PREFIX}{name}.parquet")
+        tmp = join(self.path, f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}.parquet")
+        try:
+            pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
+            self.fs.move(tmp, final)
+        except (OSError, pa.ArrowException) as err:
+            raise StoreError(f"cannot write {final}: {err}") from None
+        return final
+
+    def writer(self, run_id: str, *, flush_rows: int = 256, flush_s: float = 0.0) -> PartWriter[R]:
+        return PartWriter(self, run_id, flush_rows=flush_rows, flush_s=flush_s)
+
+    def compact(self, run_id: str) -> CompactionResult:
+        """Rewrite the part files as one row per key; old files are removed after the new ones exist."""
+        files = self.part_files()
+        table = self.read(files)
+        latest = resolve_latest(table.to_pylist(), self.key)
+        if len(files) <= 1 and len(latest) == table.num_rows:
+            self._remove_stale_tmp()
+            return CompactionResult(len(files), len(files), table.num_rows, table.num_rows)
+        rows = sorted(latest.values(), key=lambda r: tuple(r[c] for c in self.key))
+        written = []
+        for i in range(0, len(rows), COMPACTED_ROWS_PER_FILE):
+            chunk = [self.row_type.model_validate(r) for r in rows[i : i + COMPACTED_ROWS_PER_FILE]]
+            written.append(self.write_part(chunk, f"{_stamp()}-{run_id}-compacted-{i // COMPACTED_ROWS_PER_FILE:04d}"))
+        for path in files:
+            if path not in written:
+                self.fs.delete_file(path)
+        self._remove_stale_tmp()
+        return CompactionResult(len(files), len(written), table.num_rows, len(rows))
+
+    def _remove_stale_tmp(self) -> None:
+        """Delete temporary files left by killed runs (old enough not to belong to a live writer)."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        except (OSError, pa.ArrowException):
+            return
+        now = time.time()
+        for info in infos:
+            if info.base_name.startswith(TMP_PREFIX) and info.mtime is not None and now - info.mtime.timestamp() > STALE_TMP_S:
+                self.fs.delete_file(info.path)
+
+
+def _stamp() -> str:
+    """A sortable timestamp, so part names list in write order."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:].replace(".", "")
+
+
+@dataclass
+class PartWriter(Generic[R]):
+    """Buffers rows and writes them as part files.
+
+    The runner calls :meth:`maybe_flush` after each batch of results that arrived
+    together, so with the default ``flush_s=0`` rows reach storage as soon as they
+    exist (a kill loses only the work in flight) while a burst of results still lands
+    in one file. ``flush_s > 0`` batches more (for object stores with slow writes);
+    ``flush_rows`` caps a file's rows.
+    """
+
+    table: RowTable[R]
+    run_id: str
+    flush_rows: int = 256
+    flush_s: float = 0.0
+    written: int = 0
+    files: list[str] = field(default_factory=list)
+    _buffer: list[R] = field(default_factory=list)
+    _since: float = field(default_factory=time.monotonic)
+
+    def add(self, rows: Iterable[R]) -> None:
+        self._buffer.extend(rows)
+        if len(self._buffer) >= self.flush_rows:
+            self.flush()
+
+    def maybe_flush(self) -> None:
+        if self._buffer and time.monotonic() - self._since >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            name = f"{_stamp()}-{self.run_id}-{len(self.files):05d}"
+            self.files.append(self.table.write_part(self._buffer, name))
+            self.written += len(self._buffer)
+            self._buffer = []
+        self._since = time.monotonic()
+
+    def __enter__(self) -> PartWriter[R]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
