@@ -97,5 +97,9 @@ def config_show(path: str | None) -> None:
     click.echo(dump_config(load_config(path)), nl=False)
 
 
+from moa_ray.serve.cli import serve_group  # noqa: E402
+
+main.add_command(serve_group)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
