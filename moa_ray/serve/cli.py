@@ -94,15 +94,14 @@ def _run_server(config: MoARayConfig, names: list[str], *, host: str, port: int,
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(config, names), name=app_name, route_prefix="/")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     url = f"http://{host}:{port}/v1"
     err_console.print(f"serving {', '.join(names)} at {url} (client API keys: {'required' if auth else 'off'})", highlight=False)
     err_console.print(f"ray: {ray.get_runtime_context().gcs_address}; press Ctrl+C to stop", highlight=False)
     try:
-        while not stop.wait(0.5):
+        while not stop.wait(0.5):  # a timed wait lets the signal handlers run
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
         err_console.print("stopping...")
         if address or os.environ.get("RAY_ADDRESS"):

@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from moa_ray.errors import PipelineError
 from moa_ray.serve.openai_schema import ErrorBody, ErrorDetail
 
-log = logging.getLogger("moa_ray.ingress")
+# A child of "ray.serve", so Serve writes these lines to the replica's log file.
+log = logging.getLogger("ray.serve.moa_ray.ingress")
 
 _STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
 

@@ -26,7 +26,8 @@ from moa_ray.serve.auth import KeyVerifier, Redactor, load_api_keys
 from moa_ray.serve.http_errors import APIError, install_error_handlers
 from moa_ray.serve.service import ChatService
 
-log = logging.getLogger("moa_ray.ingress")
+# A child of "ray.serve", so Serve writes these lines to the replica's log file.
+log = logging.getLogger("ray.serve.moa_ray.ingress")
 
 INGRESS_DEPLOYMENT = "moa-ingress"
 

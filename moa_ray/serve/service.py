@@ -38,7 +38,8 @@ from moa_ray.serve.openai_schema import (
     finish_reason,
 )
 
-log = logging.getLogger("moa_ray.ingress")
+# A child of "ray.serve", so Serve writes these lines to the replica's log file.
+log = logging.getLogger("ray.serve.moa_ray.ingress")
 
 
 def usage_of(trace: Trace) -> UsageOut:
