@@ -31,7 +31,8 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-POOL_CAPACITY = 1000  # pool resources are markers: a replica asks for 1 unit; GPUs and CPUs limit packing
+from moa_ray.serve.manifests import POOL_CAPACITY  # the same marker capacity as the production manifests
+
 STATE_FILE = "cluster.json"
 
 

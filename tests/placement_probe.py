@@ -42,7 +42,7 @@ def main(config_path: str, calls: int = 24) -> None:
             if actor.get("State") == "ALIVE" and name.startswith(f"SERVE_REPLICA::{APP}#agent-"):
                 model = name.split("#")[1].removeprefix("agent-")
                 actors.setdefault(model, []).append(actor["Address"]["NodeID"])
-        print(json.dumps({"nodes": nodes, "answered_from": placed, "replica_nodes": actors}))
+        print("PLACEMENT " + json.dumps({"nodes": nodes, "answered_from": placed, "replica_nodes": actors}), flush=True)
     finally:
         serve.delete(APP)
         serve.shutdown()

@@ -26,8 +26,12 @@ def served_pipelines(config: MoARayConfig, pipelines: list[str] | None = None) -
     names = list(pipelines) if pipelines else list(config.pipelines)
     if not names:
         raise ConfigError("the config defines no pipeline to serve")
+    from moa_ray.pipeline.factory import PIPELINE_KINDS
+
     for name in names:
-        config.pipeline(name)
+        kind = config.pipeline(name).kind
+        if kind not in PIPELINE_KINDS:
+            raise ConfigError(f"pipeline {name!r} is of kind {kind!r}, which this moa-ray cannot run (kinds: {', '.join(PIPELINE_KINDS)})")
     return list(dict.fromkeys(names))
 
 
