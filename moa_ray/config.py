@@ -102,15 +102,18 @@ class ModelSpecBase(_Strict):
 
     def deployment_options(self) -> dict[str, Any]:
         """Options for ``Deployment.options`` (replicas or autoscaling, concurrency, placement)."""
-        opts: dict[str, Any] = {
-            "ray_actor_options": self.ray_actor_options(),
-            "max_ongoing_requests": self.max_ongoing_requests,
-        }
-        if self.autoscaling is not None:
-            opts["autoscaling_config"] = self.autoscaling.to_serve()
-        else:
-            opts["num_replicas"] = self.num_replicas
-        return opts
+        return _deployment_options(self.ray_actor_options(), self.max_ongoing_requests, self.autoscaling, self.num_replicas)
+
+
+def _deployment_options(
+    ray_actor_options: dict[str, Any], max_ongoing_requests: int, autoscaling: Autoscaling | None, num_replicas: int
+) -> dict[str, Any]:
+    opts: dict[str, Any] = {"ray_actor_options": ray_actor_options, "max_ongoing_requests": max_ongoing_requests}
+    if autoscaling is not None:
+        opts["autoscaling_config"] = autoscaling.to_serve()
+    else:
+        opts["num_replicas"] = num_replicas
+    return opts
 
 
 class Timeouts(_Strict):
@@ -376,12 +379,7 @@ class IngressSpec(_Strict):
 
     def deployment_options(self) -> dict[str, Any]:
         """Options for the ingress's ``Deployment.options``."""
-        opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": self.num_cpus}, "max_ongoing_requests": self.max_ongoing_requests}
-        if self.autoscaling is not None:
-            opts["autoscaling_config"] = self.autoscaling.to_serve()
-        else:
-            opts["num_replicas"] = self.num_replicas
-        return opts
+        return _deployment_options({"num_cpus": self.num_cpus}, self.max_ongoing_requests, self.autoscaling, self.num_replicas)
 
 
 class ServerSpec(_Strict):
