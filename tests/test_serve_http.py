@@ -30,7 +30,9 @@ SIM_LATENCY_MS = 300
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     sim_config = SimulatorConfig(
-        latency_ms=SIM_LATENCY_MS, output_tokens=16, models={"broken": Behaviour(failure_rate=1.0, failure_status=500, latency_ms=10)}
+        latency_ms=SIM_LATENCY_MS, output_tokens=16,
+        # b is slow, so that a call to it is in flight whenever its replica gets killed
+        models={"b": Behaviour(latency_ms=1000, output_tokens=16), "broken": Behaviour(failure_rate=1.0, failure_status=500, latency_ms=10)},
     )
     with run_simulator(sim_config) as sim:
         model = {"backend": "openai", "base_url": sim.base_url, "api_key_env": "SIM_PROVIDER_KEY", "max_retries": 0,
@@ -175,31 +177,35 @@ print(replicas[0]["name"])
 """
 
 
-async def _traffic(server, n: int, concurrency: int, results: list) -> None:
-    sem = asyncio.Semaphore(concurrency)
+async def _traffic(server, concurrency: int, stop: asyncio.Event, results: list) -> None:
+    """``concurrency`` clients sending requests back to back until ``stop`` is set."""
     async with httpx.AsyncClient(base_url=f"{server.base_url}/v1", headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=90) as http:
 
-        async def one(i: int) -> None:
-            async with sem:
+        async def client(c: int) -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
                 started = time.perf_counter()
+                body = {"model": "moa2", "messages": [{"role": "user", "content": f"q{c}-{i}"}], "moa": {"trace": True}}
                 try:
-                    r = await http.post("/chat/completions", json={"model": "moa2", "messages": [{"role": "user", "content": f"q{i}"}],
-                                                                   "moa": {"trace": True}})
-                    body = r.json()
-                    results.append((r.status_code, time.perf_counter() - started, body))
+                    r = await http.post("/chat/completions", json=body)
+                    results.append((r.status_code, time.perf_counter() - started, r.json()))
                 except httpx.TimeoutException:
                     results.append(("timeout", time.perf_counter() - started, None))
 
-        await asyncio.gather(*(one(i) for i in range(n)))
+        await asyncio.gather(*(client(c) for c in range(concurrency)))
 
 
 def test_killing_a_replica_under_traffic_drops_the_proposer_and_serve_restarts_it(server):
     results: list = []
 
     async def scenario() -> str:
-        traffic = asyncio.create_task(_traffic(server, 48, 8, results))
+        stop = asyncio.Event()
+        traffic = asyncio.create_task(_traffic(server, 8, stop, results))
         await asyncio.sleep(1.5)
         killed = await asyncio.to_thread(server.attach, KILL_REPLICA)
+        await asyncio.sleep(3)  # traffic goes on while Serve notices and replaces the replica
+        stop.set()
         await traffic
         return killed.strip()
 
