@@ -92,31 +92,43 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-async def run_direct(pipeline: Any, n: int, concurrency: int, results: Results) -> None:
+async def run_direct(pipeline: Any, n: int, concurrency: int, results: Results, *, stream: bool = False) -> None:
+    """The pipeline called in this process, as ``moa-ray run`` and the evaluation jobs do."""
     from moa_ray.errors import PipelineError
+    from moa_ray.pipeline import PipelineResult
 
     sem = asyncio.Semaphore(concurrency)
+    mode = "direct-stream" if stream else "direct"
 
     async def one(i: int) -> None:
+        messages = [{"role": "user", "content": f"question {i}"}]
         async with sem:
-            start = time.perf_counter()
+            start, ttft = time.perf_counter(), None
             try:
-                result = await pipeline.run([{"role": "user", "content": f"question {i}"}])
+                if stream:
+                    async for item in pipeline.stream(messages):
+                        if isinstance(item, PipelineResult):
+                            result = item
+                        elif ttft is None:
+                            ttft = time.perf_counter() - start
+                else:
+                    result = await pipeline.run(messages)
                 dropped = sum(1 for c in result.trace.calls if c.status != "ok")
-                results.samples.append(Sample("direct", 200, time.perf_counter() - start, dropped=dropped))
+                results.samples.append(Sample(mode, 200, time.perf_counter() - start, ttft, dropped))
             except PipelineError:
-                results.samples.append(Sample("direct", "error", time.perf_counter() - start))
+                results.samples.append(Sample(mode, "error", time.perf_counter() - start))
 
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
-async def run_http(base_url: str, n: int, concurrency: int, results: Results, timeout_s: float, on_progress: Any = None) -> None:
+async def run_http(
+    base_url: str, n: int, concurrency: int, results: Results, timeout_s: float, *, stream: bool, on_progress: Any = None
+) -> None:
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s) as client:
 
         async def one(i: int) -> None:
-            stream = i % 2 == 1
             body = {"model": PIPELINE, "messages": [{"role": "user", "content": f"question {i}"}], "stream": stream,
                     "moa": {"trace": True}}
             async with sem:
@@ -182,7 +194,7 @@ def replicas_running(model: str) -> int:
 
 
 def summarize(results: Results, modes: list[str]) -> list[str]:
-    lines = [f"{'mode':<12} {'n':>5} {'ok':>5} {'4xx':>4} {'5xx':>4} {'other':>5} {'p50_ms':>8} {'p99_ms':>8} {'ttft_p50':>8} {'dropped':>7}"]
+    lines = [f"{'mode':<14} {'n':>5} {'ok':>5} {'4xx':>4} {'5xx':>4} {'other':>5} {'p50_ms':>8} {'p99_ms':>8} {'ttft_p50':>8} {'dropped':>7}"]
     for mode in modes:
         samples = results.of(mode)
         ok = [s for s in samples if s.status == 200]
@@ -193,7 +205,7 @@ def summarize(results: Results, modes: list[str]) -> list[str]:
         ttft = [s.ttft_s * 1000 for s in ok if s.ttft_s is not None]
         ttft_txt = f"{percentile(ttft, 50):8.1f}" if ttft else f"{'-':>8}"
         lines.append(
-            f"{mode:<12} {len(samples):>5} {len(ok):>5} {c4:>4} {c5:>4} {other:>5} {percentile(lat, 50):8.1f} {percentile(lat, 99):8.1f} "
+            f"{mode:<14} {len(samples):>5} {len(ok):>5} {c4:>4} {c5:>4} {other:>5} {percentile(lat, 50):8.1f} {percentile(lat, 99):8.1f} "
             f"{ttft_txt} {sum(s.dropped for s in samples):>7}"
         )
     return lines
@@ -235,20 +247,22 @@ def main() -> int:
 
             warm = Results()  # warm up both paths (connections, handles, replicas' first calls)
             asyncio.run(run_direct(pipeline, 10, 10, warm))
-            asyncio.run(run_http(base_url, 10, 10, warm, args.timeout_s))
+            asyncio.run(run_http(base_url, 10, 10, warm, args.timeout_s, stream=False))
 
-            asyncio.run(run_direct(pipeline, args.requests, args.concurrency, results))
             killed: dict[str, Any] = {}
-            if args.kill_replica:
-                def on_progress(i: int) -> None:
-                    if i == args.requests // 3 and not killed:
-                        killed["name"] = kill_one_replica(args.kill_replica)
-                        killed["at"] = time.perf_counter()
-            else:
-                on_progress = None
-            http_start = time.perf_counter()
-            asyncio.run(run_http(base_url, args.requests, args.concurrency, results, args.timeout_s, on_progress))
-            http_wall = time.perf_counter() - http_start
+
+            def on_progress(i: int) -> None:
+                if args.kill_replica and i == args.requests // 3 and not killed:
+                    killed["name"] = kill_one_replica(args.kill_replica)
+                    killed["at"] = time.perf_counter()
+
+            http_wall = 0.0
+            for stream in (False, True):
+                asyncio.run(run_direct(pipeline, args.requests, args.concurrency, results, stream=stream))
+                http_start = time.perf_counter()
+                asyncio.run(run_http(base_url, args.requests, args.concurrency, results, args.timeout_s, stream=stream,
+                                     on_progress=None if stream else on_progress))
+                http_wall += time.perf_counter() - http_start
             if killed:
                 deadline = time.monotonic() + 120
                 while replicas_running(args.kill_replica) < 1 and time.monotonic() < deadline:
@@ -262,7 +276,7 @@ def main() -> int:
 
     print(f"simulator: {args.latency_ms:g} ms per call, {args.output_tokens} tokens; pipeline: {args.layers} layer(s) x "
           f"{args.proposers} proposers + aggregator; {args.requests} requests per mode at concurrency {args.concurrency}")
-    for line in summarize(results, ["direct", "http", "http-stream"]):
+    for line in summarize(results, ["direct", "http", "direct-stream", "http-stream"]):
         print(line)
     http_all = results.of("http") + results.of("http-stream")
     print(f"http throughput: {sum(1 for s in http_all if s.status == 200) / http_wall:.1f} req/s over {http_wall:.1f} s")
@@ -272,12 +286,14 @@ def main() -> int:
         print(f"killed {killed['name']} after {args.requests // 3} requests had started; a replica was RUNNING again "
               f"{killed['recovered_s']} s later; max http latency {max(s.latency_s for s in http_all):.2f} s; "
               f"502 (upstream failed): {sum(1 for s in http_all if s.status == 502)}; hung: {len(hung)}")
-    direct_p50 = percentile([s.latency_s * 1000 for s in results.of("direct") if s.status == 200], 50)
-    http_p50 = percentile([s.latency_s * 1000 for s in results.of("http") if s.status == 200], 50)
-    stream_p50 = percentile([s.latency_s * 1000 for s in results.of("http-stream") if s.status == 200], 50)
-    print(f"streaming overhead p50 (full stream vs direct): {stream_p50 - direct_p50:.1f} ms")
+
+    def p50(mode: str, ttft: bool = False) -> float:
+        return percentile([(s.ttft_s if ttft else s.latency_s) * 1000 for s in results.of(mode) if s.status == 200], 50)
+
+    print(f"streaming overhead p50: {p50('http-stream') - p50('direct-stream'):.1f} ms to the last token, "
+          f"{p50('http-stream', True) - p50('direct-stream', True):.1f} ms to the first")
     print(f"unexpected 5xx: {len(bad_5xx)}; hung: {len(hung)}")
-    print(f"overhead_p50_ms {http_p50 - direct_p50:.1f}")
+    print(f"overhead_p50_ms {p50('http') - p50('direct'):.1f}")
     return 1 if bad_5xx or hung else 0
 
 
