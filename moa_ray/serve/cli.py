@@ -20,6 +20,7 @@ import yaml
 from rich.console import Console
 
 from moa_ray.config import MoARayConfig, OpenAIModelSpec, load_config
+from moa_ray.errors import MoARayError
 
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -91,10 +92,24 @@ def _run_server(config: MoARayConfig, names: list[str], *, host: str, port: int,
     from moa_ray.runtime import init_ray
     from moa_ray.serve.app import build_app
 
+    shared_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
+
+    def stop_serving() -> None:
+        if shared_cluster:
+            serve.delete(app_name)  # leave a shared cluster as we found it
+        else:
+            serve.shutdown()
+        ray.shutdown()
+
     with err_console.status(f"starting Ray and deploying {len(config.models_for(names))} models + the ingress..."):
         init_ray(address)
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(config, names), name=app_name, route_prefix="/")
+        try:
+            serve.run(build_app(config, names), name=app_name, route_prefix="/")
+        except RuntimeError as err:  # a replica failed to start (backend, model file, key file on the cluster...)
+            reasons = _deployment_failures(app_name)
+            stop_serving()
+            raise MoARayError(f"deploying {app_name!r} failed: {err}{reasons}") from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -106,11 +121,23 @@ def _run_server(config: MoARayConfig, names: list[str], *, host: str, port: int,
             pass
     finally:
         err_console.print("stopping...")
-        if address or os.environ.get("RAY_ADDRESS"):
-            serve.delete(app_name)  # leave a shared cluster as we found it
-        else:
-            serve.shutdown()
-        ray.shutdown()
+        stop_serving()
+
+
+def _deployment_failures(app_name: str) -> str:
+    """The last line of each unhealthy deployment's status message (usually the exception that stopped it)."""
+    from ray import serve
+
+    try:
+        deployments = serve.status().applications[app_name].deployments
+    except (KeyError, RuntimeError):
+        return ""
+    lines = []
+    for name, status in deployments.items():
+        if status.status != "HEALTHY" and status.message:
+            last = [line for line in status.message.strip().splitlines() if line.strip()][-1]
+            lines.append(f"\n  {name}: {last.strip()}")
+    return "".join(lines)
 
 
 @serve_group.command("build")
