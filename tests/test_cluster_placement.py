@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,12 +67,16 @@ def test_replicas_land_on_their_pools_node(tmp_path):
     config_path = tmp_path / "placement.yaml"
     config_path.write_text(yaml.safe_dump(PLACEMENT_CONFIG))
     cluster = LocalCluster(workers=[WorkerSpec("pool_a", gpus=1), WorkerSpec("pool_b", gpus=1)])
-    with cluster as state:
-        env = {**os.environ, **state.env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        probe = subprocess.run(
-            [sys.executable, str(ROOT / "tests" / "placement_probe.py"), str(config_path)],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
-        )
+    try:
+        with cluster as state:
+            env = {**os.environ, **state.env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+            probe = subprocess.run(
+                [sys.executable, str(ROOT / "tests" / "placement_probe.py"), str(config_path)],
+                env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+            )
+        assert not (cluster.dir / "cluster.json").exists()  # stopped
+    finally:
+        shutil.rmtree(cluster.dir, ignore_errors=True)
     assert probe.returncode == 0, probe.stderr[-4000:]
     (line,) = [x for x in probe.stdout.splitlines() if x.startswith("PLACEMENT ")]
     report = json.loads(line.removeprefix("PLACEMENT "))
@@ -82,4 +87,3 @@ def test_replicas_land_on_their_pools_node(tmp_path):
         assert report["answered_from"][model] == [node], model
         assert set(report["replica_nodes"][model]) == {node}, model
     assert len(report["replica_nodes"]["alpha"]) == 2
-    assert not list(cluster.dir.glob("cluster.json"))  # stopped and cleaned up
