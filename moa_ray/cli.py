@@ -113,8 +113,10 @@ def config_show(path: str | None) -> None:
 
 
 from moa_ray.eval.cli import eval_group  # noqa: E402 - subcommand groups register after main exists
+from moa_ray.serve.cli import serve_group  # noqa: E402
 
 main.add_command(eval_group)
+main.add_command(serve_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -103,15 +103,18 @@ class ModelSpecBase(_Strict):
 
     def deployment_options(self) -> dict[str, Any]:
         """Options for ``Deployment.options`` (replicas or autoscaling, concurrency, placement)."""
-        opts: dict[str, Any] = {
-            "ray_actor_options": self.ray_actor_options(),
-            "max_ongoing_requests": self.max_ongoing_requests,
-        }
-        if self.autoscaling is not None:
-            opts["autoscaling_config"] = self.autoscaling.to_serve()
-        else:
-            opts["num_replicas"] = self.num_replicas
-        return opts
+        return _deployment_options(self.ray_actor_options(), self.max_ongoing_requests, self.autoscaling, self.num_replicas)
+
+
+def _deployment_options(
+    ray_actor_options: dict[str, Any], max_ongoing_requests: int, autoscaling: Autoscaling | None, num_replicas: int
+) -> dict[str, Any]:
+    opts: dict[str, Any] = {"ray_actor_options": ray_actor_options, "max_ongoing_requests": max_ongoing_requests}
+    if autoscaling is not None:
+        opts["autoscaling_config"] = autoscaling.to_serve()
+    else:
+        opts["num_replicas"] = num_replicas
+    return opts
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -379,12 +382,28 @@ PipelineSpec = Annotated[
 # --------------------------------------------------------------------------- root
 
 
+class IngressSpec(_Strict):
+    """Scaling of the HTTP ingress deployment (async and I/O bound: many requests per replica)."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    autoscaling: Autoscaling | None = None
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    num_cpus: float = Field(default=0.1, ge=0)
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Options for the ingress's ``Deployment.options``."""
+        return _deployment_options({"num_cpus": self.num_cpus}, self.max_ongoing_requests, self.autoscaling, self.num_replicas)
+
+
 class ServerSpec(_Strict):
     """Limits of the OpenAI-compatible endpoint."""
 
     max_tokens_limit: int = Field(default=4096, ge=1)
     max_message_chars: int = Field(default=100_000, ge=1)
     max_messages: int = Field(default=256, ge=1)
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    request_timeout_s: float = Field(default=600.0, gt=0, description="A request still running after this gets 504.")
+    ingress: IngressSpec = Field(default_factory=IngressSpec)
 
 
 class MoARayConfig(_Strict):

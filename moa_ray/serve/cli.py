@@ -1,0 +1,200 @@
+"""``moa-ray serve``: run the OpenAI-compatible endpoint, or write deployment files for it.
+
+    moa-ray serve [--config FILE] [--host 127.0.0.1] [--port 8000] [--pipeline NAME ...]
+    moa-ray serve build [--config FILE] -o serve.yaml
+    moa-ray serve k8s [--config FILE] --image IMAGE -o k8s/
+    moa-ray serve cluster-config [--config FILE] -o cluster.yaml
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from rich.console import Console
+
+from moa_ray.config import MoARayConfig, OpenAIModelSpec, load_config
+from moa_ray.errors import MoARayError
+
+err_console = Console(stderr=True, soft_wrap=True)
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (default: shipped presets)."
+)
+pipelines_option = click.option(
+    "--pipeline", "pipelines", multiple=True, help="Serve only this pipeline (repeatable; default: every pipeline)."
+)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _warn_missing_provider_keys(config: MoARayConfig, pipelines: list[str]) -> None:
+    for name, spec in config.models_for(pipelines).items():
+        if isinstance(spec, OpenAIModelSpec) and spec.api_key_env and not os.environ.get(spec.api_key_env):
+            err_console.print(f"[yellow]warning:[/yellow] {spec.api_key_env} is not set; calls to model {name!r} will be refused by its provider")
+
+
+def _write_yaml(data: dict[str, Any], output: str, header: str) -> None:
+    text = header + yaml.safe_dump(data, sort_keys=False)
+    if output == "-":
+        click.echo(text, nl=False)
+        return
+    Path(output).write_text(text)
+    err_console.print(f"wrote {output}")
+
+
+@click.group("serve", invoke_without_command=True)
+@config_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP proxy binds (0.0.0.0 exposes it).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
+@pipelines_option
+@click.option("--address", default=None, help="Ray cluster to deploy on (default: RAY_ADDRESS, else a local Ray).")
+@click.option("--app-name", default="moa", show_default=True, help="Serve application name.")
+@click.pass_context
+def serve_group(
+    ctx: click.Context, config_path: str | None, host: str, port: int, pipelines: tuple[str, ...], address: str | None, app_name: str
+) -> None:
+    """Serve pipelines behind an OpenAI-compatible API (model = pipeline name) until interrupted."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from moa_ray.serve.app import served_pipelines
+    from moa_ray.serve.auth import load_api_keys
+
+    config = load_config(config_path)
+    names = served_pipelines(config, list(pipelines))
+    keys = load_api_keys()  # a broken key file fails here, before Ray starts
+    if not keys and not _is_loopback(host):
+        err_console.print(
+            f"[yellow]warning:[/yellow] binding {host} without client API keys: anyone who can reach it can spend your "
+            "providers' tokens; set MOA_RAY_API_KEYS or MOA_RAY_API_KEYS_FILE"
+        )
+    _warn_missing_provider_keys(config, names)
+    _run_server(config, names, host=host, port=port, address=address, app_name=app_name, auth=bool(keys))
+
+
+def _run_server(config: MoARayConfig, names: list[str], *, host: str, port: int, address: str | None, app_name: str, auth: bool) -> None:
+    import ray
+    from ray import serve
+
+    from moa_ray.runtime import init_ray
+    from moa_ray.serve.app import build_app
+
+    shared_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
+
+    def stop_serving() -> None:
+        if shared_cluster:
+            serve.delete(app_name)  # leave a shared cluster as we found it
+        else:
+            serve.shutdown()
+        ray.shutdown()
+
+    with err_console.status(f"starting Ray and deploying {len(config.models_for(names))} models + the ingress..."):
+        init_ray(address)
+        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.run(build_app(config, names), name=app_name, route_prefix="/")
+        except RuntimeError as err:  # a replica failed to start (backend, model file, key file on the cluster...)
+            reasons = _deployment_failures(app_name)
+            stop_serving()
+            raise MoARayError(f"deploying {app_name!r} failed: {err}{reasons}") from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    url = f"http://{host}:{port}/v1"
+    err_console.print(f"serving {', '.join(names)} at {url} (client API keys: {'required' if auth else 'off'})", highlight=False)
+    err_console.print(f"ray: {ray.get_runtime_context().gcs_address}; press Ctrl+C to stop", highlight=False)
+    try:
+        while not stop.wait(0.5):  # a timed wait lets the signal handlers run
+            pass
+    finally:
+        err_console.print("stopping...")
+        stop_serving()
+
+
+def _deployment_failures(app_name: str) -> str:
+    """The last line of each unhealthy deployment's status message (usually the exception that stopped it)."""
+    from ray import serve
+
+    try:
+        deployments = serve.status().applications[app_name].deployments
+    except (KeyError, RuntimeError):
+        return ""
+    lines = []
+    for name, status in deployments.items():
+        if status.status != "HEALTHY" and status.message:
+            last = [line for line in status.message.strip().splitlines() if line.strip()][-1]
+            lines.append(f"\n  {name}: {last.strip()}")
+    return "".join(lines)
+
+
+@serve_group.command("build")
+@config_option
+@pipelines_option
+@click.option("-o", "--output", default="-", show_default=True, help="File to write ('-' for stdout).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="http_options.host of the Serve config.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="http_options.port.")
+@click.option("--app-name", default="moa", show_default=True, help="Serve application name.")
+def serve_build(config_path: str | None, pipelines: tuple[str, ...], output: str, host: str, port: int, app_name: str) -> None:
+    """Write a Serve config (for `serve deploy`) that rebuilds the app from the config, with per-deployment options."""
+    from moa_ray.serve.app import serve_config
+
+    config = load_config(config_path)
+    data = serve_config(config, list(pipelines), app_name=app_name, host=host, port=port)
+    header = f"# Generated by `moa-ray serve build` from {config_path or 'the shipped presets'}. Deploy: serve deploy <this file>\n"
+    _write_yaml(data, output, header)
+
+
+@serve_group.command("k8s")
+@config_option
+@pipelines_option
+@click.option("--image", required=True, help="Container image with moa-ray (and vLLM for GPU pools) installed.")
+@click.option("--name", default="moa-ray", show_default=True, help="Name of the RayService / RayCluster.")
+@click.option("--dataset", default="alpaca_eval", show_default=True, help="Dataset of the RayJob's evaluation run.")
+@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False), help="Directory for the manifests.")
+def serve_k8s(config_path: str | None, pipelines: tuple[str, ...], image: str, name: str, dataset: str, output_dir: str) -> None:
+    """Write KubeRay manifests: rayservice.yaml, raycluster.yaml and rayjob.yaml (one worker group per pool)."""
+    from moa_ray.serve import manifests
+
+    config = load_config(config_path)
+    names = list(pipelines) or None
+    source = config_path or "the shipped presets"
+    header = f"# Generated by `moa-ray serve k8s` from {source}. Keys come from the Secret {manifests.SECRET_NAME}, never from here.\n"
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    docs = {
+        "rayservice.yaml": manifests.rayservice(config, names, image, name=name),
+        "raycluster.yaml": manifests.raycluster(config, names, image, name=name),
+        "rayjob.yaml": manifests.rayjob(config, names, image, name=f"{name}-eval", dataset=dataset),
+    }
+    for filename, doc in docs.items():
+        (out / filename).write_text(manifests.dump_all([manifests.config_map(config), doc], header))
+        err_console.print(f"wrote {out / filename}")
+
+
+@serve_group.command("cluster-config")
+@config_option
+@pipelines_option
+@click.option("--cluster-name", default="moa-ray", show_default=True)
+@click.option("--region", default="us-west-2", show_default=True, help="AWS region of the launcher's provider section.")
+@click.option("-o", "--output", default="-", show_default=True, help="File to write ('-' for stdout).")
+def serve_cluster_config(config_path: str | None, pipelines: tuple[str, ...], cluster_name: str, region: str, output: str) -> None:
+    """Write a Ray cluster launcher config (`ray up`): a head and one worker node type per agent pool."""
+    from moa_ray.serve.manifests import launcher_config
+
+    config = load_config(config_path)
+    data = launcher_config(config, list(pipelines) or None, cluster_name=cluster_name, region=region)
+    header = f"# Generated by `moa-ray serve cluster-config` from {config_path or 'the shipped presets'}. Start: ray up <this file>\n"
+    _write_yaml(data, output, header)

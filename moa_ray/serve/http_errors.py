@@ -1,0 +1,120 @@
+"""HTTP errors of the endpoint, always in OpenAI's error envelope.
+
+Decisions (documented for clients):
+
+* bad input (malformed JSON, schema violations, limits) -> 400, body too large -> 413,
+  unknown pipeline -> 404 ``model_not_found``, missing/invalid key -> 401;
+* a pipeline that cannot answer because its model services failed -> 502
+  ``upstream_error`` (the server works, its providers did not), or 504 when they
+  timed out or the request outlived ``server.request_timeout_s``; when every failed
+  call was a context-length rejection the input is too long -> 400
+  ``context_length_exceeded``;
+* anything else is a bug -> 500 with a generic message (details go to the log only).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from moa_ray.errors import PipelineError
+from moa_ray.serve.openai_schema import ErrorBody, ErrorDetail
+
+# A child of "ray.serve", so Serve writes these lines to the replica's log file.
+log = logging.getLogger("ray.serve.moa_ray.ingress")
+
+_STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+class APIError(Exception):
+    """An error response: HTTP status plus OpenAI's ``message``/``type``/``param``/``code``."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None, type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or _STATUS_TYPES.get(status) or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=headers)
+
+
+_UNION_BRANCHES = {"str", "int", "float", "bool", "none", "dict"}
+
+
+def _loc(loc: tuple) -> str:
+    """``("messages", 0, "content", "str")`` -> ``messages[0].content`` (union branch names dropped)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _UNION_BRANCHES or "[" in part or part.startswith("function-"):
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def from_validation_error(err: ValidationError | RequestValidationError) -> APIError:
+    """400 naming each bad field, without echoing the (possibly huge or secret) input values."""
+    errors = err.errors()
+    parts = []
+    for e in errors:
+        loc = tuple(p for p in e["loc"] if p != "body")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unrecognized request argument"
+        parts.append(f"{_loc(loc)}: {msg}" if loc else msg)
+    param = _loc(tuple(p for p in errors[0]["loc"] if p != "body")) if errors else None
+    return APIError(400, "invalid request: " + "; ".join(dict.fromkeys(parts)), code="invalid_request", param=param or None)
+
+
+def _failed_calls(err: PipelineError) -> list[str]:
+    trace = err.trace
+    if trace is None:
+        return []
+    return [c.error or c.status for c in trace.calls if c.status != "ok"]
+
+
+def from_pipeline_error(err: PipelineError) -> APIError:
+    """A pipeline that could not answer: the fault is upstream (502/504), or the input did not fit (400)."""
+    failures = _failed_calls(err)
+    if failures and all(f.startswith("ContextLengthExceeded") for f in failures):
+        return APIError(400, f"the conversation is too long for the pipeline's models: {err}", code="context_length_exceeded", param="messages")
+    if failures and all(f.startswith("BackendTimeout") or f == "cut" or "deadline" in f for f in failures):
+        return APIError(504, f"the pipeline's model services timed out: {err}", code="upstream_timeout", type="upstream_error")
+    return APIError(502, f"the pipeline's model services failed: {err}", code="upstream_error", type="upstream_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI's envelope: FastAPI's own 422 and Starlette's 404/405 included."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return from_validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, message, code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error while serving a request")
+        return APIError(500, "internal server error", code="internal_error").response()

@@ -1,0 +1,108 @@
+"""The OpenAI-compatible HTTP ingress: a FastAPI app, and the Serve deployment that hosts it.
+
+Routes (``model`` = a pipeline name):
+
+* ``POST /v1/chat/completions`` - plain or ``stream: true`` (server-sent events of the
+  final call's tokens, ending with ``data: [DONE]``); ``"moa": {"trace": true}`` adds the trace;
+* ``GET /v1/models``, ``GET /v1/models/{id}`` - the served pipelines;
+* ``GET /health`` - liveness for load balancers and Kubernetes probes (no key needed).
+
+:func:`create_api` builds the app from a :class:`ChatService`, so it can be tested
+without Ray; :class:`MoAIngress` builds the service from the config and the agent
+deployments' handles inside its replica, where the API keys are read from the
+environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from moa_ray.serve.auth import KeyVerifier, Redactor, load_api_keys
+from moa_ray.serve.http_errors import APIError, install_error_handlers
+from moa_ray.serve.service import ChatService
+
+# A child of "ray.serve", so Serve writes these lines to the replica's log file.
+log = logging.getLogger("ray.serve.moa_ray.ingress")
+
+INGRESS_DEPLOYMENT = "moa-ingress"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it grows past ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body exceeds this server's limit of {limit} bytes", code="request_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise APIError(413, f"the request body exceeds this server's limit of {limit} bytes", code="request_too_large")
+    return bytes(body)
+
+
+def create_api(service: ChatService, verifier: KeyVerifier) -> FastAPI:
+    """The endpoint's FastAPI application."""
+    app = FastAPI(title="moa-ray", description="Mixture-of-Agents pipelines behind an OpenAI-compatible API.", docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+
+    async def require_key(authorization: str | None = Header(default=None)) -> None:
+        if not verifier.check(authorization):
+            message = "invalid API key" if authorization else "missing API key: send 'Authorization: Bearer <key>'"
+            raise APIError(401, message, code="invalid_api_key")
+
+    authorized = [Depends(require_key)]
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "pipelines": len(service.pipelines)}
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def list_models() -> dict[str, Any]:
+        return service.models().model_dump()
+
+    @app.get("/v1/models/{model_id:path}", dependencies=authorized)
+    async def get_model(model_id: str) -> dict[str, Any]:
+        return service.model_card(model_id).model_dump()
+
+    @app.post("/v1/chat/completions", dependencies=authorized)
+    async def chat_completions(request: Request) -> Any:
+        body = await read_body(request, service.limits.max_request_bytes)
+        chat = service.parse(body)
+        if chat.stream:
+            events = await service.open_stream(chat)
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            )
+        return JSONResponse((await service.complete(chat)).wire())
+
+    return app
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress()
+class MoAIngress:
+    """Serves the OpenAI API for ``pipelines``; ``agents`` are the model deployments' handles by model name."""
+
+    def __init__(self, config: dict[str, Any], pipelines: list[str], **agents: Any) -> None:
+        from moa_ray.config import parse_config
+        from moa_ray.pipeline import build_pipeline
+        from moa_ray.pipeline.agents import HandleAgent
+
+        cfg = parse_config(config, "<serve application args>")
+        keys = load_api_keys()
+        handles = {model: HandleAgent(handle, model) for model, handle in agents.items()}
+        built = {name: build_pipeline(cfg, name, handles) for name in pipelines}
+        self.service = ChatService(cfg, built, Redactor.for_config(cfg, extra=keys))
+        self.verifier = KeyVerifier(keys)
+        log.info(
+            "moa-ray ingress: pipelines %s; client API keys %s",
+            ", ".join(pipelines), f"required ({len(keys)} configured)" if keys else "not configured: the endpoint is open",
+        )
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self.service, self.verifier)

@@ -1,0 +1,213 @@
+"""OpenAI chat requests -> pipeline runs -> OpenAI responses (plain or server-sent events).
+
+Transport-free, so the same code runs inside the Serve ingress replica and in
+unit tests with in-process agents. Every request is checked against the
+configured ``server`` limits before any model is called, and every string that
+leaves (answers aside) passes the :class:`~moa_ray.serve.auth.Redactor`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from moa_ray.config import MoARayConfig
+from moa_ray.errors import PipelineError
+from moa_ray.pipeline.base import Pipeline, PipelineResult
+from moa_ray.pipeline.trace import Trace
+from moa_ray.serve.auth import Redactor
+from moa_ray.serve.http_errors import APIError, from_pipeline_error, from_validation_error
+from moa_ray.serve.openai_schema import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ModelCard,
+    ModelList,
+    UsageOut,
+    completion_id,
+    finish_reason,
+)
+
+# A child of "ray.serve", so Serve writes these lines to the replica's log file.
+log = logging.getLogger("ray.serve.moa_ray.ingress")
+
+
+def usage_of(trace: Trace) -> UsageOut:
+    """Usage summed over every call the pipeline made (proposers, judges, aggregator...)."""
+    totals = trace.totals()
+    return UsageOut(prompt_tokens=totals.prompt_tokens, completion_tokens=totals.completion_tokens, total_tokens=totals.total_tokens)
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+class ChatService:
+    """Validates requests against the config's limits and runs them on the named pipeline."""
+
+    def __init__(self, config: MoARayConfig, pipelines: Mapping[str, Pipeline], redactor: Redactor) -> None:
+        self.config = config
+        self.limits = config.server
+        self.pipelines = dict(pipelines)
+        self.redactor = redactor
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ models
+
+    def models(self) -> ModelList:
+        return ModelList(data=[self.model_card(name) for name in self.pipelines])
+
+    def model_card(self, name: str) -> ModelCard:
+        if name not in self.pipelines:
+            raise self._unknown(name)
+        spec = self.config.pipelines[name]
+        return ModelCard(id=name, created=self.created, kind=spec.kind, description=spec.description)
+
+    def _unknown(self, name: str) -> APIError:
+        known = ", ".join(self.pipelines) or "none"
+        return APIError(404, f"the model {name!r} does not exist; models are pipeline names: {known}", code="model_not_found", param="model")
+
+    # ------------------------------------------------------------------ validation
+
+    def parse(self, body: bytes) -> ChatCompletionRequest:
+        """JSON -> request, then the limits of ``config.server``; every failure is a 4xx :class:`APIError`."""
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        try:
+            request = ChatCompletionRequest.model_validate(data)
+        except ValidationError as err:
+            raise from_validation_error(err) from None
+        if request.model not in self.pipelines:
+            raise self._unknown(request.model)
+        self._check_limits(request)
+        return request
+
+    def _check_limits(self, request: ChatCompletionRequest) -> None:
+        limits = self.limits
+        if len(request.messages) > limits.max_messages:
+            raise APIError(
+                400, f"{len(request.messages)} messages exceed this server's limit of {limits.max_messages}",
+                code="too_many_messages", param="messages",
+            )
+        for i, message in enumerate(request.messages):
+            if len(message.text) > limits.max_message_chars:
+                raise APIError(
+                    400, f"messages[{i}] has {len(message.text)} characters; this server's limit is {limits.max_message_chars}",
+                    code="message_too_long", param=f"messages[{i}].content",
+                )
+        wanted = request.requested_max_tokens
+        if wanted is not None and wanted > limits.max_tokens_limit:
+            param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+            raise APIError(
+                400, f"{param}={wanted} exceeds this server's limit of {limits.max_tokens_limit}",
+                code="max_tokens_exceeded", param=param,
+            )
+
+    # ------------------------------------------------------------------ running
+
+    def _moa_extension(self, request: ChatCompletionRequest, trace: Trace) -> dict[str, Any] | None:
+        if not request.moa.trace:
+            return None
+        return {"trace": self.redactor.json(trace.to_json_dict())}
+
+    def _pipeline_error(self, request: ChatCompletionRequest, err: PipelineError) -> APIError:
+        api_err = from_pipeline_error(err)
+        api_err.message = self.redactor.text(api_err.message)
+        log.warning("%s: %d %s", request.model, api_err.status, api_err.message)
+        return api_err
+
+    def _timeout(self, request: ChatCompletionRequest) -> APIError:
+        log.warning("%s: timed out after %.0f s", request.model, self.limits.request_timeout_s)
+        return APIError(
+            504, f"the pipeline did not finish within {self.limits.request_timeout_s:g} s", code="timeout", type="upstream_error"
+        )
+
+    async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
+        """Run the pipeline to the end and answer in one response."""
+        pipeline = self.pipelines[request.model]
+        try:
+            result = await asyncio.wait_for(
+                pipeline.run(request.chat_messages(), request.chat_params()), self.limits.request_timeout_s
+            )
+        except PipelineError as err:
+            raise self._pipeline_error(request, err) from None
+        except asyncio.TimeoutError:
+            raise self._timeout(request) from None
+        self._log_done(request, result)
+        return ChatCompletion(
+            model=request.model,
+            choices=[Choice(message=AssistantMessage(content=result.answer), finish_reason=finish_reason(result.finish_reason))],
+            usage=usage_of(result.trace),
+            moa=self._moa_extension(request, result.trace),
+        )
+
+    async def open_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
+        """Run the layers and wait for the final call's first token, then return the SSE events.
+
+        Waiting before the response starts means a pipeline that fails before answering
+        still gets a proper HTTP status (502/504) instead of an error inside a 200 stream.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.request_timeout_s
+        items = self.pipelines[request.model].stream(request.chat_messages(), request.chat_params())
+        try:
+            first = await asyncio.wait_for(items.__anext__(), self.limits.request_timeout_s)
+        except PipelineError as err:
+            await items.aclose()
+            raise self._pipeline_error(request, err) from None
+        except asyncio.TimeoutError:
+            await items.aclose()
+            raise self._timeout(request) from None
+        return self._events(request, items, first, deadline)
+
+    async def _events(self, request: ChatCompletionRequest, items: AsyncIterator[Any], first: Any, deadline: float) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        rid, created = completion_id(), int(time.time())
+
+        def chunk(delta: Delta | None, finish: Any = None, **extra: Any) -> str:
+            choices = [ChunkChoice(delta=delta, finish_reason=finish)] if delta is not None else []
+            return sse(ChatCompletionChunk(id=rid, created=created, model=request.model, choices=choices, **extra).wire())
+
+        yield chunk(Delta(role="assistant", content=""))
+        item, result = first, None
+        try:
+            while not isinstance(item, PipelineResult):
+                if item.delta:
+                    yield chunk(Delta(content=item.delta))
+                item = await asyncio.wait_for(items.__anext__(), max(deadline - loop.time(), 0.001))
+            result = item
+        except PipelineError as err:
+            yield sse(self._pipeline_error(request, err).body().model_dump())
+        except asyncio.TimeoutError:
+            yield sse(self._timeout(request).body().model_dump())
+        finally:
+            await items.aclose()
+        if result is not None:
+            self._log_done(request, result)
+            usage = usage_of(result.trace)
+            yield chunk(Delta(), finish_reason(result.finish_reason), moa=self._moa_extension(request, result.trace))
+            if request.stream_options is not None and request.stream_options.include_usage:
+                yield chunk(None, usage=usage)
+        yield sse("[DONE]")
+
+    def _log_done(self, request: ChatCompletionRequest, result: PipelineResult) -> None:
+        totals = result.trace.totals()
+        log.info(
+            "%s: ok in %.2f s, %d calls, %d tokens%s",
+            request.model, result.trace.wall_s, totals.calls, totals.total_tokens, " (stream)" if request.stream else "",
+        )

@@ -1,0 +1,155 @@
+"""KubeRay manifests in k8s/: they parse, carry the required fields, every deployment's pool has a worker
+group with enough GPUs, the RayService's serveConfigV2 is the builder's, and they match their generator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from ray.serve.schema import ServeDeploySchema
+
+from moa_ray.cli import main
+from moa_ray.config import load_config, parse_config
+from moa_ray.errors import ConfigError
+from moa_ray.serve.app import serve_config
+from moa_ray.serve.manifests import POOL_CAPACITY, SECRET_NAME, pools_for
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+EXAMPLE = ROOT / "cluster" / "gpu-pools.yaml"
+IMAGE = "registry.example.com/moa-ray:0.1.0"
+
+
+def load(name: str) -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+    return {d["kind"]: d for d in docs}
+
+
+def pool_resources(group: dict) -> dict[str, float]:
+    """Decode KubeRay's ``'"{\\"pool\\": 1000}"'`` rayStartParams.resources string."""
+    raw = group["rayStartParams"]["resources"]
+    assert raw.startswith('"') and raw.endswith('"'), raw
+    return json.loads(raw[1:-1].replace('\\"', '"'))
+
+
+def cluster_specs() -> list[tuple[str, dict]]:
+    return [
+        ("raycluster.yaml", load("raycluster.yaml")["RayCluster"]["spec"]),
+        ("rayservice.yaml", load("rayservice.yaml")["RayService"]["spec"]["rayClusterConfig"]),
+        ("rayjob.yaml", load("rayjob.yaml")["RayJob"]["spec"]["rayClusterSpec"]),
+    ]
+
+
+@pytest.mark.parametrize("name", ["rayservice.yaml", "raycluster.yaml", "rayjob.yaml"])
+def test_manifests_parse_with_required_fields(name):
+    docs = load(name)
+    assert set(docs) == {"ConfigMap", {"rayservice.yaml": "RayService", "raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob"}[name]}
+    for doc in docs.values():
+        assert doc["apiVersion"] and doc["metadata"]["name"]
+    assert parse_config(yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])) == load_config(EXAMPLE)
+
+
+@pytest.mark.parametrize(("name", "spec"), cluster_specs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_cluster_specs_have_a_head_and_one_worker_group_per_pool(name, spec):
+    assert spec["rayVersion"]
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"  # nothing GPU-bound lands on the head
+    head_container = head["template"]["spec"]["containers"][0]
+    assert head_container["image"] == IMAGE and {p["containerPort"] for p in head_container["ports"]} >= {6379, 8265, 8000}
+    groups = spec["workerGroupSpecs"]
+    assert len({g["groupName"] for g in groups}) == len(groups)
+    for group in groups:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        container = group["template"]["spec"]["containers"][0]
+        assert container["image"] == IMAGE
+        gpus = int(group["rayStartParams"]["num-gpus"])
+        assert container["resources"]["limits"].get("nvidia.com/gpu", 0) == gpus
+        resources = pool_resources(group)
+        assert len(resources) == 1 and list(resources.values()) == [POOL_CAPACITY]
+        for c in [head_container, container]:  # keys only ever come from the Secret
+            secret_refs = {e["name"] for e in c["env"] if "valueFrom" in e}
+            assert "MOA_RAY_API_KEYS" in secret_refs
+            assert all(e["valueFrom"]["secretKeyRef"]["name"] == SECRET_NAME for e in c["env"] if "valueFrom" in e)
+            assert all("value" not in e or e["name"] == "RAY_USAGE_STATS_ENABLED" for e in c["env"])
+
+
+def test_every_deployment_pool_exists_in_a_worker_group_with_its_gpus():
+    service = load("rayservice.yaml")["RayService"]["spec"]
+    serve = ServeDeploySchema.model_validate(yaml.safe_load(service["serveConfigV2"]))
+    groups = {next(iter(pool_resources(g))): g for g in service["rayClusterConfig"]["workerGroupSpecs"]}
+    pooled = 0
+    for app in serve.applications:
+        for deployment in app.deployments:
+            options = deployment.ray_actor_options
+            pools = [r for r in (options.resources or {}) if r.startswith("pool_")]
+            if not pools:
+                assert not options.num_gpus, f"{deployment.name} needs GPUs but names no pool"
+                continue
+            (pool,) = pools
+            assert pool in groups, f"{deployment.name}: no worker group provides {pool}"
+            assert int(groups[pool]["rayStartParams"]["num-gpus"]) >= (options.num_gpus or 0)
+            auto = deployment.autoscaling_config or {}
+            needed = (auto.get("max_replicas") or deployment.num_replicas) * (options.num_gpus or 0)
+            assert int(groups[pool]["rayStartParams"]["num-gpus"]) * groups[pool]["maxReplicas"] >= needed
+            pooled += 1
+    assert pooled == 4
+
+
+def test_serve_config_v2_is_the_builders():
+    service = load("rayservice.yaml")["RayService"]["spec"]
+    assert yaml.safe_load(service["serveConfigV2"]) == serve_config(load_config(EXAMPLE), host="0.0.0.0", port=8000)
+
+
+def test_rayjob_runs_an_evaluation_on_the_mounted_config():
+    job = load("rayjob.yaml")["RayJob"]["spec"]
+    assert job["entrypoint"].startswith("python -m jobs.generate --config /etc/moa-ray/config.yaml --pipeline moa-open,moa-open-lite")
+    assert "--dataset alpaca_eval" in job["entrypoint"] and "--out /results/" in job["entrypoint"]
+    assert job["shutdownAfterJobFinishes"] is True
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    assert mounts == {"/etc/moa-ray", "/results"}
+    assert {v["name"] for v in head["volumes"]} == {"moa-ray-config", "results"}
+
+
+def test_committed_manifests_match_the_generator(tmp_path):
+    result = CliRunner().invoke(main, ["serve", "k8s", "--config", "cluster/gpu-pools.yaml", "--image", IMAGE, "-o", str(tmp_path)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    for name in ("rayservice.yaml", "raycluster.yaml", "rayjob.yaml"):
+        assert (tmp_path / name).read_text() == (K8S / name).read_text(), f"k8s/{name} is stale: regenerate it (see cluster/gpu-pools.yaml)"
+
+
+# --------------------------------------------------------------------------- pool sizing
+
+
+def _cfg(models: dict) -> object:
+    base = {"backend": "openai", "base_url": "http://x.internal/v1"}
+    return parse_config({
+        "models": {name: {**base, "model": name, **spec} for name, spec in models.items()},
+        "pipelines": {"p": {"kind": "moa", "layers": [list(models)], "aggregator": next(iter(models))}},
+    })
+
+
+def test_pool_sizing_from_gpus_and_replicas():
+    pools = {p.name: p for p in pools_for(_cfg({
+        "big": {"pool": "pool_big", "num_gpus": 2, "autoscaling": {"min_replicas": 1, "max_replicas": 4}},
+        "half1": {"pool": "pool_half", "num_gpus": 0.5, "num_replicas": 2},
+        "half2": {"pool": "pool_half", "num_gpus": 0.5, "num_replicas": 1},
+        "remote": {"pool": "pool_cpu", "num_cpus": 2, "num_replicas": 6},
+        "anywhere": {},
+    }))}
+    assert set(pools) == {"pool_big", "pool_half", "pool_cpu"}
+    assert (pools["pool_big"].node_gpus, pools["pool_big"].min_nodes, pools["pool_big"].max_nodes) == (2, 1, 4)
+    assert (pools["pool_half"].node_gpus, pools["pool_half"].max_nodes) == (1, 2) and pools["pool_half"].models == ["half1", "half2"]
+    assert (pools["pool_cpu"].node_gpus, pools["pool_cpu"].max_nodes) == (0, 2)  # 12 CPUs on 8-CPU nodes
+    assert pools["pool_big"].group_name == "pool-big"
+
+
+def test_gpu_model_without_pool_or_too_big_is_refused():
+    with pytest.raises(ConfigError, match="models.g: it needs GPUs but names no pool"):
+        pools_for(_cfg({"g": {"num_gpus": 1}}))
+    with pytest.raises(ConfigError, match="needs 16 GPUs"):
+        pools_for(_cfg({"g": {"num_gpus": 16, "pool": "pool_g"}}))
