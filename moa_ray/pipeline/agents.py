@@ -44,18 +44,28 @@ def _unwrap(reply: dict[str, Any]) -> dict[str, Any]:
 class HandleAgent:
     """A model deployed as a Ray Serve deployment, called through its handle."""
 
-    def __init__(self, handle: Any, name: str) -> None:
+    def __init__(self, handle: Any, name: str, *, replica_retries: int = 1) -> None:
         self.handle = handle
         self.name = name
+        self.replica_retries = replica_retries
 
     async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion:
+        from ray.exceptions import RayActorError  # HandleAgent only exists where Ray does
+
         request = ChatRequest(messages=messages, params=params).model_dump()
-        response = self.handle.chat.remote(request)
-        try:
-            reply = await response
-        except asyncio.CancelledError:
-            response.cancel()  # a cut straggler must stop using its replica
-            raise
+        for attempt in range(1 + self.replica_retries):
+            response = self.handle.chat.remote(request)
+            try:
+                reply = await response
+                break
+            except asyncio.CancelledError:
+                response.cancel()  # a cut straggler must stop using its replica
+                raise
+            except RayActorError:
+                # The replica died mid-call (crash, node loss, kill): Serve routes the retry to a live
+                # replica. Nothing was returned yet, so the call is safe to repeat.
+                if attempt == self.replica_retries:
+                    raise
         return Completion.model_validate(_unwrap(reply)["completion"])
 
     async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
