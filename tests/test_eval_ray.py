@@ -48,7 +48,8 @@ def test_two_pipelines_share_models_and_rerun_skips(env, tmp_path: Path) -> None
     ds = load_dataset("mt_bench", limit=3)
     before = sim.stats.by_model.get("sim-a", 0)
     summary = run_generation(config, ds, agents, options(tmp_path, ["one", "two"]))
-    assert (summary.total_rows, summary.ok_rows, summary.failed_rows, summary.workers) == (12, 12, 0, 2)
+    errors = [r["error"] for r in pq.read_table(tmp_path).to_pylist() if r["error"]]
+    assert (summary.total_rows, summary.ok_rows, summary.failed_rows, summary.workers) == (12, 12, 0, 2), errors
     assert summary.complete
     # sim-a is a proposer of both pipelines: 1 call per turn for "one", 2 for "two" (two layers)
     assert sim.stats.by_model["sim-a"] - before == 3 * 2 * (1 + 2)
