@@ -1,13 +1,17 @@
 """moa-ray's own overhead: an MoA through Ray Serve against the simulator, whose latency is known.
 
-Every proposer and the aggregator is an ``openai`` model pointing at the in-process
-simulator (fixed latency, zero jitter). With perfect parallelism and no overhead a
-request takes ``layers x latency`` (layers counting the aggregator), so the last line
+Every proposer and the aggregator is an ``openai`` model pointing at the simulator
+(fixed latency, zero jitter). With perfect parallelism and no overhead a request
+takes ``layers x latency`` (layers counting the aggregator), so the last line
 
     ratio <median measured wall / (layers x latency)>
 
 is the price of the driver, the Serve handles and the HTTP client together.
 Target: <= 1.10 (the paper's reference code calls proposers one after another: 4.6).
+
+The simulator plays a remote provider, so by default it runs in its own process
+(``run_simulator`` in a child); ``--simulator thread`` serves it from a thread of the
+driver instead, where it competes with the driver for the GIL.
 
     python -m bench.overhead --layers 3 --proposers 6 --latency-ms 200
 """
@@ -16,10 +20,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import multiprocessing as mp
+import os
 import statistics
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from bench.simulator import SimulatorConfig, run_simulator
+from bench.simulator import SimulatorConfig, free_port, run_simulator
 from moa_ray.config import MoARayConfig, parse_config
 
 APP_NAME = "bench-overhead"
@@ -45,8 +54,50 @@ def overhead_config(base_url: str, *, layers: int, proposers: int, output_tokens
     return parse_config({"models": models, "pipelines": {PIPELINE: pipeline}}, "<bench.overhead>")
 
 
-async def _measure(pipeline, prompt: str, n: int, label: str) -> list[float]:
-    walls = []
+@dataclass
+class SimulatorHandle:
+    base_url: str
+    stats: dict[str, int]  # filled when the simulator stops
+
+
+def _serve_in_child(config_json: str, port: int, ready, stop, results) -> None:
+    with run_simulator(SimulatorConfig.model_validate_json(config_json), port=port) as sim:
+        ready.set()
+        stop.wait()
+        results.put({"requests": sim.stats.requests, "max_in_flight": sim.stats.max_in_flight})
+
+
+@contextlib.contextmanager
+def simulator(config: SimulatorConfig, mode: str) -> Iterator[SimulatorHandle]:
+    """The simulator in its own process (``process``) or in a thread of this one (``thread``)."""
+    if mode == "thread":
+        with run_simulator(config) as sim:
+            handle = SimulatorHandle(sim.base_url, {})
+            yield handle
+            handle.stats.update(requests=sim.stats.requests, max_in_flight=sim.stats.max_in_flight)
+        return
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    child = ctx.Process(target=_serve_in_child, args=(config.model_dump_json(), port, ready, stop, results), daemon=True)
+    child.start()
+    try:
+        if not ready.wait(30):
+            raise RuntimeError("the simulator process did not start")
+        handle = SimulatorHandle(f"http://127.0.0.1:{port}/v1", {})
+        yield handle
+        stop.set()
+        handle.stats.update(results.get(timeout=10))
+    finally:
+        stop.set()
+        child.join(10)
+        if child.is_alive():
+            child.terminate()
+
+
+async def _measure(pipeline, prompt: str, n: int, label: str) -> list[tuple[float, float]]:
+    """(wall, critical path) of ``n`` sequential requests; every call must succeed."""
+    out = []
     for i in range(n):
         start = time.perf_counter()
         result = await pipeline.run(prompt)
@@ -54,13 +105,13 @@ async def _measure(pipeline, prompt: str, n: int, label: str) -> list[float]:
         failed = [c for c in result.trace.calls if c.status != "ok"]
         if failed:
             raise SystemExit(f"{label} {i}: {len(failed)} calls failed: {failed[0].error}")
-        walls.append(wall)
+        out.append((wall, result.trace.critical_path_s))
         print(
             f"{label} {i + 1}/{n}: wall {wall * 1000:.1f} ms "
             f"(critical path {result.trace.critical_path_s * 1000:.1f} ms, {len(result.trace.calls)} calls)",
             flush=True,
         )
-    return walls
+    return out
 
 
 def main() -> None:
@@ -70,7 +121,8 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=200.0, help="Simulated latency of every call.")
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=15)
+    parser.add_argument("--simulator", choices=("process", "thread"), default="process")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: a local Ray).")
     args = parser.parse_args()
 
@@ -81,9 +133,9 @@ def main() -> None:
     from moa_ray.runtime import deploy_agents, init_ray
 
     sim_config = SimulatorConfig(latency_ms=args.latency_ms, jitter_ms=0, output_tokens=args.output_tokens)
-    with run_simulator(sim_config) as sim:
+    with simulator(sim_config, args.simulator) as sim:
         config = overhead_config(sim.base_url, layers=args.layers, proposers=args.proposers, output_tokens=args.output_tokens)
-        print(f"simulator at {sim.base_url}: {args.latency_ms:g} ms per call, no jitter", flush=True)
+        print(f"simulator ({args.simulator}) at {sim.base_url}: {args.latency_ms:g} ms per call, no jitter", flush=True)
         t = time.perf_counter()
         init_ray(args.address)
         print(f"ray up in {time.perf_counter() - t:.1f}s", flush=True)
@@ -94,26 +146,33 @@ def main() -> None:
             pipeline = build_pipeline(config, PIPELINE, agents)
             prompt = "Explain why the sky is blue in two sentences."
 
-            async def bench() -> list[float]:
+            async def bench() -> list[tuple[float, float]]:
                 await _measure(pipeline, prompt, args.warmup, "warm-up")
                 return await _measure(pipeline, prompt, args.requests, "request")
 
-            walls = asyncio.run(bench())
+            measured = asyncio.run(bench())
         finally:
             try:
                 serve.delete(APP_NAME)
                 serve.shutdown()
             finally:
                 ray.shutdown()
-        ideal = args.layers * args.latency_ms / 1000
-        median = statistics.median(walls)
-        print(
-            f"shape: {args.layers - 1} proposer layers x {args.proposers} + aggregator, "
-            f"{sim.stats.requests} simulator requests, max {sim.stats.max_in_flight} in flight",
-            flush=True,
-        )
-        print(f"wall ms: median {median * 1000:.1f}, min {min(walls) * 1000:.1f}, max {max(walls) * 1000:.1f}; ideal {ideal * 1000:.0f}")
-        print(f"ratio {median / ideal:.3f}")
+
+    walls = [w for w, _ in measured]
+    ideal = args.layers * args.latency_ms / 1000
+    median = statistics.median(walls)
+    critical = statistics.median(c for _, c in measured)
+    print(
+        f"shape: {args.layers - 1} proposer layers x {args.proposers} + aggregator; "
+        f"{sim.stats.get('requests')} simulator requests, at most {sim.stats.get('max_in_flight')} in flight; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    print(
+        f"wall ms: median {median * 1000:.1f}, min {min(walls) * 1000:.1f}, max {max(walls) * 1000:.1f}; ideal {ideal * 1000:.0f}; "
+        f"median critical path {critical * 1000:.1f} (HTTP client + simulator), "
+        f"so driver + Serve add ~{(median - critical) * 1000:.0f} ms per request"
+    )
+    print(f"ratio {median / ideal:.3f}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ class ScriptedHandle:
         self.calls = 0
         self.chat = self
 
+    def options(self, **_):
+        return self
+
     def remote(self, request):
         self.calls += 1
         return _Response(self.outcomes.pop(0))
