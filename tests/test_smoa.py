@@ -168,6 +168,13 @@ def test_separate_moderator_model(simulator):
     assert trace.tokens_by_role()["moderator"].calls == 1
 
 
+def test_failed_separate_moderator_continues(simulator):
+    sim = simulator(sim_config(judge=verdict([1, 2], end=True), mod=Behaviour(latency_ms=5, failure_rate=1.0)))
+    trace = asyncio.run(build(sim, smoa(layers=2, moderator="mod"), Recorder()).run(QUESTION)).trace
+    assert trace.stopped_at_layer is None and len(trace.layers) == 3  # the judge's stray end_debate is not a stop
+    assert "moderator call failed" in trace.layers[0].judge_fallback
+
+
 def test_silent_moderator_continues(simulator):
     sim = simulator(sim_config(judge=verdict([1, 2])))  # no end_debate key
     trace = asyncio.run(build(sim, smoa(layers=2), Recorder()).run(QUESTION)).trace

@@ -140,14 +140,16 @@ class SMoAPipeline(Pipeline):
 
         stop = False
         if moderate:
-            verdict, who = (parse_verdict(moderated.text), "moderator") if separate and moderated else (judge_verdict, "judge")
-            if separate and moderated is None:
-                notes.append(f"moderator call failed ({_last_error(trace, layer_no, 'moderator')}); continued")
-            elif verdict is not None and verdict.end_debate is None:
+            who = "moderator" if separate else "judge"
+            verdict = (parse_verdict(moderated.text) if moderated is not None else None) if separate else judge_verdict
+            if verdict is None:  # a failed judge is already noted above
+                if separate:
+                    notes.append(f"moderator call failed ({_last_error(trace, layer_no, 'moderator')}); continued")
+            elif verdict.end_debate is None:
                 notes.append(f"no end_debate decision from the {who}; continued")
-            stop = bool(verdict is not None and verdict.end_debate)
-            if stop:
-                self._record_stop(trace, record, layer_no, verdict)  # type: ignore[arg-type]
+            elif verdict.end_debate:
+                stop = True
+                self._record_stop(trace, record, layer_no, verdict)
 
         kept = [responses[p] for p in selection.positions]
         self._record_selection(trace, record, layer_no, kept, notes)
