@@ -196,7 +196,7 @@ async def _traffic(server, concurrency: int, stop: asyncio.Event, results: list)
         await asyncio.gather(*(client(c) for c in range(concurrency)))
 
 
-def test_killing_a_replica_under_traffic_drops_the_proposer_and_serve_restarts_it(server):
+def test_killing_a_replica_under_traffic_never_hangs_or_500s_and_serve_restarts_it(server):
     results: list = []
 
     async def scenario() -> str:
@@ -215,8 +215,10 @@ def test_killing_a_replica_under_traffic_drops_the_proposer_and_serve_restarts_i
     assert set(statuses) <= {200, 502}, statuses  # never a 500: an upstream replica death is an upstream failure
     dropped = [r for r in results if r[0] == 200 and any(
         c["status"] == "error" and c["model"] == "b" and "ActorDied" in (c["error"] or "") for c in r[2]["moa"]["trace"]["calls"])]
-    assert dropped, "no in-flight request saw the killed proposer"
-    assert all(r[2]["choices"][0]["message"]["content"] for r in dropped)
+    # A call in flight on the killed replica is retried once on a live replica (HandleAgent); when the retry
+    # fails too, the request still answers with that proposer dropped and traced. Either way: an answer.
+    assert statuses.count(200) > 0
+    assert all(r[2]["choices"][0]["message"]["content"] for r in results if r[0] == 200)
     # Serve restarts the replica: soon a request again gets answers from both proposers
     deadline, recovered = time.monotonic() + 90, None
     while time.monotonic() < deadline and recovered is None:
