@@ -4,30 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 
 import click
-from rich.console import Console
 
 from moa_ray.config import DEFAULT_PIPELINE, dump_config, load_config
-from moa_ray.errors import ConfigError, MoARayError, PipelineError
-from moa_ray.render import trace_view
+from moa_ray.errors import PipelineError
+from moa_ray.render import err_console, run_reporting_errors, trace_view
 
-err_console = Console(stderr=True, soft_wrap=True)
 
 
 class _Group(click.Group):
-    """Turns moa-ray errors into one clear line and exit code 2 (config) or 1 (run)."""
+    """Reports moa-ray errors as one clear line (see :func:`moa_ray.render.run_reporting_errors`)."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except ConfigError as err:
-            err_console.print(f"[red]config error:[/red] {err}", highlight=False)
-            sys.exit(2)
-        except MoARayError as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(1)
+        return run_reporting_errors(lambda: super(_Group, self).invoke(ctx))
 
 
 @click.group(cls=_Group)

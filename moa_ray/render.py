@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
+
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from moa_ray.pipeline.accounting import Accounting, account
+from moa_ray.errors import ConfigError, MoARayError
 from moa_ray.pipeline.trace import Trace
 
 
@@ -26,6 +33,27 @@ def _layer_notes(trace: Trace, layer_no: int) -> list[str]:
     if layer.stopped:
         notes.append(f"moderator stop: {layer.stop_reason or 'consistent'}")
     return notes
+
+
+def make_console(stderr: bool = True) -> Console:
+    """A console whose tables stay wide in job logs (not a terminal: rich would squeeze them into 80 columns)."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, soft_wrap=True, width=None if stream.isatty() else 160)
+
+
+err_console = make_console(stderr=True)
+
+
+def run_reporting_errors(invoke: Callable[[], Any]) -> Any:
+    """Run a click command, turning moa-ray errors into one clear line: exit 2 for bad input, 1 for a failed run."""
+    try:
+        return invoke()
+    except ConfigError as err:
+        err_console.print(f"[red]config error:[/red] {err}", highlight=False)
+        sys.exit(2)
+    except MoARayError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        sys.exit(1)
 
 
 def layer_table(trace: Trace) -> Table:

@@ -11,36 +11,22 @@ import sys
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from moa_ray.errors import ConfigError, MoARayError
+from moa_ray.render import err_console, make_console, run_reporting_errors
 
 
-def _console(stderr: bool) -> Console:
-    """Wide tables in job logs (not a terminal: rich would squeeze them into 80 columns)."""
-    stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, soft_wrap=True, width=None if stream.isatty() else 160)
-
-
-err_console = _console(stderr=True)
 EXIT_PARTIAL = 3
 
 DATASET_HELP = "alpaca_eval, mt_bench, or a .jsonl / .json / .parquet file (path or URI) with an id and a prompt column."
 
 
 class _EvalCommand(click.Command):
-    """Turns moa-ray errors into one clear line: exit 2 for bad input, 1 for a failed run."""
+    """Reports moa-ray errors as one clear line also when run as ``python -m jobs.X`` (outside the main group)."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ConfigError as err:
-            err_console.print(f"[red]config error:[/red] {err}", highlight=False)
-            sys.exit(2)
-        except MoARayError as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(1)
+        return run_reporting_errors(lambda: super(_EvalCommand, self).invoke(ctx))
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -414,7 +400,7 @@ def report_command(
     rows = build_report(
         gens, pairwise, grades, pipelines=_names(pipeline_names), glm_data=GLMData.from_dir(glm_data) if glm_data else None
     )
-    _console(stderr=False).print(rich_table(rows))
+    make_console(stderr=False).print(rich_table(rows))
     for path in write_report(rows, out):
         err_console.print(f"wrote {path}", highlight=False)
 
@@ -477,7 +463,7 @@ def metrics_command(annotations: str, as_json: bool, glm_data: str | None, no_lc
             str(r.n_draws),
             str(r.n_total),
         )
-    _console(stderr=False).print(table)
+    make_console(stderr=False).print(table)
 
 
 for _command in (generate_command, judge_command, report_command, metrics_command):

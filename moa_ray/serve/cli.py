@@ -17,12 +17,11 @@ from typing import Any
 
 import click
 import yaml
-from rich.console import Console
 
 from moa_ray.config import MoARayConfig, OpenAIModelSpec, load_config
 from moa_ray.errors import MoARayError
+from moa_ray.render import err_console
 
-err_console = Console(stderr=True, soft_wrap=True)
 
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (default: shipped presets)."
