@@ -6,7 +6,8 @@ the request, so they are generated once, cached on disk and reused: a second run
 ``$MOA_RAY_CACHE_DIR/roles`` (default ``~/.cache/moa-ray/roles``), one JSON file
 per key; delete a file to regenerate its roles. A generation that fails or
 yields fewer than ``n`` distinct roles is used for this request as far as it
-goes, recorded in the trace, and not cached, so the next request tries again.
+goes, recorded in the trace, and not cached, so the next request tries again
+(with the next seed, since a seeded model would repeat itself).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "MOA_RAY_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/moa-ray"
+#: Completion tokens budgeted per generated role (a JSON object of three short strings).
+ROLE_TOKENS = 96
 _ROLE_FIELDS = (("occupation", "occupation"), ("personality", "personality"), ("social_group", "social group"))
 
 #: ``Pipeline.call`` with the trace bound: (spec, messages, layer, index, role, params) -> Completion | None.
@@ -97,19 +100,19 @@ class RoleCache:
 # --------------------------------------------------------------------------- parsing
 
 
-def roles_schema() -> dict[str, Any]:
-    """JSON schema of the role call's answer.
+def roles_schema(n: int) -> dict[str, Any]:
+    """JSON schema of the role call's answer: exactly ``n`` roles.
 
-    The count (n) is asked for in the prompt and checked by the parser, not put in the
-    schema: llama.cpp expands ``minItems``/``maxItems`` of object items and string
-    ``maxLength`` into grammars that make generation many times slower.
+    No ``maxLength`` on the strings: llama.cpp expands it into a grammar that makes
+    generation many times slower.
     """
     role = {
         "type": "object",
         "properties": {key: {"type": "string"} for key, _ in _ROLE_FIELDS},
         "required": [key for key, _ in _ROLE_FIELDS],
     }
-    return {"type": "object", "properties": {"roles": {"type": "array", "items": role}}, "required": ["roles"]}
+    roles = {"type": "array", "items": role, "minItems": n, "maxItems": n}
+    return {"type": "object", "properties": {"roles": roles}, "required": ["roles"]}
 
 
 def describe_role(role: Any) -> str | None:
@@ -200,6 +203,7 @@ class RoleAssigner:
         self.cache = cache
         self.seed = seed
         self._roles: list[str] | None = None
+        self._attempts = 0  # failed or partial generations so far; each retry uses the next seed
         self._lock = asyncio.Lock()  # concurrent first requests make one role call, not many
 
     async def roles(self, call: CallFn, trace: Trace) -> list[str]:
@@ -218,13 +222,18 @@ class RoleAssigner:
             self._roles = cached
             return cached, "cache"
         messages = [ChatMessage(role="user", content=roles_prompt(self.spec.dataset, self.spec.task, self.n))]
-        params = ChatParams(json_mode=True, json_schema=roles_schema(), seed=self.seed)
+        # n roles need room: unless the roles model sets max_tokens itself, ask for ROLE_TOKENS per role
+        max_tokens = None if self.model.max_tokens is not None else max(256, ROLE_TOKENS * self.n)
+        seed = self.seed + self._attempts
+        params = ChatParams(json_mode=True, json_schema=roles_schema(self.n), seed=seed, max_tokens=max_tokens)
         completion = await call(self.model, messages, layer=0, index=0, role="roles", params=params)
         if completion is None:
+            self._attempts += 1
             return [], "role generation failed; proposers ran without roles (not cached)"
         roles = parse_roles(completion.text)[: self.n]
         if len(roles) < self.n:
-            return roles, f"generated, but only {len(roles)} of {self.n} distinct roles parsed (not cached)"
+            self._attempts += 1
+            return roles, f"generated (seed {seed}), but only {len(roles)} of {self.n} distinct roles parsed (not cached)"
         self.cache.put(RoleSet(dataset=key[0], task=key[1], n=key[2], model=key[3], roles=roles))
         self._roles = roles
         return roles, "generated"
