@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
+
+import httpx
 
 from bench.simulator import Behaviour, SimulatorConfig
 from moa_ray.backends.openai_http import OpenAIBackend
 from moa_ray.config import LayerSpec, parse_config
 from moa_ray.pipeline.agents import LocalAgent
-from moa_ray.pipeline.roles import RoleCache, RoleSet, assign_roles, cache_root, parse_roles
+from moa_ray.pipeline.roles import RoleCache, RoleSet, assign_roles, cache_root, parse_roles, roles_schema
 from moa_ray.pipeline.smoa import SMoAPipeline
 from moa_ray.prompts import role_system
 
@@ -43,6 +46,12 @@ def test_parse_roles_numbered_lines_and_garbage():
     assert parse_roles("no roles here") == []
 
 
+def test_roles_schema_asks_for_exactly_n():
+    roles = roles_schema(4)["properties"]["roles"]
+    assert roles["minItems"] == roles["maxItems"] == 4
+    assert roles["items"]["required"] == ["occupation", "personality", "social_group"]
+
+
 def test_assign_roles_prepends_a_system_role():
     layer = LayerSpec(proposers=["a", {"model": "b", "system": "Be brief."}, "c"])
     out = assign_roles(layer, ["r1", "r2"])
@@ -69,7 +78,19 @@ def test_cache_dir_env_override(tmp_path, monkeypatch):
     assert str(cache_root()).endswith(".cache/moa-ray")
 
 
-def _pipeline(sim, cache_dir):
+class Recorder(httpx.AsyncBaseTransport):
+    """Real HTTP to the simulator, keeping each request's JSON body."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.bodies: list[dict[str, Any]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.bodies.append(json.loads(request.content))
+        return await self.inner.handle_async_request(request)
+
+
+def _pipeline(sim, cache_dir, recorder: Recorder | None = None):
     names = ["p1", "p2", "p3", "agg", "rolegen"]
     config = parse_config(
         {
@@ -82,7 +103,7 @@ def _pipeline(sim, cache_dir):
             },
         }
     )
-    agents = {m: LocalAgent(OpenAIBackend(config.models[m])) for m in names}
+    agents = {m: LocalAgent(OpenAIBackend(config.models[m], transport=recorder)) for m in names}
     return SMoAPipeline("s", config.pipeline("s"), agents, models=config.models, role_cache=RoleCache(cache_dir))
 
 
@@ -125,16 +146,25 @@ def test_same_pipeline_memoises_roles(simulator, tmp_path):
     assert sim.stats.by_model["id-rolegen"] == 1  # concurrent first requests share one role call
 
 
-def test_partial_roles_are_used_but_not_cached(simulator, tmp_path):
-    sim = simulator(_sim_config(json.dumps({"roles": ROLES[:2]})))
-    trace = asyncio.run(_pipeline(sim, tmp_path).run("q?")).trace
-    assert trace.roles == DESCRIBED[:2] and "only 2 of 3" in trace.roles_source
-    asyncio.run(_pipeline(sim, tmp_path).run("q?"))
-    assert sim.stats.by_model["id-rolegen"] == 2  # tried again: nothing was cached
+def test_partial_roles_are_retried_with_the_next_seed_and_not_cached(simulator, tmp_path):
+    sim = simulator(_sim_config(json.dumps({"roles": [*ROLES[:2], ROLES[0]]})))  # a repeated role
+    recorder = Recorder()
+    pipeline = _pipeline(sim, tmp_path, recorder)
+
+    async def twice():
+        return [(await pipeline.run("q?")).trace for _ in range(2)]
+
+    first, second = asyncio.run(twice())
+    assert first.roles == DESCRIBED[:2] and "only 2 of 3" in first.roles_source
+    assert [c.index for c in first.calls if c.role == "roles"] == [0, 1]  # one retry within the request
+    role_calls = [b for b in recorder.bodies if b["model"] == "id-rolegen"]
+    assert [b["seed"] for b in role_calls] == [0, 1, 2, 3]  # the next request tried again, with new seeds
+    assert all(b["response_format"] == {"type": "json_object"} and b["max_tokens"] == 288 for b in role_calls)
+    assert not list(tmp_path.glob("roles/*.json"))
 
 
 def test_failed_role_call_runs_without_roles(simulator, tmp_path):
     sim = simulator(SimulatorConfig(latency_ms=5, models={"id-rolegen": Behaviour(latency_ms=5, failure_rate=1.0)}))
     result = asyncio.run(_pipeline(sim, tmp_path).run("q?"))
-    assert result.trace.roles == [] and "failed" in result.trace.roles_source
+    assert result.trace.roles == [] and "failed 2 times" in result.trace.roles_source
     assert result.answer  # the request still answers

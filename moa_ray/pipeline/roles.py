@@ -5,8 +5,10 @@ the request, so they are generated once, cached on disk and reused: a second run
 (or a second process) makes no role call. The cache lives under
 ``$MOA_RAY_CACHE_DIR/roles`` (default ``~/.cache/moa-ray/roles``), one JSON file
 per key; delete a file to regenerate its roles. A generation that fails or
-yields fewer than ``n`` distinct roles is used for this request as far as it
-goes, recorded in the trace, and not cached, so the next request tries again.
+yields fewer than ``n`` distinct roles is retried once (every try uses the next
+seed: a seeded model would repeat itself); if it still falls short, the request
+runs with the roles it got, the trace says so, and nothing is cached, so the
+next request tries again.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "MOA_RAY_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/moa-ray"
+#: Role calls per request before running with what was parsed (each try uses the next seed).
+ROLE_ATTEMPTS = 2
+#: Completion tokens budgeted per generated role (a JSON object of three short strings).
+ROLE_TOKENS = 96
 _ROLE_FIELDS = (("occupation", "occupation"), ("personality", "personality"), ("social_group", "social group"))
 
 #: ``Pipeline.call`` with the trace bound: (spec, messages, layer, index, role, params) -> Completion | None.
@@ -97,19 +103,19 @@ class RoleCache:
 # --------------------------------------------------------------------------- parsing
 
 
-def roles_schema() -> dict[str, Any]:
-    """JSON schema of the role call's answer.
+def roles_schema(n: int) -> dict[str, Any]:
+    """JSON schema of the role call's answer: exactly ``n`` roles.
 
-    The count (n) is asked for in the prompt and checked by the parser, not put in the
-    schema: llama.cpp expands ``minItems``/``maxItems`` of object items and string
-    ``maxLength`` into grammars that make generation many times slower.
+    No ``maxLength`` on the strings: llama.cpp expands it into a grammar that makes
+    generation many times slower.
     """
     role = {
         "type": "object",
         "properties": {key: {"type": "string"} for key, _ in _ROLE_FIELDS},
         "required": [key for key, _ in _ROLE_FIELDS],
     }
-    return {"type": "object", "properties": {"roles": {"type": "array", "items": role}}, "required": ["roles"]}
+    roles = {"type": "array", "items": role, "minItems": n, "maxItems": n}
+    return {"type": "object", "properties": {"roles": roles}, "required": ["roles"]}
 
 
 def describe_role(role: Any) -> str | None:
@@ -190,7 +196,11 @@ def assign_roles(layer: LayerSpec, roles: list[str]) -> LayerSpec:
 
 
 class RoleAssigner:
-    """Roles for one pipeline: memory, then disk cache, then one traced LLM call (layer 0, role ``roles``)."""
+    """Roles for one pipeline: memory, then disk cache, then a traced LLM call (layer 0, role ``roles``).
+
+    A call that fails or yields fewer than n distinct roles is tried once more with the
+    next seed; a request that still has too few runs with what it has, uncached.
+    """
 
     def __init__(self, spec: RolesSpec, model: ProposerSpec, model_id: str, n: int, cache: RoleCache, seed: int) -> None:
         self.spec = spec
@@ -200,6 +210,7 @@ class RoleAssigner:
         self.cache = cache
         self.seed = seed
         self._roles: list[str] | None = None
+        self._attempts = 0  # failed or partial generations so far; each retry uses the next seed
         self._lock = asyncio.Lock()  # concurrent first requests make one role call, not many
 
     async def roles(self, call: CallFn, trace: Trace) -> list[str]:
@@ -218,16 +229,23 @@ class RoleAssigner:
             self._roles = cached
             return cached, "cache"
         messages = [ChatMessage(role="user", content=roles_prompt(self.spec.dataset, self.spec.task, self.n))]
-        params = ChatParams(json_mode=True, json_schema=roles_schema(), seed=self.seed)
-        completion = await call(self.model, messages, layer=0, index=0, role="roles", params=params)
-        if completion is None:
-            return [], "role generation failed; proposers ran without roles (not cached)"
-        roles = parse_roles(completion.text)[: self.n]
-        if len(roles) < self.n:
-            return roles, f"generated, but only {len(roles)} of {self.n} distinct roles parsed (not cached)"
-        self.cache.put(RoleSet(dataset=key[0], task=key[1], n=key[2], model=key[3], roles=roles))
-        self._roles = roles
-        return roles, "generated"
+        # n roles need room: unless the roles model sets max_tokens itself, ask for ROLE_TOKENS per role
+        max_tokens = None if self.model.max_tokens is not None else max(256, ROLE_TOKENS * self.n)
+        best: list[str] = []
+        for index in range(ROLE_ATTEMPTS):
+            seed = self.seed + self._attempts
+            params = ChatParams(json_mode=True, json_schema=roles_schema(self.n), seed=seed, max_tokens=max_tokens)
+            completion = await call(self.model, messages, layer=0, index=index, role="roles", params=params)
+            roles = parse_roles(completion.text)[: self.n] if completion is not None else []
+            if len(roles) == self.n:
+                self.cache.put(RoleSet(dataset=key[0], task=key[1], n=key[2], model=key[3], roles=roles))
+                self._roles = roles
+                return roles, "generated"
+            self._attempts += 1
+            best = roles if len(roles) > len(best) else best
+        if not best:
+            return [], f"role generation failed {ROLE_ATTEMPTS} times; proposers ran without roles (not cached)"
+        return best, f"generated, but only {len(best)} of {self.n} distinct roles parsed in {ROLE_ATTEMPTS} tries (not cached)"
 
 
 def override_roles(config: MoARayConfig, pipeline: str, dataset: str | None, task: str | None) -> MoARayConfig:
