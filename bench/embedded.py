@@ -13,6 +13,9 @@ hits both alike.
 The last line is ``ratio <pipeline / raw>`` (target >= 0.9).
 
     python -m bench.embedded --prompts 4 --max-tokens 64
+
+llama.cpp's threads synchronise at every token, so on a machine whose cores are
+busy with other work the numbers swing; ``--threads 1`` (both sides) is steadier.
 """
 
 from __future__ import annotations
@@ -69,13 +72,17 @@ class RecordingAgent:
         return self.inner.stream(messages, params)
 
 
-def bench_config(pipeline: str, max_tokens: int | None, config_path: str | None) -> MoARayConfig:
-    """The config with ``max_tokens`` as every model's default (so proposers are capped too)."""
+def bench_config(pipeline: str, max_tokens: int | None, config_path: str | None, threads: int | None = None) -> MoARayConfig:
+    """The config with ``max_tokens`` as every model's default (so proposers are capped too), and ``threads`` if given."""
     config = load_config(config_path)
     config.pipeline(pipeline)
+    update: dict[str, Any] = {}
     if max_tokens is not None:
-        for name in config.models_for([pipeline]):
-            config.models[name] = config.models[name].model_copy(update={"max_tokens": max_tokens})
+        update["max_tokens"] = max_tokens
+    if threads is not None:
+        update["n_threads"] = threads
+    for name in config.models_for([pipeline]):
+        config.models[name] = config.models[name].model_copy(update=update)
     return config
 
 
@@ -113,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=4, help=f"Measured prompts (at most {len(PROMPTS)}).")
     parser.add_argument("--max-tokens", type=int, default=64, help="Completion cap of every call.")
+    parser.add_argument("--threads", type=int, default=None, help="n_threads for both sides (default: the config's).")
     parser.add_argument("--pipeline", default="embedded")
     parser.add_argument("--config", default=None, help="YAML config (default: the shipped presets).")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: a local Ray).")
@@ -126,7 +134,7 @@ def main() -> None:
     from moa_ray.pipeline import build_pipeline
     from moa_ray.runtime import deploy_agents, init_ray
 
-    config = bench_config(args.pipeline, args.max_tokens, args.config)
+    config = bench_config(args.pipeline, args.max_tokens, args.config, args.threads)
     models = config.models_for([args.pipeline])
     if len(models) != 1 or not isinstance(next(iter(models.values())), LlamaCppModelSpec):
         raise SystemExit(f"pipeline {args.pipeline!r} must use exactly one llamacpp model to compare with raw llama.cpp")
@@ -144,7 +152,7 @@ def main() -> None:
         recorded = {name: RecordingAgent(agent, name, seeds, log) for name, agent in agents.items()}
         pipeline = build_pipeline(config, args.pipeline, recorded)
 
-        totals = {"pipe_tokens": 0, "pipe_s": 0.0, "raw_tokens": 0, "raw_s": 0.0, "calls": 0, "same": 0}
+        totals = {"pipe_tokens": 0, "pipe_s": 0.0, "raw_tokens": 0, "raw_s": 0.0, "calls": 0, "same": 0, "replica_s": 0.0}
 
         def replay(calls: list[RecordedCall]) -> tuple[int, float, int]:
             tokens, seconds, same = 0, 0.0, 0
@@ -164,11 +172,12 @@ def main() -> None:
             wall = time.perf_counter() - start
             calls = list(log)
             pipe_tokens = sum(c.completion.usage.completion_tokens for c in calls)
+            in_replica = sum(c.completion.latency_s for c in calls)
             raw_tokens, raw_s, same = replay(calls)
             label = "warm-up" if i == 0 else f"prompt {i}/{args.prompts}"
             print(
                 f"{label}: pipeline {pipe_tokens} tok in {wall:.2f}s ({pipe_tokens / wall:.1f} tok/s, {len(calls)} calls, "
-                f"{result.trace.layers_run} layers) | raw {raw_tokens} tok in {raw_s:.2f}s ({raw_tokens / raw_s:.1f} tok/s) "
+                f"{result.trace.layers_run} layers, {in_replica:.2f}s generating in the replica) | raw {raw_tokens} tok in {raw_s:.2f}s ({raw_tokens / raw_s:.1f} tok/s) "
                 f"| identical outputs {same}/{len(calls)}",
                 flush=True,
             )
@@ -176,6 +185,7 @@ def main() -> None:
                 continue
             totals["pipe_tokens"] += pipe_tokens
             totals["pipe_s"] += wall
+            totals["replica_s"] += in_replica
             totals["raw_tokens"] += raw_tokens
             totals["raw_s"] += raw_s
             totals["calls"] += len(calls)
@@ -192,7 +202,7 @@ def main() -> None:
     raw_rate = totals["raw_tokens"] / totals["raw_s"]
     print(
         f"pipeline: {totals['pipe_tokens']} completion tokens in {totals['pipe_s']:.2f}s = {pipe_rate:.1f} tok/s "
-        f"(request wall time, {totals['calls']} calls)"
+        f"(request wall time, {totals['calls']} calls; {totals['replica_s']:.2f}s of it generating inside the replica)"
     )
     print(f"raw llama-cpp-python: {totals['raw_tokens']} completion tokens in {totals['raw_s']:.2f}s = {raw_rate:.1f} tok/s")
     print(f"identical outputs: {totals['same']}/{totals['calls']} calls")

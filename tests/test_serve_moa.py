@@ -7,6 +7,7 @@ reads the simulator's counters as deltas, since the deployments are shared.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -100,6 +101,7 @@ def test_every_model_gets_its_own_deployment_with_its_options(deployed):
     assert status.deployments["agent-a"].replica_states.get("RUNNING") == 2  # num_replicas from the config
     info = serve.get_deployment_handle("agent-b", APP).info.remote().result()
     assert (info["name"], info["model"], info["backend"]) == ("b", "sim/b", "openai")
+    assert info["niceness"] == os.nice(0)  # the driver's priority, not Ray's default worker niceness (+15)
 
 
 def test_two_layer_moa_on_real_deployments(deployed):

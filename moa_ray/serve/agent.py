@@ -8,6 +8,7 @@ instead of unwrapping a ``RayTaskError``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -55,7 +56,14 @@ class AgentDeployment:
         import ray
 
         ctx = ray.get_runtime_context()
-        return {"name": self.name, "model": self.spec.model, "backend": self.spec.backend, "node_id": ctx.get_node_id()}
+        return {
+            "name": self.name,
+            "model": self.spec.model,
+            "backend": self.spec.backend,
+            "node_id": ctx.get_node_id(),
+            "pid": os.getpid(),
+            "niceness": os.nice(0),
+        }
 
     async def check_health(self) -> None:
         """Serve calls this periodically; a replica whose backend is gone is restarted."""

@@ -17,11 +17,17 @@ def agent_deployment_name(model: str) -> str:
     return f"agent-{model}"
 
 
+#: Ray starts worker processes at niceness 15, below everything else on the machine. An agent
+#: serves latency-sensitive calls (the embedded model generates in it), so on a shared machine
+#: it would be starved by any busy process; it runs at the normal priority of the driver instead.
+AGENT_ENV_VARS = {"RAY_worker_niceness": "0"}
+
+
 def build_agent(name: str, spec: ModelSpecBase) -> Application:
     """One model's deployment with the placement, replicas and concurrency of its spec."""
-    return AgentDeployment.options(name=agent_deployment_name(name), **spec.deployment_options()).bind(
-        name, spec.model_dump(mode="json")
-    )
+    options = spec.deployment_options()
+    options["ray_actor_options"] = {**options["ray_actor_options"], "runtime_env": {"env_vars": dict(AGENT_ENV_VARS)}}
+    return AgentDeployment.options(name=agent_deployment_name(name), **options).bind(name, spec.model_dump(mode="json"))
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
