@@ -8,7 +8,7 @@ pipeline never sees the difference.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk
 from moa_ray.config import LlamaCppModelSpec, ModelSpecBase, OpenAIModelSpec, VLLMModelSpec
@@ -33,6 +33,21 @@ def effective_params(spec: ModelSpecBase, params: ChatParams) -> ChatParams:
             "max_tokens": spec.max_tokens if params.max_tokens is None else params.max_tokens,
         }
     )
+
+
+def chat_kwargs(spec: ModelSpecBase, messages: list[ChatMessage], params: ChatParams) -> dict[str, Any]:
+    """OpenAI-style chat arguments (llama-cpp-python takes the same names): messages plus the set sampling params."""
+    p = effective_params(spec, params)
+    kwargs: dict[str, Any] = {
+        "messages": [m.model_dump() for m in messages],
+        "temperature": p.temperature,
+        "max_tokens": p.max_tokens,
+    }
+    optional = {"top_p": p.top_p, "stop": p.stop or None, "seed": p.seed}
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    if p.json_mode:
+        kwargs["response_format"] = {"type": "json_object"}
+    return kwargs
 
 
 def create_backend(spec: ModelSpecBase) -> ChatBackend:

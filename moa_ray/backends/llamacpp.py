@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from moa_ray.backends.base import effective_params
+from moa_ray.backends.base import chat_kwargs
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
 from moa_ray.config import LlamaCppModelSpec
 from moa_ray.errors import BackendError, ConfigError, ContextLengthExceeded
@@ -70,22 +70,9 @@ class LlamaCppBackend:
         self._lock = asyncio.Lock()
 
     def _kwargs(self, messages: list[ChatMessage], params: ChatParams) -> dict[str, Any]:
-        p = effective_params(self.spec, params)
-        kwargs: dict[str, Any] = {
-            "messages": [m.model_dump() for m in messages],
-            "temperature": p.temperature,
-            "max_tokens": p.max_tokens,
-        }
-        if p.top_p is not None:
-            kwargs["top_p"] = p.top_p
-        if p.stop:
-            kwargs["stop"] = p.stop
-        if p.seed is not None:
-            kwargs["seed"] = p.seed
-        if p.json_mode:
-            kwargs["response_format"] = {"type": "json_object"}
-            if p.json_schema:
-                kwargs["response_format"]["schema"] = p.json_schema
+        kwargs = chat_kwargs(self.spec, messages, params)
+        if params.json_mode and params.json_schema:
+            kwargs["response_format"]["schema"] = params.json_schema  # compiled to a grammar by llama.cpp
         return kwargs
 
     def _error(self, err: Exception) -> BackendError:

@@ -20,7 +20,7 @@ import httpx
 from httpx_sse import aconnect_sse
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from moa_ray.backends.base import effective_params
+from moa_ray.backends.base import chat_kwargs
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
 from moa_ray.config import OpenAIModelSpec
 from moa_ray.errors import (
@@ -102,21 +102,7 @@ class OpenAIBackend:
         )
 
     def _payload(self, messages: list[ChatMessage], params: ChatParams, stream: bool) -> dict[str, Any]:
-        p = effective_params(self.spec, params)
-        payload: dict[str, Any] = {
-            "model": self.spec.model,
-            "messages": [m.model_dump() for m in messages],
-            "temperature": p.temperature,
-            "max_tokens": p.max_tokens,
-        }
-        if p.top_p is not None:
-            payload["top_p"] = p.top_p
-        if p.stop:
-            payload["stop"] = p.stop
-        if p.seed is not None:
-            payload["seed"] = p.seed
-        if p.json_mode:
-            payload["response_format"] = {"type": "json_object"}
+        payload = {"model": self.spec.model, **chat_kwargs(self.spec, messages, params)}
         if stream:
             payload["stream"] = True
             payload["stream_options"] = {"include_usage": True}
