@@ -12,7 +12,10 @@ from moa_ray.cli import main
 from moa_ray.config import parse_config
 from moa_ray.errors import ConfigError
 from moa_ray.serve.app import APP_BUILDER_IMPORT_PATH, AppArgs, app_builder, build_app, serve_config
+from moa_ray.serve.builder import AGENT_ENV_VARS
 from moa_ray.serve.ingress import INGRESS_DEPLOYMENT
+
+AGENT_RUNTIME_ENV = {"env_vars": AGENT_ENV_VARS}
 
 CONFIG = {
     "models": {
@@ -56,7 +59,7 @@ def test_app_binds_one_agent_per_called_model_under_the_ingress(config):
 def test_autoscaling_and_placement_flow_into_serve(config):
     deployments = _deployments(build_app(config))
     big, small, ingress = deployments["agent-big"], deployments["agent-small"], deployments[INGRESS_DEPLOYMENT]
-    assert big.ray_actor_options == {"num_cpus": 0.05, "num_gpus": 2, "resources": {"pool_big": 1.0}}
+    assert big.ray_actor_options == {"num_cpus": 0.05, "num_gpus": 2, "resources": {"pool_big": 1.0}, "runtime_env": AGENT_RUNTIME_ENV}
     auto = big._deployment_config.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests, auto.upscale_delay_s) == (1, 4, 8, 5)
     assert big.max_ongoing_requests == 32

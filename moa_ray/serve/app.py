@@ -14,7 +14,7 @@ from ray.serve import Application
 
 from moa_ray.config import MoARayConfig, load_config, parse_config
 from moa_ray.errors import ConfigError
-from moa_ray.serve.builder import agent_deployment_name, build_agent
+from moa_ray.serve.builder import agent_deployment_name, agent_deployment_options, build_agent
 from moa_ray.serve.ingress import INGRESS_DEPLOYMENT, MoAIngress
 
 DEFAULT_APP_NAME = "moa"
@@ -74,7 +74,7 @@ def deployment_options(config: MoARayConfig, pipelines: list[str]) -> list[dict[
     """Per-deployment options of the app, as Serve config ``deployments`` entries."""
     out = [{"name": INGRESS_DEPLOYMENT, **config.server.ingress.deployment_options()}]
     for model, spec in config.models_for(pipelines).items():
-        out.append({"name": agent_deployment_name(model), **spec.deployment_options()})
+        out.append({"name": agent_deployment_name(model), **agent_deployment_options(spec)})
     return out
 
 

@@ -23,11 +23,21 @@ def agent_deployment_name(model: str) -> str:
 AGENT_ENV_VARS = {"RAY_worker_niceness": "0"}
 
 
-def build_agent(name: str, spec: ModelSpecBase) -> Application:
-    """One model's deployment with the placement, replicas and concurrency of its spec."""
+def agent_deployment_options(spec: ModelSpecBase) -> dict[str, Any]:
+    """A model's deployment options: its spec's placement and scaling, plus the agents' runtime environment.
+
+    The one source for the app builder and the Serve config / KubeRay manifests, so they deploy alike.
+    """
     options = spec.deployment_options()
     options["ray_actor_options"] = {**options["ray_actor_options"], "runtime_env": {"env_vars": dict(AGENT_ENV_VARS)}}
-    return AgentDeployment.options(name=agent_deployment_name(name), **options).bind(name, spec.model_dump(mode="json"))
+    return options
+
+
+def build_agent(name: str, spec: ModelSpecBase) -> Application:
+    """One model's deployment with the placement, replicas and concurrency of its spec."""
+    return AgentDeployment.options(name=agent_deployment_name(name), **agent_deployment_options(spec)).bind(
+        name, spec.model_dump(mode="json")
+    )
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
