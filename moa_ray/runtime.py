@@ -34,6 +34,20 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, **kwargs)
 
 
+def deploy_models(
+    config: MoARayConfig, models: list[str], *, app_name: str = "moa-agents", http: bool = False
+) -> dict[str, Agent]:
+    """Deploy ``models`` as one Serve application (one deployment each) and return their agents."""
+    from ray import serve
+
+    from moa_ray.serve.builder import agent_deployment_name, build_agents_app
+
+    if not http:
+        serve.start(proxy_location="Disabled")
+    serve.run(build_agents_app(config, models), name=app_name, route_prefix=None)
+    return {m: HandleAgent(serve.get_deployment_handle(agent_deployment_name(m), app_name), m) for m in models}
+
+
 def deploy_agents(
     config: MoARayConfig,
     pipelines: list[str],
@@ -42,12 +56,4 @@ def deploy_agents(
     http: bool = False,
 ) -> dict[str, Agent]:
     """Deploy every model the named pipelines call (one Serve deployment each) and return their agents."""
-    from ray import serve
-
-    from moa_ray.serve.builder import agent_deployment_name, build_agents_app
-
-    models = list(config.models_for(pipelines))
-    if not http:
-        serve.start(proxy_location="Disabled")
-    serve.run(build_agents_app(config, models), name=app_name, route_prefix=None)
-    return {m: HandleAgent(serve.get_deployment_handle(agent_deployment_name(m), app_name), m) for m in models}
+    return deploy_models(config, list(config.models_for(pipelines)), app_name=app_name, http=http)

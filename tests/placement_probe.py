@@ -28,7 +28,7 @@ async def _probe(handle, calls: int) -> list[str]:
 def main(config_path: str, calls: int = 24) -> None:
     ray.init(logging_level="ERROR", log_to_driver=False)
     config = load_config(config_path)
-    serve.start(http_options={"location": "NoServer"})
+    serve.start(proxy_location="Disabled")
     serve.run(build_app(config), name=APP, route_prefix=None)
     try:
         nodes = {n["NodeID"]: sorted(k for k in n["Resources"] if k.startswith("pool_")) for n in ray.nodes() if n["Alive"]}

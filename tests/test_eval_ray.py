@@ -10,7 +10,7 @@ from eval_support import eval_config, model, simulator_config
 
 from bench.simulator import Behaviour, run_simulator
 from moa_ray.config import parse_config
-from moa_ray.eval.cli import deploy_models
+from moa_ray.runtime import deploy_models
 from moa_ray.eval.datasets import load_dataset
 from moa_ray.eval.generate import GenerateOptions, run_generation
 from moa_ray.eval.judge import JudgeOptions, pairwise_table, read_generations, run_judging, single_table
@@ -34,7 +34,7 @@ def env(ray_session):
         raw["models"]["flaky"] = model(sim.base_url, FLAKY)
         raw["pipelines"]["flaky"] = {"kind": "moa", "layers": [["a"]], "aggregator": "flaky"}
         config = parse_config(raw)
-        agents = deploy_models(config, list(config.models), APP)
+        agents = deploy_models(config, list(config.models), app_name=APP)
         yield config, agents, sim
         serve.delete(APP)
 

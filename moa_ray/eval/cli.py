@@ -322,11 +322,11 @@ def judge_command(
     err_console.print(f"{len(items)} judgments to make with {judge_model!r} -> {out}", highlight=False)
     agent = None
     if items:
-        from moa_ray.runtime import init_ray
+        from moa_ray.runtime import deploy_models, init_ray
 
         with err_console.status(f"starting Ray and deploying the judge {judge_model!r}..."):
             init_ray(address)
-            agent = deploy_models(config, [judge_model], app_name)[judge_model]
+            agent = deploy_models(config, [judge_model], app_name=app_name)[judge_model]
     try:
         summary = run_judging(gens, agent, options)  # type: ignore[arg-type]
     finally:
@@ -340,18 +340,6 @@ def judge_command(
     if summary.failed_rows:
         err_console.print("[yellow]some judgments failed; rerun the same command to retry them[/yellow]")
         sys.exit(EXIT_PARTIAL)
-
-
-def deploy_models(config: Any, models: list[str], app_name: str) -> dict[str, Any]:
-    """Deploy ``models`` of ``config`` as one Serve application (no pipeline needed) and return their agents."""
-    from ray import serve
-
-    from moa_ray.pipeline.agents import HandleAgent
-    from moa_ray.serve.builder import agent_deployment_name, build_agents_app
-
-    serve.start(http_options={"location": "NoServer"})
-    serve.run(build_agents_app(config, models), name=app_name, route_prefix=None)
-    return {m: HandleAgent(serve.get_deployment_handle(agent_deployment_name(m), app_name), m) for m in models}
 
 
 # --------------------------------------------------------------------------- report
