@@ -49,6 +49,23 @@ _COMMON_TAIL = [
 ]
 
 
+#: Leading and trailing fields shared by the two judgment tables (pairwise annotations and grades).
+_JUDGED_HEAD = [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("pipeline", pa.string(), nullable=False),
+    pa.field("turn", pa.int32(), nullable=False),
+    pa.field("judge", pa.string(), nullable=False),
+    pa.field("judge_prompt", pa.string(), nullable=False),
+]
+_JUDGED_TAIL = [
+    pa.field("judge_prompt_tokens", pa.int64(), nullable=False),
+    pa.field("judge_completion_tokens", pa.int64(), nullable=False),
+    pa.field("latency_s", pa.float64()),
+    *_COMMON_TAIL,
+]
+
+
 class RoleTokens(BaseModel):
     """Token totals of one call role (proposer, aggregator, judge...) within one answer."""
 
@@ -158,12 +175,7 @@ class PairwiseRow(_Row):
 
     SCHEMA: ClassVar[pa.Schema] = pa.schema(
         [
-            pa.field("run_id", pa.string(), nullable=False),
-            pa.field("prompt_id", pa.string(), nullable=False),
-            pa.field("pipeline", pa.string(), nullable=False),
-            pa.field("turn", pa.int32(), nullable=False),
-            pa.field("judge", pa.string(), nullable=False),
-            pa.field("judge_prompt", pa.string(), nullable=False),
+            *_JUDGED_HEAD,
             pa.field("instruction", pa.string(), nullable=False),
             pa.field("dataset", pa.string()),
             pa.field("output_1", pa.string(), nullable=False),
@@ -175,10 +187,7 @@ class PairwiseRow(_Row):
             pa.field("verdict_pipeline_first", pa.string()),
             pa.field("judgment_reference_first", pa.string()),
             pa.field("judgment_pipeline_first", pa.string()),
-            pa.field("judge_prompt_tokens", pa.int64(), nullable=False),
-            pa.field("judge_completion_tokens", pa.int64(), nullable=False),
-            pa.field("latency_s", pa.float64()),
-            *_COMMON_TAIL,
+            *_JUDGED_TAIL,
         ]
     )
 
@@ -202,19 +211,11 @@ class GradeRow(_Row):
 
     SCHEMA: ClassVar[pa.Schema] = pa.schema(
         [
-            pa.field("run_id", pa.string(), nullable=False),
-            pa.field("prompt_id", pa.string(), nullable=False),
-            pa.field("pipeline", pa.string(), nullable=False),
-            pa.field("turn", pa.int32(), nullable=False),
-            pa.field("judge", pa.string(), nullable=False),
-            pa.field("judge_prompt", pa.string(), nullable=False),
+            *_JUDGED_HEAD,
             pa.field("category", pa.string()),
             pa.field("score", pa.float64()),
             pa.field("judgment", pa.string()),
-            pa.field("judge_prompt_tokens", pa.int64(), nullable=False),
-            pa.field("judge_completion_tokens", pa.int64(), nullable=False),
-            pa.field("latency_s", pa.float64()),
-            *_COMMON_TAIL,
+            *_JUDGED_TAIL,
         ]
     )
 
