@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
-import httpx
+from pipeline_support import Recorder
 
 from bench.simulator import Behaviour, SimulatorConfig
 from moa_ray.backends.openai_http import OpenAIBackend
@@ -16,18 +15,6 @@ from moa_ray.pipeline.agents import LocalAgent
 from moa_ray.prompts import aggregate_system_prompt
 
 REPLIES = {"p1": "first answer text", "p2": "second answer, longer text here", "p3": "third answer"}
-
-
-class Recorder(httpx.AsyncBaseTransport):
-    """Real HTTP to the simulator, keeping each request's JSON body."""
-
-    def __init__(self) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
-        self.bodies: list[dict[str, Any]] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.bodies.append(json.loads(request.content))
-        return await self.inner.handle_async_request(request)
 
 
 def run(sim, pipeline: dict[str, Any], recorder: Recorder | None = None, stream: bool = False):

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
 
-import httpx
+from pipeline_support import Recorder
 
 from bench.simulator import Behaviour, SimulatorConfig
 from moa_ray.backends.openai_http import OpenAIBackend
 from moa_ray.config import LayerSpec, parse_config
 from moa_ray.pipeline.agents import LocalAgent
-from moa_ray.pipeline.roles import RoleCache, RoleSet, assign_roles, cache_root, parse_roles, roles_schema
+from moa_ray.pipeline.roles import (
+    RoleCache,
+    RoleSet,
+    assign_roles,
+    cache_root,
+    parse_roles,
+    roles_schema,
+)
 from moa_ray.pipeline.smoa import SMoAPipeline
 from moa_ray.prompts import role_system
 
@@ -76,18 +82,6 @@ def test_cache_dir_env_override(tmp_path, monkeypatch):
     assert cache_root() == tmp_path / "c" and RoleCache().directory == tmp_path / "c" / "roles"
     monkeypatch.delenv("MOA_RAY_CACHE_DIR")
     assert str(cache_root()).endswith(".cache/moa-ray")
-
-
-class Recorder(httpx.AsyncBaseTransport):
-    """Real HTTP to the simulator, keeping each request's JSON body."""
-
-    def __init__(self) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
-        self.bodies: list[dict[str, Any]] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.bodies.append(json.loads(request.content))
-        return await self.inner.handle_async_request(request)
 
 
 def _pipeline(sim, cache_dir, recorder: Recorder | None = None):

@@ -11,7 +11,7 @@ import asyncio
 import json
 from typing import Any
 
-import httpx
+from pipeline_support import Recorder
 
 from bench.simulator import Behaviour, SimulatorConfig
 from moa_ray.backends.openai_http import OpenAIBackend
@@ -27,21 +27,6 @@ REPLIES = {
     "p3": "cyan magenta yellow for printing inks and toners",
     "p4": "it depends on the colour model you use",
 }
-
-
-class Recorder(httpx.AsyncBaseTransport):
-    """Real HTTP to the simulator, keeping each request's JSON body."""
-
-    def __init__(self) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
-        self.bodies: list[dict[str, Any]] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.bodies.append(json.loads(request.content))
-        return await self.inner.handle_async_request(request)
-
-    def to(self, model: str) -> list[dict[str, Any]]:
-        return [b for b in self.bodies if b["model"] == model]
 
 
 def verdict(chosen: list[int] | None = None, end: bool | None = None, reasoning: str = "r") -> str:
