@@ -1,7 +1,9 @@
 """What sparsity saves: MoA vs SMoA (moderator on and off) on AlpacaEval instructions with real models.
 
-The same embedded model (SmolLM2-135M-Instruct through llama.cpp, four proposer
-personas) runs three pipelines on the first N AlpacaEval instructions:
+The same model (by default the embedded SmolLM2-135M-Instruct through llama.cpp;
+``--config FILE --model NAME`` takes any configured model, e.g. a vLLM server or a
+hosted API) with four proposer personas runs three pipelines on the first N
+AlpacaEval instructions:
 
 - ``moa``: n = 4 proposers x 3 layers, then the aggregator;
 - ``smoa``: n = 4, k = 2, moderator on, up to 3 proposer layers;
@@ -13,7 +15,7 @@ judge, aggregator) so the drivers of the ratio are visible. The last line is
 ``token_ratio <smoa tokens / moa tokens>`` (moderator on). The moderator decides
 on the real responses; nothing forces or biases a stop.
 
-Models run in-process (LocalAgent: one llama.cpp instance, calls serialised), so
+Models run in-process (LocalAgent; the embedded model serialises its calls), so
 latencies are per-call generation times and the critical path is what a
 parallel deployment would see; wall time is the serial sum.
 
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moa_ray.config import MoARayConfig, parse_config
+from moa_ray.config import MoARayConfig, load_config, parse_config
 from moa_ray.pipeline import build_pipeline
 from moa_ray.pipeline.agents import LocalAgent
 from moa_ray.pipeline.trace import Trace
@@ -48,20 +50,28 @@ PERSONAS = [
 ]
 
 
-def bench_config(max_tokens: int, judge_max_tokens: int, layers: int, k: int, threads: int) -> MoARayConfig:
+def model_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The one model every role uses: embedded SmolLM2, or ``--model`` of ``--config`` (e.g. a vLLM or hosted one)."""
+    if args.config is None:
+        return {
+            "backend": "llamacpp", "model": "smollm2-135m-instruct", "n_threads": args.threads, "n_ctx": 8192,
+            "temperature": 0.7, "max_tokens": args.max_tokens, "parameters_b": 0.135,
+        }
+    models = load_config(args.config).models
+    if args.model not in models:
+        sys.exit(f"--model {args.model!r} is not a model of {args.config} (models: {', '.join(models)})")
+    return {**models[args.model].model_dump(), "max_tokens": args.max_tokens}
+
+
+def bench_config(model: dict[str, Any], judge_max_tokens: int, layers: int, k: int) -> MoARayConfig:
     """MoA and SMoA over the same model and proposers."""
-    layer = [{"model": "smollm2", **p} for p in PERSONAS]
-    aggregator = {"model": "smollm2", "temperature": 0.3}
-    judge = {"model": "smollm2", "temperature": 0.3, "max_tokens": judge_max_tokens}
+    layer = [{"model": "bench", **p} for p in PERSONAS]
+    aggregator = {"model": "bench", "temperature": 0.3}
+    judge = {"model": "bench", "temperature": 0.3, "max_tokens": judge_max_tokens}
     smoa = {"kind": "smoa", "layers": [layer] * layers, "aggregator": aggregator, "judge": judge, "k": k}
     return parse_config(
         {
-            "models": {
-                "smollm2": {
-                    "backend": "llamacpp", "model": "smollm2-135m-instruct", "n_threads": threads, "n_ctx": 8192,
-                    "temperature": 0.7, "max_tokens": max_tokens, "parameters_b": 0.135,
-                }
-            },
+            "models": {"bench": model},
             "pipelines": {
                 "moa": {"kind": "moa", "layers": [layer] * layers, "aggregator": aggregator},
                 "smoa": {**smoa, "moderator": True},
@@ -128,11 +138,12 @@ async def run(args: argparse.Namespace) -> None:
     from moa_ray.backends import create_backend
 
     prompts = load_prompts(Path(args.dataset), args.prompts)
-    config = bench_config(args.max_tokens, args.judge_max_tokens, args.layers, args.k, args.threads)
-    print(f"loading SmolLM2-135M-Instruct (llama.cpp, {args.threads} threads, max_tokens={args.max_tokens}); "
-          f"transport: in-process LocalAgent", flush=True)
-    backend = create_backend(config.models["smollm2"])
-    agents = {"smollm2": LocalAgent(backend)}
+    config = bench_config(model_spec(args), args.judge_max_tokens, args.layers, args.k)
+    spec = config.models["bench"]
+    print(f"model {spec.model} ({spec.backend}, max_tokens={args.max_tokens}); transport: in-process LocalAgent",
+          flush=True)
+    backend = create_backend(spec)
+    agents = {"bench": LocalAgent(backend)}
     pipelines = {name: build_pipeline(config, name, agents) for name in PIPELINES}
     traces: dict[str, list[Trace]] = {name: [] for name in PIPELINES}
     rows = []
@@ -179,9 +190,13 @@ def main() -> None:
     parser.add_argument("--judge-max-tokens", type=int, default=160, help="max_tokens of the judge (room for its JSON).")
     parser.add_argument("--layers", type=int, default=3, help="Proposer layers (SMoA: at most).")
     parser.add_argument("--k", type=int, default=2, help="Responses the SMoA judge keeps.")
-    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads.")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (embedded model).")
+    parser.add_argument("--config", default=None, help="A moa-ray config whose --model every role uses instead.")
+    parser.add_argument("--model", default=None, help="The model of --config (any backend: llamacpp, openai, vllm).")
     parser.add_argument("--out", default=None, help="Write summaries and every trace as JSON here.")
     args = parser.parse_args()
+    if (args.config is None) != (args.model is None):
+        parser.error("--config and --model go together")
     if args.prompts < 1 or args.max_tokens < 1 or not 1 <= args.k < 4:
         parser.error("--prompts and --max-tokens must be positive and 1 <= --k < 4")
     asyncio.run(run(args))

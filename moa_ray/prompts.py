@@ -65,55 +65,53 @@ def numbered_responses(responses: list[str]) -> str:
 
 
 _JUDGE_TASK = (
-    "As the judge, choose the {k} best responses. Judge each one by its correctness, fluency, relevance to the "
-    "question and overall quality. Evaluate them critically: some of them may be biased or incorrect."
+    "Choose the {k} best responses by correctness, fluency, relevance and overall quality. Evaluate critically: some "
+    "may be biased or incorrect."
 )
 _MODERATOR_TASK = (
-    "As the moderator, decide whether to end the debate by measuring the consistency between the responses: end it "
-    "when they are consistent with each other, so that another round of discussion would not change the answer; "
-    "continue it when they disagree."
+    "Decide whether to end the debate by the consistency of the responses: end it if they agree, so that another "
+    "round would not change the answer; continue it if they disagree."
 )
+#: Longest ``reasoning`` a judge or moderator may write: the paper's field, kept to one sentence because every
+#: judge call is pure overhead on top of the proposers (llama.cpp enforces it through the JSON schema).
+REASONING_MAX_CHARS = 200
+
+
+def _verdict_prompt(role: str, question: str, responses: list[str], tasks: list[str], keys: list[str]) -> str:
+    """Question, numbered responses, the tasks, then the JSON keys to reply with (the judge and moderator shape)."""
+    keys = ['"reasoning" (one short sentence)', *keys]
+    return (
+        f"Question:\n{question}\n\n{numbered_responses(responses)}\n\n"
+        f"You are {role} of a discussion between assistants, who gave the {len(responses)} responses above. "
+        + " ".join(tasks)
+        + f"\n\nReply with a JSON object only, with the keys {', '.join(keys[:-1])} and {keys[-1]}."
+    )
 
 
 def judge_prompt(question: str, responses: list[str], k: int, *, moderate: bool) -> str:
     """The SMoA judge (and, with ``moderate``, moderator) instruction as one user message."""
-    n = len(responses)
-    tasks = _JUDGE_TASK.format(k=k)
-    keys = (
-        f'"reasoning" (one or two short sentences) and "chosen_responses" (a list of the {k} best response numbers, '
-        f"each from 1 to {n})"
-    )
+    tasks = [_JUDGE_TASK.format(k=k)]
+    keys = [f'"chosen_responses" (a list of {k} response numbers from 1 to {len(responses)})']
     if moderate:
-        tasks += "\n" + _MODERATOR_TASK
-        keys = keys.replace(" and ", ", ", 1) + ' and "end_debate" (true or false)'
+        tasks.append(_MODERATOR_TASK)
+        keys.append('"end_debate" (true or false)')
     role = "the judge and the moderator" if moderate else "the judge"
-    return (
-        f"You are {role} of a discussion between assistants. Here is the question and {n} numbered responses.\n\n"
-        f"Question:\n{question}\n\n{numbered_responses(responses)}\n\n{tasks}\n\n"
-        f"Reply with a JSON object only, with the keys {keys}."
-    )
+    return _verdict_prompt(role, question, responses, tasks, keys)
 
 
 def moderator_prompt(question: str, responses: list[str]) -> str:
     """The SMoA moderator as a separate call: only the end-the-debate decision."""
-    return (
-        f"You are the moderator of a discussion between assistants. Here is the question and {len(responses)} "
-        f"numbered responses.\n\nQuestion:\n{question}\n\n{numbered_responses(responses)}\n\n{_MODERATOR_TASK}\n\n"
-        'Reply with a JSON object only, with the keys "reasoning" (one or two short sentences) and '
-        '"end_debate" (true or false).'
-    )
+    return _verdict_prompt("the moderator", question, responses, [_MODERATOR_TASK], ['"end_debate" (true or false)'])
 
 
 def ranker_prompt(question: str, responses: list[str]) -> str:
     """The LLM-ranker baseline (MoA paper ablation): pick one response verbatim instead of synthesising."""
-    n = len(responses)
-    return (
-        f"Here is a question and {n} numbered responses from different assistants.\n\nQuestion:\n{question}\n\n"
-        f"{numbered_responses(responses)}\n\nChoose the single best response by its correctness, fluency, relevance "
-        "and overall quality. Evaluate critically: some responses may be biased or incorrect.\n\n"
-        f'Reply with a JSON object only, with the keys "reasoning" (one or two short sentences) and '
-        f'"best_response" (the number of the best response, from 1 to {n}).'
+    task = (
+        "Choose the single best response by correctness, fluency, relevance and overall quality. Evaluate "
+        "critically: some may be biased or incorrect."
     )
+    key = f'"best_response" (the number of the best response, from 1 to {len(responses)})'
+    return _verdict_prompt("the ranker", question, responses, [task], [key])
 
 
 def roles_prompt(dataset: str, task: str, n: int) -> str:

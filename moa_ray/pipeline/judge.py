@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from moa_ray.chat import ChatMessage
+from moa_ray.prompts import REASONING_MAX_CHARS
 
 _CHOSEN_KEYS = {"chosenresponses", "chosenresponse", "chosen", "selectedresponses", "selected", "selection", "bestresponses"}
 _END_KEYS = {"enddebate", "endthedebate", "end", "stop", "stopdebate", "debateend", "terminate"}
@@ -73,7 +74,7 @@ class Selection(BaseModel):
 def judge_schema(n: int, k: int, *, moderate: bool) -> dict[str, Any]:
     """JSON schema of the judge's answer (``end_debate`` only when it also moderates)."""
     props: dict[str, Any] = {
-        "reasoning": {"type": "string", "maxLength": 400},
+        "reasoning": {"type": "string", "maxLength": REASONING_MAX_CHARS},
         "chosen_responses": {
             "type": "array",
             "items": {"type": "integer", "enum": list(range(1, n + 1))},
@@ -88,14 +89,14 @@ def judge_schema(n: int, k: int, *, moderate: bool) -> dict[str, Any]:
 
 def moderator_schema() -> dict[str, Any]:
     """JSON schema of a separate moderator's answer."""
-    props = {"reasoning": {"type": "string", "maxLength": 400}, "end_debate": {"type": "boolean"}}
+    props = {"reasoning": {"type": "string", "maxLength": REASONING_MAX_CHARS}, "end_debate": {"type": "boolean"}}
     return {"type": "object", "properties": props, "required": list(props)}
 
 
 def ranker_schema(n: int) -> dict[str, Any]:
     """JSON schema of the ranker's answer."""
     props = {
-        "reasoning": {"type": "string", "maxLength": 400},
+        "reasoning": {"type": "string", "maxLength": REASONING_MAX_CHARS},
         "best_response": {"type": "integer", "enum": list(range(1, n + 1))},
     }
     return {"type": "object", "properties": props, "required": list(props)}
