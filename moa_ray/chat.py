@@ -37,7 +37,8 @@ class ChatParams(BaseModel):
     json_schema: dict[str, Any] | None = Field(
         default=None,
         description="With json_mode: a JSON schema the output must follow where the backend can enforce it "
-        "(llama.cpp compiles it to a grammar, which keeps small models' structured output valid); "
+        "(llama.cpp compiles it to a grammar, which keeps small models' structured output valid; vLLM uses its "
+        "structured outputs); "
         "HTTP backends send plain JSON mode and rely on the prompt.",
     )
 

@@ -48,8 +48,27 @@ class VLLMBackend:
     def _sampling(self, params: ChatParams) -> Any:
         p = effective_params(self.spec, params)
         return self._sampling_params(
-            temperature=p.temperature, max_tokens=p.max_tokens, top_p=p.top_p or 1.0, stop=p.stop, seed=p.seed
+            temperature=p.temperature, max_tokens=p.max_tokens, top_p=p.top_p or 1.0, stop=p.stop, seed=p.seed,
+            **structured_output(p),
         )
+
+
+def structured_output(params: ChatParams) -> dict[str, Any]:
+    """vLLM's constrained decoding for JSON answers (the SMoA judge's schema), in the API this vLLM has.
+
+    vLLM >= 0.10.2 takes ``structured_outputs=StructuredOutputsParams(...)``; older
+    releases took ``guided_decoding=GuidedDecodingParams(...)`` with the same fields.
+    """
+    if not params.json_mode:
+        return {}
+    fields: dict[str, Any] = {"json": params.json_schema} if params.json_schema else {"json_object": True}
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return {"guided_decoding": GuidedDecodingParams(**fields)}
+    return {"structured_outputs": StructuredOutputsParams(**fields)}
 
     async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
         start = time.perf_counter()
