@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import statistics
 import time
@@ -130,11 +131,8 @@ def main() -> None:
     if not 1 <= args.prompts <= len(PROMPTS):
         raise SystemExit(f"--prompts must be between 1 and {len(PROMPTS)}")
 
-    import ray
-    from ray import serve
-
     from moa_ray.pipeline import build_pipeline
-    from moa_ray.runtime import deploy_agents, init_ray
+    from moa_ray.runtime import deploy_agents, ray_session
 
     config = bench_config(args.pipeline, args.max_tokens, args.config, args.threads)
     models = config.models_for([args.pipeline])
@@ -146,8 +144,7 @@ def main() -> None:
     raw = load_raw(spec)
     seeds = itertools.count(1234)
     t = time.perf_counter()
-    init_ray(args.address)
-    try:
+    with contextlib.closing(raw), ray_session(args.address, apps=[APP_NAME]):
         agents = deploy_agents(config, [args.pipeline], app_name=APP_NAME)
         print(f"ray up and {args.pipeline!r} deployed in {time.perf_counter() - t:.1f}s", flush=True)
         log: list[RecordedCall] = []
@@ -194,13 +191,6 @@ def main() -> None:
             totals["raw_s"] += raw_s
             totals["calls"] += len(calls)
             totals["same"] += same
-    finally:
-        try:
-            serve.delete(APP_NAME)
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            raw.close()
 
     pipe_rate = totals["pipe_tokens"] / totals["pipe_s"]
     raw_rate = totals["raw_tokens"] / totals["raw_s"]

@@ -34,7 +34,7 @@ from moa_ray.eval.datasets import load_dataset
 from moa_ray.eval.generate import GenerateOptions, run_generation
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import RowTable
-from moa_ray.runtime import deploy_agents, init_ray
+from moa_ray.runtime import deploy_agents, ray_session
 
 PIPELINE = "moa-lite-sim"
 N_PROPOSERS = 6
@@ -103,34 +103,34 @@ def main() -> None:
     try:
         config = parse_config(bench_config(base_url))
         dataset = load_dataset("alpaca_eval", limit=args.prompts)
-        init_ray(num_cpus=8)
-        agents = deploy_agents(config, [PIPELINE], app_name="bench-eval")
-        # expected slowest of the 6 proposers, then the aggregator: 2 L + J (6/7 + 1/2) for uniform jitter
-        critical_path_s = (2 * args.latency_ms + args.jitter_ms * (N_PROPOSERS / (N_PROPOSERS + 1) + 0.5)) / 1000
-        print(
-            f"MoA-Lite shape: {N_PROPOSERS} proposers + aggregator, {args.latency_ms:.0f} ms (+ up to {args.jitter_ms:.0f} ms) per call, "
-            f"critical path {critical_path_s:.2f} s, {len(dataset.prompts)} prompts per level"
-        )
-        print(
-            f"{'concurrency':>11} {'prompts/s':>10} {'ideal':>8} {'efficiency':>10} {'elapsed s':>9} {'failed':>6}"
-            f" {'request s':>9} {'measured critical path s':>24}"
-        )
-        efficiency = 0.0
-        for level in levels:
-            with tempfile.TemporaryDirectory(prefix="moa-bench-") as out:
-                options = GenerateOptions(pipelines=[PIPELINE], out=out, concurrency=level, workers=args.workers, progress=False)
-                summary = run_generation(config, dataset, agents, options)
-                rows = [r for r in RowTable(out, GenerationRow).latest().values() if r["status"] == "ok"]
-            measured = summary.items / summary.elapsed_s
-            ideal = level / critical_path_s
-            efficiency = measured / ideal
-            request_s = statistics.fmean(r["latency_s"] for r in rows)
-            path_s = statistics.fmean(r["critical_path_s"] for r in rows)
+        with ray_session(num_cpus=8):
+            agents = deploy_agents(config, [PIPELINE], app_name="bench-eval")
+            # expected slowest of the 6 proposers, then the aggregator: 2 L + J (6/7 + 1/2) for uniform jitter
+            critical_path_s = (2 * args.latency_ms + args.jitter_ms * (N_PROPOSERS / (N_PROPOSERS + 1) + 0.5)) / 1000
             print(
-                f"{level:>11} {measured:>10.2f} {ideal:>8.2f} {efficiency:>10.3f} {summary.elapsed_s:>9.2f} {summary.failed_rows:>6}"
-                f" {request_s:>9.2f} {path_s:>24.2f}"
+                f"MoA-Lite shape: {N_PROPOSERS} proposers + aggregator, {args.latency_ms:.0f} ms (+ up to {args.jitter_ms:.0f} ms) per call, "
+                f"critical path {critical_path_s:.2f} s, {len(dataset.prompts)} prompts per level"
             )
-        print(f"efficiency {efficiency:.3f}")
+            print(
+                f"{'concurrency':>11} {'prompts/s':>10} {'ideal':>8} {'efficiency':>10} {'elapsed s':>9} {'failed':>6}"
+                f" {'request s':>9} {'measured critical path s':>24}"
+            )
+            efficiency = 0.0
+            for level in levels:
+                with tempfile.TemporaryDirectory(prefix="moa-bench-") as out:
+                    options = GenerateOptions(pipelines=[PIPELINE], out=out, concurrency=level, workers=args.workers, progress=False)
+                    summary = run_generation(config, dataset, agents, options)
+                    rows = [r for r in RowTable(out, GenerationRow).latest().values() if r["status"] == "ok"]
+                measured = summary.items / summary.elapsed_s
+                ideal = level / critical_path_s
+                efficiency = measured / ideal
+                request_s = statistics.fmean(r["latency_s"] for r in rows)
+                path_s = statistics.fmean(r["critical_path_s"] for r in rows)
+                print(
+                    f"{level:>11} {measured:>10.2f} {ideal:>8.2f} {efficiency:>10.3f} {summary.elapsed_s:>9.2f} {summary.failed_rows:>6}"
+                    f" {request_s:>9.2f} {path_s:>24.2f}"
+                )
+            print(f"efficiency {efficiency:.3f}")
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -126,20 +126,16 @@ def main() -> None:
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: a local Ray).")
     args = parser.parse_args()
 
-    import ray
-    from ray import serve
-
     from moa_ray.pipeline import build_pipeline
-    from moa_ray.runtime import deploy_agents, init_ray
+    from moa_ray.runtime import deploy_agents, ray_session
 
     sim_config = SimulatorConfig(latency_ms=args.latency_ms, jitter_ms=0, output_tokens=args.output_tokens)
     with simulator(sim_config, args.simulator) as sim:
         config = overhead_config(sim.base_url, layers=args.layers, proposers=args.proposers, output_tokens=args.output_tokens)
         print(f"simulator ({args.simulator}) at {sim.base_url}: {args.latency_ms:g} ms per call, no jitter", flush=True)
         t = time.perf_counter()
-        init_ray(args.address)
-        print(f"ray up in {time.perf_counter() - t:.1f}s", flush=True)
-        try:
+        with ray_session(args.address, apps=[APP_NAME]):
+            print(f"ray up in {time.perf_counter() - t:.1f}s", flush=True)
             t = time.perf_counter()
             agents = deploy_agents(config, [PIPELINE], app_name=APP_NAME)
             print(f"deployed {len(agents)} agents in {time.perf_counter() - t:.1f}s", flush=True)
@@ -151,12 +147,6 @@ def main() -> None:
                 return await _measure(pipeline, prompt, args.requests, "request")
 
             measured = asyncio.run(bench())
-        finally:
-            try:
-                serve.delete(APP_NAME)
-                serve.shutdown()
-            finally:
-                ray.shutdown()
 
     walls = [w for w, _ in measured]
     ideal = args.layers * args.latency_ms / 1000

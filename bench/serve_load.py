@@ -238,15 +238,14 @@ def main() -> int:
 
     from moa_ray.config import parse_config
     from moa_ray.pipeline import build_pipeline
-    from moa_ray.runtime import deploy_agents, init_ray
+    from moa_ray.runtime import deploy_agents, ray_session
     from moa_ray.serve.app import build_app
 
     results = Results()
     with simulator_process(args.latency_ms, args.output_tokens) as sim_url:
         config = parse_config(bench_config(sim_url, args.proposers, args.layers))
         port = free_port()
-        init_ray(num_cpus=8)
-        try:
+        with ray_session(num_cpus=8):
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             t0 = time.perf_counter()
             agents = deploy_agents(config, [PIPELINE], app_name=APP_DIRECT, http=True)
@@ -278,11 +277,6 @@ def main() -> int:
                 http_wall += time.perf_counter() - http_start
             if killed:
                 killed["watcher"].join()
-        finally:
-            serve.shutdown()
-            import ray
-
-            ray.shutdown()
 
     print(f"simulator: {args.latency_ms:g} ms per call, {args.output_tokens} tokens; pipeline: {args.layers} layer(s) x "
           f"{args.proposers} proposers + aggregator; {args.requests} requests per mode at concurrency {args.concurrency}")

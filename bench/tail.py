@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import os
 import time
 from typing import Any
 
@@ -132,25 +130,15 @@ def main() -> None:
             pipelines = {m: build_pipeline(config, m, agents) for m in MODES}
             traces = asyncio.run(measure(pipelines, args))
         else:
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            import ray
-            from ray import serve
-
-            from moa_ray.runtime import deploy_agents
+            from moa_ray.runtime import deploy_agents, ray_session
 
             print("transport: Ray Serve deployments (one per model, called through DeploymentHandles)", flush=True)
             started = time.perf_counter()
-            # address="local": always a private Ray, never a `ray start` cluster another process left running
-            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-            logging.getLogger("ray.serve").setLevel(logging.WARNING)
-            try:
+            with ray_session(num_cpus=4):
                 agents = deploy_agents(config, list(MODES), app_name="bench-tail")
                 print(f"  Ray + Serve ready in {time.perf_counter() - started:.0f}s", flush=True)
                 pipelines = {m: build_pipeline(config, m, agents) for m in MODES}
                 traces = asyncio.run(measure(pipelines, args))
-            finally:
-                serve.shutdown()
-                ray.shutdown()
     report(traces, args)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from moa_ray.config import MoARayConfig
@@ -32,6 +34,36 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         cpus = num_cpus or max(8, os.cpu_count() or 1)
         # "local": never attach to the latest `ray start` cluster of this machine by surprise.
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, **kwargs)
+
+
+def is_shared_cluster(address: str | None = None) -> bool:
+    """Whether this process joins an existing cluster (``address`` or RAY_ADDRESS) rather than starting its own."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def release_ray(app_names: Iterable[str], *, shared: bool) -> None:
+    """Leave Ray as found: delete our Serve apps from a shared cluster, or shut down Serve on our own; then disconnect."""
+    import ray
+    from ray import serve
+
+    try:
+        if shared:
+            for name in app_names:
+                serve.delete(name)
+        else:
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None, apps: Iterable[str] = ()) -> Iterator[None]:
+    """Ray for one command (a benchmark, a script): joined or started on entry, released on exit (:func:`release_ray`)."""
+    init_ray(address, num_cpus=num_cpus)
+    try:
+        yield
+    finally:
+        release_ray(apps, shared=is_shared_cluster(address))
 
 
 def deploy_models(

@@ -88,17 +88,11 @@ def _run_server(config: MoARayConfig, names: list[str], *, host: str, port: int,
     import ray
     from ray import serve
 
-    from moa_ray.runtime import init_ray
+    from moa_ray.runtime import init_ray, is_shared_cluster, release_ray
     from moa_ray.serve.app import build_app
 
-    shared_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
-
     def stop_serving() -> None:
-        if shared_cluster:
-            serve.delete(app_name)  # leave a shared cluster as we found it
-        else:
-            serve.shutdown()
-        ray.shutdown()
+        release_ray([app_name], shared=is_shared_cluster(address))
 
     with err_console.status(f"starting Ray and deploying {len(config.models_for(names))} models + the ingress..."):
         init_ray(address)
