@@ -163,6 +163,38 @@ async def run(args: argparse.Namespace) -> None:
         await backend.aclose()
 
     summaries = {name: summarise(name, traces[name]) for name in PIPELINES}
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "summaries": summaries, "rows": rows}, indent=1))
+        print(f"traces written to {args.out}")
+    report(summaries)
+
+
+def drivers(summaries: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """SMoA's token change against MoA, split into its three causes (each a signed share of MoA's tokens).
+
+    - fewer references: proposer + aggregator tokens of MoA minus those of SMoA
+      without the moderator (same layers, so only the k-of-n references differ);
+    - judge/moderator: every other SMoA call (judge, moderator, roles), moderator off;
+    - early stops: SMoA with the moderator off minus SMoA with it on.
+
+    The three add up to ``smoa / moa - 1`` exactly; the runs sample separately, so
+    each part also carries some sampling noise.
+    """
+    moa, smoa, nomod = (summaries[n] for n in PIPELINES)
+
+    def work(s: dict[str, Any]) -> int:
+        return s["tokens_by_role"].get("proposer", 0) + s["tokens_by_role"].get("aggregator", 0)
+
+    total = moa["total_tokens"]
+    return {
+        "fewer_references": (work(nomod) - work(moa)) / total,
+        "judge_overhead": (nomod["total_tokens"] - work(nomod)) / total,
+        "early_stops": (smoa["total_tokens"] - nomod["total_tokens"]) / total,
+    }
+
+
+def report(summaries: dict[str, dict[str, Any]]) -> None:
+    """The per-pipeline table, the ratios, what drives them; the last line is ``token_ratio``."""
     print("\npipeline     tokens  (prompt/compl)  proposer  judge  aggregator  calls  layers  cp_mean_s  stops  fallbacks")
     for s in summaries.values():
         r = s["tokens_by_role"]
@@ -176,9 +208,11 @@ async def run(args: argparse.Namespace) -> None:
         s = summaries[name]
         print(f"{name}/moa: tokens {s['total_tokens'] / moa:.3f}, critical path "
               f"{s['critical_path_s_total'] / summaries['moa']['critical_path_s_total']:.3f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "summaries": summaries, "rows": rows}, indent=1))
-        print(f"traces written to {args.out}")
+    parts = drivers(summaries)
+    print("what drives smoa/moa (share of MoA tokens):")
+    print(f"  fewer references (k of n)     {parts['fewer_references']:+7.1%}")
+    print(f"  judge/moderator calls         {parts['judge_overhead']:+7.1%}")
+    print(f"  early stops (moderator)       {parts['early_stops']:+7.1%}")
     print(f"token_ratio {summaries['smoa']['total_tokens'] / moa:.3f}")
 
 
@@ -194,7 +228,11 @@ def main() -> None:
     parser.add_argument("--config", default=None, help="A moa-ray config whose --model every role uses instead.")
     parser.add_argument("--model", default=None, help="The model of --config (any backend: llamacpp, openai, vllm).")
     parser.add_argument("--out", default=None, help="Write summaries and every trace as JSON here.")
+    parser.add_argument("--report", default=None, metavar="JSON", help="Only print the report of a run saved by --out.")
     args = parser.parse_args()
+    if args.report:
+        report(json.loads(Path(args.report).read_text())["summaries"])
+        return
     if (args.config is None) != (args.model is None):
         parser.error("--config and --model go together")
     if args.prompts < 1 or args.max_tokens < 1 or not 1 <= args.k < 4:
