@@ -16,9 +16,10 @@ from pydantic import TypeAdapter
 from ray import serve
 
 from moa_ray.backends import create_backend
-from moa_ray.chat import ChatRequest
+from moa_ray.chat import ChatRequest, StreamChunk
 from moa_ray.config import ModelSpec
 from moa_ray.errors import BackendError
+from moa_ray.streaming import coalesce
 
 log = logging.getLogger("moa_ray.agent")
 _MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
@@ -45,7 +46,7 @@ class AgentDeployment:
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         req = ChatRequest.model_validate(request)
         try:
-            async for chunk in self.backend.stream(req.messages, req.params):
+            async for chunk in coalesce(self.backend.stream(req.messages, req.params), StreamChunk.merge):
                 yield {"chunk": chunk.model_dump()}
         except BackendError as err:
             log.warning("%s: %s", self.name, err)
