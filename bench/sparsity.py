@@ -38,8 +38,6 @@ from moa_ray.pipeline import build_pipeline
 from moa_ray.pipeline.agents import LocalAgent
 from moa_ray.pipeline.trace import Trace
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATASET = REPO.parent / "shared" / "data" / "alpaca_eval" / "alpaca_eval.jsonl"
 PIPELINES = ("moa", "smoa", "smoa-nomod")
 
 PERSONAS = [
@@ -82,18 +80,15 @@ def bench_config(model: dict[str, Any], judge_max_tokens: int, layers: int, k: i
     )
 
 
-def load_prompts(path: Path, n: int) -> list[dict[str, str]]:
-    if not path.is_file():
-        sys.exit(f"dataset not found: {path} (pass --dataset PATH to alpaca_eval.jsonl)")
-    rows = []
-    with path.open() as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                rows.append({"id": str(row.get("id", len(rows))), "instruction": row["instruction"]})
-            if len(rows) == n:
-                break
-    return rows
+def load_prompts(dataset: str, n: int, offset: int) -> list[dict[str, str]]:
+    """AlpacaEval instructions ``offset`` .. ``offset + n`` (the packaged copy, or any dataset file moa-ray reads)."""
+    from moa_ray.eval.datasets import DatasetError, load_dataset
+
+    try:
+        prompts = load_dataset(dataset).prompts[offset : offset + n]
+    except DatasetError as err:
+        sys.exit(f"--dataset {dataset}: {err}")
+    return [{"id": p.prompt_id, "instruction": p.turns[0]} for p in prompts]
 
 
 def describe(trace: Trace) -> str:
@@ -137,7 +132,7 @@ def summarise(name: str, traces: list[Trace]) -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> None:
     from moa_ray.backends import create_backend
 
-    prompts = load_prompts(Path(args.dataset), args.prompts)
+    prompts = load_prompts(args.dataset, args.prompts, args.offset)
     config = bench_config(model_spec(args), args.judge_max_tokens, args.layers, args.k)
     spec = config.models["bench"]
     print(f"model {spec.model} ({spec.backend}, max_tokens={args.max_tokens}); transport: in-process LocalAgent",
@@ -218,8 +213,9 @@ def report(summaries: dict[str, dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=20, help="First N AlpacaEval instructions.")
-    parser.add_argument("--dataset", default=str(DEFAULT_DATASET), help="alpaca_eval.jsonl path.")
+    parser.add_argument("--prompts", type=int, default=20, help="First N AlpacaEval instructions (after --offset).")
+    parser.add_argument("--offset", type=int, default=0, help="Skip this many instructions (e.g. a held-out set).")
+    parser.add_argument("--dataset", default="alpaca_eval", help="alpaca_eval (packaged copy of the 805), or a file.")
     parser.add_argument("--max-tokens", type=int, default=96, help="max_tokens of proposers and aggregator.")
     parser.add_argument("--judge-max-tokens", type=int, default=160, help="max_tokens of the judge (room for its JSON).")
     parser.add_argument("--layers", type=int, default=3, help="Proposer layers (SMoA: at most).")
@@ -235,6 +231,8 @@ def main() -> None:
         return
     if (args.config is None) != (args.model is None):
         parser.error("--config and --model go together")
+    if args.offset < 0:
+        parser.error("--offset must be at least 0")
     if args.prompts < 1 or args.max_tokens < 1 or not 1 <= args.k < 4:
         parser.error("--prompts and --max-tokens must be positive and 1 <= --k < 4")
     asyncio.run(run(args))
