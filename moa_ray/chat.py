@@ -77,12 +77,6 @@ class StreamChunk(BaseModel):
     delta: str = ""
     completion: Completion | None = None
 
-    def merge(self, other: StreamChunk) -> StreamChunk | None:
-        """Two text deltas as one (for :func:`moa_ray.streaming.coalesce`); None where a completion is involved."""
-        if self.completion is None and other.completion is None:
-            return StreamChunk(delta=self.delta + other.delta)
-        return None
-
 
 def as_messages(messages: list[ChatMessage] | list[dict] | str) -> list[ChatMessage]:
     """Accept a prompt string, OpenAI-style dicts or ChatMessages."""

@@ -16,10 +16,9 @@ from pydantic import TypeAdapter
 from ray import serve
 
 from moa_ray.backends import create_backend
-from moa_ray.chat import ChatRequest, StreamChunk
+from moa_ray.chat import ChatRequest
 from moa_ray.config import ModelSpec
 from moa_ray.errors import BackendError
-from moa_ray.streaming import coalesce
 
 log = logging.getLogger("moa_ray.agent")
 _MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
@@ -46,7 +45,7 @@ class AgentDeployment:
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         req = ChatRequest.model_validate(request)
         try:
-            async for chunk in coalesce(self.backend.stream(req.messages, req.params), StreamChunk.merge):
+            async for chunk in self.backend.stream(req.messages, req.params):
                 yield {"chunk": chunk.model_dump()}
         except BackendError as err:
             log.warning("%s: %s", self.name, err)

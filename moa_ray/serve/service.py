@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import operator
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -38,7 +37,6 @@ from moa_ray.serve.openai_schema import (
     completion_id,
     finish_reason,
 )
-from moa_ray.streaming import coalesce
 
 # A child of "ray.serve", so Serve writes these lines to the replica's log file.
 log = logging.getLogger("ray.serve.moa_ray.ingress")
@@ -175,7 +173,7 @@ class ChatService:
         except asyncio.TimeoutError:
             await items.aclose()
             raise self._timeout(request) from None
-        return coalesce(self._events(request, items, first, deadline), operator.add)  # SSE events concatenate
+        return self._events(request, items, first, deadline)
 
     async def _events(self, request: ChatCompletionRequest, items: AsyncIterator[Any], first: Any, deadline: float) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
