@@ -61,12 +61,12 @@ def model_spec(args: argparse.Namespace) -> dict[str, Any]:
     return {**models[args.model].model_dump(), "max_tokens": args.max_tokens}
 
 
-def bench_config(model: dict[str, Any], judge_max_tokens: int, layers: int, k: int) -> MoARayConfig:
+def bench_config(model: dict[str, Any], judge_max_tokens: int, layers: int, k: int, shuffle: bool = False) -> MoARayConfig:
     """MoA and SMoA over the same model and proposers."""
     layer = [{"model": "bench", **p} for p in PERSONAS]
     aggregator = {"model": "bench", "temperature": 0.3}
     judge = {"model": "bench", "temperature": 0.3, "max_tokens": judge_max_tokens}
-    smoa = {"kind": "smoa", "layers": [layer] * layers, "aggregator": aggregator, "judge": judge, "k": k}
+    smoa = {"kind": "smoa", "layers": [layer] * layers, "aggregator": aggregator, "judge": judge, "k": k, "shuffle_responses": shuffle}
     return parse_config(
         {
             "models": {"bench": model},
@@ -133,7 +133,7 @@ async def run(args: argparse.Namespace) -> None:
     from moa_ray.backends import create_backend
 
     prompts = load_prompts(args.dataset, args.prompts, args.offset)
-    config = bench_config(model_spec(args), args.judge_max_tokens, args.layers, args.k)
+    config = bench_config(model_spec(args), args.judge_max_tokens, args.layers, args.k, args.shuffle_responses)
     spec = config.models["bench"]
     print(f"model {spec.model} ({spec.backend}, max_tokens={args.max_tokens}); transport: in-process LocalAgent",
           flush=True)
@@ -220,6 +220,7 @@ def main() -> None:
     parser.add_argument("--judge-max-tokens", type=int, default=160, help="max_tokens of the judge (room for its JSON).")
     parser.add_argument("--layers", type=int, default=3, help="Proposer layers (SMoA: at most).")
     parser.add_argument("--k", type=int, default=2, help="Responses the SMoA judge keeps.")
+    parser.add_argument("--shuffle-responses", action="store_true", help="Show the judge responses in a seeded random order.")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (embedded model).")
     parser.add_argument("--config", default=None, help="A moa-ray config whose --model every role uses instead.")
     parser.add_argument("--model", default=None, help="The model of --config (any backend: llamacpp, openai, vllm).")

@@ -300,6 +300,11 @@ class SMoAPipelineSpec(PipelineBase, _LayeredMixin):
     max_layers: int | None = Field(default=None, ge=1)
     roles: RolesSpec | None = None
     seed: int = 0
+    shuffle_responses: bool = Field(
+        default=False,
+        description="Show the judge (and moderator) each layer's responses in a seeded random order, against "
+        "position bias (the paper shows them in proposer order).",
+    )
 
     @model_validator(mode="after")
     def _k_below_n(self) -> SMoAPipelineSpec:

@@ -212,3 +212,18 @@ def test_stream_runs_the_same_plan(simulator):
 
     result = asyncio.run(collect())
     assert result.trace.stopped_at_layer == 1 and result.trace.accounting is not None
+
+
+def test_shuffled_responses_map_the_judges_numbers_back_to_the_right_proposers(simulator):
+    sim = simulator(sim_config(judge=verdict([1, 2], end=False)))
+    rec = Recorder()
+    trace = asyncio.run(build(sim, smoa(layers=1, shuffle_responses=True, seed=3), rec).run(QUESTION)).trace
+    (judge_body,) = rec.to("judge")
+    prompt = judge_body["messages"][0]["content"]
+    shown = sorted(REPLIES, key=lambda p: prompt.index(REPLIES[p]))  # proposers in the order the judge saw them
+    assert shown != list(REPLIES)  # this seed does shuffle
+    kept = [REPLIES[shown[0]], REPLIES[shown[1]]]  # "Response 1" and "Response 2" as shown
+    assert "Response 1:\n" + kept[0] in prompt and "Response 2:\n" + kept[1] in prompt
+    assert trace.layers[0].selected == [list(REPLIES).index(shown[0]), list(REPLIES).index(shown[1])]
+    (agg_body,) = rec.to("agg")
+    assert agg_body["messages"][0] == {"role": "system", "content": aggregate_system_prompt(kept)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moa_ray.chat import ChatMessage
-from moa_ray.pipeline.judge import first_k, judge_schema, parse_verdict, pick_one, ranker_schema, seed_material, select
+from moa_ray.pipeline.judge import first_k, judge_schema, parse_verdict, pick_one, ranker_schema, seed_material, select, shown_order
 from moa_ray.prompts import judge_prompt, numbered_responses, render_question
 
 
@@ -121,3 +121,11 @@ def test_render_question():
         ChatMessage(role="user", content="c"),
     ]
     assert render_question(convo) == "System: be brief\n\nUser: a\n\nAssistant: b\n\nUser: c"
+
+
+def test_shown_order_is_identity_without_material_and_a_seeded_permutation_with_it():
+    assert shown_order(4, None) == [0, 1, 2, 3]
+    orders = [shown_order(4, f"0:1:{i}") for i in range(20)]
+    assert all(sorted(o) == [0, 1, 2, 3] for o in orders)
+    assert orders == [shown_order(4, f"0:1:{i}") for i in range(20)]  # deterministic
+    assert len({tuple(o) for o in orders}) > 5  # and it really shuffles

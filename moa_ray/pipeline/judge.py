@@ -246,6 +246,19 @@ def select(chosen: list[int] | None, n: int, k: int, material: str) -> Selection
     return Selection(positions=picks, fallback="; ".join(notes) or None)
 
 
+def shown_order(n: int, material: str | None) -> list[int]:
+    """The order responses are shown to a judge: as given, or (with seed material) a seeded shuffle.
+
+    Judges favour early positions; shuffling spreads that bias over all proposers
+    instead of always favouring the first ones. Entry ``i`` is the position of the
+    response shown as number ``i + 1``.
+    """
+    order = list(range(n))
+    if material is not None:
+        random.Random(f"order:{material}").shuffle(order)
+    return order
+
+
 def first_k(n: int, k: int, reason: str) -> Selection:
     """The fallback when the judge call itself failed: the first ``k`` successful responses."""
     return Selection(positions=list(range(min(k, n))), fallback=f"{reason}; kept the first {min(k, n)} responses")

@@ -8,6 +8,9 @@ separate model) decides by the responses' consistency whether to end the debate
 early; ``max_layers`` bounds the loop. Optional role-playing gives each proposer
 a generated role (see :mod:`moa_ray.pipeline.roles`).
 
+With ``shuffle_responses`` the judge (and moderator) see the responses in a seeded
+random order, against position bias; the judge's numbers are mapped back.
+
 The moderator is not asked after the last layer (the loop ends anyway), and the
 judge is skipped where there is nothing to choose (no more than ``k`` responses,
 no moderation due). Selections that are missing, malformed or out of range are
@@ -36,6 +39,7 @@ from moa_ray.pipeline.judge import (
     parse_verdict,
     seed_material,
     select,
+    shown_order,
 )
 from moa_ray.pipeline.roles import CallFn, RoleAssigner, RoleCache, assign_roles
 from moa_ray.pipeline.trace import LayerRecord, Trace
@@ -92,7 +96,9 @@ class SMoAPipeline(Pipeline):
         start = time.perf_counter()
         record = next(r for r in reversed(trace.layers) if r.layer == layer_no and r.role == "proposer")
         n, k = len(responses), min(self.spec.k, len(responses))
-        texts = [r.text for r in responses]
+        material = seed_material(self.spec.seed, layer_no, messages)
+        order = shown_order(n, material if self.spec.shuffle_responses else None)
+        texts = [responses[i].text for i in order]  # numbered 1..n in this order
         question = render_question(messages)
         separate = moderate and self.spec.moderator_spec is not None
         judge_moderates = moderate and not separate
@@ -134,7 +140,8 @@ class SMoAPipeline(Pipeline):
         elif n <= self.spec.k:  # the judge ran only to moderate
             selection = Selection(positions=list(range(n)))
         else:
-            selection = select(judge_verdict.chosen, n, k, seed_material(self.spec.seed, layer_no, messages))
+            shown = select(judge_verdict.chosen, n, k, material)
+            selection = Selection(positions=[order[p] for p in shown.positions], fallback=shown.fallback)
         if selection.fallback:
             notes.append(selection.fallback)
 
