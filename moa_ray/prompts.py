@@ -73,7 +73,7 @@ _MODERATOR_TASK = (
     "round would not change the answer; continue it if they disagree."
 )
 #: Longest ``reasoning`` a judge or moderator may write: the paper's field, kept to one sentence because every
-#: judge call is pure overhead on top of the proposers (llama.cpp enforces it through the JSON schema).
+#: judge call is pure overhead on top of the proposers (llama.cpp and vLLM enforce it through the JSON schema).
 REASONING_MAX_CHARS = 200
 
 

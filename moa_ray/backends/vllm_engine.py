@@ -52,24 +52,6 @@ class VLLMBackend:
             **structured_output(p),
         )
 
-
-def structured_output(params: ChatParams) -> dict[str, Any]:
-    """vLLM's constrained decoding for JSON answers (the SMoA judge's schema), in the API this vLLM has.
-
-    vLLM >= 0.10.2 takes ``structured_outputs=StructuredOutputsParams(...)``; older
-    releases took ``guided_decoding=GuidedDecodingParams(...)`` with the same fields.
-    """
-    if not params.json_mode:
-        return {}
-    fields: dict[str, Any] = {"json": params.json_schema} if params.json_schema else {"json_object": True}
-    try:
-        from vllm.sampling_params import StructuredOutputsParams
-    except ImportError:
-        from vllm.sampling_params import GuidedDecodingParams
-
-        return {"guided_decoding": GuidedDecodingParams(**fields)}
-    return {"structured_outputs": StructuredOutputsParams(**fields)}
-
     async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
         start = time.perf_counter()
         prompt = await self._prompt(messages)
@@ -107,3 +89,21 @@ def structured_output(params: ChatParams) -> dict[str, Any]:
 
     async def aclose(self) -> None:
         self._engine.shutdown_background_loop() if hasattr(self._engine, "shutdown_background_loop") else None
+
+
+def structured_output(params: ChatParams) -> dict[str, Any]:
+    """vLLM's constrained decoding for JSON answers (the SMoA judge's schema), in the API this vLLM has.
+
+    vLLM >= 0.10.2 takes ``structured_outputs=StructuredOutputsParams(...)``; older
+    releases took ``guided_decoding=GuidedDecodingParams(...)`` with the same fields.
+    """
+    if not params.json_mode:
+        return {}
+    fields: dict[str, Any] = {"json": params.json_schema} if params.json_schema else {"json_object": True}
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return {"guided_decoding": GuidedDecodingParams(**fields)}
+    return {"structured_outputs": StructuredOutputsParams(**fields)}
