@@ -6,7 +6,7 @@ import asyncio
 import sys
 import types
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -27,7 +27,7 @@ class Params:
 class FakeEngine:
     """AsyncLLMEngine's surface the backend uses: a chat template, and cumulative outputs per step."""
 
-    requests: list[tuple[str, Params]] = []
+    requests: ClassVar[list[tuple[str, Params]]] = []
 
     @classmethod
     def from_engine_args(cls, args: Params) -> FakeEngine:
