@@ -69,15 +69,36 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, apps
 def deploy_models(
     config: MoARayConfig, models: list[str], *, app_name: str = "moa-agents", http: bool = False
 ) -> dict[str, Agent]:
-    """Deploy ``models`` as one Serve application (one deployment each) and return their agents."""
+    """Deploy ``models`` as one Serve application (one deployment each) and return their agents.
+
+    An application of that name that is running the same models with the same specs (left
+    by an earlier run: ``moa-ray run --address``, ``eval generate --keep-deployed``) is
+    reused as it is, so no replica restarts and no weights reload; any difference redeploys.
+    """
     from ray import serve
 
-    from moa_ray.serve.builder import agent_deployment_name, build_agents_app
+    from moa_ray.serve.builder import agent_deployment_name, agents_fingerprint, build_agents_app
 
     if not http:
         serve.start(proxy_location="Disabled")
-    serve.run(build_agents_app(config, models), name=app_name, route_prefix=None)
+    if running_fingerprint(app_name) == agents_fingerprint(config, models):
+        log.info("reusing the running Serve application %r (same models and specs)", app_name)
+    else:
+        serve.run(build_agents_app(config, models), name=app_name, route_prefix=None)
     return {m: HandleAgent(serve.get_deployment_handle(agent_deployment_name(m), app_name), m) for m in models}
+
+
+def running_fingerprint(app_name: str) -> str | None:
+    """The fingerprint of a healthy agents application of that name, or None (absent, unhealthy, not ours)."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+        if app is None or app.status != "RUNNING":
+            return None
+        return serve.get_app_handle(app_name).fingerprint.remote().result(timeout_s=30)
+    except Exception:  # noqa: BLE001 - another kind of app, or one going away: deploy ours
+        return None
 
 
 def deploy_agents(

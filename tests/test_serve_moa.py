@@ -190,3 +190,26 @@ def test_streaming_the_final_answer_through_serve(deployed):
     assert len(chunks) == 6 and "".join(c.delta for c in chunks) == result.answer
     final = result.trace.calls[-1]
     assert (final.role, final.status, final.completion_tokens) == ("aggregator", "ok", 6)
+
+
+def test_deploying_the_same_models_again_reuses_the_running_app(deployed):
+    from ray import serve
+
+    from moa_ray.runtime import deploy_agents, running_fingerprint
+    from moa_ray.serve.builder import agents_fingerprint
+
+    config, _, sim = deployed
+    pids = {serve.get_deployment_handle("agent-b", APP).info.remote().result()["pid"] for _ in range(3)}
+    agents = deploy_agents(config, list(config.pipelines), app_name=APP)
+    assert {serve.get_deployment_handle("agent-b", APP).info.remote().result()["pid"] for _ in range(3)} == pids
+    assert _run(config, agents, "moa3").answer  # the reused app serves
+
+    changed = parse_config(config.model_dump(mode="json"))
+    changed.models["b"] = changed.models["b"].model_copy(update={"temperature": 0.1})
+    assert agents_fingerprint(changed, list(changed.models)) != agents_fingerprint(config, list(config.models))
+    try:
+        deploy_agents(changed, list(changed.pipelines), app_name=APP)  # a changed spec redeploys
+        assert running_fingerprint(APP) == agents_fingerprint(changed, list(changed.models))
+    finally:
+        deploy_agents(config, list(config.pipelines), app_name=APP)
+    assert running_fingerprint(APP) == agents_fingerprint(config, list(config.models))

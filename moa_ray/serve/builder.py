@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from ray import serve
@@ -42,15 +44,29 @@ def build_agent(name: str, spec: ModelSpecBase) -> Application:
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class AgentDirectory:
-    """Root of the agents application: holds the agent deployments and lists them."""
+    """Root of the agents application: holds the agent deployments, lists them, and says what was deployed."""
 
-    def __init__(self, **agents: Any) -> None:
+    def __init__(self, fingerprint: str, **agents: Any) -> None:
+        self._fingerprint = fingerprint
         self.agents = agents
 
     async def list_models(self) -> list[str]:
         return sorted(self.agents)
 
+    async def fingerprint(self) -> str:
+        return self._fingerprint
+
+
+def agents_fingerprint(config: MoARayConfig, models: list[str]) -> str:
+    """What an agents app deploys (each model's spec and deployment options), as a digest to compare runs by."""
+    deployed = {
+        name: [config.models[name].model_dump(mode="json"), agent_deployment_options(config.models[name])]
+        for name in sorted(models)
+    }
+    return hashlib.sha256(json.dumps(deployed, sort_keys=True, default=str).encode()).hexdigest()
+
 
 def build_agents_app(config: MoARayConfig, models: list[str]) -> Application:
     """An application deploying ``models`` (one deployment each) under one :class:`AgentDirectory`."""
-    return AgentDirectory.bind(**{name: build_agent(name, config.models[name]) for name in models})
+    agents = {name: build_agent(name, config.models[name]) for name in models}
+    return AgentDirectory.bind(agents_fingerprint(config, models), **agents)
