@@ -10,16 +10,19 @@ AlpacaEval instructions:
 - ``smoa-nomod``: the same SMoA with the moderator off (always 3 layers).
 
 It prints, per prompt, the tokens, critical-path latency, the judge's selections
-and where the moderator stopped; then totals broken down by role (proposer,
-judge, aggregator) so the drivers of the ratio are visible. The last line is
-``token_ratio <smoa tokens / moa tokens>`` (moderator on). The moderator decides
-on the real responses; nothing forces or biases a stop.
+and where the moderator stopped; then totals by role (proposer, judge,
+aggregator) and the ratio split into its three causes: fewer references, judge
+calls, early stops. The last line is ``token_ratio <smoa tokens / moa tokens>``
+(moderator on). The moderator decides on the real responses; nothing forces or
+biases a stop.
 
 Models run in-process (LocalAgent; the embedded model serialises its calls), so
 latencies are per-call generation times and the critical path is what a
 parallel deployment would see; wall time is the serial sum.
 
-    python -m bench.sparsity --prompts 20 --max-tokens 96
+    python -m bench.sparsity --prompts 20 --out run.json
+    python -m bench.sparsity --prompts 20 --config my.yaml --model qwen-72b   # a strong judge
+    python -m bench.sparsity --report run.json
 """
 
 from __future__ import annotations
@@ -66,7 +69,10 @@ def bench_config(model: dict[str, Any], judge_max_tokens: int, layers: int, k: i
     layer = [{"model": "bench", **p} for p in PERSONAS]
     aggregator = {"model": "bench", "temperature": 0.3}
     judge = {"model": "bench", "temperature": 0.3, "max_tokens": judge_max_tokens}
-    smoa = {"kind": "smoa", "layers": [layer] * layers, "aggregator": aggregator, "judge": judge, "k": k, "shuffle_responses": shuffle}
+    smoa = {
+        "kind": "smoa", "layers": [layer] * layers, "aggregator": aggregator, "judge": judge, "k": k,
+        "shuffle_responses": shuffle,
+    }
     return parse_config(
         {
             "models": {"bench": model},
