@@ -2,7 +2,9 @@
 
 Backend errors are returned as data (``{"error": ...}``) rather than raised, so
 the driver rebuilds the exact :class:`~moa_ray.errors.BackendError` subclass
-instead of unwrapping a ``RayTaskError``.
+instead of unwrapping a ``RayTaskError``. The replica redacts its provider key
+from them first, and from its own log: errors end up in traces, Parquet rows
+and HTTP bodies far from here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from moa_ray.backends import create_backend
 from moa_ray.chat import ChatRequest
 from moa_ray.config import ModelSpec
 from moa_ray.errors import BackendError
+from moa_ray.serve.auth import Redactor
 
 log = logging.getLogger("moa_ray.agent")
 _MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
@@ -32,14 +35,20 @@ class AgentDeployment:
         self.name = name
         self.spec = _MODEL_SPEC.validate_python(spec)
         self.backend = create_backend(self.spec)
+        key_env = getattr(self.spec, "api_key_env", None)
+        self._redactor = Redactor([os.environ[key_env]] if key_env and os.environ.get(key_env) else [])
+
+    def _error(self, err: BackendError) -> dict[str, Any]:
+        """The error as data for the caller, logged here; the provider key redacted from both."""
+        log.warning("%s: %s", self.name, self._redactor.text(str(err)))
+        return {"error": self._redactor.json(err.to_dict())}
 
     async def chat(self, request: dict[str, Any]) -> dict[str, Any]:
         req = ChatRequest.model_validate(request)
         try:
             completion = await self.backend.chat(req.messages, req.params)
         except BackendError as err:
-            log.warning("%s: %s", self.name, err)
-            return {"error": err.to_dict()}
+            return self._error(err)
         return {"completion": completion.model_dump()}
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -48,8 +57,7 @@ class AgentDeployment:
             async for chunk in self.backend.stream(req.messages, req.params):
                 yield {"chunk": chunk.model_dump()}
         except BackendError as err:
-            log.warning("%s: %s", self.name, err)
-            yield {"error": err.to_dict()}
+            yield self._error(err)
 
     async def info(self) -> dict[str, Any]:
         """Which model this replica serves, and where (used by placement checks)."""
