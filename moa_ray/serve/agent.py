@@ -35,8 +35,7 @@ class AgentDeployment:
         self.name = name
         self.spec = _MODEL_SPEC.validate_python(spec)
         self.backend = create_backend(self.spec)
-        key_env = getattr(self.spec, "api_key_env", None)
-        self._redactor = Redactor([os.environ[key_env]] if key_env and os.environ.get(key_env) else [])
+        self._redactor = Redactor.for_models([self.spec])
 
     def _error(self, err: BackendError) -> dict[str, Any]:
         """The error as data for the caller, logged here; the provider key redacted from both."""

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from moa_ray.config import MoARayConfig, OpenAIModelSpec
+from moa_ray.config import ModelSpecBase, MoARayConfig, OpenAIModelSpec
 from moa_ray.errors import ConfigError
 
 KEYS_ENV = "MOA_RAY_API_KEYS"
@@ -79,8 +79,15 @@ class Redactor:
     @classmethod
     def for_config(cls, config: MoARayConfig, environ: Mapping[str, str] | None = None, extra: Iterable[str] = ()) -> Redactor:
         """Every provider key the config's models read from the environment, plus ``extra``."""
+        return cls.for_models(config.models.values(), environ, extra)
+
+    @classmethod
+    def for_models(
+        cls, models: Iterable[ModelSpecBase], environ: Mapping[str, str] | None = None, extra: Iterable[str] = ()
+    ) -> Redactor:
+        """The provider keys these models read from the environment, plus ``extra`` (one replica: its own model)."""
         env = os.environ if environ is None else environ
-        names = {m.api_key_env for m in config.models.values() if isinstance(m, OpenAIModelSpec) and m.api_key_env}
+        names = {m.api_key_env for m in models if isinstance(m, OpenAIModelSpec) and m.api_key_env}
         return cls([env[n] for n in names if env.get(n)] + list(extra))
 
     def text(self, value: str) -> str:
