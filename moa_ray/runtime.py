@@ -81,10 +81,11 @@ def deploy_models(
 
     if not http:
         serve.start(proxy_location="Disabled")
-    if running_fingerprint(app_name) == agents_fingerprint(config, models):
+    fingerprint = agents_fingerprint(config, models)
+    if running_fingerprint(app_name) == fingerprint:
         log.info("reusing the running Serve application %r (same models and specs)", app_name)
     else:
-        serve.run(build_agents_app(config, models), name=app_name, route_prefix=None)
+        serve.run(build_agents_app(config, models, fingerprint), name=app_name, route_prefix=None)
     return {m: HandleAgent(serve.get_deployment_handle(agent_deployment_name(m), app_name), m) for m in models}
 
 

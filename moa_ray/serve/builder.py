@@ -66,7 +66,10 @@ def agents_fingerprint(config: MoARayConfig, models: list[str]) -> str:
     return hashlib.sha256(json.dumps(deployed, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def build_agents_app(config: MoARayConfig, models: list[str]) -> Application:
-    """An application deploying ``models`` (one deployment each) under one :class:`AgentDirectory`."""
+def build_agents_app(config: MoARayConfig, models: list[str], fingerprint: str) -> Application:
+    """An application deploying ``models`` (one deployment each) under one :class:`AgentDirectory`.
+
+    ``fingerprint`` is :func:`agents_fingerprint` of the same models, which the caller compares first.
+    """
     agents = {name: build_agent(name, config.models[name]) for name in models}
-    return AgentDirectory.bind(agents_fingerprint(config, models), **agents)
+    return AgentDirectory.bind(fingerprint, **agents)
