@@ -9,22 +9,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from config_support import ISSUE_EXAMPLE
+
 from bench.simulator import Behaviour, SimulatorConfig, run_simulator
 from moa_ray.cli import main
 from moa_ray.config import load_presets, parse_config
-
-GOOD = """\
-models:
-  qwen:   {backend: openai, model: Qwen/Qwen2-72B-Instruct, base_url: http://127.0.0.1:8000/v1, api_key_env: TOGETHER_API_KEY}
-  smol:   {backend: llamacpp, model: smollm2-135m-instruct, n_threads: 2}
-pipelines:
-  my-moa:
-    kind: moa
-    layers:
-      - [qwen, smol, {model: smol, temperature: 1.0, system: "You are a careful fact checker."}]
-      - [qwen, smol]
-    aggregator: qwen
-"""
 
 
 def invoke(*args: str):
@@ -34,7 +23,7 @@ def invoke(*args: str):
 @pytest.fixture
 def good_file(tmp_path: Path) -> Path:
     path = tmp_path / "good.yaml"
-    path.write_text(GOOD)
+    path.write_text(ISSUE_EXAMPLE)
     return path
 
 
@@ -49,7 +38,7 @@ def test_validate_accepts_a_good_config(good_file):
 
 def test_validate_rejects_a_bad_config_naming_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(GOOD.replace("- [qwen, smol]\n", "- [qwen, smoll]\n"))
+    bad.write_text(ISSUE_EXAMPLE.replace("- [qwen, smol]\n", "- [qwen, smoll]\n"))
     result = invoke("config", "validate", str(bad))
     assert result.exit_code == 2
     assert result.stdout == ""

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
+from config_support import ISSUE_EXAMPLE
+
 from moa_ray.config import (
     LlamaCppModelSpec,
     MoAPipelineSpec,
@@ -19,19 +21,6 @@ from moa_ray.config import (
     parse_config,
 )
 from moa_ray.errors import ConfigError
-
-ISSUE_EXAMPLE = """\
-models:
-  qwen:   {backend: openai, model: Qwen/Qwen2-72B-Instruct, base_url: http://127.0.0.1:8000/v1, api_key_env: TOGETHER_API_KEY}
-  smol:   {backend: llamacpp, model: smollm2-135m-instruct, n_threads: 2}
-pipelines:
-  my-moa:
-    kind: moa
-    layers:
-      - [qwen, smol, {model: smol, temperature: 1.0, system: "You are a careful fact checker."}]
-      - [qwen, smol]
-    aggregator: qwen
-"""
 
 
 def example() -> dict[str, Any]:
