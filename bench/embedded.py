@@ -109,7 +109,7 @@ def load_raw(spec: LlamaCppModelSpec) -> Any:
     """A plain ``llama_cpp.Llama`` built from the same file and settings as the backend's."""
     from llama_cpp import Llama
 
-    from moa_ray.backends.llamacpp import resolve_model_path
+    from moa_ray.packaged_models import resolve_model_path
 
     kwargs: dict[str, Any] = {"model_path": str(resolve_model_path(spec.model)), "n_ctx": spec.n_ctx, "verbose": False}
     if spec.n_threads is not None:

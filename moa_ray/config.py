@@ -103,10 +103,10 @@ class ModelSpecBase(_Strict):
 
     def deployment_options(self) -> dict[str, Any]:
         """Options for ``Deployment.options`` (replicas or autoscaling, concurrency, placement)."""
-        return _deployment_options(self.ray_actor_options(), self.max_ongoing_requests, self.autoscaling, self.num_replicas)
+        return serve_deployment_options(self.ray_actor_options(), self.max_ongoing_requests, self.autoscaling, self.num_replicas)
 
 
-def _deployment_options(
+def serve_deployment_options(
     ray_actor_options: dict[str, Any], max_ongoing_requests: int, autoscaling: Autoscaling | None, num_replicas: int
 ) -> dict[str, Any]:
     opts: dict[str, Any] = {"ray_actor_options": ray_actor_options, "max_ongoing_requests": max_ongoing_requests}
@@ -173,16 +173,72 @@ class LlamaCppModelSpec(ModelSpecBase):
     max_ongoing_requests: int = Field(default=64, ge=1)
 
 
+#: Engine arguments that have a field of their own (``engine_kwargs`` may not set them).
+_VLLM_FIELDS = {
+    "model": "model", "served_model_name": "the config's model name", "dtype": "dtype", "max_model_len": "max_model_len",
+    "tensor_parallel_size": "tensor_parallel_size", "pipeline_parallel_size": "pipeline_parallel_size",
+    "gpu_memory_utilization": "gpu_memory_utilization", "enable_prefix_caching": "enable_prefix_caching",
+    "enforce_eager": "enforce_eager",
+}
+PlacementStrategy = Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"]
+
+
 class VLLMModelSpec(ModelSpecBase):
-    """A Hugging Face model served in-process by vLLM on the replica's GPUs (lazy import)."""
+    """A model served by vLLM as a Ray Serve LLM deployment (``ray.serve.llm``; built in :mod:`moa_ray.serve.llm`).
+
+    ``model`` is a Hugging Face Hub id, a local Hugging Face folder, or a packaged alias
+    (``smollm2-135m-instruct``: its folder is made from the packaged GGUF on first use).
+    GPUs come from the parallelism: one per tensor x pipeline rank, each in its own
+    placement-group bundle; ``device: cpu`` runs vLLM's CPU build instead.
+    """
 
     backend: Literal["vllm"]
+    device: Literal["gpu", "cpu"] = Field(default="gpu", description="cpu: vLLM's CPU build (float32, no GPU).")
+    accelerator_type: str | None = Field(default=None, description="Ray accelerator type the replicas need, e.g. A100, H100, L4.")
     tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     max_model_len: int | None = Field(default=None, ge=256)
     dtype: str = "auto"
-    num_gpus: float = Field(default=1, ge=0)
+    enable_prefix_caching: bool | None = Field(default=None, description="vLLM's automatic prefix caching (None: vLLM's default, on).")
+    enforce_eager: bool = Field(default=False, description="No CUDA graphs / torch.compile: slower steps, much faster start.")
+    kv_cache_space_gib: float | None = Field(default=None, gt=0, description="device: cpu only: KV cache size (VLLM_CPU_KVCACHE_SPACE).")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Any other vLLM engine argument.")
+    placement_group_bundles: list[dict[str, float]] | None = Field(
+        default=None, description="One bundle per engine worker (default: one GPU, or one CPU, per tensor x pipeline rank)."
+    )
+    placement_strategy: PlacementStrategy = "PACK"
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the replica and its engine workers.")
+    num_gpus: float = Field(default=0, ge=0, description="Derived: tensor_parallel_size x pipeline_parallel_size on GPUs.")
     max_ongoing_requests: int = Field(default=64, ge=1)
+
+    @property
+    def num_workers(self) -> int:
+        """Engine workers (tensor x pipeline ranks), each in its own bundle."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VLLMModelSpec:
+        devices = self.num_workers if self.device == "gpu" else 0
+        if "num_gpus" in self.model_fields_set and self.num_gpus != devices:
+            raise ValueError(
+                f"num_gpus ({self.num_gpus:g}) must equal tensor_parallel_size x pipeline_parallel_size on GPUs "
+                f"({devices}); leave it out, it is derived"
+            )
+        self.num_gpus = devices
+        if self.device == "cpu" and self.accelerator_type:
+            raise ValueError("accelerator_type needs device: gpu")
+        if self.device == "gpu" and self.kv_cache_space_gib is not None:
+            raise ValueError("kv_cache_space_gib is for device: cpu (on GPUs, set gpu_memory_utilization)")
+        clashes = sorted(set(self.engine_kwargs) & set(_VLLM_FIELDS))
+        if clashes:
+            raise ValueError(f"engine_kwargs.{clashes[0]}: set it with {_VLLM_FIELDS[clashes[0]]}, not engine_kwargs")
+        if self.placement_group_bundles is not None and len(self.placement_group_bundles) != self.num_workers:
+            raise ValueError(
+                f"placement_group_bundles has {len(self.placement_group_bundles)} bundles; the engine has "
+                f"{self.num_workers} workers (tensor_parallel_size x pipeline_parallel_size)"
+            )
+        return self
 
 
 ModelSpec = Annotated[
@@ -397,7 +453,7 @@ class IngressSpec(_Strict):
 
     def deployment_options(self) -> dict[str, Any]:
         """Options for the ingress's ``Deployment.options``."""
-        return _deployment_options({"num_cpus": self.num_cpus}, self.max_ongoing_requests, self.autoscaling, self.num_replicas)
+        return serve_deployment_options({"num_cpus": self.num_cpus}, self.max_ongoing_requests, self.autoscaling, self.num_replicas)
 
 
 class ServerSpec(_Strict):

@@ -88,6 +88,31 @@ _BACKEND_ERRORS: dict[str, type[BackendError]] = {
 }
 
 
+#: How OpenAI-compatible servers (vLLM, TGI, OpenAI, Together...) word a prompt that overflows the context.
+_CONTEXT_MARKERS = (
+    "context_length_exceeded",
+    "context length",
+    "maximum context",
+    "context window",
+    "too many tokens",
+    "prompt is too long",
+)
+
+
+def error_for_status(status: int, message: str, *, model: str, detail: str = "") -> BackendError:
+    """The error an OpenAI-style failure status means; ``detail`` (e.g. the raw body) is searched for context overflow too."""
+    if status == 429:
+        return RateLimited(message, model=model, status_code=status)
+    if status >= 500:
+        return UpstreamError(message, model=model, status_code=status)
+    if status in (401, 403):
+        return AuthenticationFailed(f"{model}: HTTP {status}: the provider rejected the API key", model=model, status_code=status)
+    lowered = (message + detail).lower()
+    if any(marker in lowered for marker in _CONTEXT_MARKERS):
+        return ContextLengthExceeded(message, model=model, status_code=status)
+    return BadRequest(message, model=model, status_code=status)
+
+
 class PipelineError(MoARayError):
     """A pipeline could not produce an answer; carries the partial trace."""
 

@@ -31,12 +31,12 @@ class _Response:
 
 
 class ScriptedHandle:
-    """Stands in for a DeploymentHandle: each ``chat.remote`` returns the next scripted outcome."""
+    """Stands in for a DeploymentHandle: each ``agent_chat.remote`` returns the next scripted outcome."""
 
     def __init__(self, *outcomes):
         self.outcomes = list(outcomes)
         self.calls = 0
-        self.chat = self
+        self.agent_chat = self
 
     def options(self, **_):
         return self

@@ -7,11 +7,11 @@ pipeline never sees the difference.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, runtime_checkable
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk
-from moa_ray.config import LlamaCppModelSpec, ModelSpecBase, OpenAIModelSpec, VLLMModelSpec
+from moa_ray.config import LlamaCppModelSpec, ModelSpecBase, OpenAIModelSpec
 
 
 @runtime_checkable
@@ -21,6 +21,10 @@ class ChatBackend(Protocol):
     async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion: ...
 
     def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]: ...
+
+    async def check_health(self) -> None:
+        """Raise when this backend can no longer answer (the replica is then replaced)."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -51,17 +55,30 @@ def chat_kwargs(spec: ModelSpecBase, messages: list[ChatMessage], params: ChatPa
 
 
 def create_backend(spec: ModelSpecBase) -> ChatBackend:
-    """Instantiate the backend a model spec names (heavy imports happen lazily here)."""
-    if isinstance(spec, OpenAIModelSpec):
-        from moa_ray.backends.openai_http import OpenAIBackend
+    """Instantiate the in-process backend a model spec names (heavy imports happen lazily here).
 
-        return OpenAIBackend(spec)
-    if isinstance(spec, LlamaCppModelSpec):
-        from moa_ray.backends.llamacpp import LlamaCppBackend
+    vLLM models have no in-process backend: Ray Serve LLM hosts them (:mod:`moa_ray.serve.llm`).
+    """
+    factory = BACKENDS.get(type(spec).__name__)
+    if factory is None:
+        raise TypeError(f"no in-process backend for {type(spec).__name__} (backend {getattr(spec, 'backend', '?')!r})")
+    return factory(spec)
 
-        return LlamaCppBackend(spec)
-    if isinstance(spec, VLLMModelSpec):
-        from moa_ray.backends.vllm_engine import VLLMBackend
 
-        return VLLMBackend(spec)
-    raise TypeError(f"no backend for {type(spec).__name__}")
+def _openai(spec: ModelSpecBase) -> ChatBackend:
+    from moa_ray.backends.openai_http import OpenAIBackend
+
+    return OpenAIBackend(spec)  # type: ignore[arg-type]
+
+
+def _llamacpp(spec: ModelSpecBase) -> ChatBackend:
+    from moa_ray.backends.llamacpp import LlamaCppBackend
+
+    return LlamaCppBackend(spec)  # type: ignore[arg-type]
+
+
+#: Registered in-process backends, by spec class: the engine is imported only when one is made.
+BACKENDS: dict[str, Callable[[ModelSpecBase], ChatBackend]] = {
+    OpenAIModelSpec.__name__: _openai,
+    LlamaCppModelSpec.__name__: _llamacpp,
+}

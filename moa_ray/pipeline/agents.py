@@ -72,7 +72,7 @@ class HandleAgent:
 
         request = ChatRequest(messages=messages, params=params).model_dump()
         for attempt in range(1 + self.replica_retries):
-            response = self.handle.chat.remote(request)
+            response = self.handle.agent_chat.remote(request)
             try:
                 reply = await response
                 break
@@ -88,7 +88,7 @@ class HandleAgent:
 
     async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
         request = ChatRequest(messages=messages, params=params).model_dump()
-        generator = self.handle.options(stream=True).stream.remote(request)
+        generator = self.handle.options(stream=True).agent_stream.remote(request)
         try:
             async for reply in generator:
                 yield StreamChunk.model_validate(_unwrap(reply)["chunk"])

@@ -30,13 +30,12 @@ from pydantic import BaseModel, Field, ValidationError
 from moa_ray.chat import ChatMessage, ChatParams, Completion
 from moa_ray.config import LayerSpec, MoARayConfig, ProposerSpec, RolesSpec, SMoAPipelineSpec
 from moa_ray.errors import ConfigError
+from moa_ray.packaged_models import cache_root
 from moa_ray.pipeline.trace import Trace
 from moa_ray.prompts import role_system, roles_prompt
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "MOA_RAY_CACHE_DIR"
-DEFAULT_CACHE_DIR = "~/.cache/moa-ray"
 #: Role calls per request before running with what was parsed (each try uses the next seed).
 ROLE_ATTEMPTS = 2
 #: Completion tokens budgeted per generated role (a JSON object of three short strings).
@@ -45,11 +44,6 @@ _ROLE_FIELDS = (("occupation", "occupation"), ("personality", "personality"), ("
 
 #: ``Pipeline.call`` with the trace bound: (spec, messages, layer, index, role, params) -> Completion | None.
 CallFn = Callable[..., Awaitable[Completion | None]]
-
-
-def cache_root() -> Path:
-    """The moa-ray cache directory: ``$MOA_RAY_CACHE_DIR`` or ``~/.cache/moa-ray``."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
 
 
 class RoleSet(BaseModel):

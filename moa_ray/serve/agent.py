@@ -1,4 +1,6 @@
-"""The agent deployment: one Ray Serve deployment per configured model.
+"""The agent deployment: one Ray Serve deployment per model that runs in-process (llama.cpp) or
+calls a provider over HTTP; vLLM models are Ray Serve LLM deployments (:mod:`moa_ray.serve.llm`)
+that speak the same ``agent_chat`` / ``agent_stream`` protocol.
 
 Backend errors are returned as data (``{"error": ...}``) rather than raised, so
 the driver rebuilds the exact :class:`~moa_ray.errors.BackendError` subclass
@@ -42,7 +44,7 @@ class AgentDeployment:
         log.warning("%s: %s", self.name, self._redactor.text(str(err)))
         return {"error": self._redactor.json(err.to_dict())}
 
-    async def chat(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def agent_chat(self, request: dict[str, Any]) -> dict[str, Any]:
         req = ChatRequest.model_validate(request)
         try:
             completion = await self.backend.chat(req.messages, req.params)
@@ -50,7 +52,7 @@ class AgentDeployment:
             return self._error(err)
         return {"completion": completion.model_dump()}
 
-    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def agent_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         req = ChatRequest.model_validate(request)
         try:
             async for chunk in self.backend.stream(req.messages, req.params):
@@ -73,6 +75,8 @@ class AgentDeployment:
         }
 
     async def check_health(self) -> None:
-        """Serve calls this periodically; a replica whose backend is gone is restarted."""
-        if self.backend is None:
-            raise RuntimeError(f"{self.name}: backend not loaded")
+        """Serve calls this periodically; a raise marks the replica unhealthy and Serve replaces it."""
+        await self.backend.check_health()
+
+    async def __del__(self) -> None:
+        await self.backend.aclose()

@@ -74,7 +74,7 @@ def deployment_options(config: MoARayConfig, pipelines: list[str]) -> list[dict[
     """Per-deployment options of the app, as Serve config ``deployments`` entries."""
     out = [{"name": INGRESS_DEPLOYMENT, **config.server.ingress.deployment_options()}]
     for model, spec in config.models_for(pipelines).items():
-        out.append({"name": agent_deployment_name(model), **agent_deployment_options(spec)})
+        out.append({"name": agent_deployment_name(model), **agent_deployment_options(model, spec)})
     return out
 
 

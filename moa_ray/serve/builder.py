@@ -9,7 +9,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from moa_ray.config import MoARayConfig, ModelSpecBase
+from moa_ray.config import MoARayConfig, ModelSpecBase, VLLMModelSpec
 from moa_ray.serve.agent import AgentDeployment
 
 AGENTS_APP = "moa-agents"
@@ -25,19 +25,31 @@ def agent_deployment_name(model: str) -> str:
 AGENT_ENV_VARS = {"RAY_worker_niceness": "0"}
 
 
-def agent_deployment_options(spec: ModelSpecBase) -> dict[str, Any]:
-    """A model's deployment options: its spec's placement and scaling, plus the agents' runtime environment.
+def agent_deployment_options(name: str, spec: ModelSpecBase) -> dict[str, Any]:
+    """A model's Serve deployment options: its spec's placement and scaling, plus the agents' runtime environment.
 
     The one source for the app builder and the Serve config / KubeRay manifests, so they deploy alike.
     """
+    if isinstance(spec, VLLMModelSpec):
+        from moa_ray.serve.llm import llm_deployment_options
+
+        return llm_deployment_options(name, spec, AGENT_ENV_VARS)
     options = spec.deployment_options()
     options["ray_actor_options"] = {**options["ray_actor_options"], "runtime_env": {"env_vars": dict(AGENT_ENV_VARS)}}
     return options
 
 
 def build_agent(name: str, spec: ModelSpecBase) -> Application:
-    """One model's deployment with the placement, replicas and concurrency of its spec."""
-    return AgentDeployment.options(name=agent_deployment_name(name), **agent_deployment_options(spec)).bind(
+    """One model's deployment with the placement, replicas and concurrency of its spec.
+
+    vLLM models are Ray Serve LLM ``LLMServer`` deployments; every other backend runs in an
+    :class:`AgentDeployment`. Both answer the same agent protocol under ``agent-<name>``.
+    """
+    if isinstance(spec, VLLMModelSpec):
+        from moa_ray.serve.llm import build_llm_agent
+
+        return build_llm_agent(name, spec, agent_deployment_name(name), AGENT_ENV_VARS)
+    return AgentDeployment.options(name=agent_deployment_name(name), **agent_deployment_options(name, spec)).bind(
         name, spec.model_dump(mode="json")
     )
 
@@ -60,7 +72,7 @@ class AgentDirectory:
 def agents_fingerprint(config: MoARayConfig, models: list[str]) -> str:
     """What an agents app deploys (each model's spec and deployment options), as a digest to compare runs by."""
     deployed = {
-        name: [config.models[name].model_dump(mode="json"), agent_deployment_options(config.models[name])]
+        name: [config.models[name].model_dump(mode="json"), agent_deployment_options(name, config.models[name])]
         for name in sorted(models)
     }
     return hashlib.sha256(json.dumps(deployed, sort_keys=True, default=str).encode()).hexdigest()
