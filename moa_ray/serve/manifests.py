@@ -20,6 +20,7 @@ import yaml
 from moa_ray.config import MoARayConfig, ModelSpecBase, OpenAIModelSpec, VLLMModelSpec, dump_config
 from moa_ray.errors import ConfigError
 from moa_ray.serve.app import served_pipelines, serve_config
+from moa_ray.serve.builder import agent_deployment_options
 
 POOL_CAPACITY = 1000  # a pool resource marks nodes; a replica takes 1 unit; GPUs and CPUs limit the packing
 NODE_GPU_SIZES = (1, 2, 4, 8)
@@ -57,31 +58,41 @@ class Pool:
         return {self.name: POOL_CAPACITY}
 
 
+def replica_footprint(name: str, spec: ModelSpecBase) -> tuple[float, float]:
+    """(CPUs, GPUs) one replica of the model reserves: its placement-group bundles (vLLM), else its actor options."""
+    options = agent_deployment_options(name, spec)
+    bundles = options.get("placement_group_bundles") or [
+        {"CPU": options["ray_actor_options"].get("num_cpus", 0), "GPU": options["ray_actor_options"].get("num_gpus", 0)}
+    ]
+    return sum(b.get("CPU", 0) for b in bundles), sum(b.get("GPU", 0) for b in bundles)
+
+
 def pools_for(config: MoARayConfig, pipelines: list[str] | None = None) -> list[Pool]:
     """The pools the served models name, sized from their GPUs, CPUs and replica bounds."""
     names = served_pipelines(config, pipelines)
-    by_pool: dict[str, list[tuple[str, ModelSpecBase]]] = {}
+    by_pool: dict[str, list[tuple[str, ModelSpecBase, float, float]]] = {}
     for model, spec in config.models_for(names).items():
+        cpus, gpus = replica_footprint(model, spec)
         if spec.pool is None:
-            if spec.num_gpus:
+            if gpus:
                 raise ConfigError(f"models.{model}: it needs GPUs but names no pool; give it a pool so the manifests provide nodes for it")
             continue
-        by_pool.setdefault(spec.pool, []).append((model, spec))
+        by_pool.setdefault(spec.pool, []).append((model, spec, cpus, gpus))
     out = []
     for name, members in by_pool.items():
-        biggest = max(math.ceil(spec.num_gpus) for _, spec in members)
+        biggest = max(math.ceil(gpus) for *_, gpus in members)
         node_gpus = next((n for n in NODE_GPU_SIZES if n >= biggest), None) if biggest else 0
         if node_gpus is None:
             raise ConfigError(f"pool {name}: a replica needs {biggest} GPUs, more than the largest node ({NODE_GPU_SIZES[-1]})")
 
         def nodes(replicas_of: int) -> int:
             if node_gpus:
-                need = sum(spec.num_gpus * _replica_bounds(spec)[replicas_of] for _, spec in members) / node_gpus
+                need = sum(gpus * _replica_bounds(spec)[replicas_of] for _, spec, _, gpus in members) / node_gpus
             else:
-                need = sum(spec.ray_actor_options()["num_cpus"] * _replica_bounds(spec)[replicas_of] for _, spec in members) / CPU_NODE_CPUS
+                need = sum(cpus * _replica_bounds(spec)[replicas_of] for _, spec, cpus, _ in members) / CPU_NODE_CPUS
             return max(1, math.ceil(need - 1e-9))
 
-        out.append(Pool(name=name, models=[m for m, _ in members], node_gpus=node_gpus, min_nodes=nodes(0), max_nodes=nodes(1)))
+        out.append(Pool(name=name, models=[m for m, *_ in members], node_gpus=node_gpus, min_nodes=nodes(0), max_nodes=nodes(1)))
     return out
 
 
