@@ -41,7 +41,7 @@ REQUEST = ChatRequest(messages=[ChatMessage(role="user", content="hi")], params=
 
 def test_chat_errors_leave_the_replica_without_the_key(replica, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="moa_ray.agent"):
-        reply = asyncio.run(replica.chat(REQUEST))
+        reply = asyncio.run(replica.agent_chat(REQUEST))
     assert reply["error"]["type"] == "AuthenticationFailed" and reply["error"]["status_code"] == 401
     assert KEY not in str(reply) and REDACTED in reply["error"]["message"]
     assert caplog.records and KEY not in caplog.text and REDACTED in caplog.text
@@ -49,7 +49,7 @@ def test_chat_errors_leave_the_replica_without_the_key(replica, caplog: pytest.L
 
 def test_stream_errors_leave_the_replica_without_the_key(replica) -> None:
     async def consume() -> list[dict]:
-        return [item async for item in replica.stream(REQUEST)]
+        return [item async for item in replica.agent_stream(REQUEST)]
 
     (reply,) = asyncio.run(consume())
     assert KEY not in str(reply) and REDACTED in reply["error"]["message"]
