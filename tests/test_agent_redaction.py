@@ -26,6 +26,15 @@ class LeakyBackend:
         raise AuthenticationFailed(f"invalid key {KEY}", model="m", status_code=401)
         yield  # pragma: no cover
 
+    closed = False
+
+    async def check_health(self) -> None:
+        if self.closed:
+            raise RuntimeError("closed")
+
+    async def aclose(self) -> None:
+        self.closed = True
+
 
 @pytest.fixture
 def replica(monkeypatch: pytest.MonkeyPatch):
@@ -33,7 +42,17 @@ def replica(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(agent_module, "create_backend", lambda spec: LeakyBackend())
     cls = agent_module.AgentDeployment.func_or_class
     spec = {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "LEAKY_KEY"}
-    return cls("leaky", spec)
+    replica = cls("leaky", spec)
+    yield replica
+    asyncio.run(replica.__del__())  # what Serve awaits when it stops the replica
+
+
+def test_the_replica_closes_its_backend_when_serve_stops_it(replica) -> None:
+    asyncio.run(replica.check_health())
+    asyncio.run(replica.__del__())
+    assert replica.backend.closed
+    with pytest.raises(RuntimeError):
+        asyncio.run(replica.check_health())
 
 
 REQUEST = ChatRequest(messages=[ChatMessage(role="user", content="hi")], params=ChatParams()).model_dump()
