@@ -256,6 +256,7 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.prompts <= len(PROMPTS):
         raise SystemExit(f"--prompts must be between 1 and {len(PROMPTS)}")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the engines' INFO lines would bury the table
     if args.prefix:
         asyncio.run(prefix(args))
         return

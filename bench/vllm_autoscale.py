@@ -22,9 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.local_cluster import LocalCluster, WorkerSpec
-from moa_ray.chat import ChatParams, as_messages
-from moa_ray.config import load_config, parse_config
+# Ray reads its auth mode when imported (below, through the cluster helpers); local 2.59+ clusters use tokens.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+from cluster.local_cluster import LocalCluster, WorkerSpec  # noqa: E402
+from moa_ray.chat import ChatParams, as_messages  # noqa: E402
+from moa_ray.config import load_config, parse_config  # noqa: E402
 
 APP_NAME = "bench-autoscale"
 MODEL = "smollm2-vllm"
@@ -112,6 +116,7 @@ def save(timeline: list[dict[str, Any]], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     t = [r["t_s"] for r in timeline]
     ax.step(t, [r["running"] for r in timeline], where="post", label="replicas running")
+    ax.step(t, [r["running"] + r["starting"] for r in timeline], where="post", label="running + starting", linestyle="--")
     ax.step(t, [r["in_flight"] / 3 for r in timeline], where="post", label="calls in flight / 3", alpha=0.6)
     ax.set_xlabel("seconds")
     ax.set_ylim(0, 3)
