@@ -509,7 +509,7 @@ def _field_path(parts: Any) -> str:
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        loc = _field_path(p for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+        loc = _field_path(_user_path(e["loc"]))
         if e["type"] in ("union_tag_invalid", "union_tag_not_found"):  # name the discriminator field itself
             loc += "." + str(e.get("ctx", {}).get("discriminator", "")).strip("'")
         msg = e["msg"].removeprefix("Value error, ")
@@ -517,7 +517,20 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-_UNION_TAGS = {"openai", "llamacpp", "vllm", "moa", "smoa", "single", "ranker", "self-moa", "function-before[_proposer_from_str(), ProposerSpec]", "function-before[_layer_from_list(), LayerSpec]"}
+#: Where pydantic puts a discriminated union's tag in an error path: right after ``models.<name>`` / ``pipelines.<name>``.
+_UNION_TAGS = {
+    "models": {"openai", "llamacpp", "vllm"},
+    "pipelines": {"moa", "smoa", "single", "ranker", "self-moa"},
+}
+
+
+def _user_path(loc: tuple[Any, ...]) -> list[Any]:
+    """The error path as the user wrote it: without the union tag pydantic inserts (by position only, so a model
+    or pipeline *named* like a tag keeps its name) and without the before-validators' wrapper names."""
+    parts = list(loc)
+    if len(parts) > 2 and parts[0] in _UNION_TAGS and parts[2] in _UNION_TAGS[parts[0]]:
+        del parts[2]
+    return [p for p in parts if not (isinstance(p, str) and p.startswith("function-before["))]
 
 
 def parse_config(data: Any, source: str = "<dict>") -> MoARayConfig:

@@ -98,6 +98,17 @@ class ServerProcess:
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def occurrences(self, needle: bytes) -> int:
+        """How often ``needle`` appears in the server's dir (its log and every Ray session log)."""
+        total = 0
+        for path in self.dir.rglob("*"):
+            if path.is_file() and not path.is_symlink() and "sockets" not in path.parts:
+                try:
+                    total += path.read_bytes().count(needle)
+                except OSError:
+                    continue
+        return total
+
     def files_containing(self, needle: str) -> list[str]:
         """Every file under the server's dir (its log and all Ray session logs) that contains ``needle``."""
         hits = []

@@ -63,6 +63,7 @@ PLACEMENT_CONFIG = {
 }
 
 
+@pytest.mark.ray  # a head and two workers, on free ports
 def test_replicas_land_on_their_pools_node(tmp_path):
     config_path = tmp_path / "placement.yaml"
     config_path.write_text(yaml.safe_dump(PLACEMENT_CONFIG))

@@ -310,3 +310,15 @@ def test_ray_serve_accepts_the_deployment_options():
     scaled = _openai(autoscaling={"min_replicas": 0, "max_replicas": 3})
     AgentDeployment.options(**scaled.deployment_options())  # raises if Serve rejects the autoscaling config
     assert build_agent("x", spec) is not None
+
+
+def test_error_paths_keep_names_that_equal_a_union_tag():
+    """A model named ``vllm`` or a pipeline named ``moa`` (as in the shipped presets) keeps its name in the error path."""
+    with pytest.raises(ConfigError) as info:
+        parse_config({
+            "models": {"vllm": {"backend": "vllm", "model": "x", "max_tokens": 0}},
+            "pipelines": {"moa": {"kind": "moa", "layers": [[{"model": "vllm", "temperature": 9}]], "aggregator": "vllm"}},
+        })
+    message = str(info.value)
+    assert "models.vllm.max_tokens:" in message
+    assert "pipelines.moa.layers[0].proposers[0].temperature:" in message

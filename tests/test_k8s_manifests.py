@@ -109,13 +109,22 @@ def test_serve_config_v2_is_the_builders():
 
 def test_rayjob_runs_an_evaluation_on_the_mounted_config():
     job = load("rayjob.yaml")["RayJob"]["spec"]
-    assert job["entrypoint"].startswith("python -m jobs.generate --config /etc/moa-ray/config.yaml --pipeline moa-open,moa-open-lite")
+    # the installed console script: the image has the wheel, not a checkout with jobs/
+    assert job["entrypoint"].startswith("moa-ray eval generate --config /etc/moa-ray/config.yaml --pipeline moa-open,moa-open-lite")
     assert "--dataset alpaca_eval" in job["entrypoint"] and "--out /results/" in job["entrypoint"]
     assert job["shutdownAfterJobFinishes"] is True
     head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     mounts = {m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
     assert mounts == {"/etc/moa-ray", "/results"}
     assert {v["name"] for v in head["volumes"]} == {"moa-ray-config", "results"}
+
+
+def test_rayjob_entrypoint_quotes_what_it_interpolates():
+    from moa_ray.serve.manifests import rayjob
+
+    job = rayjob(load_config(EXAMPLE), None, IMAGE, name="x", dataset="my prompts.jsonl; rm -rf /")
+    entry = job["spec"]["entrypoint"]
+    assert "'my prompts.jsonl; rm -rf /'" in entry and entry.startswith("moa-ray eval generate ")
 
 
 def test_committed_manifests_match_the_generator(tmp_path):

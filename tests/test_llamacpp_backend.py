@@ -44,10 +44,12 @@ def test_unknown_model_fails_clearly(tmp_path: Path):
         resolve_model_path(str(tmp_path / "nope.gguf"))
 
 
+@pytest.mark.slow  # loads the real model
 def test_threads_and_context_come_from_the_spec(backend):
     assert backend._llm.n_threads == 1 and backend._llm.n_ctx() == 512
 
 
+@pytest.mark.slow  # loads the real model
 def test_chat_returns_text_usage_latency_and_finish_reason(backend):
     completion = asyncio.run(backend.chat(QUESTION, ChatParams(temperature=0.0)))
     assert completion.text.strip()
@@ -56,11 +58,13 @@ def test_chat_returns_text_usage_latency_and_finish_reason(backend):
     assert completion.latency_s > 0 and completion.model == "smollm2-135m-instruct"
 
 
+@pytest.mark.slow  # loads the real model
 def test_call_params_override_the_model_defaults(backend):
     completion = asyncio.run(backend.chat(QUESTION, ChatParams(temperature=0.0, max_tokens=3)))
     assert completion.usage.completion_tokens == 3
 
 
+@pytest.mark.slow  # loads the real model
 def test_system_roles_reach_the_prompt(backend):
     def prompt_tokens(system: str) -> int:
         messages = [ChatMessage(role="system", content=system), *QUESTION]
@@ -71,6 +75,7 @@ def test_system_roles_reach_the_prompt(backend):
     assert long > short + 20
 
 
+@pytest.mark.slow  # loads the real model
 def test_stream_matches_chat_for_greedy_decoding(backend):
     params = ChatParams(temperature=0.0)
     reference = asyncio.run(backend.chat(QUESTION, params))
@@ -87,6 +92,7 @@ def test_stream_matches_chat_for_greedy_decoding(backend):
     assert completion.finish_reason == reference.finish_reason
 
 
+@pytest.mark.slow  # loads the real model
 def test_concurrent_requests_queue_instead_of_crashing(backend, monkeypatch):
     """llama.cpp is not re-entrant: concurrent calls must run one at a time, all of them answered."""
     original = backend._llm.create_chat_completion
@@ -114,6 +120,7 @@ def test_concurrent_requests_queue_instead_of_crashing(backend, monkeypatch):
     assert state["max"] == 1
 
 
+@pytest.mark.slow  # loads the real model
 def test_event_loop_stays_free_while_generating(backend):
     """Generation runs in a worker thread, so the replica can still answer health checks and queue requests."""
 
@@ -137,6 +144,7 @@ def test_event_loop_stays_free_while_generating(backend):
     assert ticks >= max(1, int(elapsed / 0.01) // 4)
 
 
+@pytest.mark.slow  # loads the real model
 def test_prompt_longer_than_the_context_is_reported_as_such():
     small = LlamaCppBackend(smol_spec(n_ctx=256))
     try:

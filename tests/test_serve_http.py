@@ -21,6 +21,8 @@ import yaml
 from bench.simulator import Behaviour, SimulatorConfig, run_simulator
 from serve_support import ServerProcess
 
+pytestmark = pytest.mark.ray
+
 CLIENT_KEY = "client-key-for-http-tests-42"
 PROVIDER_SECRET = "sk-upstream-provider-secret-93b1d0"
 USER = [{"role": "user", "content": "Name three uses of Ray Serve."}]
@@ -160,8 +162,9 @@ def test_binds_loopback_only(server):
 
 def test_no_key_in_any_log(server):
     """After successes, 4xx, 401 and upstream failures: neither the provider key nor a client key is in any log."""
+    before = server.occurrences(b"HTTP 500")
     post(server, {"model": "doomed", "messages": USER})  # one more failure right before the scan
-    time.sleep(2)  # let Ray flush worker logs
+    wait_for(lambda: server.occurrences(b"HTTP 500") > before, "the failure reached the replica's log")  # logs flushed
     assert server.files_containing("moa2"), "the scan must see the logs (sanity check)"
     assert server.files_containing(PROVIDER_SECRET) == []
     assert server.files_containing(CLIENT_KEY) == []
@@ -175,6 +178,20 @@ assert len(replicas) == 1, replicas
 ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
 print(replicas[0]["name"])
 """
+
+
+def wait_for(condition, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.2)
+
+
+async def until(condition, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
 
 
 async def _traffic(server, concurrency: int, stop: asyncio.Event, results: list) -> None:
@@ -202,9 +219,10 @@ def test_killing_a_replica_under_traffic_never_hangs_or_500s_and_serve_restarts_
     async def scenario() -> str:
         stop = asyncio.Event()
         traffic = asyncio.create_task(_traffic(server, 8, stop, results))
-        await asyncio.sleep(1.5)
+        await until(lambda: len(results) >= 8)  # traffic is flowing
         killed = await asyncio.to_thread(server.attach, KILL_REPLICA)
-        await asyncio.sleep(3)  # traffic goes on while Serve notices and replaces the replica
+        after_kill = len(results)
+        await until(lambda: len(results) >= after_kill + 16)  # traffic goes on while Serve notices and replaces it
         stop.set()
         await traffic
         return killed.strip()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,12 +243,16 @@ def rayjob(
     dataset: str = "alpaca_eval",
     results_claim: str = "moa-ray-results",
 ) -> dict[str, Any]:
-    """A RayJob running ``python -m jobs.generate`` for the pipelines on its own cluster; results go to a PVC."""
+    """A RayJob running ``moa-ray eval generate`` for the pipelines on its own cluster; results go to a PVC.
+
+    The entrypoint is the installed console script (the image holds the wheel, not a checkout), every
+    interpolated value shell-quoted.
+    """
     names = served_pipelines(config, pipelines)
-    entrypoint = (
-        f"python -m jobs.generate --config {CONFIG_MOUNT}/config.yaml --pipeline {','.join(names)} "
-        f"--dataset {dataset} --out /results/{name}"
-    )
+    entrypoint = shlex.join([
+        "moa-ray", "eval", "generate", "--config", f"{CONFIG_MOUNT}/config.yaml", "--pipeline", ",".join(names),
+        "--dataset", dataset, "--out", f"/results/{name}",
+    ])
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
