@@ -23,20 +23,29 @@ class BackendError(MoARayError):
 
     retryable: bool = False
 
-    def __init__(self, message: str, *, model: str | None = None, status_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, model: str | None = None, status_code: int | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.model = model
         self.status_code = status_code
+        self.retry_after_s = retry_after_s  # the provider's Retry-After, when it sent one
 
     def to_dict(self) -> dict[str, Any]:
         """Serialise for transport across a Ray Serve handle."""
-        return {"type": type(self).__name__, "message": str(self), "model": self.model, "status_code": self.status_code}
+        return {
+            "type": type(self).__name__, "message": str(self), "model": self.model, "status_code": self.status_code,
+            "retry_after_s": self.retry_after_s,
+        }
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> BackendError:
         """Rebuild the error raised inside a replica on the caller's side."""
         cls = _BACKEND_ERRORS.get(data.get("type", ""), BackendError)
-        return cls(data.get("message", "backend error"), model=data.get("model"), status_code=data.get("status_code"))
+        return cls(
+            data.get("message", "backend error"), model=data.get("model"), status_code=data.get("status_code"),
+            retry_after_s=data.get("retry_after_s"),
+        )
 
 
 class BackendTimeout(BackendError):
@@ -99,12 +108,14 @@ _CONTEXT_MARKERS = (
 )
 
 
-def error_for_status(status: int, message: str, *, model: str, detail: str = "") -> BackendError:
+def error_for_status(
+    status: int, message: str, *, model: str, detail: str = "", retry_after_s: float | None = None
+) -> BackendError:
     """The error an OpenAI-style failure status means; ``detail`` (e.g. the raw body) is searched for context overflow too."""
     if status == 429:
-        return RateLimited(message, model=model, status_code=status)
+        return RateLimited(message, model=model, status_code=status, retry_after_s=retry_after_s)
     if status >= 500:
-        return UpstreamError(message, model=model, status_code=status)
+        return UpstreamError(message, model=model, status_code=status, retry_after_s=retry_after_s)
     if status in (401, 403):
         return AuthenticationFailed(f"{model}: HTTP {status}: the provider rejected the API key", model=model, status_code=status)
     lowered = (message + detail).lower()

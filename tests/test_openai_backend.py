@@ -129,6 +129,44 @@ def test_backoff_grows_exponentially(monkeypatch):
     assert time.perf_counter() - start >= 0.1 + 0.2 + 0.4
 
 
+def test_retry_after_is_honoured_and_bounded():
+    """A 429's Retry-After (seconds or an HTTP date) sets the wait, capped at backoff_max_s; without one, jitter."""
+    from types import SimpleNamespace
+
+    from moa_ray.backends.openai_http import classify_response, retry_after_s
+
+    assert retry_after_s("2.5") == 2.5 and retry_after_s("-3") == 0.0 and retry_after_s(None) is None
+    assert retry_after_s("soon") is None and retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a past date
+    response = httpx.Response(429, headers={"Retry-After": "7"}, json={"error": {"message": "slow down"}})
+    err = classify_response(response, "m")
+    assert isinstance(err, RateLimited) and err.retry_after_s == 7.0
+    assert type(err).from_dict(err.to_dict()).retry_after_s == 7.0  # survives the Serve hop
+
+    backend = backend_for(Script(ok_body()), backoff_s=0.01, backoff_max_s=5)
+    state = lambda e: SimpleNamespace(outcome=SimpleNamespace(exception=lambda: e), attempt_number=1)  # noqa: E731
+    assert backend._wait(state(err)) == 5  # 7 s asked, capped at backoff_max_s
+    err.retry_after_s = 0.3
+    assert backend._wait(state(err)) == 0.3
+    assert backend._wait(state(RateLimited("no hint", model="m"))) <= 0.02  # full jitter of the first backoff
+    asyncio.run(backend.aclose())
+
+
+def test_a_429_with_retry_after_waits_that_long_then_succeeds():
+    script = Script((429, {"error": {"message": "busy"}}), ok_body("fine"))
+    original = script.__call__
+
+    def with_header(request: httpx.Request) -> httpx.Response:
+        response = original(request)
+        if response.status_code == 429:
+            return httpx.Response(429, headers={"Retry-After": "0.2"}, json=response.json())
+        return response
+
+    start = time.perf_counter()
+    completion = chat(backend_for(with_header, max_retries=1, backoff_s=0.001, backoff_max_s=5))
+    assert completion.text == "fine" and len(script.requests) == 2
+    assert time.perf_counter() - start >= 0.2  # not the 1 ms backoff
+
+
 def test_backoff_is_capped(monkeypatch):
     import tenacity.wait
 

@@ -284,11 +284,32 @@ async def test_every_proposer_failing_is_a_502(simulator, stream):
 
 
 async def test_aggregator_failing_is_a_502(simulator):
-    sim = simulator(SimulatorConfig(latency_ms=20, models=failing("a", failure_rate=1.0, failure_status=429)))
+    sim = simulator(SimulatorConfig(latency_ms=20, models=failing("a", failure_rate=1.0, failure_status=500)))
     pipelines = {"agg-fails": {"kind": "moa", "layers": [["b"]], "aggregator": "a"}}
     async with asgi_client(make_api(make_config(sim.base_url, pipelines=pipelines))) as client:
         response = await client.post("/v1/chat/completions", json={"model": "agg-fails", "messages": USER})
     assert "aggregator" in assert_openai_error(response, 502, "upstream_error")["message"]
+
+
+@pytest.mark.parametrize(("provider_status", "status", "code"), [(400, 400, "invalid_request"), (422, 400, "invalid_request"), (429, 429, "rate_limit_exceeded")])
+async def test_providers_refusing_the_request_is_the_clients_4xx_not_a_502(simulator, provider_status, status, code):
+    behaviour = {"failure_rate": 1.0, "failure_status": provider_status}
+    sim = simulator(SimulatorConfig(latency_ms=5, models={**failing("a", **behaviour), **failing("b", **behaviour)}))
+    async with asgi_client(make_api(make_config(sim.base_url))) as client:
+        response = await client.post("/v1/chat/completions", json={"model": "moa2", "messages": USER})
+        traced = await client.post("/v1/chat/completions", json={"model": "moa2", "messages": USER, "moa": {"trace": True}})
+    assert_openai_error(response, status, code)
+    assert traced.status_code == status
+
+
+async def test_more_than_four_stop_sequences_are_refused_before_any_model_is_called(simulator):
+    sim = simulator(SimulatorConfig(latency_ms=5))
+    async with asgi_client(make_api(make_config(sim.base_url))) as client:
+        five = await client.post("/v1/chat/completions", json={"model": "single", "messages": USER, "stop": list("abcde")})
+        four = await client.post("/v1/chat/completions", json={"model": "single", "messages": USER, "stop": list("abcd")})
+    assert "at most 4" in assert_openai_error(five, 400, "invalid_request", "stop")["message"]
+    assert four.status_code == 200
+    assert sim.stats.requests == 2  # only the accepted request (a proposer and the aggregator) reached the provider
 
 
 async def test_context_length_rejections_are_the_clients_400(simulator):

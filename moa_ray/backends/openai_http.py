@@ -9,6 +9,8 @@ never retried. The API key is read from the environment and never logged.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 import logging
 import os
@@ -18,7 +20,7 @@ from typing import Any
 
 import httpx
 from httpx_sse import aconnect_sse
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from moa_ray.backends.base import chat_kwargs
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
@@ -42,8 +44,26 @@ def classify_response(response: httpx.Response, model: str) -> BackendError:
     """Map an unsuccessful HTTP response onto the error hierarchy."""
     text = _error_text(response)
     return error_for_status(
-        response.status_code, f"{model}: HTTP {response.status_code}: {text}", model=model, detail=json.dumps(_safe_json(response))
+        response.status_code, f"{model}: HTTP {response.status_code}: {text}", model=model,
+        detail=json.dumps(_safe_json(response)), retry_after_s=retry_after_s(response.headers.get("Retry-After")),
     )
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """``Retry-After`` in seconds: a number of seconds or an HTTP date (RFC 9110); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 def _safe_json(response: httpx.Response) -> Any:
@@ -72,6 +92,7 @@ class OpenAIBackend:
             limits=httpx.Limits(max_connections=spec.max_connections, max_keepalive_connections=spec.max_connections),
             transport=transport,
         )
+        self._jitter = wait_random_exponential(multiplier=spec.backoff_s, max=spec.backoff_max_s)
 
     def _payload(self, messages: list[ChatMessage], params: ChatParams, stream: bool) -> dict[str, Any]:
         payload = {"model": self.spec.model, **chat_kwargs(self.spec, messages, params)}
@@ -83,13 +104,21 @@ class OpenAIBackend:
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
             stop=stop_after_attempt(self.spec.max_retries + 1),
-            wait=wait_random_exponential(multiplier=self.spec.backoff_s, max=self.spec.backoff_max_s),
+            wait=self._wait,
             retry=retry_if_exception(lambda e: isinstance(e, BackendError) and e.retryable),
             reraise=True,
             before_sleep=lambda state: log.info(
                 "%s: attempt %d failed (%s); retrying", self.spec.model, state.attempt_number, state.outcome.exception()
             ),
         )
+
+    def _wait(self, state: RetryCallState) -> float:
+        """The provider's ``Retry-After`` when it gave one (capped at ``backoff_max_s``), else full-jitter backoff."""
+        err = state.outcome.exception() if state.outcome else None
+        hinted = getattr(err, "retry_after_s", None)
+        if hinted is not None:
+            return min(hinted, self.spec.backoff_max_s)
+        return self._jitter(state)
 
     async def _post_once(self, payload: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -11,6 +11,7 @@ one code path.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,11 +20,23 @@ from pydantic import BaseModel
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, as_messages
 from moa_ray.config import LayerSpec, ModelSpecBase, ProposerSpec
-from moa_ray.errors import AggregatorFailed, LayerFailed, MoARayError
+from moa_ray.errors import AggregatorFailed, BackendError, LayerFailed, MoARayError
 from moa_ray.pipeline.accounting import fill_accounting
 from moa_ray.pipeline.agents import Agent
 from moa_ray.pipeline.trace import CallRecord, CallRole, LayerRecord, Trace
 from moa_ray.prompts import with_role
+
+log = logging.getLogger(__name__)
+
+
+def record_error(record: CallRecord, err: Exception) -> None:
+    """Put a failed call's error on its record as data; anything but a backend error is logged with its traceback."""
+    record.error = f"{type(err).__name__}: {err}"
+    record.error_type = type(err).__name__
+    if isinstance(err, BackendError):
+        record.status_code = err.status_code
+    else:  # a bug or a transport failure, not a model's answer: keep the layer going, but leave a trace of it
+        log.error("%s call to %s failed unexpectedly", record.role, record.model, exc_info=err)
 
 
 class PipelineResult(BaseModel):
@@ -123,7 +136,7 @@ class Pipeline:
             raise
         except Exception as err:  # noqa: BLE001 - a failed agent is recorded, the layer decides what it means
             record.status, record.latency_s = "error", time.perf_counter() - start
-            record.error = f"{type(err).__name__}: {err}"
+            record_error(record, err)
             return None
         record.prompt_tokens = completion.usage.prompt_tokens
         record.completion_tokens = completion.usage.completion_tokens
@@ -249,7 +262,8 @@ class Pipeline:
                 elif chunk.delta:
                     yield chunk
         except Exception as err:  # noqa: BLE001 - recorded, then surfaced as AggregatorFailed
-            record.status, record.error = "error", f"{type(err).__name__}: {err}"
+            record.status = "error"
+            record_error(record, err)
             record.latency_s = layer.wall_s = time.perf_counter() - final_start
             self._finish(trace, t0)
             raise AggregatorFailed(f"the {step.role} ({step.spec.model}) failed: {record.error}", trace) from None

@@ -31,6 +31,8 @@ class CallRecord(BaseModel):
     finish_reason: str | None = None
     status: CallStatus = "ok"
     error: str | None = None
+    error_type: str | None = Field(default=None, description="The error's class (BadRequest, RateLimited, ...): decided on as data.")
+    status_code: int | None = Field(default=None, description="The provider's HTTP status, where it answered one.")
     selected: bool | None = Field(default=None, description="Kept by the SMoA judge (None where no judge ran).")
 
     @property

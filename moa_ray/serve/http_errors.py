@@ -8,7 +8,8 @@ Decisions (documented for clients):
   ``upstream_error`` (the server works, its providers did not), or 504 when they
   timed out or the request outlived ``server.request_timeout_s``; when every failed
   call was a context-length rejection the input is too long -> 400
-  ``context_length_exceeded``;
+  ``context_length_exceeded``; when every provider refused the request (their 4xx) -> 400
+  ``invalid_request``; when every provider rate-limited it -> 429;
 * anything else is a bug -> 500 with a generic message (details go to the log only).
 """
 
@@ -81,18 +82,29 @@ def from_validation_error(err: ValidationError | RequestValidationError) -> APIE
 
 
 def _failed_calls(err: PipelineError) -> list[str]:
+    """The error class of each failed or cut call (data on the call records, not parsed from messages)."""
     trace = err.trace
     if trace is None:
         return []
-    return [c.error or c.status for c in trace.calls if c.status != "ok"]
+    return [c.error_type or c.status for c in trace.calls if c.status != "ok"]
+
+
+#: When every failed call failed the same way, the client learns what its providers said.
+_ALL_FAILED_ALIKE: dict[str, tuple[int, str, str]] = {
+    "ContextLengthExceeded": (400, "context_length_exceeded", "the conversation is too long for the pipeline's models"),
+    "BadRequest": (400, "invalid_request", "the pipeline's models rejected the request"),
+    "RateLimited": (429, "rate_limit_exceeded", "the pipeline's model services are rate limited; retry later"),
+}
+_TIMEOUTS = {"BackendTimeout", "cut"}
 
 
 def from_pipeline_error(err: PipelineError) -> APIError:
-    """A pipeline that could not answer: the fault is upstream (502/504), or the input did not fit (400)."""
-    failures = _failed_calls(err)
-    if failures and all(f.startswith("ContextLengthExceeded") for f in failures):
-        return APIError(400, f"the conversation is too long for the pipeline's models: {err}", code="context_length_exceeded", param="messages")
-    if failures and all(f.startswith("BackendTimeout") or f == "cut" or "deadline" in f for f in failures):
+    """A pipeline that could not answer: the input did not fit or was refused (4xx), or the fault is upstream (502/504)."""
+    failures = set(_failed_calls(err))
+    if len(failures) == 1 and (only := next(iter(failures))) in _ALL_FAILED_ALIKE:
+        status, code, text = _ALL_FAILED_ALIKE[only]
+        return APIError(status, f"{text}: {err}", code=code, param="messages" if status == 400 else None)
+    if failures and failures <= _TIMEOUTS:
         return APIError(504, f"the pipeline's model services timed out: {err}", code="upstream_timeout", type="upstream_error")
     return APIError(502, f"the pipeline's model services failed: {err}", code="upstream_error", type="upstream_error")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,6 +17,9 @@ from moa_ray.chat import ChatMessage, ChatParams
 
 # --------------------------------------------------------------------------- request
 
+
+#: OpenAI accepts at most four stop sequences; more would pass here and be refused by the provider.
+MAX_STOP = 4
 
 class TextPart(BaseModel):
     """A text content part (``{"type": "text", "text": ...}``); other part types are not supported."""
@@ -77,7 +80,9 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = Field(
+        default=None, description=f"Up to {MAX_STOP} stop sequences, as OpenAI allows (a provider refuses more)."
+    )
     seed: int | None = None
     n: int = Field(default=1, description="Only one choice per request is supported.")
     stream: bool = False
