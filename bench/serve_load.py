@@ -39,8 +39,19 @@ APP_DIRECT = "bench-direct"
 def simulator_process(latency_ms: float, output_tokens: int) -> Iterator[str]:
     """The simulator in its own process, so its event loop does not share a GIL with the load generator."""
     port = free_port()
-    cmd = [sys.executable, "-m", "bench.simulator", "--port", str(port), "--latency-ms", str(latency_ms),
-           "--output-tokens", str(output_tokens), "--seed", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.simulator",
+        "--port",
+        str(port),
+        "--latency-ms",
+        str(latency_ms),
+        "--output-tokens",
+        str(output_tokens),
+        "--seed",
+        "0",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -130,8 +141,7 @@ async def run_http(
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s) as client:
 
         async def one(i: int) -> None:
-            body = {"model": PIPELINE, "messages": [{"role": "user", "content": f"question {i}"}], "stream": stream,
-                    "moa": {"trace": True}}
+            body = {"model": PIPELINE, "messages": [{"role": "user", "content": f"question {i}"}], "stream": stream, "moa": {"trace": True}}
             async with sem:
                 if on_progress is not None:
                     on_progress(i)
@@ -204,7 +214,9 @@ def wait_for_replacement(model: str, killed: dict[str, Any], timeout_s: float = 
 
 
 def summarize(results: Results, modes: list[str]) -> list[str]:
-    lines = [f"{'mode':<14} {'n':>5} {'ok':>5} {'4xx':>4} {'5xx':>4} {'other':>5} {'p50_ms':>8} {'p99_ms':>8} {'ttft_p50':>8} {'dropped':>7}"]
+    lines = [
+        f"{'mode':<14} {'n':>5} {'ok':>5} {'4xx':>4} {'5xx':>4} {'other':>5} {'p50_ms':>8} {'p99_ms':>8} {'ttft_p50':>8} {'dropped':>7}"
+    ]
     for mode in modes:
         samples = results.of(mode)
         ok = [s for s in samples if s.status == 200]
@@ -272,14 +284,25 @@ def main() -> int:
             for stream in (False, True):
                 asyncio.run(run_direct(pipeline, args.requests, args.concurrency, results, stream=stream))
                 http_start = time.perf_counter()
-                asyncio.run(run_http(base_url, args.requests, args.concurrency, results, args.timeout_s, stream=stream,
-                                     on_progress=None if stream else on_progress))
+                asyncio.run(
+                    run_http(
+                        base_url,
+                        args.requests,
+                        args.concurrency,
+                        results,
+                        args.timeout_s,
+                        stream=stream,
+                        on_progress=None if stream else on_progress,
+                    )
+                )
                 http_wall += time.perf_counter() - http_start
             if killed:
                 killed["watcher"].join()
 
-    print(f"simulator: {args.latency_ms:g} ms per call, {args.output_tokens} tokens; pipeline: {args.layers} layer(s) x "
-          f"{args.proposers} proposers + aggregator; {args.requests} requests per mode at concurrency {args.concurrency}")
+    print(
+        f"simulator: {args.latency_ms:g} ms per call, {args.output_tokens} tokens; pipeline: {args.layers} layer(s) x "
+        f"{args.proposers} proposers + aggregator; {args.requests} requests per mode at concurrency {args.concurrency}"
+    )
     for line in summarize(results, ["direct", "http", "direct-stream", "http-stream"]):
         print(line)
     http_all = results.of("http") + results.of("http-stream")
@@ -287,15 +310,19 @@ def main() -> int:
     bad_5xx = [s for s in http_all if isinstance(s.status, int) and s.status >= 500 and not (killed and s.status == 502)]
     hung = [s for s in http_all if s.status in ("timeout", "no-done")]
     if killed:
-        print(f"killed {killed['name']} after {args.requests // 3} requests had started; the deployment answered again "
-              f"{killed.get('recovered_s', 'not within 300')} s later; max http latency {max(s.latency_s for s in http_all):.2f} s; "
-              f"502 (upstream failed): {sum(1 for s in http_all if s.status == 502)}; hung: {len(hung)}")
+        print(
+            f"killed {killed['name']} after {args.requests // 3} requests had started; the deployment answered again "
+            f"{killed.get('recovered_s', 'not within 300')} s later; max http latency {max(s.latency_s for s in http_all):.2f} s; "
+            f"502 (upstream failed): {sum(1 for s in http_all if s.status == 502)}; hung: {len(hung)}"
+        )
 
     def p50(mode: str, ttft: bool = False) -> float:
         return percentile([(s.ttft_s if ttft else s.latency_s) * 1000 for s in results.of(mode) if s.status == 200], 50)
 
-    print(f"streaming overhead p50: {p50('http-stream') - p50('direct-stream'):.1f} ms to the last token, "
-          f"{p50('http-stream', True) - p50('direct-stream', True):.1f} ms to the first")
+    print(
+        f"streaming overhead p50: {p50('http-stream') - p50('direct-stream'):.1f} ms to the last token, "
+        f"{p50('http-stream', True) - p50('direct-stream', True):.1f} ms to the first"
+    )
     print(f"unexpected 5xx: {len(bad_5xx)}; hung: {len(hung)}")
     print(f"overhead_p50_ms {p50('http') - p50('direct'):.1f}")
     return 1 if bad_5xx or hung else 0

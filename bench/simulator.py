@@ -100,8 +100,13 @@ def create_app(config: SimulatorConfig, stats: Stats | None = None) -> Starlette
             await asyncio.sleep(3600)
         if prompt_tokens > behaviour.context_tokens:
             return JSONResponse(
-                {"error": {"message": f"This model's maximum context length is {behaviour.context_tokens} tokens.",
-                           "type": "invalid_request_error", "code": "context_length_exceeded"}},
+                {
+                    "error": {
+                        "message": f"This model's maximum context length is {behaviour.context_tokens} tokens.",
+                        "type": "invalid_request_error",
+                        "code": "context_length_exceeded",
+                    }
+                },
                 400,
             )
         if behaviour.failure_rate and rng.random() < behaviour.failure_rate:
@@ -124,22 +129,36 @@ def create_app(config: SimulatorConfig, stats: Stats | None = None) -> Starlette
                 await asyncio.sleep(delay)
             finally:
                 stats.in_flight -= 1
-            return JSONResponse({
-                "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)}, "finish_reason": finish}],
-                "usage": usage,
-            })
+            return JSONResponse(
+                {
+                    "id": rid,
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)}, "finish_reason": finish}],
+                    "usage": usage,
+                }
+            )
 
         async def events():
             try:
                 per_token = delay / n_out
                 for i, word in enumerate(words):
                     await asyncio.sleep(per_token)
-                    chunk = {"id": rid, "object": "chat.completion.chunk", "model": model,
-                             "choices": [{"index": 0, "delta": {"content": word if i == 0 else " " + word}, "finish_reason": None}]}
+                    chunk = {
+                        "id": rid,
+                        "object": "chat.completion.chunk",
+                        "model": model,
+                        "choices": [{"index": 0, "delta": {"content": word if i == 0 else " " + word}, "finish_reason": None}],
+                    }
                     yield f"data: {json.dumps(chunk)}\n\n"
-                last = {"id": rid, "object": "chat.completion.chunk", "model": model,
-                        "choices": [{"index": 0, "delta": {}, "finish_reason": finish}], "usage": usage}
+                last = {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "model": model,
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": finish}],
+                    "usage": usage,
+                }
                 yield f"data: {json.dumps(last)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
@@ -211,8 +230,13 @@ def main() -> None:
     parser.add_argument("--reply", default=None, help="Fixed answer text instead of filler words.")
     args = parser.parse_args()
     config = SimulatorConfig(
-        latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, output_tokens=args.output_tokens,
-        failure_rate=args.failure_rate, failure_status=args.failure_status, seed=args.seed, reply=args.reply,
+        latency_ms=args.latency_ms,
+        jitter_ms=args.jitter_ms,
+        output_tokens=args.output_tokens,
+        failure_rate=args.failure_rate,
+        failure_status=args.failure_status,
+        seed=args.seed,
+        reply=args.reply,
     )
     print(f"simulator on http://{args.host}:{args.port}/v1 ({config.model_dump_json(exclude={'models'})})", flush=True)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning", backlog=4096)

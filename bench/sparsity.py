@@ -55,8 +55,13 @@ def model_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The one model every role uses: embedded SmolLM2, or ``--model`` of ``--config`` (e.g. a vLLM or hosted one)."""
     if args.config is None:
         return {
-            "backend": "llamacpp", "model": "smollm2-135m-instruct", "n_threads": args.threads, "n_ctx": 8192,
-            "temperature": 0.7, "max_tokens": args.max_tokens, "parameters_b": 0.135,
+            "backend": "llamacpp",
+            "model": "smollm2-135m-instruct",
+            "n_threads": args.threads,
+            "n_ctx": 8192,
+            "temperature": 0.7,
+            "max_tokens": args.max_tokens,
+            "parameters_b": 0.135,
         }
     models = load_config(args.config).models
     if args.model not in models:
@@ -70,7 +75,11 @@ def bench_config(model: dict[str, Any], judge_max_tokens: int, layers: int, k: i
     aggregator = {"model": "bench", "temperature": 0.3}
     judge = {"model": "bench", "temperature": 0.3, "max_tokens": judge_max_tokens}
     smoa = {
-        "kind": "smoa", "layers": [layer] * layers, "aggregator": aggregator, "judge": judge, "k": k,
+        "kind": "smoa",
+        "layers": [layer] * layers,
+        "aggregator": aggregator,
+        "judge": judge,
+        "k": k,
         "shuffle_responses": shuffle,
     }
     return parse_config(
@@ -141,8 +150,7 @@ async def run(args: argparse.Namespace) -> None:
     prompts = load_prompts(args.dataset, args.prompts, args.offset)
     config = bench_config(model_spec(args), args.judge_max_tokens, args.layers, args.k, args.shuffle_responses)
     spec = config.models["bench"]
-    print(f"model {spec.model} ({spec.backend}, max_tokens={args.max_tokens}); transport: in-process LocalAgent",
-          flush=True)
+    print(f"model {spec.model} ({spec.backend}, max_tokens={args.max_tokens}); transport: in-process LocalAgent", flush=True)
     backend = create_backend(spec)
     agents = {"bench": LocalAgent(backend)}
     pipelines = {name: build_pipeline(config, name, agents) for name in PIPELINES}
@@ -207,8 +215,10 @@ def report(summaries: dict[str, dict[str, Any]]) -> None:
     moa = summaries["moa"]["total_tokens"]
     for name in ("smoa", "smoa-nomod"):
         s = summaries[name]
-        print(f"{name}/moa: tokens {s['total_tokens'] / moa:.3f}, critical path "
-              f"{s['critical_path_s_total'] / summaries['moa']['critical_path_s_total']:.3f}")
+        print(
+            f"{name}/moa: tokens {s['total_tokens'] / moa:.3f}, critical path "
+            f"{s['critical_path_s_total'] / summaries['moa']['critical_path_s_total']:.3f}"
+        )
     parts = drivers(summaries)
     print("what drives smoa/moa (share of MoA tokens):")
     print(f"  fewer references (k of n)     {parts['fewer_references']:+7.1%}")

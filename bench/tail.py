@@ -39,8 +39,15 @@ def bench_config(args: argparse.Namespace, base_url: str) -> MoARayConfig:
     return parse_config(
         {
             "models": {
-                m: {"backend": "openai", "model": m, "base_url": base_url, "max_retries": 0, "num_cpus": 0.01,
-                    "max_tokens": args.output_tokens, "max_ongoing_requests": 256}
+                m: {
+                    "backend": "openai",
+                    "model": m,
+                    "base_url": base_url,
+                    "max_retries": 0,
+                    "num_cpus": 0.01,
+                    "max_tokens": args.output_tokens,
+                    "max_ongoing_requests": 256,
+                }
                 for m in models
             },
             "pipelines": {
@@ -101,7 +108,9 @@ def main() -> None:
     parser.add_argument("--proposers", type=int, default=4)
     parser.add_argument("--layers", type=int, default=2, help="Proposer layers (then the aggregator).")
     parser.add_argument("--min-responses", type=int, default=2, help="Quorum of the quorum mode.")
-    parser.add_argument("--deadline-ms", type=float, default=None, help="Layer deadline of the quorum mode (default: latency + jitter / 4).")
+    parser.add_argument(
+        "--deadline-ms", type=float, default=None, help="Layer deadline of the quorum mode (default: latency + jitter / 4)."
+    )
     parser.add_argument("--requests", type=int, default=40, help="Requests per mode.")
     parser.add_argument("--concurrency", type=int, default=1, help="Requests in flight per mode.")
     parser.add_argument("--transport", choices=("serve", "local"), default="serve")

@@ -145,7 +145,7 @@ async def compare(args: argparse.Namespace) -> None:
     from moa_ray.runtime import deploy_agents
 
     config = bench_config(args.max_tokens)
-    (name, spec), = config.models_for([PIPELINE]).items()
+    ((name, spec),) = config.models_for([PIPELINE]).items()
     t = time.perf_counter()
     agents = deploy_agents(config, [PIPELINE], app_name=APP_NAME)
     print(f"ray up and {PIPELINE!r} deployed (Ray Serve LLM) in {time.perf_counter() - t:.1f}s", flush=True)
@@ -171,7 +171,7 @@ async def compare(args: argparse.Namespace) -> None:
                 outs = await asyncio.gather(*(direct.generate(c.messages, c.params) for c in wave))
                 direct_s += time.perf_counter() - start
                 direct_tokens += sum(n for _, n in outs)
-                same += sum(text == c.completion.text for (text, _), c in zip(outs, wave))
+                same += sum(text == c.completion.text for (text, _), c in zip(outs, wave, strict=True))
             label = "warm-up" if i == 0 else f"prompt {i}/{args.prompts}"
             print(
                 f"{label}: pipeline {pipe_tokens} tok in {wall:.2f}s ({pipe_tokens / wall:.1f} tok/s, {len(calls)} calls in "
@@ -182,15 +182,25 @@ async def compare(args: argparse.Namespace) -> None:
             if i == 0:
                 continue
             per_prompt.append((pipe_tokens / wall) / (direct_tokens / direct_s))
-            for key, value in (("pipe_tokens", pipe_tokens), ("pipe_s", wall), ("direct_tokens", direct_tokens),
-                               ("direct_s", direct_s), ("calls", len(calls)), ("same", same)):
+            for key, value in (
+                ("pipe_tokens", pipe_tokens),
+                ("pipe_s", wall),
+                ("direct_tokens", direct_tokens),
+                ("direct_s", direct_s),
+                ("calls", len(calls)),
+                ("same", same),
+            ):
                 totals[key] += value
     finally:
         direct.shutdown()
     pipe_rate = totals["pipe_tokens"] / totals["pipe_s"]
     direct_rate = totals["direct_tokens"] / totals["direct_s"]
-    print(f"pipeline (Ray Serve LLM, handles, MoA driver): {totals['pipe_tokens']} completion tokens in {totals['pipe_s']:.2f}s = {pipe_rate:.1f} tok/s")
-    print(f"direct vLLM AsyncLLM, same calls and waves: {totals['direct_tokens']} completion tokens in {totals['direct_s']:.2f}s = {direct_rate:.1f} tok/s")
+    print(
+        f"pipeline (Ray Serve LLM, handles, MoA driver): {totals['pipe_tokens']} completion tokens in {totals['pipe_s']:.2f}s = {pipe_rate:.1f} tok/s"
+    )
+    print(
+        f"direct vLLM AsyncLLM, same calls and waves: {totals['direct_tokens']} completion tokens in {totals['direct_s']:.2f}s = {direct_rate:.1f} tok/s"
+    )
     print(f"identical outputs: {totals['same']}/{totals['calls']} calls")
     print(f"median of per-prompt ratios {statistics.median(per_prompt):.3f}")
     print(f"ratio {pipe_rate / direct_rate:.3f}")
@@ -211,7 +221,7 @@ async def layer2_prefill(engine: DirectEngine, question: str, references: list[s
 
 async def prefix(args: argparse.Namespace) -> None:
     config = bench_config(args.max_tokens)
-    (_, spec), = config.models_for([PIPELINE]).items()
+    ((_, spec),) = config.models_for([PIPELINE]).items()
     layer1 = [p for p in config.pipeline(PIPELINE).layers[0].proposers]
     results: dict[bool, dict[str, list[float]]] = {}
     references_by_prompt: dict[str, list[str]] = {}
@@ -224,10 +234,14 @@ async def prefix(args: argparse.Namespace) -> None:
         try:
             for i, question in enumerate([WARMUP_PROMPT, *PROMPTS[: args.prompts]]):
                 if question not in references_by_prompt:  # the same references for both engines
-                    outs = await asyncio.gather(*(
-                        engine.generate(as_messages(question), ChatParams(temperature=p.temperature, max_tokens=args.max_tokens, seed=7 + j))
-                        for j, p in enumerate(layer1)
-                    ))
+                    outs = await asyncio.gather(
+                        *(
+                            engine.generate(
+                                as_messages(question), ChatParams(temperature=p.temperature, max_tokens=args.max_tokens, seed=7 + j)
+                            )
+                            for j, p in enumerate(layer1)
+                        )
+                    )
                     references_by_prompt[question] = [text for text, _ in outs]
                 refs = references_by_prompt[question]
                 a = await layer2_prefill(engine, question, refs, len(layer1), staggered=False)
@@ -236,8 +250,11 @@ async def prefix(args: argparse.Namespace) -> None:
                 if i:
                     together.append(a)
                     staggered.append(b)
-                print(f"  {'warm-up' if i == 0 else f'prompt {i}'}: layer-2 prompt of {tokens} tokens x{len(layer1)}: "
-                      f"together {a * 1000:.0f} ms, staggered {b * 1000:.0f} ms", flush=True)
+                print(
+                    f"  {'warm-up' if i == 0 else f'prompt {i}'}: layer-2 prompt of {tokens} tokens x{len(layer1)}: "
+                    f"together {a * 1000:.0f} ms, staggered {b * 1000:.0f} ms",
+                    flush=True,
+                )
         finally:
             engine.shutdown()
         results[caching] = {"together": together, "staggered": staggered}

@@ -26,9 +26,9 @@ from typing import Any
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-from cluster.local_cluster import LocalCluster, WorkerSpec  # noqa: E402
-from moa_ray.chat import ChatParams, as_messages  # noqa: E402
-from moa_ray.config import load_config, parse_config  # noqa: E402
+from cluster.local_cluster import LocalCluster, WorkerSpec
+from moa_ray.chat import ChatParams, as_messages
+from moa_ray.config import load_config, parse_config
 
 APP_NAME = "bench-autoscale"
 MODEL = "smollm2-vllm"
@@ -38,9 +38,15 @@ POOL = "pool_vllm"
 def autoscaled_config(upscale_delay_s: float, downscale_delay_s: float) -> Any:
     presets = load_config().model_dump(mode="json", exclude_none=True)
     model = {
-        **presets["models"][MODEL], "pool": POOL,
-        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-                        "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s},
+        **presets["models"][MODEL],
+        "pool": POOL,
+        "autoscaling": {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": upscale_delay_s,
+            "downscale_delay_s": downscale_delay_s,
+        },
     }
     return parse_config({"models": {MODEL: model}})
 
@@ -82,13 +88,20 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         while True:
             counts = await asyncio.to_thread(replica_counts)
             row = {
-                "t_s": round(time.perf_counter() - start, 1), "phase": state["phase"],
-                "running": counts.get("RUNNING", 0), "starting": counts.get("STARTING", 0) + counts.get("PENDING_MIGRATION", 0),
-                "stopping": counts.get("STOPPING", 0), "in_flight": state["in_flight"], "done": state["done"],
+                "t_s": round(time.perf_counter() - start, 1),
+                "phase": state["phase"],
+                "running": counts.get("RUNNING", 0),
+                "starting": counts.get("STARTING", 0) + counts.get("PENDING_MIGRATION", 0),
+                "stopping": counts.get("STOPPING", 0),
+                "in_flight": state["in_flight"],
+                "done": state["done"],
             }
             timeline.append(row)
-            print(f"{row['t_s']:7.1f}s  {row['phase']:5s}  running {row['running']}  starting {row['starting']}  "
-                  f"stopping {row['stopping']}  in flight {row['in_flight']:2d}  done {row['done']}", flush=True)
+            print(
+                f"{row['t_s']:7.1f}s  {row['phase']:5s}  running {row['running']}  starting {row['starting']}  "
+                f"stopping {row['stopping']}  in flight {row['in_flight']:2d}  done {row['done']}",
+                flush=True,
+            )
             if state["phase"] == "quiet" and row["running"] == 1 and not row["starting"] and not row["stopping"]:
                 return
             if time.perf_counter() - start > args.load_s + args.quiet_timeout_s:

@@ -166,18 +166,38 @@ class LocalCluster:
         gcs, dashboard, client = free_ports(3)
         self.state = ClusterState(address=f"{_node_ip()}:{gcs}", temp_dir=str(temp_dir))
         try:
-            head = self._start_node("head", [
-                "--head", f"--port={gcs}", f"--num-cpus={self.head_cpus:g}", "--num-gpus=0", "--include-dashboard=false",
-                f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}",
-                "--disable-usage-stats", *_node_args(),
-            ], timeout_s, attempts=1)
+            head = self._start_node(
+                "head",
+                [
+                    "--head",
+                    f"--port={gcs}",
+                    f"--num-cpus={self.head_cpus:g}",
+                    "--num-gpus=0",
+                    "--include-dashboard=false",
+                    f"--dashboard-port={dashboard}",
+                    f"--ray-client-server-port={client}",
+                    f"--temp-dir={temp_dir}",
+                    "--disable-usage-stats",
+                    *_node_args(),
+                ],
+                timeout_s,
+                attempts=1,
+            )
             self.state.nodes.append(head)
             self._save()
             for i, worker in enumerate(self.workers):
-                node = self._start_node(f"worker-{i}-{worker.pool}", [
-                    f"--address={self.state.address}", f"--num-cpus={worker.cpus:g}", f"--num-gpus={worker.gpus:g}",
-                    f"--resources={json.dumps({worker.pool: POOL_CAPACITY})}", f"--temp-dir={temp_dir}", *_node_args(),
-                ], timeout_s)
+                node = self._start_node(
+                    f"worker-{i}-{worker.pool}",
+                    [
+                        f"--address={self.state.address}",
+                        f"--num-cpus={worker.cpus:g}",
+                        f"--num-gpus={worker.gpus:g}",
+                        f"--resources={json.dumps({worker.pool: POOL_CAPACITY})}",
+                        f"--temp-dir={temp_dir}",
+                        *_node_args(),
+                    ],
+                    timeout_s,
+                )
                 node.pool, node.gpus = worker.pool, worker.gpus
                 self.state.nodes.append(node)
                 self._save()

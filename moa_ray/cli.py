@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import click
 
@@ -12,11 +13,10 @@ from moa_ray.errors import PipelineError
 from moa_ray.render import err_console, run_reporting_errors, trace_view
 
 
-
 class _Group(click.Group):
     """Reports moa-ray errors as one clear line (see :func:`moa_ray.render.run_reporting_errors`)."""
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context) -> Any:
         return run_reporting_errors(lambda: super(_Group, self).invoke(ctx))
 
 

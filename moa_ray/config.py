@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -175,9 +175,14 @@ class LlamaCppModelSpec(ModelSpecBase):
 
 #: Engine arguments that have a field of their own (``engine_kwargs`` may not set them).
 _VLLM_FIELDS = {
-    "model": "model", "served_model_name": "the config's model name", "dtype": "dtype", "max_model_len": "max_model_len",
-    "tensor_parallel_size": "tensor_parallel_size", "pipeline_parallel_size": "pipeline_parallel_size",
-    "gpu_memory_utilization": "gpu_memory_utilization", "enable_prefix_caching": "enable_prefix_caching",
+    "model": "model",
+    "served_model_name": "the config's model name",
+    "dtype": "dtype",
+    "max_model_len": "max_model_len",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "pipeline_parallel_size": "pipeline_parallel_size",
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "enable_prefix_caching": "enable_prefix_caching",
     "enforce_eager": "enforce_eager",
 }
 PlacementStrategy = Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"]
@@ -242,7 +247,7 @@ class VLLMModelSpec(ModelSpecBase):
 
 
 ModelSpec = Annotated[
-    Union[OpenAIModelSpec, LlamaCppModelSpec, VLLMModelSpec],
+    OpenAIModelSpec | LlamaCppModelSpec | VLLMModelSpec,
     Field(discriminator="backend"),
 ]
 
@@ -385,7 +390,7 @@ class SMoAPipelineSpec(PipelineBase, _LayeredMixin):
         return self.moderator is not False
 
     def calls(self) -> list[tuple[str, ProposerSpec]]:
-        out = self._layer_calls() + [("judge", self.judge_spec)]
+        out = [*self._layer_calls(), ("judge", self.judge_spec)]
         if self.moderator_spec is not None:
             out.append(("moderator", self.moderator_spec))
         if self.roles is not None and self.roles.model is not None:
@@ -435,7 +440,7 @@ class SelfMoAPipelineSpec(PipelineBase):
 
 
 PipelineSpec = Annotated[
-    Union[MoAPipelineSpec, SMoAPipelineSpec, SinglePipelineSpec, RankerPipelineSpec, SelfMoAPipelineSpec],
+    MoAPipelineSpec | SMoAPipelineSpec | SinglePipelineSpec | RankerPipelineSpec | SelfMoAPipelineSpec,
     Field(discriminator="kind"),
 ]
 
@@ -480,9 +485,7 @@ class MoARayConfig(_Strict):
         for name, pipe in self.pipelines.items():
             for path, call in pipe.calls():
                 if call.model not in self.models:
-                    raise ValueError(
-                        f"pipelines.{name}.{path}.model: unknown model {call.model!r} (known models: {known})"
-                    )
+                    raise ValueError(f"pipelines.{name}.{path}.model: unknown model {call.model!r} (known models: {known})")
         return self
 
     def pipeline(self, name: str) -> PipelineSpec:
@@ -495,7 +498,6 @@ class MoARayConfig(_Strict):
         """The models the named pipelines call, in config order."""
         needed = {call.model for p in pipelines for _, call in self.pipeline(p).calls()}
         return {name: spec for name, spec in self.models.items() if name in needed}
-
 
 
 def _field_path(parts: Any) -> str:

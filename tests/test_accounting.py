@@ -22,8 +22,18 @@ def _models(**extra):
     return parse_config(
         {
             "models": {
-                "big": {"backend": "openai", "model": "big", "parameters_b": 70, "pricing": {"input_per_mtok": 0.9, "output_per_mtok": 1.8}},
-                "small": {"backend": "openai", "model": "small", "parameters_b": 7, "pricing": {"input_per_mtok": 0.2, "output_per_mtok": 0.2}},
+                "big": {
+                    "backend": "openai",
+                    "model": "big",
+                    "parameters_b": 70,
+                    "pricing": {"input_per_mtok": 0.9, "output_per_mtok": 1.8},
+                },
+                "small": {
+                    "backend": "openai",
+                    "model": "small",
+                    "parameters_b": 7,
+                    "pricing": {"input_per_mtok": 0.2, "output_per_mtok": 0.2},
+                },
                 "mystery": {"backend": "openai", "model": "mystery"},
                 **extra,
             }
@@ -124,7 +134,11 @@ def test_sums_agree_across_calls_layers_roles_and_models(simulator, tmp_path):
             },
             "pipelines": {
                 "s": {
-                    "kind": "smoa", "layers": [["p1", "p2", "p3"]] * 2, "aggregator": "agg", "judge": "judge", "k": 2,
+                    "kind": "smoa",
+                    "layers": [["p1", "p2", "p3"]] * 2,
+                    "aggregator": "agg",
+                    "judge": "judge",
+                    "k": 2,
                     "roles": {"dataset": "d", "task": "t"},
                 }
             },

@@ -121,10 +121,15 @@ def test_self_moa_quorum(simulator):
 
 def test_presets_ship_smoa_and_embedded_baselines():
     cfg = load_presets()
-    kinds = {name: cfg.pipelines[name].kind for name in ("smoa", "embedded-smoa", "embedded-single", "embedded-ranker", "embedded-self-moa")}
+    kinds = {
+        name: cfg.pipelines[name].kind for name in ("smoa", "embedded-smoa", "embedded-single", "embedded-ranker", "embedded-self-moa")
+    }
     assert kinds == {
-        "smoa": "smoa", "embedded-smoa": "smoa", "embedded-single": "single",
-        "embedded-ranker": "ranker", "embedded-self-moa": "self-moa",
+        "smoa": "smoa",
+        "embedded-smoa": "smoa",
+        "embedded-single": "single",
+        "embedded-ranker": "ranker",
+        "embedded-self-moa": "self-moa",
     }
     smoa = cfg.pipelines["smoa"]
     assert all(len(layer.proposers) == 4 for layer in smoa.layers) and smoa.k == 2

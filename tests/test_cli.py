@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from config_support import ISSUE_EXAMPLE
 
 from bench.simulator import Behaviour, SimulatorConfig, run_simulator
@@ -134,7 +133,7 @@ def test_run_json_prints_one_object_with_answer_pipeline_and_trace(sim_file):
     trace = out["trace"]
     assert {"wall_s", "layers", "calls"} <= set(trace)
     assert trace["wall_s"] > 0
-    assert [(l["layer"], l["role"]) for l in trace["layers"]] == [(1, "proposer"), (2, "aggregator")]
+    assert [(layer["layer"], layer["role"]) for layer in trace["layers"]] == [(1, "proposer"), (2, "aggregator")]
     assert [(c["layer"], c["role"], c["model"], c["status"]) for c in trace["calls"]] == [
         (1, "proposer", "p1", "ok"),
         (1, "proposer", "p2", "ok"),

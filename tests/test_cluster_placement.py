@@ -52,12 +52,25 @@ def test_worker_spec_parsing():
 PLACEMENT_CONFIG = {
     "models": {
         # 2 replicas x 0.5 GPU: both fit only on the pool_a worker's one logical GPU
-        "alpha": {"backend": "openai", "model": "alpha", "base_url": "http://127.0.0.1:9/v1", "pool": "pool_a",
-                  "num_gpus": 0.5, "num_replicas": 2, "num_cpus": 0.1},
-        "beta": {"backend": "openai", "model": "beta", "base_url": "http://127.0.0.1:9/v1", "pool": "pool_b",
-                 "num_gpus": 1, "num_cpus": 0.1, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-        "gamma": {"backend": "openai", "model": "gamma", "base_url": "http://127.0.0.1:9/v1", "pool": "pool_b",
-                  "num_cpus": 0.1},
+        "alpha": {
+            "backend": "openai",
+            "model": "alpha",
+            "base_url": "http://127.0.0.1:9/v1",
+            "pool": "pool_a",
+            "num_gpus": 0.5,
+            "num_replicas": 2,
+            "num_cpus": 0.1,
+        },
+        "beta": {
+            "backend": "openai",
+            "model": "beta",
+            "base_url": "http://127.0.0.1:9/v1",
+            "pool": "pool_b",
+            "num_gpus": 1,
+            "num_cpus": 0.1,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        },
+        "gamma": {"backend": "openai", "model": "gamma", "base_url": "http://127.0.0.1:9/v1", "pool": "pool_b", "num_cpus": 0.1},
     },
     "pipelines": {"p": {"kind": "moa", "layers": [["alpha", "beta", "gamma"]], "aggregator": "beta"}},
 }
@@ -73,7 +86,11 @@ def test_replicas_land_on_their_pools_node(tmp_path):
             env = {**os.environ, **state.env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
             probe = subprocess.run(
                 [sys.executable, str(ROOT / "tests" / "placement_probe.py"), str(config_path)],
-                env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
             )
         assert not (cluster.dir / "cluster.json").exists()  # stopped
     finally:

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from config_support import ISSUE_EXAMPLE
 
 from moa_ray.config import (
@@ -62,7 +61,7 @@ def test_pipeline_quorum_defaults_fill_every_layer():
     data["pipelines"]["my-moa"].update(min_responses=3, layer_deadline_s=2.5)
     data["pipelines"]["my-moa"]["layers"][1] = {"proposers": ["qwen", "smol"], "deadline_s": 9}
     layers = parse_config(data).pipeline("my-moa").resolved_layers()
-    assert [(l.min_responses, l.deadline_s) for l in layers] == [(3, 2.5), (2, 9)]  # capped at the layer's size
+    assert [(layer.min_responses, layer.deadline_s) for layer in layers] == [(3, 2.5), (2, 9)]  # capped at the layer's size
 
 
 # --------------------------------------------------------------------------- errors name their field
@@ -194,7 +193,9 @@ def test_every_error_is_reported_at_once():
     data = example()
     data["models"]["smol"]["temperature"] = -1
     data["models"]["qwen"]["base_url"] = "ftp://x"
-    message = str(pytest.raises(ConfigError, parse_config, data).value)
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    message = str(info.value)
     assert "models.smol.temperature" in message and "models.qwen.base_url" in message
 
 
@@ -315,10 +316,12 @@ def test_ray_serve_accepts_the_deployment_options():
 def test_error_paths_keep_names_that_equal_a_union_tag():
     """A model named ``vllm`` or a pipeline named ``moa`` (as in the shipped presets) keeps its name in the error path."""
     with pytest.raises(ConfigError) as info:
-        parse_config({
-            "models": {"vllm": {"backend": "vllm", "model": "x", "max_tokens": 0}},
-            "pipelines": {"moa": {"kind": "moa", "layers": [[{"model": "vllm", "temperature": 9}]], "aggregator": "vllm"}},
-        })
+        parse_config(
+            {
+                "models": {"vllm": {"backend": "vllm", "model": "x", "max_tokens": 0}},
+                "pipelines": {"moa": {"kind": "moa", "layers": [[{"model": "vllm", "temperature": 9}]], "aggregator": "vllm"}},
+            }
+        )
     message = str(info.value)
     assert "models.vllm.max_tokens:" in message
     assert "pipelines.moa.layers[0].proposers[0].temperature:" in message

@@ -39,7 +39,7 @@ def test_cli_answers_with_the_embedded_model_and_a_full_trace():
 
     trace = out["trace"]
     proposers = len(load_presets().pipeline("embedded").layers[0].proposers)
-    assert [(l["layer"], l["role"]) for l in trace["layers"]] == [(1, "proposer"), (2, "aggregator")]
+    assert [(layer["layer"], layer["role"]) for layer in trace["layers"]] == [(1, "proposer"), (2, "aggregator")]
     assert len(trace["calls"]) == proposers + 1
     assert all(c["status"] == "ok" and c["model"] == "smollm2" for c in trace["calls"])
     assert all(c["prompt_tokens"] > 0 and c["completion_tokens"] > 0 for c in trace["calls"])
@@ -48,4 +48,4 @@ def test_cli_answers_with_the_embedded_model_and_a_full_trace():
     # the aggregator saw the paper's prompt plus every proposer's answer
     assert final["prompt_tokens"] > max(c["prompt_tokens"] for c in trace["calls"][:-1]) + 60
     assert trace["tokens"]["total_tokens"] > 0 and trace["wall_s"] > 0
-    assert trace["wall_s"] >= sum(l["wall_s"] for l in trace["layers"])
+    assert trace["wall_s"] >= sum(layer["wall_s"] for layer in trace["layers"])

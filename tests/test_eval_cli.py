@@ -38,9 +38,7 @@ def invoke(*args: str):
         (["--pipeline", "one", "--dataset", "alpaca_eval", "--limit", "0"], 2, "--limit"),
     ],
 )
-def test_generate_rejects_bad_input_before_ray(
-    config_file: Path, tmp_path: Path, args: list[str], code: int, message: str
-) -> None:
+def test_generate_rejects_bad_input_before_ray(config_file: Path, tmp_path: Path, args: list[str], code: int, message: str) -> None:
     result = invoke("generate", "--config", str(config_file), "--out", str(tmp_path / "out"), *args)
     assert result.exit_code == code, result.output
     assert message in result.output
@@ -91,9 +89,7 @@ def test_generate_with_nothing_left_runs_no_ray(config_file: Path, tmp_path: Pat
 
 
 def test_judge_rejects_unknown_judge_and_empty_generations(config_file: Path, tmp_path: Path) -> None:
-    result = invoke(
-        "judge", "--config", str(config_file), "--judge", "gpt-9", "--generations", str(tmp_path), "--out", str(tmp_path / "j")
-    )
+    result = invoke("judge", "--config", str(config_file), "--judge", "gpt-9", "--generations", str(tmp_path), "--out", str(tmp_path / "j"))
     assert result.exit_code == 2 and "unknown judge model 'gpt-9'" in result.output
     result = invoke(
         "judge",
@@ -168,9 +164,7 @@ def test_report_writes_tables_and_plots(tmp_path: Path) -> None:
         ],
         "1",
     )
-    result = CliRunner().invoke(
-        main, ["eval", "report", "--generations", str(gen), "--judgments", str(judged), "--out", str(out)]
-    )
+    result = CliRunner().invoke(main, ["eval", "report", "--generations", str(gen), "--judgments", str(judged), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == {
         "report.md",

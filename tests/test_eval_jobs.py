@@ -64,7 +64,7 @@ def cluster():
     temp = tempfile.mkdtemp(prefix="moaj", dir="/tmp")
     gcs, dash, client_port, agent = free_port(), free_port(), free_port(), free_port()
     sim_port = free_port()
-    log = open(Path(temp) / "head.log", "wb")  # noqa: SIM115 - closed at teardown
+    log = open(Path(temp) / "head.log", "wb")
     sim = subprocess.Popen(
         [sys.executable, "-m", "bench.simulator", "--port", str(sim_port), "--latency-ms", "150", "--output-tokens", "16"],
         cwd=ROOT,

@@ -46,9 +46,7 @@ def test_cli_reproduces_the_leaderboard(model: str) -> None:
     # Without AlpacaEval's instruction-difficulty file the minimal LC model is fitted: it moves the
     # win rate the same way as the leaderboard's LC (towards 50 for the short wizardlm answers).
     assert 0 < got["lc_win_rate"] < 100
-    assert np.sign(got["lc_win_rate"] - got["win_rate"]) == np.sign(
-        float(row["length_controlled_winrate"]) - float(row["win_rate"])
-    )
+    assert np.sign(got["lc_win_rate"] - got["win_rate"]) == np.sign(float(row["length_controlled_winrate"]) - float(row["win_rate"]))
 
 
 @pytest.mark.parametrize("model, expected", [(MODELS[0], 65.003), (MODELS[1], 15.529)])
@@ -114,7 +112,7 @@ def test_lc_with_instruction_difficulty(tmp_path: Path) -> None:
     glm = GLMData.from_dir(tmp_path)
     lc, se, name = length_controlled_win_rate(prefs, model_len, ref_len, list(range(300)), glm)
     assert name == "length_controlled_noreg" and 0 < lc < 100 and se >= 0
-    with pytest.raises(MetricsError, match="instruction_difficulty.csv"):
+    with pytest.raises(MetricsError, match=r"instruction_difficulty\.csv"):
         GLMData.from_dir(tmp_path / "missing")
 
 

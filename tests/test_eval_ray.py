@@ -10,13 +10,13 @@ from eval_support import eval_config, model, simulator_config
 
 from bench.simulator import Behaviour, run_simulator
 from moa_ray.config import parse_config
-from moa_ray.runtime import deploy_models
 from moa_ray.eval.datasets import load_dataset
 from moa_ray.eval.generate import GenerateOptions, run_generation
 from moa_ray.eval.judge import JudgeOptions, pairwise_table, read_generations, run_judging, single_table
 from moa_ray.eval.report import build_report, write_report
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import RowTable
+from moa_ray.runtime import deploy_models
 
 pytestmark = pytest.mark.ray
 APP = "t-eval"

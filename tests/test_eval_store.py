@@ -176,10 +176,7 @@ def test_handler_asks_turn_two_with_its_own_turn_one_answer(simulator) -> None:
 
     assert len(failed) == 1 and failed[0].status == "error" and "aggregator" in failed[0].error
     assert failed[0].prompt_tokens > 0  # the partial trace is kept
-    assert (
-        handler.failed(WorkItem(prompt=prompt, pipeline="one", dataset="mt_bench", start_turn=2, history=["x"]), "lost")[0].turn
-        == 2
-    )
+    assert handler.failed(WorkItem(prompt=prompt, pipeline="one", dataset="mt_bench", start_turn=2, history=["x"]), "lost")[0].turn == 2
 
 
 def test_export_alpaca_eval(tmp_path: Path) -> None:
@@ -198,7 +195,9 @@ def test_trace_columns_read_accounting_defensively() -> None:
     from moa_ray.pipeline.trace import CallRecord, LayerRecord, Trace
 
     trace = Trace(
-        pipeline="p", kind="moa", layers=[LayerRecord(layer=1, role="proposer")],
+        pipeline="p",
+        kind="moa",
+        layers=[LayerRecord(layer=1, role="proposer")],
         calls=[CallRecord(layer=1, role="proposer", model="a", prompt_tokens=3, completion_tokens=4, latency_s=0.5)],
     )
     cols = trace_columns(trace)

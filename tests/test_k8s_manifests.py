@@ -128,8 +128,9 @@ def test_rayjob_entrypoint_quotes_what_it_interpolates():
 
 
 def test_committed_manifests_match_the_generator(tmp_path):
-    result = CliRunner().invoke(main, ["serve", "k8s", "--config", "cluster/gpu-pools.yaml", "--image", IMAGE, "-o", str(tmp_path)],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        main, ["serve", "k8s", "--config", "cluster/gpu-pools.yaml", "--image", IMAGE, "-o", str(tmp_path)], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     for name in ("rayservice.yaml", "raycluster.yaml", "rayjob.yaml"):
         assert (tmp_path / name).read_text() == (K8S / name).read_text(), f"k8s/{name} is stale: regenerate it (see cluster/gpu-pools.yaml)"
@@ -140,20 +141,29 @@ def test_committed_manifests_match_the_generator(tmp_path):
 
 def _cfg(models: dict) -> object:
     base = {"backend": "openai", "base_url": "http://x.internal/v1"}
-    return parse_config({
-        "models": {name: {**base, "model": name, **spec} for name, spec in models.items()},
-        "pipelines": {"p": {"kind": "moa", "layers": [list(models)], "aggregator": next(iter(models))}},
-    })
+    return parse_config(
+        {
+            "models": {name: {**base, "model": name, **spec} for name, spec in models.items()},
+            "pipelines": {"p": {"kind": "moa", "layers": [list(models)], "aggregator": next(iter(models))}},
+        }
+    )
 
 
 def test_pool_sizing_from_gpus_and_replicas():
-    pools = {p.name: p for p in pools_for(_cfg({
-        "big": {"pool": "pool_big", "num_gpus": 2, "autoscaling": {"min_replicas": 1, "max_replicas": 4}},
-        "half1": {"pool": "pool_half", "num_gpus": 0.5, "num_replicas": 2},
-        "half2": {"pool": "pool_half", "num_gpus": 0.5, "num_replicas": 1},
-        "remote": {"pool": "pool_cpu", "num_cpus": 2, "num_replicas": 6},
-        "anywhere": {},
-    }))}
+    pools = {
+        p.name: p
+        for p in pools_for(
+            _cfg(
+                {
+                    "big": {"pool": "pool_big", "num_gpus": 2, "autoscaling": {"min_replicas": 1, "max_replicas": 4}},
+                    "half1": {"pool": "pool_half", "num_gpus": 0.5, "num_replicas": 2},
+                    "half2": {"pool": "pool_half", "num_gpus": 0.5, "num_replicas": 1},
+                    "remote": {"pool": "pool_cpu", "num_cpus": 2, "num_replicas": 6},
+                    "anywhere": {},
+                }
+            )
+        )
+    }
     assert set(pools) == {"pool_big", "pool_half", "pool_cpu"}
     assert (pools["pool_big"].node_gpus, pools["pool_big"].min_nodes, pools["pool_big"].max_nodes) == (2, 1, 4)
     assert (pools["pool_half"].node_gpus, pools["pool_half"].max_nodes) == (1, 2) and pools["pool_half"].models == ["half1", "half2"]
@@ -162,7 +172,7 @@ def test_pool_sizing_from_gpus_and_replicas():
 
 
 def test_gpu_model_without_pool_or_too_big_is_refused():
-    with pytest.raises(ConfigError, match="models.g: it needs GPUs but names no pool"):
+    with pytest.raises(ConfigError, match=r"models\.g: it needs GPUs but names no pool"):
         pools_for(_cfg({"g": {"num_gpus": 1}}))
     with pytest.raises(ConfigError, match="needs 16 GPUs"):
         pools_for(_cfg({"g": {"num_gpus": 16, "pool": "pool_g"}}))

@@ -11,10 +11,10 @@ import pytest
 
 from moa_ray.backends import create_backend
 from moa_ray.backends.llamacpp import LlamaCppBackend
-from moa_ray.packaged_models import resolve_model_path
 from moa_ray.chat import ChatMessage, ChatParams
 from moa_ray.config import LlamaCppModelSpec
 from moa_ray.errors import ConfigError, ContextLengthExceeded
+from moa_ray.packaged_models import resolve_model_path
 
 QUESTION = [ChatMessage(role="user", content="What is the capital of France?")]
 

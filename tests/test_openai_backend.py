@@ -105,9 +105,7 @@ def test_retries_transient_failures_then_succeeds(failures):
     assert completion.finish_reason == "stop" and completion.model == "test/model"
 
 
-@pytest.mark.parametrize(
-    ("status", "error"), [(429, RateLimited), (500, UpstreamError), (503, UpstreamError)]
-)
+@pytest.mark.parametrize(("status", "error"), [(429, RateLimited), (500, UpstreamError), (503, UpstreamError)])
 def test_gives_up_after_max_retries(status, error):
     script = Script(status)
     with pytest.raises(error) as info:

@@ -110,7 +110,7 @@ def test_a_layer_takes_one_agents_time_not_n(n):
     wall = time.perf_counter() - start
 
     assert shared["max"] == n  # every proposer of the layer was in flight at once
-    layer1, final = result.trace.layers
+    layer1, _final = result.trace.layers
     assert DELAY <= layer1.wall_s < DELAY * 2  # sequential calls would take n x DELAY
     assert 2 * DELAY <= wall < 3 * DELAY  # sequential: (n + 1) x DELAY
     assert result.trace.sum_latency_s >= (n + 1) * DELAY * 0.95
@@ -294,7 +294,7 @@ def test_each_layer_sees_the_previous_layers_answers_with_the_papers_prompt():
     layer1 = AGGREGATE_AND_SYNTHESIZE + "\n1. a answer 1\n2. b answer 1"
     assert a2[0] == [ChatMessage(role="system", content="Be brief.\n\n" + layer1), user]
     assert b2[0] == a2[0]  # layer 2's b has no role
-    (agg_messages, agg_params), = agents["agg"].calls
+    ((agg_messages, agg_params),) = agents["agg"].calls
     layer2 = AGGREGATE_AND_SYNTHESIZE + "\n1. a answer 2\n2. b answer 2"
     assert agg_messages == [ChatMessage(role="system", content="Be brief.\n\n" + layer2), user]
     assert agg_params.temperature == 0.2

@@ -91,7 +91,10 @@ def _pipeline(sim, cache_dir, recorder: Recorder | None = None):
             "models": {m: {"backend": "openai", "model": f"id-{m}", "base_url": sim.base_url, "max_retries": 0} for m in names},
             "pipelines": {
                 "s": {
-                    "kind": "smoa", "layers": [["p1", "p2", "p3"]], "aggregator": "agg", "k": 2,
+                    "kind": "smoa",
+                    "layers": [["p1", "p2", "p3"]],
+                    "aggregator": "agg",
+                    "k": 2,
                     "roles": {"dataset": "kitchen questions", "task": "answer cooking questions", "model": "rolegen"},
                 }
             },
@@ -120,7 +123,7 @@ def test_roles_are_generated_once_then_cached(simulator, tmp_path):
     assert role_call.layer == 0 and first.accounting["by_layer"]["0"]["calls"] == 1
     # each proposer got its own role as a system message: its prompt = role + question
     proposers = [c for c in first.calls if c.role == "proposer"]
-    for call, role in zip(proposers, DESCRIBED):
+    for call, role in zip(proposers, DESCRIBED, strict=False):
         assert call.prompt_tokens == len(role_system(role).split()) + len("How do I caramelise onions?".split())
     # a fresh pipeline (a new process) finds the roles on disk: no second role call
     second = asyncio.run(_pipeline(sim, tmp_path).run("Why does bread rise?")).trace
@@ -148,7 +151,7 @@ def test_partial_roles_are_retried_with_the_next_seed_and_not_cached(simulator, 
     async def twice():
         return [(await pipeline.run("q?")).trace for _ in range(2)]
 
-    first, second = asyncio.run(twice())
+    first, _second = asyncio.run(twice())
     assert first.roles == DESCRIBED[:2] and "only 2 of 3" in first.roles_source
     assert [c.index for c in first.calls if c.role == "roles"] == [0, 1]  # one retry within the request
     role_calls = [b for b in recorder.bodies if b["model"] == "id-rolegen"]

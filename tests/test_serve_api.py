@@ -31,14 +31,17 @@ OUTPUT_TOKENS = 12
 def make_config(base_url: str, *, server: dict | None = None, extra_models: dict | None = None, pipelines: dict | None = None) -> Any:
     model = {"backend": "openai", "base_url": base_url, "max_retries": 0, "max_tokens": 64}
     models = {"a": {**model, "model": "a"}, "b": {**model, "model": "b"}, **(extra_models or {})}
-    return parse_config({
-        "models": models,
-        "pipelines": pipelines or {
-            "moa2": {"kind": "moa", "description": "two proposers", "layers": [["a", "b"]], "aggregator": "a"},
-            "single": {"kind": "moa", "layers": [["b"]], "aggregator": "b"},
-        },
-        "server": server or {},
-    })
+    return parse_config(
+        {
+            "models": models,
+            "pipelines": pipelines
+            or {
+                "moa2": {"kind": "moa", "description": "two proposers", "layers": [["a", "b"]], "aggregator": "a"},
+                "single": {"kind": "moa", "layers": [["b"]], "aggregator": "b"},
+            },
+            "server": server or {},
+        }
+    )
 
 
 def make_api(config: Any, *, keys: tuple[str, ...] = (KEY,), agents: dict | None = None) -> Any:
@@ -182,15 +185,25 @@ BAD_REQUESTS = [
     ("too many messages", {"model": "moa2", "messages": _msgs(4)}, 400, "too_many_messages", "messages"),
     ("oversized message", {"model": "moa2", "messages": _msgs(1, 51)}, 400, "message_too_long", "messages[0].content"),
     ("max_tokens over limit", {"model": "moa2", "messages": _msgs(), "max_tokens": 101}, 400, "max_tokens_exceeded", "max_tokens"),
-    ("max_completion_tokens over limit", {"model": "moa2", "messages": _msgs(), "max_completion_tokens": 500}, 400,
-     "max_tokens_exceeded", "max_completion_tokens"),
+    (
+        "max_completion_tokens over limit",
+        {"model": "moa2", "messages": _msgs(), "max_completion_tokens": 500},
+        400,
+        "max_tokens_exceeded",
+        "max_completion_tokens",
+    ),
     ("max_tokens zero", {"model": "moa2", "messages": _msgs(), "max_tokens": 0}, 400, "invalid_request", "max_tokens"),
     ("temperature out of range", {"model": "moa2", "messages": _msgs(), "temperature": 3}, 400, "invalid_request", "temperature"),
     ("n > 1", {"model": "moa2", "messages": _msgs(), "n": 2}, 400, "invalid_request", "n"),
     ("tools", {"model": "moa2", "messages": _msgs(), "tools": [{"type": "function"}]}, 400, "invalid_request", "tools"),
     ("unknown role", {"model": "moa2", "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_request", "messages[0].role"),
-    ("image part", {"model": "moa2", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     400, "invalid_request", "messages[0].content"),
+    (
+        "image part",
+        {"model": "moa2", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        400,
+        "invalid_request",
+        "messages[0].content",
+    ),
     ("null content", {"model": "moa2", "messages": [{"role": "user", "content": None}]}, 400, "invalid_request", "messages[0].content"),
     ("stream not bool", {"model": "moa2", "messages": _msgs(), "stream": "maybe"}, 400, "invalid_request", "stream"),
     ("bad moa extension", {"model": "moa2", "messages": _msgs(), "moa": {"trace": True, "x": 1}}, 400, "invalid_request", "moa.x"),
@@ -291,7 +304,9 @@ async def test_aggregator_failing_is_a_502(simulator):
     assert "aggregator" in assert_openai_error(response, 502, "upstream_error")["message"]
 
 
-@pytest.mark.parametrize(("provider_status", "status", "code"), [(400, 400, "invalid_request"), (422, 400, "invalid_request"), (429, 429, "rate_limit_exceeded")])
+@pytest.mark.parametrize(
+    ("provider_status", "status", "code"), [(400, 400, "invalid_request"), (422, 400, "invalid_request"), (429, 429, "rate_limit_exceeded")]
+)
 async def test_providers_refusing_the_request_is_the_clients_4xx_not_a_502(simulator, provider_status, status, code):
     behaviour = {"failure_rate": 1.0, "failure_status": provider_status}
     sim = simulator(SimulatorConfig(latency_ms=5, models={**failing("a", **behaviour), **failing("b", **behaviour)}))
@@ -315,7 +330,9 @@ async def test_more_than_four_stop_sequences_are_refused_before_any_model_is_cal
 async def test_context_length_rejections_are_the_clients_400(simulator):
     sim = simulator(SimulatorConfig(latency_ms=5, context_tokens=20))
     async with asgi_client(make_api(make_config(sim.base_url))) as client:
-        response = await client.post("/v1/chat/completions", json={"model": "single", "messages": _msgs(1, 10) * 1 + [{"role": "user", "content": "word " * 30}]})
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "single", "messages": _msgs(1, 10) * 1 + [{"role": "user", "content": "word " * 30}]}
+        )
     assert_openai_error(response, 400, "context_length_exceeded", "messages")
 
 
@@ -342,11 +359,20 @@ def echo_key_provider(request: httpx.Request) -> httpx.Response:
 async def test_provider_keys_are_redacted_from_responses_traces_and_logs(simulator, monkeypatch, caplog):
     monkeypatch.setenv("LEAKY_PROVIDER_KEY", PROVIDER_SECRET)
     sim = simulator(SimulatorConfig(latency_ms=5, output_tokens=4))
-    leaky = {"backend": "openai", "model": "leaky", "base_url": "http://leaky.test/v1", "api_key_env": "LEAKY_PROVIDER_KEY", "max_retries": 0}
+    leaky = {
+        "backend": "openai",
+        "model": "leaky",
+        "base_url": "http://leaky.test/v1",
+        "api_key_env": "LEAKY_PROVIDER_KEY",
+        "max_retries": 0,
+    }
     config = make_config(
-        sim.base_url, extra_models={"leaky": leaky},
-        pipelines={"mixed": {"kind": "moa", "layers": [["a", "leaky"]], "aggregator": "a"},
-                   "broken": {"kind": "moa", "layers": [["leaky"]], "aggregator": "a"}},
+        sim.base_url,
+        extra_models={"leaky": leaky},
+        pipelines={
+            "mixed": {"kind": "moa", "layers": [["a", "leaky"]], "aggregator": "a"},
+            "broken": {"kind": "moa", "layers": [["leaky"]], "aggregator": "a"},
+        },
     )
     agents = {name: LocalAgent(create_backend(config.models[name])) for name in ("a", "b")}
     agents["leaky"] = LocalAgent(OpenAIBackend(config.models["leaky"], transport=httpx.MockTransport(echo_key_provider)))

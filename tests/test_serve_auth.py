@@ -76,10 +76,14 @@ def test_every_key_is_compared_in_constant_time(monkeypatch):
 
 
 def test_redactor_collects_provider_keys_from_the_environment():
-    config = parse_config({"models": {
-        "x": {"backend": "openai", "model": "x", "api_key_env": "X_KEY"},
-        "y": {"backend": "openai", "model": "y", "api_key_env": "UNSET_KEY"},
-        "z": {"backend": "openai", "model": "z"},
-    }})
+    config = parse_config(
+        {
+            "models": {
+                "x": {"backend": "openai", "model": "x", "api_key_env": "X_KEY"},
+                "y": {"backend": "openai", "model": "y", "api_key_env": "UNSET_KEY"},
+                "z": {"backend": "openai", "model": "z"},
+            }
+        }
+    )
     redactor = Redactor.for_config(config, {"X_KEY": "sk-x-secret-value", "OTHER": "not-a-provider-key"}, extra=["client-key-9"])
     assert redactor.text("x=sk-x-secret-value c=client-key-9 o=not-a-provider-key") == f"x={REDACTED} c={REDACTED} o=not-a-provider-key"

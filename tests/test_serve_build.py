@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from click.testing import CliRunner
 from ray.serve.schema import ServeDeploySchema
-
-import pytest
 
 from moa_ray.cli import main
 from moa_ray.config import parse_config
@@ -19,11 +18,25 @@ AGENT_RUNTIME_ENV = {"env_vars": AGENT_ENV_VARS}
 
 CONFIG = {
     "models": {
-        "big": {"backend": "openai", "model": "org/big", "base_url": "http://big.internal/v1", "api_key_env": "BIG_KEY",
-                "pool": "pool_big", "num_gpus": 2, "max_ongoing_requests": 32,
-                "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8, "upscale_delay_s": 5}},
-        "small": {"backend": "openai", "model": "org/small", "base_url": "http://small.internal/v1",
-                  "pool": "pool_small", "num_gpus": 0.5, "num_replicas": 3, "resources": {"ssd": 1}},
+        "big": {
+            "backend": "openai",
+            "model": "org/big",
+            "base_url": "http://big.internal/v1",
+            "api_key_env": "BIG_KEY",
+            "pool": "pool_big",
+            "num_gpus": 2,
+            "max_ongoing_requests": 32,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8, "upscale_delay_s": 5},
+        },
+        "small": {
+            "backend": "openai",
+            "model": "org/small",
+            "base_url": "http://small.internal/v1",
+            "pool": "pool_small",
+            "num_gpus": 0.5,
+            "num_replicas": 3,
+            "resources": {"ssd": 1},
+        },
         "unused": {"backend": "openai", "model": "org/unused"},
     },
     "pipelines": {

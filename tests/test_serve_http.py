@@ -17,9 +17,9 @@ import httpx
 import openai
 import pytest
 import yaml
+from serve_support import ServerProcess
 
 from bench.simulator import Behaviour, SimulatorConfig, run_simulator
-from serve_support import ServerProcess
 
 pytestmark = pytest.mark.ray
 
@@ -32,13 +32,23 @@ SIM_LATENCY_MS = 300
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     sim_config = SimulatorConfig(
-        latency_ms=SIM_LATENCY_MS, output_tokens=16,
+        latency_ms=SIM_LATENCY_MS,
+        output_tokens=16,
         # b is slow, so that a call to it is in flight whenever its replica gets killed
-        models={"b": Behaviour(latency_ms=1000, output_tokens=16), "broken": Behaviour(failure_rate=1.0, failure_status=500, latency_ms=10)},
+        models={
+            "b": Behaviour(latency_ms=1000, output_tokens=16),
+            "broken": Behaviour(failure_rate=1.0, failure_status=500, latency_ms=10),
+        },
     )
     with run_simulator(sim_config) as sim:
-        model = {"backend": "openai", "base_url": sim.base_url, "api_key_env": "SIM_PROVIDER_KEY", "max_retries": 0,
-                 "num_cpus": 0.05, "max_ongoing_requests": 64}
+        model = {
+            "backend": "openai",
+            "base_url": sim.base_url,
+            "api_key_env": "SIM_PROVIDER_KEY",
+            "max_retries": 0,
+            "num_cpus": 0.05,
+            "max_ongoing_requests": 64,
+        }
         config = {
             "models": {name: {**model, "model": name} for name in ("a", "b", "broken")},
             "pipelines": {
@@ -112,7 +122,15 @@ def test_models_and_health(client, server):
         ({"model": "moa2", "messages": USER, "max_tokens": 257}, 400, "max_tokens_exceeded"),
         ({"model": "moa2", "messages": USER, "stream": True, "max_tokens": 100_000}, 400, "max_tokens_exceeded"),
     ],
-    ids=["malformed-json", "unknown-pipeline", "empty-messages", "oversized-message", "too-many-messages", "max-tokens", "stream-max-tokens"],
+    ids=[
+        "malformed-json",
+        "unknown-pipeline",
+        "empty-messages",
+        "oversized-message",
+        "too-many-messages",
+        "max-tokens",
+        "stream-max-tokens",
+    ],
 )
 def test_bad_input_through_the_proxy_is_4xx_openai_error(server, body, status, code):
     response = post(server, body)
@@ -231,8 +249,12 @@ def test_killing_a_replica_under_traffic_never_hangs_or_500s_and_serve_restarts_
     statuses = [r[0] for r in results]
     assert "timeout" not in statuses, "a request hung"
     assert set(statuses) <= {200, 502}, statuses  # never a 500: an upstream replica death is an upstream failure
-    dropped = [r for r in results if r[0] == 200 and any(
-        c["status"] == "error" and c["model"] == "b" and "ActorDied" in (c["error"] or "") for c in r[2]["moa"]["trace"]["calls"])]
+    dropped = [
+        r
+        for r in results
+        if r[0] == 200
+        and any(c["status"] == "error" and c["model"] == "b" and "ActorDied" in (c["error"] or "") for c in r[2]["moa"]["trace"]["calls"])
+    ]
     # A call in flight on the killed replica is retried once on a live replica (HandleAgent); when the retry
     # fails too, the request still answers with that proposer dropped and traced. Either way: an answer.
     assert statuses.count(200) > 0
@@ -246,7 +268,15 @@ def test_killing_a_replica_under_traffic_never_hangs_or_500s_and_serve_restarts_
         else:
             time.sleep(1)
     assert recovered is not None, "the killed replica was not replaced"
-    print(json.dumps({
-        "killed": killed, "requests": len(results), "ok": statuses.count(200), "502": statuses.count(502),
-        "ok_with_proposer_dropped": len(dropped), "max_latency_s": round(max(r[1] for r in results), 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "killed": killed,
+                "requests": len(results),
+                "ok": statuses.count(200),
+                "502": statuses.count(502),
+                "ok_with_proposer_dropped": len(dropped),
+                "max_latency_s": round(max(r[1] for r in results), 2),
+            }
+        )
+    )

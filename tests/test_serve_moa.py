@@ -198,7 +198,7 @@ def test_deploying_the_same_models_again_reuses_the_running_app(deployed):
     from moa_ray.runtime import deploy_agents, running_fingerprint
     from moa_ray.serve.builder import agents_fingerprint
 
-    config, _, sim = deployed
+    config, _, _sim = deployed
     pids = {serve.get_deployment_handle("agent-b", APP).info.remote().result()["pid"] for _ in range(3)}
     agents = deploy_agents(config, list(config.pipelines), app_name=APP)
     assert {serve.get_deployment_handle("agent-b", APP).info.remote().result()["pid"] for _ in range(3)} == pids

@@ -57,8 +57,7 @@ def build(sim, pipeline: dict[str, Any], recorder: Recorder, name: str = "p"):
     config = parse_config(
         {
             "models": {
-                m: {"backend": "openai", "model": m, "base_url": sim.base_url, "max_retries": 0, "parameters_b": 1.0}
-                for m in names
+                m: {"backend": "openai", "model": m, "base_url": sim.base_url, "max_retries": 0, "parameters_b": 1.0} for m in names
             },
             "pipelines": {name: pipeline},
         }

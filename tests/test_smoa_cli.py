@@ -27,8 +27,7 @@ def _render(trace: Trace) -> str:
 def test_view_shows_selection_stop_roles_and_unknown_costs():
     trace = Trace(pipeline="s", kind="smoa", stopped_at_layer=1, roles=["a chef", "a nurse"], roles_source="cache")
     trace.layers = [
-        LayerRecord(layer=1, role="proposer", selected=[2, 0], stopped=True, stop_reason="they agree",
-                    judge_fallback="cut 3 picks to k=2"),
+        LayerRecord(layer=1, role="proposer", selected=[2, 0], stopped=True, stop_reason="they agree", judge_fallback="cut 3 picks to k=2"),
         LayerRecord(layer=2, role="aggregator"),
     ]
     trace.calls = [CallRecord(layer=1, index=i, role="proposer", model="m", prompt_tokens=5, completion_tokens=5) for i in range(3)]
@@ -66,8 +65,14 @@ def test_override_roles_validates():
 
 def test_cli_rejects_roles_for_other_kinds_before_ray(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"models": {"m": {"backend": "openai", "model": "m"}},
-                                    "pipelines": {"moa": {"kind": "moa", "layers": [["m"]], "aggregator": "m"}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "models": {"m": {"backend": "openai", "model": "m"}},
+                "pipelines": {"moa": {"kind": "moa", "layers": [["m"]], "aggregator": "m"}},
+            }
+        )
+    )
     result = CliRunner().invoke(main, ["run", "hi", "--config", str(path), "--pipeline", "moa", "--roles-task", "t"])
     assert result.exit_code == 2 and "need an smoa pipeline" in result.output
 
@@ -86,12 +91,29 @@ def test_cli_run_json_has_selection_roles_and_accounting(ray_session, simulator,
         )
     )
     models = {
-        m: {"backend": "openai", "model": m, "base_url": sim.base_url, "num_cpus": 0.01, "parameters_b": 1,
-            "pricing": {"input_per_mtok": 1, "output_per_mtok": 2}}
+        m: {
+            "backend": "openai",
+            "model": m,
+            "base_url": sim.base_url,
+            "num_cpus": 0.01,
+            "parameters_b": 1,
+            "pricing": {"input_per_mtok": 1, "output_per_mtok": 2},
+        }
         for m in ("p", "judge", "agg")
     }
-    cfg = {"models": models, "pipelines": {"s": {"kind": "smoa", "layers": [["p", "p", "p"]] * 2, "aggregator": "agg", "judge": "judge",
-                                 "min_responses": 2, "layer_deadline_s": 5}}}  # quorum settings through Serve handles
+    cfg = {
+        "models": models,
+        "pipelines": {
+            "s": {
+                "kind": "smoa",
+                "layers": [["p", "p", "p"]] * 2,
+                "aggregator": "agg",
+                "judge": "judge",
+                "min_responses": 2,
+                "layer_deadline_s": 5,
+            }
+        },
+    }  # quorum settings through Serve handles
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     monkeypatch.setenv("MOA_RAY_CACHE_DIR", str(tmp_path / "cache"))

@@ -10,30 +10,38 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from ray.serve.schema import ServeDeploySchema
+from vllm_support import require_vllm
 
 from moa_ray.cli import main
 from moa_ray.config import load_config, parse_config
 from moa_ray.errors import ConfigError
 from moa_ray.packaged_models import hf_folder
-from moa_ray.serve.app import serve_config
 from moa_ray.serve.builder import AGENT_ENV_VARS, agent_deployment_options
 from moa_ray.serve.llm import engine_kwargs, llm_deployment_options
 from moa_ray.serve.manifests import pools_for
-from vllm_support import require_vllm
 
 BIG = {
-    "backend": "vllm", "model": "Qwen/Qwen2.5-72B-Instruct", "tensor_parallel_size": 4, "accelerator_type": "A100",
-    "pool": "pool_qwen", "max_model_len": 8192, "enable_prefix_caching": True, "engine_kwargs": {"kv_cache_dtype": "fp8"},
-    "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 16}, "max_ongoing_requests": 48,
+    "backend": "vllm",
+    "model": "Qwen/Qwen2.5-72B-Instruct",
+    "tensor_parallel_size": 4,
+    "accelerator_type": "A100",
+    "pool": "pool_qwen",
+    "max_model_len": 8192,
+    "enable_prefix_caching": True,
+    "engine_kwargs": {"kv_cache_dtype": "fp8"},
+    "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 16},
+    "max_ongoing_requests": 48,
     "env_vars": {"VLLM_ATTENTION_BACKEND": "FLASH_ATTN"},
 }
 
 
 def cfg(**models):
-    return parse_config({
-        "models": models,
-        "pipelines": {"p": {"kind": "moa", "layers": [list(models)], "aggregator": next(iter(models))}},
-    })
+    return parse_config(
+        {
+            "models": models,
+            "pipelines": {"p": {"kind": "moa", "layers": [list(models)], "aggregator": next(iter(models))}},
+        }
+    )
 
 
 def error_of(model: dict) -> str:
@@ -67,12 +75,22 @@ def test_inconsistent_vllm_specs_are_refused_with_the_field(extra, message):
 def test_engine_arguments_from_the_spec_then_engine_kwargs():
     spec = cfg(big=BIG).models["big"]
     assert engine_kwargs(spec) == {
-        "dtype": "auto", "tensor_parallel_size": 4, "pipeline_parallel_size": 1, "enforce_eager": False,
-        "gpu_memory_utilization": 0.9, "max_model_len": 8192, "enable_prefix_caching": True, "kv_cache_dtype": "fp8",
+        "dtype": "auto",
+        "tensor_parallel_size": 4,
+        "pipeline_parallel_size": 1,
+        "enforce_eager": False,
+        "gpu_memory_utilization": 0.9,
+        "max_model_len": 8192,
+        "enable_prefix_caching": True,
+        "kv_cache_dtype": "fp8",
     }
     cpu = load_config().models["smollm2-vllm"]  # the shipped preset: float32, eager, no GPU memory fraction
     assert engine_kwargs(cpu) == {
-        "dtype": "float32", "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "enforce_eager": True, "max_model_len": 4096,
+        "dtype": "float32",
+        "tensor_parallel_size": 1,
+        "pipeline_parallel_size": 1,
+        "enforce_eager": True,
+        "max_model_len": 4096,
     }
 
 
@@ -84,7 +102,8 @@ def test_every_rank_gets_a_gpu_bundle_in_the_pool_and_the_replica_rides_on_the_f
     assert all(b == {"GPU": 1.0, "accelerator_type:A100": 0.001, "pool_qwen": 0.001} for b in bundles[1:])
     assert options["placement_group_strategy"] == "PACK"
     assert options["ray_actor_options"] == {
-        "num_cpus": 1.0, "resources": {"pool_qwen": 1.0},
+        "num_cpus": 1.0,
+        "resources": {"pool_qwen": 1.0},
         "runtime_env": {"env_vars": {**AGENT_ENV_VARS, "VLLM_ATTENTION_BACKEND": "FLASH_ATTN"}},
     }
     assert options["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in options
@@ -108,17 +127,24 @@ def test_pools_are_sized_from_the_bundles():
 
 def test_serve_build_with_vllm_models_is_a_valid_serve_config(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({
-        "models": {"big": BIG, "smol": load_config().models["smollm2-vllm"].model_dump(mode="json", exclude_none=True)},
-        "pipelines": {"p": {"kind": "moa", "layers": [["big", "smol"]], "aggregator": "big"}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "models": {"big": BIG, "smol": load_config().models["smollm2-vllm"].model_dump(mode="json", exclude_none=True)},
+                "pipelines": {"p": {"kind": "moa", "layers": [["big", "smol"]], "aggregator": "big"}},
+            }
+        )
+    )
     out = tmp_path / "serve.yaml"
     result = CliRunner().invoke(main, ["serve", "build", "--config", str(path), "-o", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     schema = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
     (app,) = schema.applications
     deployments = {d.name: d for d in app.deployments}
-    assert deployments["agent-big"].placement_group_bundles == llm_deployment_options("big", cfg(big=BIG).models["big"], AGENT_ENV_VARS)["placement_group_bundles"]
+    assert (
+        deployments["agent-big"].placement_group_bundles
+        == llm_deployment_options("big", cfg(big=BIG).models["big"], AGENT_ENV_VARS)["placement_group_bundles"]
+    )
     assert deployments["agent-smol"].placement_group_bundles == [{"CPU": 2.0}]
 
 

@@ -15,6 +15,7 @@ import time
 import httpx
 import jsonschema
 import pytest
+from vllm_support import require_vllm
 
 from moa_ray.chat import ChatMessage, ChatParams, as_messages
 from moa_ray.config import load_config, parse_config
@@ -25,7 +26,6 @@ from moa_ray.prompts import judge_prompt
 from moa_ray.serve.auth import KeyVerifier, Redactor
 from moa_ray.serve.ingress import create_api
 from moa_ray.serve.service import ChatService
-from vllm_support import require_vllm
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -39,15 +39,22 @@ def config():
     require_vllm()
     presets = load_config().model_dump(mode="json", exclude_none=True)
     model = presets["models"][MODEL]
-    return parse_config({
-        "models": {MODEL: model},
-        "pipelines": {
-            "embedded-vllm": presets["pipelines"]["embedded-vllm"],
-            "single-vllm": {"kind": "single", "model": MODEL},
-            "smoa-vllm": {"kind": "smoa", "layers": [[MODEL, {"model": MODEL, "temperature": 1.0}, {"model": MODEL, "temperature": 0.4}]],
-                          "aggregator": MODEL, "k": 2, "moderator": False},
-        },
-    })
+    return parse_config(
+        {
+            "models": {MODEL: model},
+            "pipelines": {
+                "embedded-vllm": presets["pipelines"]["embedded-vllm"],
+                "single-vllm": {"kind": "single", "model": MODEL},
+                "smoa-vllm": {
+                    "kind": "smoa",
+                    "layers": [[MODEL, {"model": MODEL, "temperature": 1.0}, {"model": MODEL, "temperature": 0.4}]],
+                    "aggregator": MODEL,
+                    "k": 2,
+                    "moderator": False,
+                },
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +168,9 @@ def test_a_replica_whose_engine_died_is_restarted_by_serve(agents):
 
     handle = serve.get_deployment_handle(f"agent-{MODEL}", APP)
     before = handle.info.remote().result(timeout_s=60)
-    engines = [p for p in psutil.Process(before["pid"]).children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) or "VLLM" in p.name()]
+    engines = [
+        p for p in psutil.Process(before["pid"]).children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) or "VLLM" in p.name()
+    ]
     assert engines, [p.cmdline() for p in psutil.Process(before["pid"]).children(recursive=True)]
     for proc in engines:
         proc.kill()

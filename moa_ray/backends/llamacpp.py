@@ -64,6 +64,7 @@ class LlamaCppBackend:
             except Exception as err:  # noqa: BLE001 - mapped onto the error hierarchy
                 raise self._error(err) from None
             latency = time.perf_counter() - start
+        assert isinstance(out, dict), "a non-streaming call returns one response"
         choice = out["choices"][0]
         usage = out.get("usage") or {}
         return Completion(

@@ -29,6 +29,7 @@ from moa_ray.errors import BackendError, BackendTimeout, StreamInterrupted, Upst
 
 log = logging.getLogger(__name__)
 
+
 def _error_text(response: httpx.Response) -> str:
     try:
         body = response.json()
@@ -44,8 +45,11 @@ def classify_response(response: httpx.Response, model: str) -> BackendError:
     """Map an unsuccessful HTTP response onto the error hierarchy."""
     text = _error_text(response)
     return error_for_status(
-        response.status_code, f"{model}: HTTP {response.status_code}: {text}", model=model,
-        detail=json.dumps(_safe_json(response)), retry_after_s=retry_after_s(response.headers.get("Retry-After")),
+        response.status_code,
+        f"{model}: HTTP {response.status_code}: {text}",
+        model=model,
+        detail=json.dumps(_safe_json(response)),
+        retry_after_s=retry_after_s(response.headers.get("Retry-After")),
     )
 
 
@@ -108,7 +112,7 @@ class OpenAIBackend:
             retry=retry_if_exception(lambda e: isinstance(e, BackendError) and e.retryable),
             reraise=True,
             before_sleep=lambda state: log.info(
-                "%s: attempt %d failed (%s); retrying", self.spec.model, state.attempt_number, state.outcome.exception()
+                "%s: attempt %d failed (%s); retrying", self.spec.model, state.attempt_number, state.outcome and state.outcome.exception()
             ),
         )
 

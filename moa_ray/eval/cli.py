@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Literal
 
 import click
 from rich.table import Table
 
 from moa_ray.errors import ConfigError, MoARayError
 from moa_ray.render import err_console, make_console, run_reporting_errors
-
 
 EXIT_PARTIAL = 3
 
@@ -80,9 +79,7 @@ def eval_group() -> None:
 
 @click.command("generate", cls=_EvalCommand)
 @config_option
-@click.option(
-    "--pipeline", "pipeline_names", required=True, help="Pipeline name(s), comma separated; they share the deployed models."
-)
+@click.option("--pipeline", "pipeline_names", required=True, help="Pipeline name(s), comma separated; they share the deployed models.")
 @click.option("--dataset", required=True, help=DATASET_HELP)
 @click.option("--out", required=True, help="Output directory or pyarrow filesystem URI (s3://, gs://...).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts.")
@@ -105,9 +102,7 @@ def eval_group() -> None:
 )
 @click.option("--run-id", default=None, help="Id recorded in the rows of this run [default: random].")
 @click.option("--app-name", default="moa-eval", show_default=True, help="Ray Serve application of the agents.")
-@click.option(
-    "--allow-config-change", is_flag=True, help="Resume even if the pipeline's settings changed since the stored answers."
-)
+@click.option("--allow-config-change", is_flag=True, help="Resume even if the pipeline's settings changed since the stored answers.")
 @keep_option
 @flush_rows_option
 @flush_s_option
@@ -167,9 +162,7 @@ def generate_command(
         progress=not no_progress,
     )
     fingerprints = {p: pipeline_fingerprint(config, p) for p in pipelines}
-    plan = plan_generation(
-        data, pipelines, RowTable(out, GenerationRow).latest(), fingerprints, allow_config_change=allow_config_change
-    )
+    plan = plan_generation(data, pipelines, RowTable(out, GenerationRow).latest(), fingerprints, allow_config_change=allow_config_change)
     err_console.print(
         f"{data.name}: {len(data.prompts)} prompts x {len(pipelines)} pipeline(s) = {plan.total_rows} rows, "
         f"{plan.done_rows} already done, {plan.pending_rows} to generate -> {out}",
@@ -268,7 +261,7 @@ def judge_command(
     judge_model: str,
     generations: str,
     out: str,
-    mode: str,
+    mode: Literal["auto", "pairwise", "single"],
     pipeline_names: str | None,
     limit: int | None,
     concurrency: int,
@@ -300,7 +293,7 @@ def judge_command(
         out=out,
         mode=mode,
         pipelines=_names(pipeline_names),
-        limit=limit,  # type: ignore[arg-type]
+        limit=limit,
         concurrency=concurrency,
         workers=workers,
         worker_cpus=worker_cpus,
@@ -385,9 +378,7 @@ def report_command(
                 raise MoARayError(
                     f"{judgments} holds {kind} judgments of several judges ({', '.join(kind_judges)}); choose one with --judge"
                 )
-    rows = build_report(
-        gens, pairwise, grades, pipelines=_names(pipeline_names), glm_data=GLMData.from_dir(glm_data) if glm_data else None
-    )
+    rows = build_report(gens, pairwise, grades, pipelines=_names(pipeline_names), glm_data=GLMData.from_dir(glm_data) if glm_data else None)
     make_console(stderr=False).print(rich_table(rows))
     for path in write_report(rows, out):
         err_console.print(f"wrote {path}", highlight=False)
@@ -397,9 +388,7 @@ def report_command(
 
 
 @click.command("metrics", cls=_EvalCommand)
-@click.option(
-    "--annotations", required=True, help="AlpacaEval annotations (.json, .jsonl[.gz]) or a moa-ray pairwise table/Parquet file."
-)
+@click.option("--annotations", required=True, help="AlpacaEval annotations (.json, .jsonl[.gz]) or a moa-ray pairwise table/Parquet file.")
 @click.option(
     "--json",
     "as_json",

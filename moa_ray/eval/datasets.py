@@ -197,9 +197,7 @@ def _pick(columns: Iterable[str], wanted: str | None, candidates: tuple[str, ...
     return next((c for c in candidates if c in columns), None)
 
 
-def load_file(
-    path: str, *, id_column: str | None = None, prompt_column: str | None = None, name: str | None = None
-) -> EvalDataset:
+def load_file(path: str, *, id_column: str | None = None, prompt_column: str | None = None, name: str | None = None) -> EvalDataset:
     """Prompts from a jsonl / json / Parquet file with a prompt column and, ideally, an id column.
 
     The prompt column may hold a string or a list of strings (turns). Without an id
@@ -236,9 +234,7 @@ def load_file(
         raise DatasetError(str(err)) from None
 
 
-def load_dataset(
-    spec: str, *, limit: int | None = None, id_column: str | None = None, prompt_column: str | None = None
-) -> EvalDataset:
+def load_dataset(spec: str, *, limit: int | None = None, id_column: str | None = None, prompt_column: str | None = None) -> EvalDataset:
     """``alpaca_eval``, ``mt_bench``, or the path/URI of a jsonl / json / Parquet file."""
     if limit is not None and limit < 1:
         raise DatasetError("limit must be at least 1")

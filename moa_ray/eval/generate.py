@@ -116,7 +116,7 @@ def plan_generation(
                     dataset=dataset.name,
                     start_turn=start,
                     history=[rows[t]["output"] for t in range(start - 1)],  # type: ignore[index]
-                    attempts={t: (rows[t - 1]["attempt"] + 1 if rows[t - 1] else 1) for t in range(start, len(rows) + 1)},
+                    attempts={t: (prev["attempt"] + 1 if (prev := rows[t - 1]) else 1) for t in range(start, len(rows) + 1)},
                 )
             )
     return Plan(items=items, total_rows=total, done_rows=done, pending_rows=total - done)
@@ -220,9 +220,7 @@ class GenerateHandler:
             except Exception as err:  # noqa: BLE001 - recorded and retried next run, never lost
                 rows.append(self._row(item, turn, status="error", error=f"{type(err).__name__}: {err}"))
                 break
-            rows.append(
-                self._row(item, turn, output=result.answer, finish_reason=result.finish_reason, **trace_columns(result.trace))
-            )
+            rows.append(self._row(item, turn, output=result.answer, finish_reason=result.finish_reason, **trace_columns(result.trace)))
             messages.append(ChatMessage(role="assistant", content=result.answer))
         return rows
 
@@ -270,9 +268,7 @@ class GenerateSummary(BaseModel):
         return all(p.failed == 0 and p.missing == 0 for p in self.pipelines)
 
 
-def summarize_table(
-    latest: Mapping[tuple[Any, ...], dict[str, Any]], dataset: EvalDataset, pipelines: list[str]
-) -> list[PipelineSummary]:
+def summarize_table(latest: Mapping[tuple[Any, ...], dict[str, Any]], dataset: EvalDataset, pipelines: list[str]) -> list[PipelineSummary]:
     """Per pipeline: finished, failed and missing rows of the dataset, latency, tokens and cost of the finished ones."""
     out = []
     for pipeline in pipelines:
@@ -303,17 +299,13 @@ def summarize_table(
     return out
 
 
-def run_generation(
-    config: MoARayConfig, dataset: EvalDataset, agents: Mapping[str, Agent], options: GenerateOptions
-) -> GenerateSummary:
+def run_generation(config: MoARayConfig, dataset: EvalDataset, agents: Mapping[str, Agent], options: GenerateOptions) -> GenerateSummary:
     """Answer the dataset's missing rows with the pipelines (Ray must be up and the agents deployed)."""
     for name in options.pipelines:
         config.pipeline(name)
     table: RowTable[GenerationRow] = RowTable(options.out, GenerationRow)
     fingerprints = {p: pipeline_fingerprint(config, p) for p in options.pipelines}
-    plan = plan_generation(
-        dataset, options.pipelines, table.latest(), fingerprints, allow_config_change=options.allow_config_change
-    )
+    plan = plan_generation(dataset, options.pipelines, table.latest(), fingerprints, allow_config_change=options.allow_config_change)
     params = ChatParams(max_tokens=options.max_tokens) if options.max_tokens else None
     handler = GenerateHandler(config, agents, options.pipelines, options.run_id, fingerprints, params)
     ok = failed = 0
@@ -331,9 +323,7 @@ def run_generation(
             failed += n_failed
             progress.advance(n_ok, n_failed + not_reached)
 
-        with WorkerPool(
-            handler, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus
-        ) as pool:
+        with WorkerPool(handler, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus) as pool:
             with writer, progress:
                 stats = pool.run(plan.items, on_rows, tick=writer.maybe_flush)
         elapsed, workers = stats.elapsed_s, stats.workers

@@ -141,7 +141,9 @@ def plan_judging(
                 )
             )
             continue
-        questions, answers, references = [], [], []
+        questions: list[str] = []
+        answers: list[str] = []
+        references: list[str | None] = []
         for turn in sorted(turns):
             if turn != len(questions) + 1 or turn > 2:
                 break  # a gap (turn 1 missing) or beyond MT-Bench's two turns
@@ -314,9 +316,7 @@ def run_judging(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Ag
             pwriter.maybe_flush()
             swriter.maybe_flush()
 
-        with WorkerPool(
-            handler, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus
-        ) as pool:
+        with WorkerPool(handler, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus) as pool:
             with pwriter, swriter, progress:
                 elapsed = pool.run(items, on_rows, tick=tick).elapsed_s
     for table in (ptable, stable):

@@ -71,11 +71,11 @@ def single_grade_messages(
     if turn == 1:
         fields = {"question": questions[0], "answer": answers[0]}
         if with_ref:
-            fields["ref_answer_1"] = refs[0]
+            fields["ref_answer_1"] = refs[0] or ""
     elif turn == 2:
         fields = {"question_1": questions[0], "question_2": questions[1], "answer_1": answers[0], "answer_2": answers[1]}
         if with_ref:
-            fields.update(ref_answer_1=refs[0], ref_answer_2=refs[1])
+            fields.update(ref_answer_1=refs[0] or "", ref_answer_2=refs[1] or "")
     else:
         raise ValueError(f"MT-Bench grading prompts cover turns 1 and 2, not {turn}")
     return name, prompt.messages(**fields)

@@ -343,7 +343,7 @@ def win_rates(records: list[dict[str, Any]], *, glm_data: GLMData | None = None,
     for generator, rows in groups.items():
         h2h = head_to_head([r["preference"] for r in rows])
         lengths = [len(r["output_2"] or "") for r in rows]
-        result = WinRate(generator=generator, avg_length=int(np.mean(lengths)), **h2h)
+        result = WinRate.model_validate({"generator": generator, "avg_length": int(np.mean(lengths)), **h2h})
         if lc and h2h["n_total"] >= N_SPLITS:
             positions = None
             if index is not None:

@@ -17,6 +17,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -44,9 +45,7 @@ def _fmt_eta(seconds: float | None) -> str:
 class EvalProgress:
     """Counts finished rows and failures; use as a context manager around the run."""
 
-    def __init__(
-        self, total: int, description: str, *, unit: str = "rows", log_every_s: float = 10.0, enabled: bool = True
-    ) -> None:
+    def __init__(self, total: int, description: str, *, unit: str = "rows", log_every_s: float = 10.0, enabled: bool = True) -> None:
         self.total = total
         self.description = description
         self.unit = unit
@@ -57,7 +56,7 @@ class EvalProgress:
         self.console = Console(stderr=True)
         self._interactive = enabled and sys.stderr.isatty()
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._start = time.monotonic()
         self._last_log = self._start
 
@@ -85,8 +84,8 @@ class EvalProgress:
     def advance(self, ok: int, failed: int = 0) -> None:
         self.done += ok + failed
         self.failed += failed
-        if self._progress is not None:
-            self._progress.update(self._task, advance=ok + failed, failed=self.failed)  # type: ignore[arg-type]
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, advance=ok + failed, failed=self.failed)
         elif self.enabled and time.monotonic() - self._last_log >= self.log_every_s:
             self._log_line()
 

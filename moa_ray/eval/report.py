@@ -184,9 +184,7 @@ def markdown(rows: Sequence[ReportRow]) -> str:
         ]
         for r in rows:
             if r.mt_bench_categories:
-                lines.append(
-                    f"| {r.pipeline} | " + " | ".join(_fmt(r.mt_bench_categories.get(c), "{:.2f}") for c in categories) + " |"
-                )
+                lines.append(f"| {r.pipeline} | " + " | ".join(_fmt(r.mt_bench_categories.get(c), "{:.2f}") for c in categories) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -198,8 +196,7 @@ def to_csv(rows: Sequence[ReportRow]) -> str:
     writer.writerow(fields + [f"mt_bench_{c}" for c in categories])
     for r in rows:
         writer.writerow(
-            [getattr(r, f) if getattr(r, f) is not None else "" for f in fields]
-            + [r.mt_bench_categories.get(c, "") for c in categories]
+            [getattr(r, f) if getattr(r, f) is not None else "" for f in fields] + [r.mt_bench_categories.get(c, "") for c in categories]
         )
     return buf.getvalue()
 

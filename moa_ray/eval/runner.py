@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from moa_ray.eval.schema import _Row
 
-I = TypeVar("I", bound=BaseModel)  # noqa: E741 - the item type
+I = TypeVar("I", bound=BaseModel, contravariant=True)  # noqa: E741 - the item type (only taken in)
 R = TypeVar("R", bound=_Row)
 
 
@@ -72,9 +72,7 @@ def default_workers(concurrency: int) -> int:
 class WorkerPool(Generic[I, R]):
     """A pool of :class:`EvalWorker` actors for one handler; start once, :meth:`run` items, :meth:`shutdown`."""
 
-    def __init__(
-        self, handler: Handler[I, R], *, concurrency: int, workers: int | None = None, worker_cpus: float = 0.25
-    ) -> None:
+    def __init__(self, handler: Handler[I, R], *, concurrency: int, workers: int | None = None, worker_cpus: float = 0.25) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.handler = handler
@@ -87,9 +85,7 @@ class WorkerPool(Generic[I, R]):
         import ray
 
         per_worker = math.ceil(self.concurrency / self.n_workers)
-        cls = ray.remote(EvalWorker).options(
-            num_cpus=self.worker_cpus, max_concurrency=per_worker, max_restarts=3, max_task_retries=0
-        )
+        cls = ray.remote(EvalWorker).options(num_cpus=self.worker_cpus, max_concurrency=per_worker, max_restarts=3, max_task_retries=0)
         self.actors = [cls.remote(self.handler) for _ in range(self.n_workers)]
         ray.get([a.ready.remote() for a in self.actors])
         return self
@@ -107,9 +103,7 @@ class WorkerPool(Generic[I, R]):
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def run(
-        self, items: Iterable[I], on_rows: Callable[[I, list[R]], None], *, tick: Callable[[], None] | None = None
-    ) -> PoolStats:
+    def run(self, items: Iterable[I], on_rows: Callable[[I, list[R]], None], *, tick: Callable[[], None] | None = None) -> PoolStats:
         """Process ``items`` with at most ``concurrency`` in flight; ``on_rows`` gets each item's rows as it finishes.
 
         ``tick`` runs after each batch of results that arrived together, and at least every half

@@ -117,9 +117,7 @@ class RowTable(Generic[R]):
         files = self.part_files() if files is None else files
         if not files:
             return self.schema.empty_table()
-        mismatch = (
-            f"{self.uri} holds files that do not match the {self.row_type.__name__} schema (another table, or another version?)"
-        )
+        mismatch = f"{self.uri} holds files that do not match the {self.row_type.__name__} schema (another table, or another version?)"
         try:
             table = pads.dataset(files, schema=self.schema, format="parquet", filesystem=self.fs).to_table()
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as err:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -164,7 +164,7 @@ class Pipeline:
         per_call = messages_for if messages_for and isinstance(messages_for[0], list) else [messages_for] * len(layer.proposers)
         tasks = {
             asyncio.create_task(self.call(spec, msgs, layer=layer_no, index=i, role="proposer", trace=trace, t0=t0)): i  # type: ignore[arg-type]
-            for i, (spec, msgs) in enumerate(zip(layer.proposers, per_call))
+            for i, (spec, msgs) in enumerate(zip(layer.proposers, per_call, strict=True))
         }
         try:
             done = await self._await_quorum(set(tasks), layer)
@@ -233,7 +233,7 @@ class Pipeline:
 
     async def stream(
         self, messages: list[ChatMessage] | list[dict] | str, params: ChatParams | None = None
-    ) -> AsyncIterator[StreamChunk | PipelineResult]:
+    ) -> AsyncGenerator[StreamChunk | PipelineResult, None]:
         """Run the layers, then stream the final call's deltas; the last item is the :class:`PipelineResult`."""
         t0 = time.perf_counter()
         trace = self._new_trace()

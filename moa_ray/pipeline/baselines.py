@@ -58,7 +58,11 @@ class RankerPipeline(Pipeline):
             completion = await self.call(
                 self.spec.aggregator,
                 [ChatMessage(role="user", content=prompt)],
-                layer=2, index=0, role="ranker", trace=trace, t0=t0,
+                layer=2,
+                index=0,
+                role="ranker",
+                trace=trace,
+                t0=t0,
                 params=ChatParams(json_mode=True, json_schema=ranker_schema(n), seed=RANKER_SEED),
             )
             if completion is None:
@@ -82,9 +86,7 @@ class SelfMoAPipeline(Pipeline):
     async def plan(self, messages: list[ChatMessage], trace: Trace, t0: float) -> FinalCall:
         _SAMPLE_SEED.set(random.SystemRandom().randrange(2**31 - 2**16))  # copied into the layer's tasks
         responses = await self.run_layer(1, self.spec.resolved_layers()[0], messages, trace, t0)
-        return FinalCall(
-            spec=self.spec.aggregator_spec, messages=inject_references(messages, [r.text for r in responses]), layer=2
-        )
+        return FinalCall(spec=self.spec.aggregator_spec, messages=inject_references(messages, [r.text for r in responses]), layer=2)
 
     async def call(
         self,

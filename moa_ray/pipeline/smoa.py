@@ -112,7 +112,9 @@ class SMoAPipeline(Pipeline):
             call(
                 self.spec.judge_spec,
                 [ChatMessage(role="user", content=judge_prompt(question, texts, k, moderate=judge_moderates))],
-                layer=layer_no, index=0, role="judge",
+                layer=layer_no,
+                index=0,
+                role="judge",
                 params=params(json_schema=judge_schema(n, k, moderate=judge_moderates)),
             )
             if need_judge
@@ -122,7 +124,9 @@ class SMoAPipeline(Pipeline):
             call(
                 self.spec.moderator_spec,
                 [ChatMessage(role="user", content=moderator_prompt(question, texts))],
-                layer=layer_no, index=1, role="moderator",
+                layer=layer_no,
+                index=1,
+                role="moderator",
                 params=params(json_schema=moderator_schema()),
             )
             if separate
@@ -140,6 +144,7 @@ class SMoAPipeline(Pipeline):
         elif n <= self.spec.k:  # the judge ran only to moderate
             selection = Selection(positions=list(range(n)))
         else:
+            assert judge_verdict is not None  # judged is not None here
             shown = select(judge_verdict.chosen, n, k, material)
             selection = Selection(positions=[order[p] for p in shown.positions], fallback=shown.fallback)
         if selection.fallback:
@@ -182,4 +187,3 @@ class SMoAPipeline(Pipeline):
 def _last_error(trace: Trace, layer_no: int, role: str) -> str:
     errors = [c.error for c in trace.calls_in(layer_no) if c.role == role and c.error]
     return errors[-1] if errors else "no completion"
-

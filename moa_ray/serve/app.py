@@ -39,7 +39,7 @@ def build_app(config: MoARayConfig, pipelines: list[str] | None = None) -> Appli
     """The ingress bound to one agent deployment per model the served pipelines call."""
     names = served_pipelines(config, pipelines)
     agents = {model: build_agent(model, spec) for model, spec in config.models_for(names).items()}
-    ingress = MoAIngress.options(**config.server.ingress.deployment_options())
+    ingress = MoAIngress.options(**config.server.ingress.deployment_options())  # type: ignore[attr-defined]  # a serve.deployment
     return ingress.bind(config.model_dump(mode="json", exclude_none=True), names, **agents)
 
 

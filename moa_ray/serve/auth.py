@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from moa_ray.config import ModelSpecBase, MoARayConfig, OpenAIModelSpec
+from moa_ray.config import MoARayConfig, ModelSpecBase, OpenAIModelSpec
 from moa_ray.errors import ConfigError
 
 KEYS_ENV = "MOA_RAY_API_KEYS"
@@ -82,9 +82,7 @@ class Redactor:
         return cls.for_models(config.models.values(), environ, extra)
 
     @classmethod
-    def for_models(
-        cls, models: Iterable[ModelSpecBase], environ: Mapping[str, str] | None = None, extra: Iterable[str] = ()
-    ) -> Redactor:
+    def for_models(cls, models: Iterable[ModelSpecBase], environ: Mapping[str, str] | None = None, extra: Iterable[str] = ()) -> Redactor:
         """The provider keys these models read from the environment, plus ``extra`` (one replica: its own model)."""
         env = os.environ if environ is None else environ
         names = {m.api_key_env for m in models if isinstance(m, OpenAIModelSpec) and m.api_key_env}

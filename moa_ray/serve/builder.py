@@ -49,7 +49,8 @@ def build_agent(name: str, spec: ModelSpecBase) -> Application:
         from moa_ray.serve.llm import build_llm_agent
 
         return build_llm_agent(name, spec, agent_deployment_name(name), AGENT_ENV_VARS)
-    return AgentDeployment.options(name=agent_deployment_name(name), **agent_deployment_options(name, spec)).bind(
+    # serve.deployment makes the class a Deployment; Ray's typing keeps the class type, hence the ignores
+    return AgentDeployment.options(name=agent_deployment_name(name), **agent_deployment_options(name, spec)).bind(  # type: ignore[attr-defined]
         name, spec.model_dump(mode="json")
     )
 
@@ -72,8 +73,7 @@ class AgentDirectory:
 def agents_fingerprint(config: MoARayConfig, models: list[str]) -> str:
     """What an agents app deploys (each model's spec and deployment options), as a digest to compare runs by."""
     deployed = {
-        name: [config.models[name].model_dump(mode="json"), agent_deployment_options(name, config.models[name])]
-        for name in sorted(models)
+        name: [config.models[name].model_dump(mode="json"), agent_deployment_options(name, config.models[name])] for name in sorted(models)
     }
     return hashlib.sha256(json.dumps(deployed, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -84,4 +84,4 @@ def build_agents_app(config: MoARayConfig, models: list[str], fingerprint: str) 
     ``fingerprint`` is :func:`agents_fingerprint` of the same models, which the caller compares first.
     """
     agents = {name: build_agent(name, config.models[name]) for name in models}
-    return AgentDirectory.bind(fingerprint, **agents)
+    return AgentDirectory.bind(fingerprint, **agents)  # type: ignore[attr-defined]

@@ -1,9 +1,9 @@
 """``moa-ray serve``: run the OpenAI-compatible endpoint, or write deployment files for it.
 
-    moa-ray serve [--config FILE] [--host 127.0.0.1] [--port 8000] [--pipeline NAME ...]
-    moa-ray serve build [--config FILE] -o serve.yaml
-    moa-ray serve k8s [--config FILE] --image IMAGE -o k8s/
-    moa-ray serve cluster-config [--config FILE] -o cluster.yaml
+moa-ray serve [--config FILE] [--host 127.0.0.1] [--port 8000] [--pipeline NAME ...]
+moa-ray serve build [--config FILE] -o serve.yaml
+moa-ray serve k8s [--config FILE] --image IMAGE -o k8s/
+moa-ray serve cluster-config [--config FILE] -o cluster.yaml
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import yaml
 from moa_ray.config import MoARayConfig, OpenAIModelSpec, load_config
 from moa_ray.errors import MoARayError
 from moa_ray.render import err_console
-
 
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (default: shipped presets)."
@@ -43,7 +42,9 @@ def _is_loopback(host: str) -> bool:
 def _warn_missing_provider_keys(config: MoARayConfig, pipelines: list[str]) -> None:
     for name, spec in config.models_for(pipelines).items():
         if isinstance(spec, OpenAIModelSpec) and spec.api_key_env and not os.environ.get(spec.api_key_env):
-            err_console.print(f"[yellow]warning:[/yellow] {spec.api_key_env} is not set; calls to model {name!r} will be refused by its provider")
+            err_console.print(
+                f"[yellow]warning:[/yellow] {spec.api_key_env} is not set; calls to model {name!r} will be refused by its provider"
+            )
 
 
 def _write_yaml(data: dict[str, Any], output: str, header: str) -> None:

@@ -47,7 +47,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def create_api(service: ChatService, verifier: KeyVerifier) -> FastAPI:
     """The endpoint's FastAPI application."""
-    app = FastAPI(title="moa-ray", description="Mixture-of-Agents pipelines behind an OpenAI-compatible API.", docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="moa-ray", description="Mixture-of-Agents pipelines behind an OpenAI-compatible API.", docs_url=None, redoc_url=None
+    )
     install_error_handlers(app)
 
     async def require_key(authorization: str | None = Header(default=None)) -> None:
@@ -101,7 +103,8 @@ class MoAIngress:
         self.verifier = KeyVerifier(keys)
         log.info(
             "moa-ray ingress: pipelines %s; client API keys %s",
-            ", ".join(pipelines), f"required ({len(keys)} configured)" if keys else "not configured: the endpoint is open",
+            ", ".join(pipelines),
+            f"required ({len(keys)} configured)" if keys else "not configured: the endpoint is open",
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -132,7 +132,9 @@ def llm_deployment_options(name: str, spec: VLLMModelSpec, env_vars: dict[str, s
 def llm_config(name: str, spec: VLLMModelSpec, env_vars: dict[str, str]) -> LLMConfig:
     """The Ray Serve LLM config of one moa-ray model; ``model_id`` (what requests name) is the config's model name."""
     serve_llm = _import_serve_llm()
-    options = serve_deployment_options(replica_actor_options(spec, env_vars), spec.max_ongoing_requests, spec.autoscaling, spec.num_replicas)
+    options = serve_deployment_options(
+        replica_actor_options(spec, env_vars), spec.max_ongoing_requests, spec.autoscaling, spec.num_replicas
+    )
     kwargs: dict[str, Any] = {
         "model_loading_config": {"model_id": name, "model_source": model_source(spec)},
         "engine_kwargs": engine_kwargs(spec),

@@ -56,7 +56,8 @@ def _error_from(error: Any, model: str) -> BackendError:
 class MoALLMServer(LLMServer):
     """One vLLM model (an ``LLMServer`` deployment) behind the agent protocol."""
 
-    async def __init__(self, llm_config: Any, *, agent_name: str, spec: dict[str, Any], **kwargs: Any) -> None:
+    async def __init__(self, llm_config: Any, *, agent_name: str, spec: dict[str, Any], **kwargs: Any) -> None:  # type: ignore[misc]
+        # (an async constructor, as LLMServer's own: Serve awaits it)
         self.name = agent_name
         self.spec: VLLMModelSpec = _MODEL_SPEC.validate_python(spec)
         if is_packaged(self.spec.model):  # made once per node from the packaged GGUF, then cached
@@ -78,7 +79,7 @@ class MoALLMServer(LLMServer):
         start = time.perf_counter()
         try:
             async for item in await self.chat(self._request(request, stream=False)):
-                if hasattr(item, "error"):
+                if hasattr(item, "error") or isinstance(item, list):  # an ErrorResponse (a list only ever streams)
                     return {"error": _error_from(item, self.spec.model).to_dict()}
                 choice = item.choices[0]
                 usage = item.usage
@@ -113,7 +114,7 @@ class MoALLMServer(LLMServer):
                     for line in item.splitlines():
                         if not line.startswith("data: "):
                             continue
-                        data = line[len("data: "):].strip()
+                        data = line[len("data: ") :].strip()
                         if data == "[DONE]":
                             done = True
                             continue

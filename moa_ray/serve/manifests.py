@@ -20,7 +20,7 @@ import yaml
 
 from moa_ray.config import MoARayConfig, ModelSpecBase, OpenAIModelSpec, VLLMModelSpec, dump_config
 from moa_ray.errors import ConfigError
-from moa_ray.serve.app import served_pipelines, serve_config
+from moa_ray.serve.app import serve_config, served_pipelines
 from moa_ray.serve.builder import agent_deployment_options
 
 POOL_CAPACITY = 1000  # a pool resource marks nodes; a replica takes 1 unit; GPUs and CPUs limit the packing
@@ -86,7 +86,7 @@ def pools_for(config: MoARayConfig, pipelines: list[str] | None = None) -> list[
         if node_gpus is None:
             raise ConfigError(f"pool {name}: a replica needs {biggest} GPUs, more than the largest node ({NODE_GPU_SIZES[-1]})")
 
-        def nodes(replicas_of: int) -> int:
+        def nodes(replicas_of: int, members: list[tuple[str, ModelSpecBase, float, float]] = members, node_gpus: int = node_gpus) -> int:
             if node_gpus:
                 need = sum(gpus * _replica_bounds(spec)[replicas_of] for _, spec, _, gpus in members) / node_gpus
             else:
@@ -104,7 +104,9 @@ def _provider_key_envs(config: MoARayConfig, pipelines: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- Ray cluster launcher
 
 
-def launcher_config(config: MoARayConfig, pipelines: list[str] | None = None, *, cluster_name: str = "moa-ray", region: str = "us-west-2") -> dict[str, Any]:
+def launcher_config(
+    config: MoARayConfig, pipelines: list[str] | None = None, *, cluster_name: str = "moa-ray", region: str = "us-west-2"
+) -> dict[str, Any]:
     """A Ray cluster launcher config (AWS): a CPU head, and one node type per pool with its GPUs and pool resource."""
     pools = pools_for(config, pipelines)
     node_types: dict[str, Any] = {
@@ -157,7 +159,9 @@ def _env(config: MoARayConfig, pipelines: list[str]) -> list[dict[str, Any]]:
     return env
 
 
-def _container(name: str, image: str, env: list[dict[str, Any]], limits: dict[str, Any], *, head: bool, mounts: list[dict[str, Any]]) -> dict[str, Any]:
+def _container(
+    name: str, image: str, env: list[dict[str, Any]], limits: dict[str, Any], *, head: bool, mounts: list[dict[str, Any]]
+) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": name,
         "image": image,
@@ -175,9 +179,7 @@ def _container(name: str, image: str, env: list[dict[str, Any]], limits: dict[st
     return container
 
 
-def raycluster_spec(
-    config: MoARayConfig, pipelines: list[str] | None, image: str, *, results_claim: str | None = None
-) -> dict[str, Any]:
+def raycluster_spec(config: MoARayConfig, pipelines: list[str] | None, image: str, *, results_claim: str | None = None) -> dict[str, Any]:
     """The ``spec`` of a RayCluster: a CPU head (scheduling nothing heavy) and one worker group per pool."""
     names = served_pipelines(config, pipelines)
     env = _env(config, names)
@@ -195,20 +197,24 @@ def raycluster_spec(
         pod: dict[str, Any] = {"containers": [_container("ray-worker", image, env, limits, head=False, mounts=mounts)], "volumes": volumes}
         if pool.node_gpus:
             pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-        groups.append({
-            "groupName": pool.group_name,
-            "replicas": pool.min_nodes,
-            "minReplicas": pool.min_nodes,
-            "maxReplicas": pool.max_nodes,
-            "rayStartParams": {"resources": _kuberay_resources_param(pool.ray_resources), "num-gpus": str(pool.node_gpus)},
-            "template": {"metadata": {"labels": {"moa-ray/pool": pool.group_name}}, "spec": pod},
-        })
+        groups.append(
+            {
+                "groupName": pool.group_name,
+                "replicas": pool.min_nodes,
+                "minReplicas": pool.min_nodes,
+                "maxReplicas": pool.max_nodes,
+                "rayStartParams": {"resources": _kuberay_resources_param(pool.ray_resources), "num-gpus": str(pool.node_gpus)},
+                "template": {"metadata": {"labels": {"moa-ray/pool": pool.group_name}}, "spec": pod},
+            }
+        )
     return {
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": True,
         "headGroupSpec": {
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
-            "template": {"spec": {"containers": [_container("ray-head", image, env, head_limits, head=True, mounts=mounts)], "volumes": volumes}},
+            "template": {
+                "spec": {"containers": [_container("ray-head", image, env, head_limits, head=True, mounts=mounts)], "volumes": volumes}
+            },
         },
         "workerGroupSpecs": groups,
     }
@@ -249,10 +255,21 @@ def rayjob(
     interpolated value shell-quoted.
     """
     names = served_pipelines(config, pipelines)
-    entrypoint = shlex.join([
-        "moa-ray", "eval", "generate", "--config", f"{CONFIG_MOUNT}/config.yaml", "--pipeline", ",".join(names),
-        "--dataset", dataset, "--out", f"/results/{name}",
-    ])
+    entrypoint = shlex.join(
+        [
+            "moa-ray",
+            "eval",
+            "generate",
+            "--config",
+            f"{CONFIG_MOUNT}/config.yaml",
+            "--pipeline",
+            ",".join(names),
+            "--dataset",
+            dataset,
+            "--out",
+            f"/results/{name}",
+        ]
+    )
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",

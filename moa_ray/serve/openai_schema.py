@@ -21,6 +21,7 @@ from moa_ray.chat import ChatMessage, ChatParams
 #: OpenAI accepts at most four stop sequences; more would pass here and be refused by the provider.
 MAX_STOP = 4
 
+
 class TextPart(BaseModel):
     """A text content part (``{"type": "text", "text": ...}``); other part types are not supported."""
 

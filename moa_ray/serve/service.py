@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -76,7 +76,9 @@ class ChatService:
 
     def _unknown(self, name: str) -> APIError:
         known = ", ".join(self.pipelines) or "none"
-        return APIError(404, f"the model {name!r} does not exist; models are pipeline names: {known}", code="model_not_found", param="model")
+        return APIError(
+            404, f"the model {name!r} does not exist; models are pipeline names: {known}", code="model_not_found", param="model"
+        )
 
     # ------------------------------------------------------------------ validation
 
@@ -101,21 +103,27 @@ class ChatService:
         limits = self.limits
         if len(request.messages) > limits.max_messages:
             raise APIError(
-                400, f"{len(request.messages)} messages exceed this server's limit of {limits.max_messages}",
-                code="too_many_messages", param="messages",
+                400,
+                f"{len(request.messages)} messages exceed this server's limit of {limits.max_messages}",
+                code="too_many_messages",
+                param="messages",
             )
         for i, message in enumerate(request.messages):
             if len(message.text) > limits.max_message_chars:
                 raise APIError(
-                    400, f"messages[{i}] has {len(message.text)} characters; this server's limit is {limits.max_message_chars}",
-                    code="message_too_long", param=f"messages[{i}].content",
+                    400,
+                    f"messages[{i}] has {len(message.text)} characters; this server's limit is {limits.max_message_chars}",
+                    code="message_too_long",
+                    param=f"messages[{i}].content",
                 )
         wanted = request.requested_max_tokens
         if wanted is not None and wanted > limits.max_tokens_limit:
             param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
             raise APIError(
-                400, f"{param}={wanted} exceeds this server's limit of {limits.max_tokens_limit}",
-                code="max_tokens_exceeded", param=param,
+                400,
+                f"{param}={wanted} exceeds this server's limit of {limits.max_tokens_limit}",
+                code="max_tokens_exceeded",
+                param=param,
             )
 
     # ------------------------------------------------------------------ running
@@ -141,9 +149,7 @@ class ChatService:
         """Run the pipeline to the end and answer in one response."""
         pipeline = self.pipelines[request.model]
         try:
-            result = await asyncio.wait_for(
-                pipeline.run(request.chat_messages(), request.chat_params()), self.limits.request_timeout_s
-            )
+            result = await asyncio.wait_for(pipeline.run(request.chat_messages(), request.chat_params()), self.limits.request_timeout_s)
         except PipelineError as err:
             raise self._pipeline_error(request, err) from None
         except asyncio.TimeoutError:
@@ -175,7 +181,9 @@ class ChatService:
             raise self._timeout(request) from None
         return self._events(request, items, first, deadline)
 
-    async def _events(self, request: ChatCompletionRequest, items: AsyncIterator[Any], first: Any, deadline: float) -> AsyncIterator[str]:
+    async def _events(
+        self, request: ChatCompletionRequest, items: AsyncGenerator[Any, None], first: Any, deadline: float
+    ) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         rid, created = completion_id(), int(time.time())
 
@@ -209,5 +217,9 @@ class ChatService:
         totals = result.trace.totals()
         log.info(
             "%s: ok in %.2f s, %d calls, %d tokens%s",
-            request.model, result.trace.wall_s, totals.calls, totals.total_tokens, " (stream)" if request.stream else "",
+            request.model,
+            result.trace.wall_s,
+            totals.calls,
+            totals.total_tokens,
+            " (stream)" if request.stream else "",
         )
