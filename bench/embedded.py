@@ -56,10 +56,12 @@ class RecordedCall:
     messages: list[ChatMessage]
     params: ChatParams
     completion: Completion
+    start: float = 0.0  # perf_counter() when the call went out, and when it came back
+    end: float = 0.0
 
 
 class RecordingAgent:
-    """Wraps an agent: gives each call a fixed seed and records exactly what was sent and received."""
+    """Wraps an agent: gives each call a fixed seed and records exactly what was sent, received, and when."""
 
     def __init__(self, inner: Agent, model: str, seeds: Iterator[int], log: list[RecordedCall]) -> None:
         self.inner, self.model, self.seeds, self.log = inner, model, seeds, log
@@ -67,8 +69,9 @@ class RecordingAgent:
     async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion:
         if params.seed is None:
             params = params.model_copy(update={"seed": next(self.seeds)})
+        start = time.perf_counter()
         completion = await self.inner.chat(messages, params)
-        self.log.append(RecordedCall(self.model, list(messages), params, completion))
+        self.log.append(RecordedCall(self.model, list(messages), params, completion, start, time.perf_counter()))
         return completion
 
     def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:

@@ -33,58 +33,16 @@ import os
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
+from bench.embedded import PROMPTS, WARMUP_PROMPT, RecordedCall, RecordingAgent
 from moa_ray.backends.base import effective_params
-from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, as_messages
+from moa_ray.chat import ChatMessage, ChatParams, as_messages
 from moa_ray.config import MoARayConfig, VLLMModelSpec, load_config
-from moa_ray.pipeline.agents import Agent
 from moa_ray.prompts import inject_references
 
 APP_NAME = "bench-vllm"
 PIPELINE = "embedded-vllm"
-WARMUP_PROMPT = "Say hello in one short sentence."
-PROMPTS = [
-    "Why is the sky blue?",
-    "Give three tips for staying healthy.",
-    "What is the difference between a list and a tuple in Python?",
-    "Explain photosynthesis to a ten-year-old.",
-    "Write a haiku about the ocean.",
-    "What causes the seasons on Earth?",
-    "How does a bicycle stay upright?",
-    "Summarise the plot of Romeo and Juliet in two sentences.",
-]
-
-
-@dataclass
-class RecordedCall:
-    messages: list[ChatMessage]
-    params: ChatParams
-    completion: Completion
-    start: float
-    end: float
-
-
-@dataclass
-class RecordingAgent:
-    """Wraps an agent: gives each call a fixed seed and records what was sent, received, and when."""
-
-    inner: Agent
-    seeds: Iterator[int]
-    log: list[RecordedCall] = field(default_factory=list)
-
-    async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion:
-        if params.seed is None:
-            params = params.model_copy(update={"seed": next(self.seeds)})
-        start = time.perf_counter()
-        completion = await self.inner.chat(messages, params)
-        self.log.append(RecordedCall(list(messages), params, completion, start, time.perf_counter()))
-        return completion
-
-    def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
-        return self.inner.stream(messages, params)
 
 
 def waves(calls: list[RecordedCall]) -> list[list[RecordedCall]]:
@@ -152,7 +110,7 @@ async def compare(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     direct = DirectEngine(spec)
     print(f"in-process vLLM engine started in {time.perf_counter() - t:.1f}s", flush=True)
-    recorder = RecordingAgent(agents[name], itertools.count(1234))
+    recorder = RecordingAgent(agents[name], name, itertools.count(1234), [])
     pipeline = build_pipeline(config, PIPELINE, {name: recorder})
     totals = {"pipe_tokens": 0, "pipe_s": 0.0, "direct_tokens": 0, "direct_s": 0.0, "calls": 0, "same": 0}
     per_prompt: list[float] = []
