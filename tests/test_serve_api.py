@@ -176,6 +176,28 @@ def _msgs(n: int = 1, size: int = 5) -> list[dict]:
 LIMITS = {"max_tokens_limit": 100, "max_message_chars": 50, "max_messages": 3, "max_request_bytes": 4096}
 BAD_REQUESTS = [
     ("malformed JSON", b'{"model": "moa2", "messages": [', 400, "invalid_json", None),
+    # found by fuzzing: each was a 500 or a 502 before
+    (
+        "seed beyond 64 bits",
+        {"model": "moa2", "messages": [{"role": "user", "content": "hi"}], "seed": 10**30},
+        400,
+        "invalid_request",
+        "seed",
+    ),
+    (
+        "lone surrogate in a message",
+        b'{"model": "moa2", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+        400,
+        "invalid_json",
+        None,
+    ),
+    (
+        "lone surrogate in stop",
+        b'{"model": "moa2", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}',
+        400,
+        "invalid_json",
+        None,
+    ),
     ("not an object", b"[1, 2]", 400, "invalid_json", None),
     ("not UTF-8", b'{"model": "\xff"}', 400, "invalid_json", None),
     ("unknown pipeline", {"model": "gpt-4", "messages": _msgs()}, 404, "model_not_found", "model"),
@@ -210,6 +232,22 @@ BAD_REQUESTS = [
     ("logprobs", {"model": "moa2", "messages": _msgs(), "logprobs": True}, 400, "invalid_request", "logprobs"),
     ("body too large", {"model": "moa2", "messages": _msgs(1, 5000)}, 413, "request_too_large", None),
 ]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "moa2", "messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+        b'{"model": "moa2", "messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
+    ],
+    ids=["nested 10,000 deep", "seed of 5,000 digits"],
+)
+async def test_pathological_json_is_a_400_not_a_500(sim, body):
+    """Found by fuzzing (each was a 500): under the default body limit, refused before any model is called."""
+    async with asgi_client(make_api(make_config(sim.base_url))) as client:
+        response = await client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert_openai_error(response, 400, "invalid_json")
+    assert sim.stats.requests == 0
 
 
 @pytest.mark.parametrize(("body", "status", "code", "param"), [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS])

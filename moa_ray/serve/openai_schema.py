@@ -84,7 +84,7 @@ class ChatCompletionRequest(BaseModel):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = Field(
         default=None, description=f"Up to {MAX_STOP} stop sequences, as OpenAI allows (a provider refuses more)."
     )
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="A 64-bit integer, as providers take.")
     n: int = Field(default=1, description="Only one choice per request is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
@@ -37,6 +38,9 @@ from moa_ray.serve.openai_schema import (
     completion_id,
     finish_reason,
 )
+
+#: ``\\ud800``-``\\udfff`` escapes: only these can put a lone surrogate into a parsed JSON string.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 # A child of "ray.serve", so Serve writes these lines to the replica's log file.
 log = logging.getLogger("ray.serve.moa_ray.ingress")
@@ -86,10 +90,17 @@ class ChatService:
         """JSON -> request, then the limits of ``config.server``; every failure is a 4xx :class:`APIError`."""
         try:
             data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+        except ValueError as err:  # invalid JSON or UTF-8, or an integer of more digits than Python parses
             raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        if _SURROGATE_ESCAPE.search(body):  # JSON may escape a lone UTF-16 surrogate, which no model can encode
+            try:
+                json.dumps(data, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, "the request holds text that is not valid Unicode (a lone surrogate)", code="invalid_json") from None
         try:
             request = ChatCompletionRequest.model_validate(data)
         except ValidationError as err:
