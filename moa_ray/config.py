@@ -85,6 +85,26 @@ class ModelSpecBase(_Strict):
     pricing: Pricing | None = None
 
     default_num_cpus: ClassVar[float] = 1.0
+    #: Fields that decide where and how fast a model runs, never what it answers; every other field of a
+    #: spec is an answer setting (see :meth:`answer_settings`), so a new field counts unless listed here.
+    operational_fields: ClassVar[frozenset[str]] = frozenset(
+        {
+            "num_cpus",
+            "num_gpus",
+            "pool",
+            "resources",
+            "label_selector",
+            "num_replicas",
+            "autoscaling",
+            "max_ongoing_requests",
+            "parameters_b",
+            "pricing",
+        }
+    )
+
+    def answer_settings(self) -> dict[str, Any]:
+        """Every setting that can change this model's answers (what resuming an evaluation must keep)."""
+        return self.model_dump(mode="json", exclude=set(self.operational_fields))
 
     def ray_actor_options(self) -> dict[str, Any]:
         """``ray_actor_options`` for this model's Serve deployment."""
@@ -145,6 +165,15 @@ class OpenAIModelSpec(ModelSpecBase):
     backoff_max_s: float = Field(default=20.0, gt=0)
     max_connections: int = Field(default=64, ge=1)
     default_num_cpus: ClassVar[float] = 0.05
+    operational_fields: ClassVar[frozenset[str]] = ModelSpecBase.operational_fields | {
+        "base_url",
+        "api_key_env",
+        "timeout",
+        "max_retries",
+        "backoff_s",
+        "backoff_max_s",
+        "max_connections",
+    }
 
     @field_validator("base_url")
     @classmethod
@@ -171,6 +200,7 @@ class LlamaCppModelSpec(ModelSpecBase):
     seed: int = -1
     chat_format: str | None = None
     max_ongoing_requests: int = Field(default=64, ge=1)
+    operational_fields: ClassVar[frozenset[str]] = ModelSpecBase.operational_fields | {"n_threads"}
 
 
 #: Engine arguments that have a field of their own (``engine_kwargs`` may not set them).
@@ -216,6 +246,13 @@ class VLLMModelSpec(ModelSpecBase):
     env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the replica and its engine workers.")
     num_gpus: float = Field(default=0, ge=0, description="Derived: tensor_parallel_size x pipeline_parallel_size on GPUs.")
     max_ongoing_requests: int = Field(default=64, ge=1)
+    operational_fields: ClassVar[frozenset[str]] = ModelSpecBase.operational_fields | {
+        "accelerator_type",
+        "gpu_memory_utilization",
+        "kv_cache_space_gib",
+        "placement_group_bundles",
+        "placement_strategy",
+    }
 
     @property
     def num_workers(self) -> int:

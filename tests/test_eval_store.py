@@ -209,3 +209,70 @@ def test_trace_columns_read_accounting_defensively() -> None:
     trace.accounting = {"cost_usd": 1, "tflops": 2.5}
     assert (trace_columns(trace)["cost_usd"], trace_columns(trace)["tflops"]) == (1.0, 2.5)
     assert trace_columns(None) == {}
+
+
+ANSWER_CONFIG = {
+    "models": {
+        "smol": {"backend": "llamacpp", "model": "x.gguf", "seed": -1, "n_ctx": 4096, "n_threads": 2},
+        "big": {"backend": "vllm", "model": "org/big", "dtype": "auto", "max_model_len": 4096},
+    },
+    "pipelines": {"p": {"kind": "moa", "layers": [["smol", {"model": "big", "top_p": 0.9}]], "aggregator": "big"}},
+}
+
+
+def _changed(path: list, value) -> dict:
+    import copy
+
+    cfg = copy.deepcopy(ANSWER_CONFIG)
+    node = cfg
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (["models", "smol", "seed"], 7),
+        (["models", "smol", "chat_format"], "chatml"),
+        (["models", "smol", "n_ctx"], 2048),
+        (["models", "big", "dtype"], "float32"),
+        (["models", "big", "max_model_len"], 2048),
+        (["models", "big", "enable_prefix_caching"], False),
+        (["pipelines", "p", "aggregator"], {"model": "big", "system": "Be brief."}),
+        (["pipelines", "p", "layers"], [["smol", {"model": "big", "top_p": 0.5}]]),
+    ],
+)
+def test_every_answer_setting_is_in_the_fingerprint(path, value) -> None:
+    """Derived from the specs: any field not declared operational counts (issue: seed, chat_format, dtype...)."""
+    assert pipeline_fingerprint(parse_config(_changed(path, value)), "p") != pipeline_fingerprint(parse_config(ANSWER_CONFIG), "p")
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [(["models", "smol", "n_threads"], 1), (["models", "big", "num_replicas"], 3), (["models", "big", "gpu_memory_utilization"], 0.5)],
+)
+def test_operational_settings_are_not(path, value) -> None:
+    assert pipeline_fingerprint(parse_config(_changed(path, value)), "p") == pipeline_fingerprint(parse_config(ANSWER_CONFIG), "p")
+
+
+def test_a_refused_resume_names_the_setting_that_changed(tmp_path) -> None:
+    from moa_ray.eval.generate import answer_settings, load_settings, save_settings, settings_fingerprint
+
+    old = parse_config(ANSWER_CONFIG)
+    new = parse_config(_changed(["models", "smol", "seed"], 7))
+    out = str(tmp_path / "run")
+    save_settings(out, {"p": answer_settings(old, "p")})
+    ds = load_dataset("alpaca_eval", limit=1)
+    latest = {r.key(): r.model_dump() for r in [row(ds.prompts[0].prompt_id, pipeline="p", config_hash=pipeline_fingerprint(old, "p"))]}
+    settings = {"p": answer_settings(new, "p")}
+    with pytest.raises(ConfigError, match=r"models\.smol\.seed: -1 -> 7"):
+        plan_generation(
+            ds,
+            ["p"],
+            latest,
+            {"p": settings_fingerprint(settings["p"])},
+            settings=settings,
+            stored_settings=lambda fp: load_settings(out, fp),
+        )

@@ -134,11 +134,13 @@ def generate_command(
     from moa_ray.eval.datasets import load_dataset
     from moa_ray.eval.generate import (
         GenerateOptions,
+        answer_settings,
         export_alpaca_eval,
+        load_settings,
         new_run_id,
-        pipeline_fingerprint,
         plan_generation,
         run_generation,
+        settings_fingerprint,
     )
     from moa_ray.eval.schema import GenerationRow
     from moa_ray.eval.store import RowTable
@@ -161,8 +163,17 @@ def generate_command(
         allow_config_change=allow_config_change,
         progress=not no_progress,
     )
-    fingerprints = {p: pipeline_fingerprint(config, p) for p in pipelines}
-    plan = plan_generation(data, pipelines, RowTable(out, GenerationRow).latest(), fingerprints, allow_config_change=allow_config_change)
+    settings = {p: answer_settings(config, p) for p in pipelines}
+    fingerprints = {p: settings_fingerprint(s) for p, s in settings.items()}
+    plan = plan_generation(
+        data,
+        pipelines,
+        RowTable(out, GenerationRow).latest(),
+        fingerprints,
+        allow_config_change=allow_config_change,
+        settings=settings,
+        stored_settings=lambda fp: load_settings(out, fp),
+    )
     err_console.print(
         f"{data.name}: {len(data.prompts)} prompts x {len(pipelines)} pipeline(s) = {plan.total_rows} rows, "
         f"{plan.done_rows} already done, {plan.pending_rows} to generate -> {out}",

@@ -12,7 +12,7 @@ import hashlib
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,27 +25,72 @@ from moa_ray.eval.datasets import EvalDataset, EvalPrompt
 from moa_ray.eval.progress import EvalProgress
 from moa_ray.eval.runner import WorkerPool, count_rows
 from moa_ray.eval.schema import GenerationRow, RoleTokens
-from moa_ray.eval.store import RowTable, StoreError, resolve
+from moa_ray.eval.store import RowTable, StoreError, join, resolve
 from moa_ray.pipeline.agents import Agent
 from moa_ray.pipeline.trace import Trace
-
-#: Model settings that change answers; placement, endpoints and prices do not.
-_FINGERPRINT_MODEL_FIELDS = ("backend", "model", "temperature", "max_tokens")
 
 
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def pipeline_fingerprint(config: MoARayConfig, pipeline: str) -> str:
-    """A hash of what shapes a pipeline's answers, to refuse resuming a directory made with other settings."""
+def answer_settings(config: MoARayConfig, pipeline: str) -> dict[str, Any]:
+    """What shapes a pipeline's answers: the pipeline's spec and every answer setting of the models it calls."""
     spec = config.pipeline(pipeline)
-    models = config.models_for([pipeline])
-    payload = {
+    return {
         "pipeline": spec.model_dump(mode="json", exclude={"description"}),
-        "models": {name: {f: getattr(m, f) for f in _FINGERPRINT_MODEL_FIELDS} for name, m in models.items()},
+        "models": {name: m.answer_settings() for name, m in config.models_for([pipeline]).items()},
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pipeline_fingerprint(config: MoARayConfig, pipeline: str) -> str:
+    """A hash of :func:`answer_settings`, stored on every row, to refuse resuming a directory made with other settings."""
+    return settings_fingerprint(answer_settings(config, pipeline))
+
+
+def first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """The first setting that differs, as ``path: old -> new`` (None when equal)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            found = first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            found = first_difference(a, b, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{path}: {json.dumps(old)} -> {json.dumps(new)}"
+
+
+SETTINGS_DIR = "_settings"  # "_": Parquet readers skip it
+
+
+def save_settings(out: str, settings: Mapping[str, dict[str, Any]]) -> None:
+    """Keep each pipeline's answer settings beside its rows (``_settings/<fingerprint>.json``), so a refused resume
+    can say which setting changed."""
+    fs, root = resolve(out)
+    fs.create_dir(join(root, SETTINGS_DIR), recursive=True)
+    for value in settings.values():
+        with fs.open_output_stream(join(root, SETTINGS_DIR, f"{settings_fingerprint(value)}.json")) as f:
+            f.write(json.dumps(value, sort_keys=True, indent=1).encode())
+
+
+def load_settings(out: str, fingerprint: str) -> dict[str, Any] | None:
+    """The answer settings stored for a fingerprint, or None (a directory written before they were kept)."""
+    fs, root = resolve(out)
+    try:
+        with fs.open_input_stream(join(root, SETTINGS_DIR, f"{fingerprint}.json")) as f:
+            data: dict[str, Any] = json.loads(f.read())
+            return data
+    except (FileNotFoundError, OSError, ValueError):
+        return None
 
 
 class GenerateOptions(BaseModel):
@@ -89,15 +134,23 @@ def plan_generation(
     fingerprints: Mapping[str, str],
     *,
     allow_config_change: bool = False,
+    settings: Mapping[str, dict[str, Any]] | None = None,
+    stored_settings: Callable[[str], dict[str, Any] | None] | None = None,
 ) -> Plan:
-    """Which (prompt, pipeline, turn) rows are still to do; refuses a directory made with another config."""
+    """Which (prompt, pipeline, turn) rows are still to do; refuses a directory made with another config.
+
+    With ``settings`` (this run's, per pipeline) and ``stored_settings`` (fingerprint -> the settings kept
+    in the directory), the refusal names the setting that changed.
+    """
     if not allow_config_change:
         for (_, pipeline, _), row in latest.items():
             if pipeline in fingerprints and row["status"] == "ok" and row["config_hash"] != fingerprints[pipeline]:
+                old = stored_settings(row["config_hash"]) if stored_settings else None
+                changed = first_difference(old, settings[pipeline]) if old is not None and settings else None
+                what = f": {changed}" if changed else f" (config hash {row['config_hash']} != {fingerprints[pipeline]})"
                 raise ConfigError(
-                    f"the output already holds answers of pipeline {pipeline!r} made with different settings "
-                    f"(config hash {row['config_hash']} != {fingerprints[pipeline]}); use another --out, or "
-                    "--allow-config-change to mix them"
+                    f"the output already holds answers of pipeline {pipeline!r} made with different settings{what}; "
+                    "use another --out, or --allow-config-change to mix them"
                 )
     items, total, done = [], 0, 0
     for prompt in dataset.prompts:
@@ -304,8 +357,18 @@ def run_generation(config: MoARayConfig, dataset: EvalDataset, agents: Mapping[s
     for name in options.pipelines:
         config.pipeline(name)
     table: RowTable[GenerationRow] = RowTable(options.out, GenerationRow)
-    fingerprints = {p: pipeline_fingerprint(config, p) for p in options.pipelines}
-    plan = plan_generation(dataset, options.pipelines, table.latest(), fingerprints, allow_config_change=options.allow_config_change)
+    settings = {p: answer_settings(config, p) for p in options.pipelines}
+    fingerprints = {p: settings_fingerprint(s) for p, s in settings.items()}
+    plan = plan_generation(
+        dataset,
+        options.pipelines,
+        table.latest(),
+        fingerprints,
+        allow_config_change=options.allow_config_change,
+        settings=settings,
+        stored_settings=lambda fp: load_settings(options.out, fp),
+    )
+    save_settings(options.out, settings)
     params = ChatParams(max_tokens=options.max_tokens) if options.max_tokens else None
     handler = GenerateHandler(config, agents, options.pipelines, options.run_id, fingerprints, params)
     ok = failed = 0
