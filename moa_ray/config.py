@@ -303,6 +303,7 @@ class ProposerSpec(_Strict):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**31, description="Sampling seed of this proposer's calls.")
     system: str | None = None
 
     @property
@@ -463,6 +464,7 @@ class SelfMoAPipelineSpec(PipelineBase):
     model: ProposerRef
     n: int = Field(default=6, ge=2)
     aggregator: ProposerRef | None = Field(default=None, description="Defaults to the proposer model.")
+    seed: int = Field(default=0, description="Sample i of a prompt gets a seed derived from (seed, prompt, i): reruns reproduce.")
 
     @property
     def aggregator_spec(self) -> ProposerSpec:

@@ -108,9 +108,21 @@ def test_self_moa_samples_one_model_n_times_with_distinct_seeds(simulator):
     (agg,) = [b for b in rec.bodies if b["model"] == "agg"]
     assert agg["messages"][0]["content"] == aggregate_system_prompt([REPLIES["p1"]] * 4)
     assert [layer.role for layer in result.trace.layers] == ["proposer", "aggregator"]
+    # reproducible: the same prompt and run seed give the same samples' seeds; another run seed, others
     again = Recorder()
-    run(sim, {"kind": "self-moa", "model": "p1", "n": 4}, again)
-    assert {b["seed"] for b in again.bodies if "seed" in b} != {b["seed"] for b in samples}  # a new base per request
+    run(sim, {"kind": "self-moa", "model": "p1", "n": 4, "aggregator": "agg"}, again)
+    assert [b["seed"] for b in again.bodies if b["model"] == "p1"] == [b["seed"] for b in samples]
+    other = Recorder()
+    run(sim, {"kind": "self-moa", "model": "p1", "n": 4, "aggregator": "agg", "seed": 1}, other)
+    assert {b["seed"] for b in other.bodies if b["model"] == "p1"}.isdisjoint({b["seed"] for b in samples})
+
+
+def test_a_proposers_own_seed_reaches_its_calls(simulator):
+    sim = simulator(sim_config())
+    rec = Recorder()
+    run(sim, {"kind": "moa", "layers": [[{"model": "p1", "seed": 42}, "p2"]], "aggregator": "agg"}, rec)
+    seeds = {b["model"]: b.get("seed") for b in rec.bodies}
+    assert seeds == {"p1": 42, "p2": None, "agg": None}
 
 
 def test_self_moa_quorum(simulator):

@@ -80,7 +80,7 @@ class Response:
 
 def call_params(spec: ProposerSpec, override: ChatParams | None = None) -> ChatParams:
     """Per-call parameters: the request's override beats the proposer's, unset falls to the model."""
-    params = ChatParams(temperature=spec.temperature, max_tokens=spec.max_tokens, top_p=spec.top_p)
+    params = ChatParams(temperature=spec.temperature, max_tokens=spec.max_tokens, top_p=spec.top_p, seed=spec.seed)
     if override is not None:
         params = params.model_copy(update=override.model_dump(exclude_unset=True, exclude_defaults=True))
     return params

@@ -13,21 +13,19 @@ deadline settings apply to them as to MoA.
 
 from __future__ import annotations
 
-import contextvars
-import random
+import hashlib
 import time
 
-from moa_ray.chat import ChatMessage, ChatParams, Completion
-from moa_ray.config import ProposerSpec, RankerPipelineSpec, SelfMoAPipelineSpec, SinglePipelineSpec
+from moa_ray.chat import ChatMessage, ChatParams
+from moa_ray.config import RankerPipelineSpec, SelfMoAPipelineSpec, SinglePipelineSpec
 from moa_ray.pipeline.base import FinalCall, KnownAnswer, Pipeline
 from moa_ray.pipeline.judge import Selection, first_k, parse_verdict, pick_one, ranker_schema, seed_material
-from moa_ray.pipeline.trace import CallRole, LayerRecord, Trace
+from moa_ray.pipeline.trace import LayerRecord, Trace
 from moa_ray.prompts import inject_references, ranker_prompt, render_question
 
 #: Seed of the ranker's fallback draw (the ranker spec has no seed of its own).
 RANKER_SEED = 0
 #: The current request's base seed of Self-MoA samples (a context variable: each request's tasks see their own).
-_SAMPLE_SEED: contextvars.ContextVar[int] = contextvars.ContextVar("self_moa_sample_seed", default=0)
 
 
 class SinglePipeline(Pipeline):
@@ -79,28 +77,18 @@ class RankerPipeline(Pipeline):
 
 
 class SelfMoAPipeline(Pipeline):
-    """One model sampled n times (distinct seeds), then aggregated."""
+    """One model sampled n times (distinct, reproducible seeds), then aggregated."""
 
     spec: SelfMoAPipelineSpec
 
     async def plan(self, messages: list[ChatMessage], trace: Trace, t0: float) -> FinalCall:
-        _SAMPLE_SEED.set(random.SystemRandom().randrange(2**31 - 2**16))  # copied into the layer's tasks
-        responses = await self.run_layer(1, self.spec.resolved_layers()[0], messages, trace, t0)
+        layer = self.spec.resolved_layers()[0]
+        base = sample_seed_base(self.spec.seed, messages)
+        seeded = [p if p.seed is not None else p.model_copy(update={"seed": (base + i) % 2**31}) for i, p in enumerate(layer.proposers)]
+        responses = await self.run_layer(1, layer.model_copy(update={"proposers": seeded}), messages, trace, t0)
         return FinalCall(spec=self.spec.aggregator_spec, messages=inject_references(messages, [r.text for r in responses]), layer=2)
 
-    async def call(
-        self,
-        spec: ProposerSpec,
-        messages: list[ChatMessage],
-        *,
-        layer: int,
-        index: int,
-        role: CallRole,
-        trace: Trace,
-        t0: float,
-        params: ChatParams | None = None,
-    ) -> Completion | None:
-        """Give sample ``index`` the seed ``base + index``: the n samples of a request always differ."""
-        if role == "proposer" and params is None:
-            params = ChatParams(seed=_SAMPLE_SEED.get() + index)
-        return await super().call(spec, messages, layer=layer, index=index, role=role, trace=trace, t0=t0, params=params)
+
+def sample_seed_base(seed: int, messages: list[ChatMessage]) -> int:
+    """The first sample's seed for this run seed and conversation; sample i adds i, so the n samples differ."""
+    return int(hashlib.sha256(seed_material(seed, 1, messages).encode()).hexdigest()[:8], 16) % 2**31
