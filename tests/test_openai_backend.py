@@ -356,3 +356,13 @@ def test_one_backend_sends_concurrent_requests_over_its_pool(simulator):
     results = asyncio.run(many())
     assert len(results) == 8 and sim.stats.max_in_flight == 8
     assert time.perf_counter() - start < 0.2 * 3
+
+
+def test_retry_log_lines_carry_no_provider_text(caplog):
+    """A provider may echo the key in its error message; the retry log keeps only the class and status."""
+    script = Script((429, {"error": {"message": "bad key sk-echoed-secret-123456"}}), ok_body("fine"))
+    with caplog.at_level(logging.INFO, logger="moa_ray.backends.openai_http"):
+        chat(backend_for(script, max_retries=1, backoff_s=0.001))
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert retries == ["test/model: attempt 1 failed (RateLimited, HTTP 429); retrying"]
+    assert "sk-echoed" not in caplog.text

@@ -303,6 +303,12 @@ async def test_missing_or_wrong_key_gets_401(sim):
     assert sim.stats.requests == 0
 
 
+async def test_no_schema_or_docs_answer_without_a_key(sim):
+    async with asgi_client(make_api(make_config(sim.base_url)), key=None) as client:
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert (await client.get(path)).status_code == 404, path
+
+
 async def test_without_configured_keys_the_endpoint_is_open(sim):
     async with asgi_client(make_api(make_config(sim.base_url), keys=()), key=None) as client:
         assert (await client.post("/v1/chat/completions", json={"model": "single", "messages": USER})).status_code == 200

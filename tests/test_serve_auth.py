@@ -87,3 +87,46 @@ def test_redactor_collects_provider_keys_from_the_environment():
     )
     redactor = Redactor.for_config(config, {"X_KEY": "sk-x-secret-value", "OTHER": "not-a-provider-key"}, extra=["client-key-9"])
     assert redactor.text("x=sk-x-secret-value c=client-key-9 o=not-a-provider-key") == f"x={REDACTED} c={REDACTED} o=not-a-provider-key"
+
+
+@pytest.mark.parametrize("tail", ["\n", "\r", " ", "\r\n"])
+def test_a_key_ending_in_whitespace_is_stripped_and_every_printed_form_redacted(monkeypatch, tail):
+    import asyncio
+
+    import httpx
+
+    from moa_ray.backends.openai_http import OpenAIBackend
+    from moa_ray.chat import ChatParams, as_messages
+    from moa_ray.config import parse_config
+
+    secret = "sk-from-a-secret-file-0042"
+    monkeypatch.setenv("FILE_KEY", secret + tail)
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["authorization"])
+        return httpx.Response(200, json={"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}], "usage": {}})
+
+    config = parse_config(
+        {"models": {"m": {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "FILE_KEY"}}}
+    )
+    backend = OpenAIBackend(config.models["m"], transport=httpx.MockTransport(handler))
+    asyncio.run(backend.chat(as_messages("hi"), ChatParams()))
+    assert seen == [f"Bearer {secret}"]  # sent stripped, so httpx never refuses (and quotes) the header
+    redactor = Redactor.for_config(config)
+    for printed in (secret + tail, repr(secret + tail), repr(f"Bearer {secret}{tail}".encode()), secret):
+        assert secret not in redactor.text(f"error: {printed}") and "\\n" not in redactor.text(printed).replace(REDACTED, "")
+
+
+def test_a_key_with_control_characters_inside_is_refused_without_echoing_it(monkeypatch):
+    from moa_ray.backends.openai_http import OpenAIBackend
+    from moa_ray.config import parse_config
+    from moa_ray.errors import ConfigError
+
+    monkeypatch.setenv("BAD_KEY", "sk-abc\ndef-0123456789")
+    config = parse_config(
+        {"models": {"m": {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "BAD_KEY"}}}
+    )
+    with pytest.raises(ConfigError) as info:
+        OpenAIBackend(config.models["m"])
+    assert "BAD_KEY" in str(info.value) and "sk-abc" not in str(info.value)

@@ -25,7 +25,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from moa_ray.backends.base import chat_kwargs
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
 from moa_ray.config import OpenAIModelSpec
-from moa_ray.errors import BackendError, BackendTimeout, StreamInterrupted, UpstreamError, error_for_status
+from moa_ray.errors import BackendError, BackendTimeout, ConfigError, StreamInterrupted, UpstreamError, error_for_status
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,12 @@ class OpenAIBackend:
         self.spec = spec
         headers = {"Content-Type": "application/json"}
         if spec.api_key_env:
-            key = os.environ.get(spec.api_key_env)
+            # keys loaded from secret files often end in a newline: sent as is, httpx would refuse (and quote) them
+            key = (os.environ.get(spec.api_key_env) or "").strip()
             if not key:
                 log.warning("environment variable %s is not set; calling %s without an API key", spec.api_key_env, spec.base_url)
+            elif not key.isprintable() or " " in key:  # never echo the value
+                raise ConfigError(f"the API key in {spec.api_key_env} holds spaces or control characters inside it")
             else:
                 headers["Authorization"] = f"Bearer {key}"
         self._client = httpx.AsyncClient(
@@ -111,9 +114,19 @@ class OpenAIBackend:
             wait=self._wait,
             retry=retry_if_exception(lambda e: isinstance(e, BackendError) and e.retryable),
             reraise=True,
-            before_sleep=lambda state: log.info(
-                "%s: attempt %d failed (%s); retrying", self.spec.model, state.attempt_number, state.outcome and state.outcome.exception()
-            ),
+            before_sleep=self._log_retry,
+        )
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        """The error's class and status only: a provider's message may echo the key it was sent."""
+        err = state.outcome.exception() if state.outcome else None
+        status = getattr(err, "status_code", None)
+        log.info(
+            "%s: attempt %d failed (%s%s); retrying",
+            self.spec.model,
+            state.attempt_number,
+            type(err).__name__,
+            f", HTTP {status}" if status else "",
         )
 
     def _wait(self, state: RetryCallState) -> float:

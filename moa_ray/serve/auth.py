@@ -74,7 +74,18 @@ class Redactor:
     MIN_LENGTH = 6  # shorter "secrets" would redact ordinary words
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        self._secrets = sorted({s for s in secrets if len(s) >= self.MIN_LENGTH}, key=len, reverse=True)
+        forms = {form for s in secrets for form in self.printed_forms(s)}
+        self._secrets = sorted({s for s in forms if len(s) >= self.MIN_LENGTH}, key=len, reverse=True)
+
+    @staticmethod
+    def printed_forms(secret: str) -> set[str]:
+        """Every way a library may print the secret: raw, stripped, and escaped as in ``repr`` of a str or bytes
+        (httpx quotes a header it refuses as ``b'Bearer secret\\n'``)."""
+        forms = {secret, secret.strip()}
+        for value in (secret, secret.strip()):
+            forms.add(repr(value)[1:-1])
+            forms.add(repr(value.encode("utf-8", "backslashreplace"))[2:-1])
+        return {f for f in forms if f}
 
     @classmethod
     def for_config(cls, config: MoARayConfig, environ: Mapping[str, str] | None = None, extra: Iterable[str] = ()) -> Redactor:

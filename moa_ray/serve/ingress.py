@@ -47,8 +47,14 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def create_api(service: ChatService, verifier: KeyVerifier) -> FastAPI:
     """The endpoint's FastAPI application."""
+    # No generated docs or schema: they would answer without a key, and FastAPI's schema describes neither the
+    # request body (read raw, for the size limit) nor the errors (400s, not 422s). OpenAI's API reference applies.
     app = FastAPI(
-        title="moa-ray", description="Mixture-of-Agents pipelines behind an OpenAI-compatible API.", docs_url=None, redoc_url=None
+        title="moa-ray",
+        description="Mixture-of-Agents pipelines behind an OpenAI-compatible API.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     install_error_handlers(app)
 
