@@ -64,7 +64,7 @@ def run(
 
         config = override_roles(config, pipeline_name, roles_dataset, roles_task)
     with err_console.status(f"starting Ray and deploying the models of {pipeline_name!r}..."):
-        init_ray(address)
+        init_ray(address, models=config.models_for([pipeline_name]).values())
         agents = deploy_agents(config, [pipeline_name])
     pipeline = build_pipeline(config, pipeline_name, agents)
     params = ChatParams(max_tokens=max_tokens) if max_tokens else None

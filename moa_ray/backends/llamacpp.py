@@ -17,7 +17,7 @@ from typing import Any
 from moa_ray.backends.base import chat_kwargs
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
 from moa_ray.config import LlamaCppModelSpec
-from moa_ray.errors import BackendError, ContextLengthExceeded
+from moa_ray.errors import BackendError, ConfigError, ContextLengthExceeded
 from moa_ray.packaged_models import resolve_model_path
 
 
@@ -25,7 +25,10 @@ class LlamaCppBackend:
     """One GGUF model loaded in this process."""
 
     def __init__(self, spec: LlamaCppModelSpec) -> None:
-        from llama_cpp import Llama  # heavy import, only where the model runs
+        try:
+            from llama_cpp import Llama  # heavy import, only where the model runs
+        except ImportError as err:
+            raise ConfigError("backend 'llamacpp' needs llama-cpp-python: pip install 'moa-ray[embedded]'") from err
 
         self.spec = spec
         self.path = resolve_model_path(spec.model)

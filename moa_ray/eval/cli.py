@@ -184,7 +184,7 @@ def generate_command(
         from moa_ray.runtime import deploy_agents, init_ray
 
         with err_console.status(f"starting Ray and deploying the models of {', '.join(pipelines)}..."):
-            init_ray(address)
+            init_ray(address, models=config.models_for(pipelines).values())
             agents = deploy_agents(config, pipelines, app_name=app_name)
         try:
             summary = run_generation(config, data, agents, options)
@@ -329,7 +329,7 @@ def judge_command(
         from moa_ray.runtime import deploy_models, init_ray
 
         with err_console.status(f"starting Ray and deploying the judge {judge_model!r}..."):
-            init_ray(address)
+            init_ray(address, models=[config.models[judge_model]])
             agent = deploy_models(config, [judge_model], app_name=app_name)[judge_model]
     try:
         summary = run_judging(gens, agent, options)  # type: ignore[arg-type]

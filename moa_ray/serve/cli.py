@@ -96,7 +96,7 @@ def _run_server(config: MoARayConfig, names: list[str], *, host: str, port: int,
         release_ray([app_name], shared=is_shared_cluster(address))
 
     with err_console.status(f"starting Ray and deploying {len(config.models_for(names))} models + the ingress..."):
-        init_ray(address)
+        init_ray(address, models=config.models_for(names).values())
         serve.start(http_options={"host": host, "port": port})
         try:
             serve.run(build_app(config, names), name=app_name, route_prefix="/")
