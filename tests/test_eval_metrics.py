@@ -166,3 +166,17 @@ def test_mt_bench_scores() -> None:
     s = mt_bench_scores(grades)["p"]
     assert s.score == pytest.approx(8.0) and s.turn_1 == pytest.approx(9.0) and s.turn_2 == pytest.approx(6.0)
     assert s.by_category == {"math": 7.0, "writing": 10.0} and s.n_graded == 3
+
+
+def test_read_records_takes_uris_and_a_judge_outputs_pairwise_dir(tmp_path: Path) -> None:
+    """A URI goes to its pyarrow filesystem whole (``Path("s3://b/x")`` would fold it to ``s3:/b/x``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "judged" / "pairwise").mkdir(parents=True)
+    rows = [{"instruction": "q", "preference": 2.0}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "judged" / "pairwise" / "part-0.parquet")
+    assert read_records(f"file://{tmp_path / 'judged'}") == rows
+    assert read_records(tmp_path / "judged") == rows
+    with pytest.raises(MetricsError, match="cannot read"):
+        read_records(f"file://{tmp_path / 'missing'}")

@@ -271,21 +271,31 @@ def length_controlled_win_rate(
 # --------------------------------------------------------------------------- annotations
 
 
+def _read_parquet(uri: str) -> list[dict[str, Any]]:
+    """Every row of a Parquet file or directory, local or on a pyarrow filesystem (a judge output: its pairwise/)."""
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    from moa_ray.eval.store import join, resolve
+
+    fs, root = resolve(uri)
+    try:
+        if fs.get_file_info(join(root, "pairwise")).type == pafs.FileType.Directory:
+            root = join(root, "pairwise")
+        return pads.dataset(root, filesystem=fs, format="parquet").to_table().to_pylist()
+    except (OSError, ValueError) as err:
+        raise MetricsError(f"cannot read {uri}: {err}") from None
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a .json / .jsonl(.gz) / .parquet file, or of a directory of part files."""
+    """Rows of a .json / .jsonl(.gz) / .parquet file, or of a directory of part files (a path or a URI)."""
+    if "://" in str(path):  # s3://, gs://, file://: never through Path, which folds the "//"
+        return _read_parquet(str(path))
     p = Path(path)
     if (p / "pairwise").is_dir():  # the output directory of `moa-ray eval judge`
         p = path = p / "pairwise"
-    if p.is_dir() or str(path).endswith((".parquet", ".pq")) or "://" in str(path):
-        import pyarrow.dataset as pads
-
-        from moa_ray.eval.store import resolve
-
-        fs, root = resolve(str(path))
-        try:
-            return pads.dataset(root, filesystem=fs, format="parquet").to_table().to_pylist()
-        except (OSError, ValueError) as err:
-            raise MetricsError(f"cannot read {path}: {err}") from None
+    if p.is_dir() or str(path).endswith((".parquet", ".pq")):
+        return _read_parquet(str(path))
     if not p.is_file():
         raise MetricsError(f"annotations not found: {path}")
     raw = p.read_bytes()
