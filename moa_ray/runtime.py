@@ -115,7 +115,8 @@ def running_fingerprint(app_name: str) -> str | None:
         if app is None or app.status != "RUNNING":
             return None
         return serve.get_app_handle(app_name).fingerprint.remote().result(timeout_s=30)
-    except Exception:  # noqa: BLE001 - another kind of app, or one going away: deploy ours
+    except Exception:  # another kind of app, or one going away: deploy ours (and say why)
+        log.info("cannot read the fingerprint of the running app %r; deploying anew", app_name, exc_info=True)
         return None
 
 

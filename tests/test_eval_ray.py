@@ -126,3 +126,71 @@ def test_judge_and_report(env, tmp_path: Path) -> None:
     assert names == {"report.md", "report.csv", "report.json", "quality_vs_cost.png", "quality_vs_latency.png"}
     assert (report / "quality_vs_cost.png").read_bytes()[:4] == b"\x89PNG"
     assert "| one |" in (report / "report.md").read_text()
+
+
+def test_a_failed_pool_start_leaves_no_actor_alive(ray_session) -> None:
+    import ray
+
+    from moa_ray.eval.runner import WorkerPool
+
+    class SetupFails:  # defined here so that cloudpickle ships it by value to the actors
+        """A handler whose per-actor setup raises (a pipeline that cannot be built on the workers)."""
+
+        async def setup(self) -> None:
+            raise RuntimeError("setup failed on purpose")
+
+        async def handle(self, item):  # pragma: no cover - never reached
+            return []
+
+        def failed(self, item, error):  # pragma: no cover
+            return []
+
+    pool = WorkerPool(SetupFails(), concurrency=2, workers=2, worker_cpus=0.01)
+    started: list = []
+    shutdown = pool.shutdown
+    pool.shutdown = lambda: (started.extend(pool.actors), shutdown())  # type: ignore[method-assign]
+    with pytest.raises(ray.exceptions.RayTaskError, match="setup failed on purpose"):
+        pool.start()
+    assert len(started) == 2 and pool.actors == []
+    for actor in started:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.ready.remote(), timeout=60)
+
+
+def test_a_deploy_that_fails_leaves_no_serve_app(ray_session, tmp_path: Path) -> None:
+    """A replica that cannot start (here: a model file that is not there) fails the run and takes its app along."""
+    import yaml
+    from click.testing import CliRunner
+    from ray import serve
+
+    from moa_ray.cli import main
+
+    config = {
+        "models": {"gone": {"backend": "llamacpp", "model": str(tmp_path / "missing.gguf"), "num_cpus": 0.01}},
+        "pipelines": {"p": {"kind": "single", "model": "gone"}},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    app = "t-eval-fails"
+    result = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "generate",
+            "--config",
+            str(path),
+            "--pipeline",
+            "p",
+            "--dataset",
+            "alpaca_eval",
+            "--limit",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+            "--app-name",
+            app,
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code != 0
+    assert app not in serve.status().applications

@@ -183,10 +183,10 @@ def generate_command(
     if plan.pending_rows:
         from moa_ray.runtime import deploy_agents, init_ray
 
-        with err_console.status(f"starting Ray and deploying the models of {', '.join(pipelines)}..."):
-            init_ray(address, models=config.models_for(pipelines).values())
-            agents = deploy_agents(config, pipelines, app_name=app_name)
-        try:
+        init_ray(address, models=config.models_for(pipelines).values())
+        try:  # a deploy that fails half-way leaves no Serve app behind either
+            with err_console.status(f"starting Ray and deploying the models of {', '.join(pipelines)}..."):
+                agents = deploy_agents(config, pipelines, app_name=app_name)
             summary = run_generation(config, data, agents, options)
         finally:
             if not keep_deployed:
@@ -328,13 +328,14 @@ def judge_command(
     if items:
         from moa_ray.runtime import deploy_models, init_ray
 
-        with err_console.status(f"starting Ray and deploying the judge {judge_model!r}..."):
-            init_ray(address, models=[config.models[judge_model]])
-            agent = deploy_models(config, [judge_model], app_name=app_name)[judge_model]
-    try:
+        init_ray(address, models=[config.models[judge_model]])
+    try:  # a deploy that fails half-way leaves no Serve app behind either
+        if items:
+            with err_console.status(f"starting Ray and deploying the judge {judge_model!r}..."):
+                agent = deploy_models(config, [judge_model], app_name=app_name)[judge_model]
         summary = run_judging(gens, agent, options)  # type: ignore[arg-type]
     finally:
-        if agent is not None and not keep_deployed:
+        if items and not keep_deployed:
             _delete_app(app_name)
     err_console.print(
         f"run {summary.run_id}: {summary.ok_rows} judgments ok, {summary.failed_rows} failed "

@@ -87,7 +87,11 @@ class WorkerPool(Generic[I, R]):
         per_worker = math.ceil(self.concurrency / self.n_workers)
         cls = ray.remote(EvalWorker).options(num_cpus=self.worker_cpus, max_concurrency=per_worker, max_restarts=3, max_task_retries=0)
         self.actors = [cls.remote(self.handler) for _ in range(self.n_workers)]
-        ray.get([a.ready.remote() for a in self.actors])
+        try:
+            ray.get([a.ready.remote() for a in self.actors])
+        except BaseException:  # a handler whose setup failed (or Ctrl+C): no actor outlives the failed start
+            self.shutdown()
+            raise
         return self
 
     def shutdown(self) -> None:
