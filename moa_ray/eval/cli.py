@@ -181,7 +181,10 @@ def generate_command(
     )
     summary = None
     if plan.pending_rows:
+        from moa_ray.eval.lease import WriterLease
         from moa_ray.runtime import deploy_agents, init_ray
+
+        WriterLease(out, options.run_id).check_free()  # refused before Ray starts and models deploy
 
         init_ray(address, models=config.models_for(pipelines).values())
         try:  # a deploy that fails half-way leaves no Serve app behind either

@@ -22,6 +22,7 @@ from moa_ray.chat import ChatMessage, ChatParams
 from moa_ray.config import MoARayConfig
 from moa_ray.errors import ConfigError, PipelineError
 from moa_ray.eval.datasets import EvalDataset, EvalPrompt
+from moa_ray.eval.lease import WriterLease
 from moa_ray.eval.progress import EvalProgress
 from moa_ray.eval.runner import WorkerPool, count_rows
 from moa_ray.eval.schema import GenerationRow, RoleTokens
@@ -353,7 +354,13 @@ def summarize_table(latest: Mapping[tuple[Any, ...], dict[str, Any]], dataset: E
 
 
 def run_generation(config: MoARayConfig, dataset: EvalDataset, agents: Mapping[str, Agent], options: GenerateOptions) -> GenerateSummary:
-    """Answer the dataset's missing rows with the pipelines (Ray must be up and the agents deployed)."""
+    """Answer the dataset's missing rows with the pipelines (Ray must be up and the agents deployed), as the output's
+    only writer: a second run on the same ``out`` is refused (:class:`~moa_ray.eval.lease.WriterLease`)."""
+    with WriterLease(options.out, options.run_id):
+        return _generate(config, dataset, agents, options)
+
+
+def _generate(config: MoARayConfig, dataset: EvalDataset, agents: Mapping[str, Agent], options: GenerateOptions) -> GenerateSummary:
     for name in options.pipelines:
         config.pipeline(name)
     table: RowTable[GenerationRow] = RowTable(options.out, GenerationRow)

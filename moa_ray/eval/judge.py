@@ -33,6 +33,7 @@ from moa_ray.eval.judge_prompts import (
     single_prompt_name,
     verdict_preference,
 )
+from moa_ray.eval.lease import WriterLease
 from moa_ray.eval.progress import EvalProgress
 from moa_ray.eval.runner import WorkerPool, count_rows
 from moa_ray.eval.schema import GenerationRow, GradeRow, PairwiseRow
@@ -284,7 +285,12 @@ class JudgeSummary(BaseModel):
 
 
 def run_judging(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Agent, options: JudgeOptions) -> JudgeSummary:
-    """Judge what is still unjudged (Ray must be up and the judge deployed)."""
+    """Judge what is still unjudged (Ray must be up and the judge deployed), as the output's only writer."""
+    with WriterLease(options.out, options.run_id):
+        return _judge(generations, agent, options)
+
+
+def _judge(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Agent, options: JudgeOptions) -> JudgeSummary:
     ptable, stable = pairwise_table(options.out), single_table(options.out)
     items = plan_judging(
         generations,
