@@ -329,7 +329,10 @@ def judge_command(
     err_console.print(f"{len(items)} judgments to make with {judge_model!r} -> {out}", highlight=False)
     agent = None
     if items:
+        from moa_ray.eval.lease import WriterLease
         from moa_ray.runtime import deploy_models, init_ray
+
+        WriterLease(out, options.run_id).check_free()  # refused before Ray starts and the judge deploys
 
         init_ray(address, models=[config.models[judge_model]])
     try:  # a deploy that fails half-way leaves no Serve app behind either
