@@ -90,6 +90,7 @@ def test_engine_arguments_from_the_spec_then_engine_kwargs():
         "tensor_parallel_size": 1,
         "pipeline_parallel_size": 1,
         "enforce_eager": True,
+        "enable_chunked_prefill": False,  # seeded requests + chunked prefill crash vLLM's CPU engine
         "max_model_len": 4096,
     }
 

@@ -161,6 +161,19 @@ def test_an_over_long_prompt_is_a_400_at_the_endpoint(config, agents):
     assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] > 0
 
 
+def test_many_seeded_calls_at_once_leave_the_engine_alive(agents):
+    """24 seeded calls whose prompts together overflow one prefill batch: with vLLM's chunked prefill on, its CPU
+    engine dies on them (a CPU generator cannot rewind); the CPU device turns chunked prefill off."""
+
+    async def burst():
+        prompt = "Tell me about the history of Paris. " * 30
+        calls = [agents[MODEL].chat(as_messages(f"{prompt}{i}"), ChatParams(max_tokens=8, temperature=1.0, seed=i)) for i in range(24)]
+        return await asyncio.gather(*calls)
+
+    completions = run(burst())
+    assert len(completions) == 24 and all(c.usage.completion_tokens > 0 for c in completions)
+
+
 def test_a_replica_whose_engine_died_is_restarted_by_serve(agents):
     """Last: kill the vLLM engine process under the replica; LLMServer's health check fails and Serve replaces it."""
     import psutil

@@ -68,6 +68,11 @@ def engine_kwargs(spec: VLLMModelSpec) -> dict[str, Any]:
     }
     if spec.device == "gpu":
         kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
+    else:
+        # vLLM's CPU build (0.32) kills its engine when a seeded request's prefill is chunked: the model runner
+        # rewinds the request's torch.Generator with set_offset, which CPU generators do not support. Seeds are
+        # how moa-ray makes samples reproducible, and a layer's calls arrive together, so whole prefills it is.
+        kwargs["enable_chunked_prefill"] = False
     if spec.max_model_len is not None:
         kwargs["max_model_len"] = spec.max_model_len
     if spec.enable_prefix_caching is not None:

@@ -33,10 +33,16 @@ _MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
 
 
 def openai_request_body(model_id: str, spec: VLLMModelSpec, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
-    """The OpenAI chat request for one agent call; a JSON schema becomes vLLM's structured output."""
+    """The OpenAI chat request for one agent call; JSON mode becomes vLLM's structured output.
+
+    Compact JSON (no free whitespace between tokens): a small model sampling at temperature 1 otherwise
+    fills an array with newlines until ``max_tokens`` cuts it, which is valid-looking but never closed.
+    """
     body = {"model": model_id, **chat_kwargs(spec, request.messages, request.params)}
-    if request.params.json_mode and request.params.json_schema:
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": request.params.json_schema}}
+    if request.params.json_mode:
+        body.pop("response_format", None)
+        target = {"json": request.params.json_schema} if request.params.json_schema else {"json_object": True}
+        body["structured_outputs"] = {**target, "disable_any_whitespace": True}
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
