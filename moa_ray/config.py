@@ -507,6 +507,7 @@ class ServerSpec(_Strict):
     max_message_chars: int = Field(default=100_000, ge=1)
     max_messages: int = Field(default=256, ge=1)
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    body_timeout_s: float = Field(default=15.0, gt=0, description="A request body still arriving after this gets 408.")
     request_timeout_s: float = Field(default=600.0, gt=0, description="A request still running after this gets 504.")
     ingress: IngressSpec = Field(default_factory=IngressSpec)
 

@@ -303,6 +303,22 @@ async def test_missing_or_wrong_key_gets_401(sim):
     assert sim.stats.requests == 0
 
 
+async def test_a_body_that_stalls_is_a_408_not_a_held_connection(sim):
+    """A Content-Length larger than the body sent (found by fault injection: the server waited 35 s for the rest)."""
+    import asyncio
+
+    async def stalling():
+        yield b'{"model": "single", "messages": ['
+        await asyncio.sleep(30)  # the rest never comes in time
+        yield b"]}"
+
+    app = make_api(make_config(sim.base_url, server={"body_timeout_s": 0.3}))
+    async with asgi_client(app) as client:
+        response = await client.post("/v1/chat/completions", content=stalling(), headers={"Content-Type": "application/json"})
+    assert_openai_error(response, 408, "request_timeout")
+    assert sim.stats.requests == 0
+
+
 async def test_no_schema_or_docs_answer_without_a_key(sim):
     async with asgi_client(make_api(make_config(sim.base_url)), key=None) as client:
         for path in ("/openapi.json", "/docs", "/redoc"):

@@ -15,6 +15,7 @@ environment.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -32,16 +33,24 @@ log = logging.getLogger("ray.serve.moa_ray.ingress")
 INGRESS_DEPLOYMENT = "moa-ingress"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it grows past ``limit`` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 as soon as it grows past ``limit`` bytes, and with 408 when it has not
+    all arrived within ``timeout_s`` (a Content-Length larger than the body sent would hold the connection)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body exceeds this server's limit of {limit} bytes", code="request_too_large")
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise APIError(413, f"the request body exceeds this server's limit of {limit} bytes", code="request_too_large")
+
+    async def read() -> None:
+        async for part in request.stream():
+            body.extend(part)
+            if len(body) > limit:
+                raise APIError(413, f"the request body exceeds this server's limit of {limit} bytes", code="request_too_large")
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout") from None
     return bytes(body)
 
 
@@ -79,7 +88,7 @@ def create_api(service: ChatService, verifier: KeyVerifier) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(request: Request) -> Any:
-        body = await read_body(request, service.limits.max_request_bytes)
+        body = await read_body(request, service.limits.max_request_bytes, service.limits.body_timeout_s)
         chat = service.parse(body)
         if chat.stream:
             events = await service.open_stream(chat)
