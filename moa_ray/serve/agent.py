@@ -29,6 +29,20 @@ log = logging.getLogger("moa_ray.agent")
 _MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
 
 
+def replica_info(name: str, spec: Any) -> dict[str, Any]:
+    """Which model a replica serves, and where (placement checks, the health test): every agent deployment's ``info``."""
+    import ray
+
+    return {
+        "name": name,
+        "model": spec.model,
+        "backend": spec.backend,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "niceness": os.nice(0),
+    }
+
+
 @serve.deployment
 class AgentDeployment:
     """Hosts one model's backend; replicas, placement and concurrency come from its ``ModelSpec``."""
@@ -61,18 +75,7 @@ class AgentDeployment:
             yield self._error(err)
 
     async def info(self) -> dict[str, Any]:
-        """Which model this replica serves, and where (used by placement checks)."""
-        import ray
-
-        ctx = ray.get_runtime_context()
-        return {
-            "name": self.name,
-            "model": self.spec.model,
-            "backend": self.spec.backend,
-            "node_id": ctx.get_node_id(),
-            "pid": os.getpid(),
-            "niceness": os.nice(0),
-        }
+        return replica_info(self.name, self.spec)
 
     async def check_health(self) -> None:
         """Serve calls this periodically; a raise marks the replica unhealthy and Serve replaces it."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from moa_ray.chat import ChatRequest, Completion, StreamChunk, Usage
 from moa_ray.config import ModelSpec, VLLMModelSpec
 from moa_ray.errors import BackendError, UpstreamError, error_for_status
 from moa_ray.packaged_models import is_packaged, prepare_hf_folder
+from moa_ray.serve.agent import replica_info
 
 log = logging.getLogger("moa_ray.agent")
 _MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
@@ -153,14 +153,4 @@ class MoALLMServer(LLMServer):
         yield {"chunk": StreamChunk(completion=completion).model_dump()}
 
     async def info(self) -> dict[str, Any]:
-        """Which model this replica serves, and where (placement checks, the health test)."""
-        import ray
-
-        return {
-            "name": self.name,
-            "model": self.spec.model,
-            "backend": self.spec.backend,
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "pid": os.getpid(),
-            "niceness": os.nice(0),
-        }
+        return replica_info(self.name, self.spec)
