@@ -41,6 +41,12 @@ class ChatParams(BaseModel):
         "structured outputs); "
         "HTTP backends send plain JSON mode and rely on the prompt.",
     )
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="The call's whole budget in seconds, retries included: what is left of the request's deadline "
+        "when the call starts (relative, so no clocks need to agree across nodes). None: only the model's own timeouts.",
+    )
 
 
 class Usage(BaseModel):
@@ -62,6 +68,8 @@ class Completion(BaseModel):
     latency_s: float = 0.0
     finish_reason: str | None = None
     model: str = ""
+    attempts: int = Field(default=1, ge=1, description="Provider attempts this answer took (retries + 1).")
+    retries: list[str] = Field(default_factory=list, description="Why each earlier attempt failed (error class and status).")
 
 
 class ChatRequest(BaseModel):

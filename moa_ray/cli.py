@@ -38,6 +38,14 @@ config_option = click.option(
 @click.option("--address", default=None, help="Ray cluster address to join (default: start a local Ray).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answer, pipeline and trace.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Cap the final answer's tokens.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="Seconds the answer may take, every call and retry included.",
+)
 @click.option("--roles-dataset", default=None, help="SMoA role-playing: describe the dataset the prompts come from.")
 @click.option("--roles-task", default=None, help="SMoA role-playing: describe the task (roles are generated once, then cached).")
 def run(
@@ -47,6 +55,7 @@ def run(
     address: str | None,
     as_json: bool,
     max_tokens: int | None,
+    timeout_s: float,
     roles_dataset: str | None,
     roles_task: str | None,
 ) -> None:
@@ -70,7 +79,7 @@ def run(
     params = ChatParams(max_tokens=max_tokens) if max_tokens else None
     with err_console.status(f"running {pipeline_name!r}..."):
         try:
-            result = asyncio.run(pipeline.run(prompt, params))
+            result = asyncio.run(pipeline.run(prompt, params, timeout_s=timeout_s))
         except PipelineError as err:
             if as_json and err.trace is not None:
                 click.echo(json.dumps({"error": str(err), "pipeline": pipeline_name, "trace": err.trace.to_json_dict()}))

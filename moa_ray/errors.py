@@ -30,6 +30,13 @@ class BackendError(MoARayError):
         self.model = model
         self.status_code = status_code
         self.retry_after_s = retry_after_s  # the provider's Retry-After, when it sent one
+        self.attempts = 1  # provider attempts made before giving up (set by a retrying backend)
+        self.retries: list[str] = []  # why each attempt before the last failed
+
+    @property
+    def cause(self) -> str:
+        """Error class and HTTP status, without the provider's text (which may echo a key): a retry cause."""
+        return f"{type(self).__name__} (HTTP {self.status_code})" if self.status_code else type(self).__name__
 
     def to_dict(self) -> dict[str, Any]:
         """Serialise for transport across a Ray Serve handle."""
@@ -39,18 +46,23 @@ class BackendError(MoARayError):
             "model": self.model,
             "status_code": self.status_code,
             "retry_after_s": self.retry_after_s,
+            "attempts": self.attempts,
+            "retries": self.retries,
         }
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> BackendError:
         """Rebuild the error raised inside a replica on the caller's side."""
         cls = _BACKEND_ERRORS.get(data.get("type", ""), BackendError)
-        return cls(
+        err = cls(
             data.get("message", "backend error"),
             model=data.get("model"),
             status_code=data.get("status_code"),
             retry_after_s=data.get("retry_after_s"),
         )
+        err.attempts = int(data.get("attempts") or 1)
+        err.retries = list(data.get("retries") or [])
+        return err
 
 
 class BackendTimeout(BackendError):

@@ -20,7 +20,15 @@ from typing import Any
 
 import httpx
 from httpx_sse import aconnect_sse
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_any,
+    stop_before_delay,
+    wait_random_exponential,
+)
 
 from moa_ray.backends.base import chat_kwargs
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
@@ -77,6 +85,12 @@ def _safe_json(response: httpx.Response) -> Any:
         return None
 
 
+def _with_attempts(err: BackendError, retries: list[str]) -> BackendError:
+    """The final error, carrying how many attempts were made and why the earlier ones failed."""
+    err.attempts, err.retries = len(retries) + 1, list(retries)
+    return err
+
+
 class OpenAIBackend:
     """Client for one model on an OpenAI-compatible endpoint."""
 
@@ -108,13 +122,23 @@ class OpenAIBackend:
             payload["stream_options"] = {"include_usage": True}
         return payload
 
-    def _retrying(self) -> AsyncRetrying:
+    def _retrying(self, budget_s: float | None, retries: list[str]) -> AsyncRetrying:
+        """Retries until ``max_retries``, or until the next attempt would start after the call's budget
+        (``ChatParams.timeout_s``) is spent; each failed attempt's cause is appended to ``retries``."""
+        attempts = stop_after_attempt(self.spec.max_retries + 1)
+        stop = attempts if budget_s is None else stop_any(attempts, stop_before_delay(budget_s))
+
+        def before_sleep(state: RetryCallState) -> None:
+            err = state.outcome.exception() if state.outcome else None
+            retries.append(err.cause if isinstance(err, BackendError) else type(err).__name__)
+            self._log_retry(state)
+
         return AsyncRetrying(
-            stop=stop_after_attempt(self.spec.max_retries + 1),
+            stop=stop,
             wait=self._wait,
             retry=retry_if_exception(lambda e: isinstance(e, BackendError) and e.retryable),
             reraise=True,
-            before_sleep=self._log_retry,
+            before_sleep=before_sleep,
         )
 
     def _log_retry(self, state: RetryCallState) -> None:
@@ -137,11 +161,26 @@ class OpenAIBackend:
             return min(hinted, self.spec.backoff_max_s)
         return self._jitter(state)
 
-    async def _post_once(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def _attempt_timeout(self, deadline: float | None) -> httpx.Timeout:
+        """The client's timeouts, shortened to what is left of the call's budget."""
+        if deadline is None:
+            return self._client.timeout
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BackendTimeout(f"{self.spec.model}: the call's time budget ran out", model=self.spec.model)
+        read, connect = self.spec.timeout.read_s, self.spec.timeout.connect_s
+        return httpx.Timeout(min(read, left), connect=min(connect, left), pool=left)
+
+    @staticmethod
+    def _deadline(params: ChatParams) -> float | None:
+        return None if params.timeout_s is None else time.monotonic() + params.timeout_s
+
+    async def _post_once(self, payload: dict[str, Any], deadline: float | None) -> dict[str, Any]:
+        timeout = self._attempt_timeout(deadline)
         try:
-            response = await self._client.post("/chat/completions", json=payload)
+            response = await self._client.post("/chat/completions", json=payload, timeout=timeout)
         except httpx.TimeoutException as err:
-            raise BackendTimeout(f"{self.spec.model}: {type(err).__name__} after {self._client.timeout}", model=self.spec.model) from None
+            raise BackendTimeout(f"{self.spec.model}: {type(err).__name__} after {timeout}", model=self.spec.model) from None
         except httpx.TransportError as err:
             raise UpstreamError(f"{self.spec.model}: connection failed: {type(err).__name__}: {err}", model=self.spec.model) from None
         if response.status_code != 200:
@@ -154,9 +193,13 @@ class OpenAIBackend:
     async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion:
         payload = self._payload(messages, params, stream=False)
         start = time.perf_counter()
-        async for attempt in self._retrying():
-            with attempt:
-                body = await self._post_once(payload)
+        deadline, retries = self._deadline(params), list[str]()
+        try:
+            async for attempt in self._retrying(params.timeout_s, retries):
+                with attempt:
+                    body = await self._post_once(payload, deadline)
+        except BackendError as err:
+            raise _with_attempts(err, retries) from None
         try:
             choice = body["choices"][0]
             text = choice["message"].get("content") or ""
@@ -169,25 +212,40 @@ class OpenAIBackend:
             latency_s=time.perf_counter() - start,
             finish_reason=choice.get("finish_reason"),
             model=self.spec.model,
+            attempts=len(retries) + 1,
+            retries=retries,
         )
 
     async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
         """Stream deltas; retries only until the first token has been received."""
         payload = self._payload(messages, params, stream=True)
+        deadline, retries = self._deadline(params), list[str]()
+        try:
+            async for chunk in self._stream_attempts(payload, params.timeout_s, deadline, retries):
+                yield chunk
+        except BackendError as err:
+            raise _with_attempts(err, retries) from None
+
+    async def _stream_attempts(
+        self, payload: dict[str, Any], budget_s: float | None, deadline: float | None, retries: list[str]
+    ) -> AsyncIterator[StreamChunk]:
         start = time.perf_counter()
-        async for attempt in self._retrying():
+        async for attempt in self._retrying(budget_s, retries):
             with attempt:
                 parts: list[str] = []
                 usage: dict[str, Any] = {}
                 finish_reason = None
+                timeout = self._attempt_timeout(deadline)
                 try:
-                    async with aconnect_sse(self._client, "POST", "/chat/completions", json=payload) as source:
+                    async with aconnect_sse(self._client, "POST", "/chat/completions", json=payload, timeout=timeout) as source:
                         if source.response.status_code != 200:
                             await source.response.aread()
                             raise classify_response(source.response, self.spec.model)
                         async for event in source.aiter_sse():
                             if event.data.strip() == "[DONE]":
                                 break
+                            if deadline is not None and time.monotonic() > deadline:
+                                raise httpx.ReadTimeout("the call's time budget ran out")
                             chunk = event.json()
                             usage = chunk.get("usage") or usage
                             for choice in chunk.get("choices") or []:
@@ -212,6 +270,8 @@ class OpenAIBackend:
                 latency_s=time.perf_counter() - start,
                 finish_reason=finish_reason,
                 model=self.spec.model,
+                attempts=len(retries) + 1,
+                retries=retries,
             )
         )
 

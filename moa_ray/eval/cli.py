@@ -95,6 +95,14 @@ def eval_group() -> None:
 )
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Cap the final answer's tokens.")
 @click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="Seconds each answer may take, all its calls and retries included; a late one is a failed row, retried next run.",
+)
+@click.option(
     "--export-alpaca-eval",
     "export_path",
     default=None,
@@ -120,6 +128,7 @@ def generate_command(
     id_column: str | None,
     prompt_column: str | None,
     max_tokens: int | None,
+    timeout_s: float,
     export_path: str | None,
     run_id: str | None,
     app_name: str,
@@ -160,6 +169,7 @@ def generate_command(
         flush_rows=flush_rows,
         flush_s=flush_seconds,
         max_tokens=max_tokens,
+        timeout_s=timeout_s,
         allow_config_change=allow_config_change,
         progress=not no_progress,
     )

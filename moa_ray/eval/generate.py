@@ -106,6 +106,7 @@ class GenerateOptions(BaseModel):
     flush_rows: int = Field(default=256, ge=1, description="Most rows per part file.")
     flush_s: float = Field(default=0.0, ge=0, description="0: write each batch of results as it arrives.")
     max_tokens: int | None = Field(default=None, ge=1, description="Cap of the final answer's tokens.")
+    timeout_s: float = Field(default=600.0, gt=0, description="Each answer's one deadline: all its calls and retries.")
     allow_config_change: bool = False
     progress: bool = True
 
@@ -223,8 +224,10 @@ class GenerateHandler:
         run_id: str,
         fingerprints: Mapping[str, str],
         params: ChatParams | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         self.config = config
+        self.timeout_s = timeout_s
         self.agents = dict(agents)
         self.pipeline_names = list(pipelines)
         self.run_id = run_id
@@ -267,7 +270,7 @@ class GenerateHandler:
         for turn in range(item.start_turn, len(item.prompt.turns) + 1):
             messages.append(ChatMessage(role="user", content=item.prompt.turns[turn - 1]))
             try:
-                result = await pipeline.run(list(messages), self.params)
+                result = await pipeline.run(list(messages), self.params, timeout_s=self.timeout_s)
             except PipelineError as err:
                 rows.append(self._row(item, turn, status="error", error=str(err), **trace_columns(err.trace)))
                 break  # later turns need this answer; the next run retries from here
@@ -377,7 +380,7 @@ def _generate(config: MoARayConfig, dataset: EvalDataset, agents: Mapping[str, A
     )
     save_settings(options.out, settings)
     params = ChatParams(max_tokens=options.max_tokens) if options.max_tokens else None
-    handler = GenerateHandler(config, agents, options.pipelines, options.run_id, fingerprints, params)
+    handler = GenerateHandler(config, agents, options.pipelines, options.run_id, fingerprints, params, options.timeout_s)
     ok = failed = 0
     elapsed, workers = 0.0, 0
     if plan.items:

@@ -71,6 +71,7 @@ class HandleAgent:
         from ray.exceptions import RayActorError  # HandleAgent only exists where Ray does
 
         request = ChatRequest(messages=messages, params=params).model_dump()
+        replica_failures: list[str] = []
         for attempt in range(1 + self.replica_retries):
             response = self.handle.agent_chat.remote(request)
             try:
@@ -79,12 +80,17 @@ class HandleAgent:
             except asyncio.CancelledError:
                 response.cancel()  # a cut straggler must stop using its replica
                 raise
-            except RayActorError:
+            except RayActorError as err:
                 # The replica died mid-call (crash, node loss, kill): Serve routes the retry to a live
                 # replica. Nothing was returned yet, so the call is safe to repeat.
                 if attempt == self.replica_retries:
                     raise
-        return Completion.model_validate(_unwrap(reply)["completion"])
+                replica_failures.append(f"{type(err).__name__} (replica lost)")
+        completion = Completion.model_validate(_unwrap(reply)["completion"])
+        if replica_failures:  # a retry on another replica is a retry: it shows on the call's record
+            completion.retries = replica_failures + completion.retries
+            completion.attempts += len(replica_failures)
+        return completion
 
     async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
         request = ChatRequest(messages=messages, params=params).model_dump()

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, as_messages
 from moa_ray.config import LayerSpec, ModelSpecBase, ProposerSpec
-from moa_ray.errors import AggregatorFailed, BackendError, LayerFailed, MoARayError
+from moa_ray.errors import AggregatorFailed, BackendError, BackendTimeout, LayerFailed, MoARayError
 from moa_ray.pipeline.accounting import fill_accounting
 from moa_ray.pipeline.agents import Agent
 from moa_ray.pipeline.trace import CallRecord, CallRole, LayerRecord, Trace
@@ -35,8 +35,17 @@ def record_error(record: CallRecord, err: Exception) -> None:
     record.error_type = type(err).__name__
     if isinstance(err, BackendError):
         record.status_code = err.status_code
+        record.attempts, record.retries = err.attempts, err.retries
     else:  # a bug or a transport failure, not a model's answer: keep the layer going, but leave a trace of it
         log.error("%s call to %s failed unexpectedly", record.role, record.model, exc_info=err)
+
+
+#: How long past the request's deadline the driver waits for a call's own timeout error before cancelling it.
+DEADLINE_GRACE_S = 0.25
+
+
+def _deadline_passed(spec: ProposerSpec) -> BackendTimeout:
+    return BackendTimeout(f"{spec.model}: the request's deadline passed", model=spec.model)
 
 
 class PipelineResult(BaseModel):
@@ -125,12 +134,27 @@ class Pipeline:
         t0: float,
         params: ChatParams | None = None,
     ) -> Completion | None:
-        """One traced call; returns None (and records why) when it fails or is cut."""
+        """One traced call; returns None (and records why) when it fails, is cut, or outlives the request's deadline.
+
+        With a deadline the call gets what is left of it as ``timeout_s`` (so the backend stops retrying in
+        time) and is cancelled, replica-side too, if it runs past it.
+        """
         record = CallRecord(layer=layer, index=index, role=role, model=spec.model, label=spec.label, start_s=time.perf_counter() - t0)
         trace.calls.append(record)
         start = time.perf_counter()
+        left = trace.time_left_s()
         try:
-            completion = await self.agents[spec.model].chat(with_role(messages, spec.system), call_params(spec, params))
+            if left is None:
+                completion = await self.agents[spec.model].chat(with_role(messages, spec.system), call_params(spec, params))
+            else:
+                if left <= 0:
+                    raise _deadline_passed(spec)
+                budgeted = call_params(spec, params).model_copy(update={"timeout_s": left})
+                call = self.agents[spec.model].chat(with_role(messages, spec.system), budgeted)
+                try:  # the backend's own budget error (with its attempts) normally comes first
+                    completion = await asyncio.wait_for(call, left + DEADLINE_GRACE_S)
+                except asyncio.TimeoutError:
+                    raise _deadline_passed(spec) from None
         except asyncio.CancelledError:
             record.status, record.error, record.latency_s = "cut", "cut by the layer deadline", time.perf_counter() - start
             raise
@@ -142,6 +166,7 @@ class Pipeline:
         record.completion_tokens = completion.usage.completion_tokens
         record.latency_s = completion.latency_s or (time.perf_counter() - start)
         record.finish_reason = completion.finish_reason
+        record.attempts, record.retries = completion.attempts, completion.retries
         return completion
 
     async def run_layer(
@@ -204,17 +229,22 @@ class Pipeline:
 
     # ------------------------------------------------------------------ entry points
 
-    def _new_trace(self) -> Trace:
-        return Trace(pipeline=self.name, kind=self.spec.kind)  # type: ignore[attr-defined]
+    def _new_trace(self, timeout_s: float | None) -> Trace:
+        trace = Trace(pipeline=self.name, kind=self.spec.kind)  # type: ignore[attr-defined]
+        trace.set_deadline(timeout_s)
+        return trace
 
     def _finish(self, trace: Trace, t0: float) -> None:
         trace.wall_s = time.perf_counter() - t0
         fill_accounting(trace, self.models)
 
-    async def run(self, messages: list[ChatMessage] | list[dict] | str, params: ChatParams | None = None) -> PipelineResult:
-        """Answer one conversation. ``params`` (e.g. the endpoint's max_tokens) apply to the final call."""
+    async def run(
+        self, messages: list[ChatMessage] | list[dict] | str, params: ChatParams | None = None, *, timeout_s: float | None = None
+    ) -> PipelineResult:
+        """Answer one conversation. ``params`` (e.g. the endpoint's max_tokens) apply to the final call; ``timeout_s``
+        is the request's one deadline, which every call and every retry shares."""
         t0 = time.perf_counter()
-        trace = self._new_trace()
+        trace = self._new_trace(timeout_s)
         try:
             step = await self.plan(as_messages(messages), trace, t0)
             if isinstance(step, KnownAnswer):
@@ -232,11 +262,12 @@ class Pipeline:
             self._finish(trace, t0)
 
     async def stream(
-        self, messages: list[ChatMessage] | list[dict] | str, params: ChatParams | None = None
+        self, messages: list[ChatMessage] | list[dict] | str, params: ChatParams | None = None, *, timeout_s: float | None = None
     ) -> AsyncGenerator[StreamChunk | PipelineResult, None]:
-        """Run the layers, then stream the final call's deltas; the last item is the :class:`PipelineResult`."""
+        """Run the layers, then stream the final call's deltas; the last item is the :class:`PipelineResult`.
+        The caller bounds the stream's own wait by the same ``timeout_s``; the final call gets what is left of it."""
         t0 = time.perf_counter()
-        trace = self._new_trace()
+        trace = self._new_trace(timeout_s)
         try:
             step = await self.plan(as_messages(messages), trace, t0)
         except BaseException:  # a failed layer's trace still says how long the request ran
@@ -253,10 +284,12 @@ class Pipeline:
         record = CallRecord(layer=step.layer, role=step.role, model=step.spec.model, label=step.spec.label, start_s=final_start - t0)
         trace.calls.append(record)
         completion: Completion | None = None
+        final_params = call_params(step.spec, params)
+        left = trace.time_left_s()
+        if left is not None:
+            final_params = final_params.model_copy(update={"timeout_s": max(left, 0.001)})
         try:
-            async for chunk in self.agents[step.spec.model].stream(
-                with_role(step.messages, step.spec.system), call_params(step.spec, params)
-            ):
+            async for chunk in self.agents[step.spec.model].stream(with_role(step.messages, step.spec.system), final_params):
                 if chunk.completion is not None:
                     completion = chunk.completion
                 elif chunk.delta:
@@ -275,5 +308,6 @@ class Pipeline:
         record.prompt_tokens = completion.usage.prompt_tokens
         record.completion_tokens = completion.usage.completion_tokens
         record.finish_reason = completion.finish_reason
+        record.attempts, record.retries = completion.attempts, completion.retries
         self._finish(trace, t0)
         yield PipelineResult(answer=completion.text, finish_reason=completion.finish_reason, trace=trace)

@@ -6,9 +6,10 @@ per-call, per-layer and per-role totals cannot disagree.
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
-from pydantic import BaseModel, Field, computed_field
+from pydantic import BaseModel, Field, PrivateAttr, computed_field
 
 CallRole = Literal["proposer", "aggregator", "judge", "moderator", "roles", "ranker"]
 CallStatus = Literal["ok", "error", "cut"]
@@ -34,6 +35,8 @@ class CallRecord(BaseModel):
     error_type: str | None = Field(default=None, description="The error's class (BadRequest, RateLimited, ...): decided on as data.")
     status_code: int | None = Field(default=None, description="The provider's HTTP status, where it answered one.")
     selected: bool | None = Field(default=None, description="Kept by the SMoA judge (None where no judge ran).")
+    attempts: int = Field(default=1, ge=1, description="Attempts the call took: provider retries and replica retries included.")
+    retries: list[str] = Field(default_factory=list, description="Why each attempt before the last failed (error class, status).")
 
     @property
     def total_tokens(self) -> int:
@@ -80,6 +83,15 @@ class Trace(BaseModel):
     roles: list[str] | None = Field(default=None, description="System roles given to the proposers (role-playing SMoA).")
     roles_source: str | None = Field(default=None, description="Where the roles came from: generated, cache, or why partial.")
     accounting: dict | None = Field(default=None, description="Cost and TFLOPs, filled by moa_ray.pipeline.accounting.")
+    #: The request's deadline (``time.monotonic()``), None without one: every call of the request shares it.
+    _deadline: float | None = PrivateAttr(default=None)
+
+    def set_deadline(self, timeout_s: float | None) -> None:
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def time_left_s(self) -> float | None:
+        """Seconds until the request's deadline (negative once passed); None without a deadline."""
+        return None if self._deadline is None else self._deadline - time.monotonic()
 
     def calls_in(self, layer: int) -> list[CallRecord]:
         return [c for c in self.calls if c.layer == layer]
@@ -120,6 +132,11 @@ class Trace(BaseModel):
         return sum(slowest.values())
 
     @property
+    def retries(self) -> int:
+        """Failed attempts behind the calls (retried by a backend or on another replica): the reliability cost."""
+        return sum(len(c.retries) for c in self.calls)
+
+    @property
     def sum_latency_s(self) -> float:
         """Sum of all call latencies: the latency if every call ran one after another."""
         return sum(c.latency_s for c in self.calls)
@@ -133,6 +150,7 @@ class Trace(BaseModel):
             "critical_path_s": round(self.critical_path_s, 4),
             "sum_latency_s": round(self.sum_latency_s, 4),
             "tokens": self.totals().model_dump(),
+            "retries": self.retries,
             "tokens_by_role": {k: v.model_dump() for k, v in self.tokens_by_role().items()},
             "tokens_by_layer": {str(k): v.model_dump() for k, v in self.tokens_by_layer().items()},
         }

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from moa_ray.config import MoARayConfig
 from moa_ray.errors import PipelineError
-from moa_ray.pipeline.base import Pipeline, PipelineResult
+from moa_ray.pipeline.base import DEADLINE_GRACE_S, Pipeline, PipelineResult
 from moa_ray.pipeline.trace import Trace
 from moa_ray.serve.auth import Redactor
 from moa_ray.serve.http_errors import APIError, from_pipeline_error, from_validation_error
@@ -145,6 +145,8 @@ class ChatService:
         return {"trace": self.redactor.json(trace.to_json_dict())}
 
     def _pipeline_error(self, request: ChatCompletionRequest, err: PipelineError) -> APIError:
+        if err.trace is not None and err.trace.time_left_s() is not None and err.trace.time_left_s() <= 0:
+            return self._timeout(request)  # the calls failed because the request's deadline passed
         api_err = from_pipeline_error(err)
         api_err.message = self.redactor.text(api_err.message)
         log.warning("%s: %d %s", request.model, api_err.status, api_err.message)
@@ -160,7 +162,10 @@ class ChatService:
         """Run the pipeline to the end and answer in one response."""
         pipeline = self.pipelines[request.model]
         try:
-            result = await asyncio.wait_for(pipeline.run(request.chat_messages(), request.chat_params()), self.limits.request_timeout_s)
+            result = await asyncio.wait_for(
+                pipeline.run(request.chat_messages(), request.chat_params(), timeout_s=self.limits.request_timeout_s),
+                self.limits.request_timeout_s + DEADLINE_GRACE_S,
+            )
         except PipelineError as err:
             raise self._pipeline_error(request, err) from None
         except asyncio.TimeoutError:
@@ -180,10 +185,12 @@ class ChatService:
         still gets a proper HTTP status (502/504) instead of an error inside a 200 stream.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.limits.request_timeout_s
-        items = self.pipelines[request.model].stream(request.chat_messages(), request.chat_params())
+        deadline = loop.time() + self.limits.request_timeout_s + DEADLINE_GRACE_S
+        items = self.pipelines[request.model].stream(
+            request.chat_messages(), request.chat_params(), timeout_s=self.limits.request_timeout_s
+        )
         try:
-            first = await asyncio.wait_for(items.__anext__(), self.limits.request_timeout_s)
+            first = await asyncio.wait_for(items.__anext__(), self.limits.request_timeout_s + DEADLINE_GRACE_S)
         except PipelineError as err:
             await items.aclose()
             raise self._pipeline_error(request, err) from None
