@@ -18,7 +18,10 @@ from moa_ray.render import err_console, make_console, run_reporting_errors
 
 EXIT_PARTIAL = 3
 
-DATASET_HELP = "alpaca_eval, mt_bench, or a .jsonl / .json / .parquet file (path or URI) with an id and a prompt column."
+DATASET_HELP = (
+    "alpaca_eval, mt_bench, flask, flask-hard, just-eval, ceb-s, ceb-t, gsm8k, "
+    "or a .jsonl / .json / .parquet file (path or URI) with an id and a prompt column."
+)
 
 
 class _EvalCommand(click.Command):
@@ -82,7 +85,15 @@ def eval_group() -> None:
 @click.option("--pipeline", "pipeline_names", required=True, help="Pipeline name(s), comma separated; they share the deployed models.")
 @click.option("--dataset", required=True, help=DATASET_HELP)
 @click.option("--out", required=True, help="Output directory or pyarrow filesystem URI (s3://, gs://...).")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts (not with --sample).")
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    default=None,
+    help="A seeded random N prompts, kept in the dataset's order (SMoA's --sample_num); the same N and --seed give "
+    "the same prompts, so a rerun resumes. Not with --limit.",
+)
+@click.option("--seed", type=int, default=None, help="Seed of --sample [default: 0].")
 @concurrency_option
 @workers_option
 @worker_cpus_option
@@ -113,6 +124,8 @@ def generate_command(
     dataset: str,
     out: str,
     limit: int | None,
+    sample: int | None,
+    seed: int | None,
     concurrency: int,
     workers: int | None,
     worker_cpus: float,
@@ -145,11 +158,15 @@ def generate_command(
     from moa_ray.eval.schema import GenerationRow
     from moa_ray.eval.store import RowTable
 
+    if limit is not None and sample is not None:
+        raise click.UsageError("--limit (the first N prompts) and --sample (a seeded random N) exclude each other; use one")
+    if seed is not None and sample is None:
+        raise click.UsageError("--seed only applies to --sample")
     pipelines = _names(pipeline_names) or []
     config = load_config(config_path)
     for name in pipelines:
         config.pipeline(name)
-    data = load_dataset(dataset, limit=limit, id_column=id_column, prompt_column=prompt_column)
+    data = load_dataset(dataset, limit=limit, sample=sample, seed=seed or 0, id_column=id_column, prompt_column=prompt_column)
     options = GenerateOptions(
         pipelines=pipelines,
         out=out,
@@ -174,8 +191,9 @@ def generate_command(
         settings=settings,
         stored_settings=lambda fp: load_settings(out, fp),
     )
+    subset = f" (sample of {sample}, seed {seed or 0})" if sample is not None else ""
     err_console.print(
-        f"{data.name}: {len(data.prompts)} prompts x {len(pipelines)} pipeline(s) = {plan.total_rows} rows, "
+        f"{data.name}{subset}: {len(data.prompts)} prompts x {len(pipelines)} pipeline(s) = {plan.total_rows} rows, "
         f"{plan.done_rows} already done, {plan.pending_rows} to generate -> {out}",
         highlight=False,
     )
