@@ -272,7 +272,7 @@ def _print_generate_summary(summary: Any) -> None:
     help="Config name of the judge model (any backend); not needed when every answer is scored by exact match (gsm8k).",
 )
 @click.option("--generations", required=True, help="Output directory of `eval generate`.")
-@click.option("--out", required=True, help="Judgment directory (pairwise/ and single/ tables).")
+@click.option("--out", required=True, help="Judgment directory (pairwise/, single/ and exact/ tables).")
 @click.option(
     "--mode",
     type=click.Choice(["auto", "pairwise", "single", "exact"]),
@@ -314,7 +314,7 @@ def judge_command(
     flush_seconds: float,
     no_progress: bool,
 ) -> None:
-    """Judge the answers in GENERATIONS with a model: pairwise vs the reference, or MT-Bench grades."""
+    """Judge the answers in GENERATIONS with a model: pairwise vs the reference, or MT-Bench grades; GSM8K by exact match."""
     from moa_ray.config import load_config
     from moa_ray.eval.generate import new_run_id
     from moa_ray.eval.judge import JudgeOptions, pairwise_table, plan_judging, read_generations, run_judging, single_table
