@@ -18,7 +18,10 @@ from moa_ray.render import err_console, make_console, run_reporting_errors
 
 EXIT_PARTIAL = 3
 
-DATASET_HELP = "alpaca_eval, mt_bench, or a .jsonl / .json / .parquet file (path or URI) with an id and a prompt column."
+DATASET_HELP = (
+    "alpaca_eval, mt_bench, flask, flask-hard, just-eval, ceb-s, ceb-t, gsm8k, "
+    "or a .jsonl / .json / .parquet file (path or URI) with an id and a prompt column."
+)
 
 
 class _EvalCommand(click.Command):
@@ -82,7 +85,15 @@ def eval_group() -> None:
 @click.option("--pipeline", "pipeline_names", required=True, help="Pipeline name(s), comma separated; they share the deployed models.")
 @click.option("--dataset", required=True, help=DATASET_HELP)
 @click.option("--out", required=True, help="Output directory or pyarrow filesystem URI (s3://, gs://...).")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts (not with --sample).")
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    default=None,
+    help="A seeded random N prompts, kept in the dataset's order (SMoA's --sample_num); the same N and --seed give "
+    "the same prompts, so a rerun resumes. Not with --limit.",
+)
+@click.option("--seed", type=int, default=None, help="Seed of --sample [default: 0].")
 @concurrency_option
 @workers_option
 @worker_cpus_option
@@ -121,6 +132,8 @@ def generate_command(
     dataset: str,
     out: str,
     limit: int | None,
+    sample: int | None,
+    seed: int | None,
     concurrency: int,
     workers: int | None,
     worker_cpus: float,
@@ -154,11 +167,15 @@ def generate_command(
     from moa_ray.eval.schema import GenerationRow
     from moa_ray.eval.store import RowTable
 
+    if limit is not None and sample is not None:
+        raise click.UsageError("--limit (the first N prompts) and --sample (a seeded random N) exclude each other; use one")
+    if seed is not None and sample is None:
+        raise click.UsageError("--seed only applies to --sample")
     pipelines = _names(pipeline_names) or []
     config = load_config(config_path)
     for name in pipelines:
         config.pipeline(name)
-    data = load_dataset(dataset, limit=limit, id_column=id_column, prompt_column=prompt_column)
+    data = load_dataset(dataset, limit=limit, sample=sample, seed=seed or 0, id_column=id_column, prompt_column=prompt_column)
     options = GenerateOptions(
         pipelines=pipelines,
         out=out,
@@ -184,8 +201,9 @@ def generate_command(
         settings=settings,
         stored_settings=lambda fp: load_settings(out, fp),
     )
+    subset = f" (sample of {sample}, seed {seed or 0})" if sample is not None else ""
     err_console.print(
-        f"{data.name}: {len(data.prompts)} prompts x {len(pipelines)} pipeline(s) = {plan.total_rows} rows, "
+        f"{data.name}{subset}: {len(data.prompts)} prompts x {len(pipelines)} pipeline(s) = {plan.total_rows} rows, "
         f"{plan.done_rows} already done, {plan.pending_rows} to generate -> {out}",
         highlight=False,
     )
@@ -257,15 +275,21 @@ def _print_generate_summary(summary: Any) -> None:
 
 @click.command("judge", cls=_EvalCommand)
 @config_option
-@click.option("--judge", "judge_model", required=True, help="Config name of the judge model (any backend).")
+@click.option(
+    "--judge",
+    "judge_model",
+    default=None,
+    help="Config name of the judge model (any backend); not needed when every answer is scored by exact match (gsm8k).",
+)
 @click.option("--generations", required=True, help="Output directory of `eval generate`.")
-@click.option("--out", required=True, help="Judgment directory (pairwise/ and single/ tables).")
+@click.option("--out", required=True, help="Judgment directory (pairwise/, single/ and exact/ tables).")
 @click.option(
     "--mode",
-    type=click.Choice(["auto", "pairwise", "single"]),
+    type=click.Choice(["auto", "pairwise", "single", "exact"]),
     default="auto",
     show_default=True,
-    help="auto: MT-Bench is graded 1-10, prompts with a reference get pairwise preferences.",
+    help="auto: MT-Bench is graded 1-10, prompts with a reference get pairwise preferences, gsm8k is scored by "
+    "exact match into OUT/exact without a judge; exact: only the exact-match scoring.",
 )
 @click.option("--pipeline", "pipeline_names", default=None, help="Only these pipelines (comma separated).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N prompts per pipeline.")
@@ -282,10 +306,10 @@ def _print_generate_summary(summary: Any) -> None:
 @progress_option
 def judge_command(
     config_path: str | None,
-    judge_model: str,
+    judge_model: str | None,
     generations: str,
     out: str,
-    mode: Literal["auto", "pairwise", "single"],
+    mode: Literal["auto", "pairwise", "single", "exact"],
     pipeline_names: str | None,
     limit: int | None,
     concurrency: int,
@@ -300,17 +324,21 @@ def judge_command(
     flush_seconds: float,
     no_progress: bool,
 ) -> None:
-    """Judge the answers in GENERATIONS with a model: pairwise vs the reference, or MT-Bench grades."""
+    """Judge the answers in GENERATIONS with a model: pairwise vs the reference, or MT-Bench grades; GSM8K by exact match."""
     from moa_ray.config import load_config
     from moa_ray.eval.generate import new_run_id
     from moa_ray.eval.judge import JudgeOptions, pairwise_table, plan_judging, read_generations, run_judging, single_table
 
     config = load_config(config_path)
-    if judge_model not in config.models:
+    if judge_model is not None and judge_model not in config.models:
         raise ConfigError(f"unknown judge model {judge_model!r} (known models: {', '.join(sorted(config.models))})")
     gens = read_generations(generations)
     if not gens:
         raise MoARayError(f"no generations in {generations}")
+    run_id = run_id or new_run_id()
+    if _exact_match_judging(gens, judge_model, out, mode, run_id, _names(pipeline_names), limit):
+        return
+    assert judge_model is not None and mode != "exact"  # both settled by _exact_match_judging
     options = JudgeOptions(
         judge=judge_model,
         generations=generations,
@@ -322,7 +350,7 @@ def judge_command(
         workers=workers,
         worker_cpus=worker_cpus,
         max_tokens=max_tokens,
-        run_id=run_id or new_run_id(),
+        run_id=run_id,
         flush_rows=flush_rows,
         flush_s=flush_seconds,
         progress=not no_progress,
@@ -363,6 +391,38 @@ def judge_command(
         sys.exit(EXIT_PARTIAL)
 
 
+def _exact_match_judging(
+    gens: dict[Any, dict[str, Any]],
+    judge_model: str | None,
+    out: str,
+    mode: str,
+    run_id: str,
+    pipelines: list[str] | None,
+    limit: int | None,
+) -> bool:
+    """Score the exact-match answers (gsm8k) without a judge; True when nothing is left for a judge model."""
+    from moa_ray.eval.exact import is_exact_dataset, run_exact
+
+    if mode in ("pairwise", "single") or (mode == "auto" and not any(is_exact_dataset(r["dataset"]) for r in gens.values())):
+        if judge_model is None:
+            raise click.UsageError(f"--judge is needed for --mode {mode}")
+        return False
+    others = sorted({r["dataset"] for r in gens.values() if not is_exact_dataset(r["dataset"])}) if mode == "auto" else []
+    if others and judge_model is None:
+        raise click.UsageError(f"--judge is needed for the answers to {', '.join(others)} (only gsm8k is scored by exact match)")
+    summary = run_exact(gens, out, run_id, pipelines=pipelines, limit=limit)
+    err_console.print(
+        f"exact match: {summary.scored} answers scored ({summary.correct} correct, {summary.failed} failed), "
+        f"{summary.done_before} scored before -> {out}/exact",
+        highlight=False,
+    )
+    if summary.failed:
+        err_console.print("[yellow]some answers could not be scored (see the error column of OUT/exact)[/yellow]")
+        if not others:
+            sys.exit(EXIT_PARTIAL)
+    return not others
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -381,7 +441,7 @@ def judge_command(
 def report_command(
     generations: str, judgments: str | None, out: str, judge_model: str | None, pipeline_names: str | None, glm_data: str | None
 ) -> None:
-    """Per pipeline: win rates, LC win rate, MT-Bench, tokens, cost, latency, TFLOPs; tables and plots."""
+    """Per pipeline: win rates, LC win rate, MT-Bench, GSM8K accuracy, tokens, cost, latency, TFLOPs; tables and plots."""
     from moa_ray.eval.judge import pairwise_table, read_generations, single_table
     from moa_ray.eval.metrics import GLMData
     from moa_ray.eval.report import build_report, rich_table, write_report
@@ -391,7 +451,11 @@ def report_command(
         raise MoARayError(f"no generations in {generations}")
     pairwise: list[dict[str, Any]] = []
     grades: list[dict[str, Any]] = []
+    exact: list[dict[str, Any]] = []
     if judgments:
+        from moa_ray.eval.exact import exact_table
+
+        exact = [r for r in exact_table(judgments).latest().values() if r["status"] == "ok"]
         pairwise = [r for r in pairwise_table(judgments).latest().values() if r["status"] == "ok"]
         grades = [r for r in single_table(judgments).latest().values() if r["status"] == "ok"]
         judges = sorted({r["judge"] for r in pairwise + grades})
@@ -406,7 +470,14 @@ def report_command(
                 raise MoARayError(
                     f"{judgments} holds {kind} judgments of several judges ({', '.join(kind_judges)}); choose one with --judge"
                 )
-    rows = build_report(gens, pairwise, grades, pipelines=_names(pipeline_names), glm_data=GLMData.from_dir(glm_data) if glm_data else None)
+    rows = build_report(
+        gens,
+        pairwise,
+        grades,
+        pipelines=_names(pipeline_names),
+        glm_data=GLMData.from_dir(glm_data) if glm_data else None,
+        exact=exact,
+    )
     make_console(stderr=False).print(rich_table(rows))
     for path in write_report(rows, out):
         err_console.print(f"wrote {path}", highlight=False)
@@ -416,12 +487,33 @@ def report_command(
 
 
 @click.command("metrics", cls=_EvalCommand)
-@click.option("--annotations", required=True, help="AlpacaEval annotations (.json, .jsonl[.gz]) or a moa-ray pairwise table/Parquet file.")
+@click.option("--annotations", default=None, help="AlpacaEval annotations (.json, .jsonl[.gz]) or a moa-ray pairwise table/Parquet file.")
+@click.option(
+    "--just-eval",
+    "just_eval_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A Just-Eval judged-output file (JSON list with parsed_result): total, <aspect>_mean, avg_lens as just_eval --report_only.",
+)
+@click.option(
+    "--dataset",
+    "outputs_dataset",
+    type=click.Choice(["gsm8k"]),
+    default=None,
+    help="Score --outputs against this exact-match benchmark (no judge).",
+)
+@click.option(
+    "--outputs",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="AlpacaEval-style outputs (JSON list of instruction, output) to score with --dataset; matched by instruction text.",
+)
 @click.option(
     "--json",
     "as_json",
     is_flag=True,
-    help="Print JSON: win_rate, standard_error, discrete_win_rate, lc_win_rate, avg_length, n_total.",
+    help="Print JSON: win_rate, standard_error, discrete_win_rate, lc_win_rate, avg_length, n_total "
+    "(--just-eval: total, <aspect>_mean...; --dataset gsm8k: accuracy, standard_error, n, correct).",
 )
 @click.option(
     "--glm-data",
@@ -430,8 +522,28 @@ def report_command(
     help="Directory with AlpacaEval's instruction_difficulty.csv (and df_gamed.csv) for the official LC model.",
 )
 @click.option("--no-lc", is_flag=True, help="Skip the length-controlled win rate.")
-def metrics_command(annotations: str, as_json: bool, glm_data: str | None, no_lc: bool) -> None:
-    """AlpacaEval win rate, standard error, discrete and length-controlled win rate of annotations."""
+def metrics_command(
+    annotations: str | None,
+    just_eval_file: str | None,
+    outputs_dataset: str | None,
+    outputs: str | None,
+    as_json: bool,
+    glm_data: str | None,
+    no_lc: bool,
+) -> None:
+    """Metrics of results made elsewhere: AlpacaEval annotations, Just-Eval judged outputs, or GSM8K outputs."""
+    if (outputs_dataset is None) != (outputs is None):
+        raise click.UsageError("--dataset and --outputs go together")
+    modes = [m for m, given in (("--annotations", annotations), ("--just-eval", just_eval_file), ("--outputs", outputs)) if given]
+    if len(modes) != 1:
+        raise click.UsageError("give one of --annotations, --just-eval FILE, or --dataset gsm8k --outputs FILE")
+    if just_eval_file is not None:
+        _just_eval_metrics(just_eval_file, as_json)
+        return
+    if outputs is not None:
+        _gsm8k_metrics(outputs, as_json)
+        return
+    assert annotations is not None
     from moa_ray.eval.metrics import GLMData, read_records, win_rates
 
     results = win_rates(read_records(annotations), glm_data=GLMData.from_dir(glm_data) if glm_data else None, lc=not no_lc)
@@ -468,6 +580,46 @@ def metrics_command(annotations: str, as_json: bool, glm_data: str | None, no_lc
             str(r.n_draws),
             str(r.n_total),
         )
+    make_console(stderr=False).print(table)
+
+
+def _just_eval_metrics(path: str, as_json: bool) -> None:
+    from moa_ray.eval.just_eval import aggregate_file
+
+    result: dict[str, Any] = {**aggregate_file(path), "output_file": path}
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    table = Table(title=f"Just-Eval metrics of {path}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if key != "output_file":
+            table.add_row(key, str(value) if isinstance(value, int) else f"{value:.4f}")
+    make_console(stderr=False).print(table)
+
+
+def _gsm8k_metrics(path: str, as_json: bool) -> None:
+    from pathlib import Path
+
+    from moa_ray.eval.gsm8k import GSM8KError, score_outputs
+
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GSM8KError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GSM8KError(f"cannot read {path} as JSON: {err}") from None
+    if not isinstance(records, list):
+        raise GSM8KError(f"{path}: expected a JSON list of {{instruction, output}} records")
+    score = score_outputs(records)
+    if as_json:
+        click.echo(json.dumps(score.model_dump()))
+        return
+    table = Table(title=f"GSM8K exact match of {path}")
+    for header in ("accuracy", "± se", "correct", "n"):
+        table.add_column(header, justify="right")
+    table.add_row(f"{score.accuracy:.2%}", f"{score.standard_error:.2%}", str(sum(score.correct)), str(score.n))
     make_console(stderr=False).print(table)
 
 

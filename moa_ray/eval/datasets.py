@@ -1,8 +1,9 @@
-"""Evaluation datasets: AlpacaEval, MT-Bench (shipped in ``moa_ray/data``) or any jsonl / Parquet file.
+"""Evaluation datasets: the shipped benchmarks (``moa_ray/data``) or any jsonl / Parquet file.
 
-Every prompt gets a deterministic id (the dataset's own id, else a hash of the
-prompt), which is what makes generation resumable: the same file always yields the
-same keys.
+Shipped: AlpacaEval 2, MT-Bench, and (loaded by :mod:`moa_ray.eval.benchmarks`) FLASK, FLASK-Hard,
+Just-Eval, CEB Conversation-S / -T and GSM8K. Every prompt gets a deterministic id (the
+dataset's own id, else a hash of the prompt), which is what makes generation resumable:
+the same file always yields the same keys, and a seeded sample always the same subset.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from moa_ray.errors import MoARayError
 
 ALPACA_EVAL = "alpaca_eval"
 MT_BENCH = "mt_bench"
-BUILTIN = (ALPACA_EVAL, MT_BENCH)
+FLASK = "flask"
+FLASK_HARD = "flask-hard"
+JUST_EVAL = "just-eval"
+CEB_S = "ceb-s"
+CEB_T = "ceb-t"
+GSM8K = "gsm8k"
+#: Names ``load_dataset`` (and ``moa-ray eval generate --dataset``) accepts besides a file.
+BUILTIN = (ALPACA_EVAL, MT_BENCH, FLASK, FLASK_HARD, JUST_EVAL, CEB_S, CEB_T, GSM8K)
 #: MT-Bench categories graded against a reference answer (FastChat's NEED_REF_CATS).
 MT_BENCH_REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
 
@@ -46,6 +54,9 @@ class EvalPrompt(BaseModel):
     category: str | None = None
     references: list[str | None] = Field(default_factory=list, description="Reference answer per turn, if any.")
     reference_generator: str | None = None
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="The benchmark's annotations of the prompt (FLASK skills, Just-Eval aspects, CEB axis...)."
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> EvalPrompt:
@@ -61,7 +72,7 @@ class EvalDataset(BaseModel):
     """A named list of prompts with unique ids."""
 
     name: str
-    kind: str = Field(description="alpaca_eval, mt_bench or file")
+    kind: str = Field(description="A builtin dataset name (see BUILTIN) or 'file'.")
     prompts: list[EvalPrompt]
 
     @model_validator(mode="after")
@@ -74,6 +85,21 @@ class EvalDataset(BaseModel):
 
     def head(self, limit: int | None) -> EvalDataset:
         return self if limit is None else self.model_copy(update={"prompts": self.prompts[:limit]})
+
+    def sample(self, n: int, seed: int = 0) -> EvalDataset:
+        """A seeded random subset of ``n`` prompts, in the dataset's order (the whole dataset when ``n`` >= its size).
+
+        Prompts are ranked by a hash of (seed, prompt id) rather than drawn with a library RNG, so the subset
+        is the same on every Python / NumPy version, and ``sample(n)`` is contained in ``sample(n + k)``
+        with the same seed: a larger sample resumes a smaller one.
+        """
+        if n < 1:
+            raise DatasetError("the sample size must be at least 1")
+        if n >= len(self.prompts):
+            return self
+        ranked = sorted(self.prompts, key=lambda p: hashlib.sha256(f"{seed}\0{p.prompt_id}".encode()).digest())
+        chosen = {p.prompt_id for p in ranked[:n]}
+        return self.model_copy(update={"prompts": [p for p in self.prompts if p.prompt_id in chosen]})
 
     def by_id(self) -> dict[str, EvalPrompt]:
         return {p.prompt_id: p for p in self.prompts}
@@ -234,14 +260,33 @@ def load_file(path: str, *, id_column: str | None = None, prompt_column: str | N
         raise DatasetError(str(err)) from None
 
 
-def load_dataset(spec: str, *, limit: int | None = None, id_column: str | None = None, prompt_column: str | None = None) -> EvalDataset:
-    """``alpaca_eval``, ``mt_bench``, or the path/URI of a jsonl / json / Parquet file."""
+def load_builtin(name: str) -> EvalDataset:
+    """One of the shipped datasets (:data:`BUILTIN`) by name."""
+    from moa_ray.eval import benchmarks
+
+    loaders = {ALPACA_EVAL: load_alpaca_eval, MT_BENCH: load_mt_bench, **benchmarks.LOADERS}
+    if name not in loaders:
+        raise DatasetError(f"unknown dataset {name!r} (builtin: {', '.join(BUILTIN)})")
+    return loaders[name]()
+
+
+def load_dataset(
+    spec: str,
+    *,
+    limit: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    id_column: str | None = None,
+    prompt_column: str | None = None,
+) -> EvalDataset:
+    """A builtin dataset (:data:`BUILTIN`) or the path/URI of a jsonl / json / Parquet file.
+
+    ``limit`` keeps the first N prompts, ``sample`` a seeded random N (:meth:`EvalDataset.sample`);
+    they exclude each other, so a subset is always described one way.
+    """
     if limit is not None and limit < 1:
         raise DatasetError("limit must be at least 1")
-    if spec == ALPACA_EVAL:
-        dataset = load_alpaca_eval()
-    elif spec == MT_BENCH:
-        dataset = load_mt_bench()
-    else:
-        dataset = load_file(spec, id_column=id_column, prompt_column=prompt_column)
-    return dataset.head(limit)
+    if limit is not None and sample is not None:
+        raise DatasetError("use either limit (the first N prompts) or sample (a seeded random N), not both")
+    dataset = load_builtin(spec) if spec in BUILTIN else load_file(spec, id_column=id_column, prompt_column=prompt_column)
+    return dataset.sample(sample, seed) if sample is not None else dataset.head(limit)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 from moa_ray.chat import ChatParams, Completion
 from moa_ray.eval.datasets import MT_BENCH
+from moa_ray.eval.exact import is_exact_dataset
 from moa_ray.eval.judge_prompts import (
     PAIRWISE_PROMPT,
     pairwise_messages,
@@ -116,6 +117,8 @@ def plan_judging(
     per_pipeline: dict[str, int] = defaultdict(int)
     items: list[JudgeItem] = []
     for (prompt_id, pipeline), turns in sorted(convo.items()):
+        if mode == "auto" and any(is_exact_dataset(r["dataset"]) for r in turns.values()):
+            continue  # scored by exact match (moa_ray.eval.exact), not by the judge
         if limit is not None and per_pipeline[pipeline] >= limit:
             continue
         per_pipeline[pipeline] += 1

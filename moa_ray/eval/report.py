@@ -1,6 +1,6 @@
 """The report: per-pipeline quality, cost and latency as a terminal table, Markdown, CSV, JSON and plots.
 
-Quality comes from the judge tables (AlpacaEval win rates, MT-Bench grades), cost and
+Quality comes from the judge tables (AlpacaEval win rates, MT-Bench grades, GSM8K exact match), cost and
 latency from the generation table (traces). The plots put quality against cost and
 against latency and draw the Pareto frontier, like Figure 5 of the MoA paper.
 """
@@ -18,6 +18,8 @@ import numpy as np
 from pydantic import BaseModel, Field
 from rich.table import Table
 
+from moa_ray.eval.datasets import GSM8K
+from moa_ray.eval.gsm8k import accuracy
 from moa_ray.eval.metrics import GLMData, mt_bench_scores, win_rates
 from moa_ray.eval.store import StoreError, join, resolve
 
@@ -25,6 +27,7 @@ QUALITY_METRICS = {
     "lc_win_rate": "AlpacaEval LC win rate (%)",
     "win_rate": "AlpacaEval win rate (%)",
     "mt_bench": "MT-Bench score (1-10)",
+    "gsm8k_accuracy": "GSM8K accuracy",
 }
 
 
@@ -44,6 +47,9 @@ class ReportRow(BaseModel):
     mt_bench_turn_1: float | None = None
     mt_bench_turn_2: float | None = None
     mt_bench_categories: dict[str, float] = Field(default_factory=dict)
+    gsm8k_accuracy: float | None = Field(default=None, description="Exact-match accuracy (0-1).")
+    gsm8k_standard_error: float | None = None
+    gsm8k_n: int | None = None
     mean_prompt_tokens: float | None = None
     mean_completion_tokens: float | None = None
     mean_tokens: float | None = None
@@ -67,6 +73,8 @@ TABLE_COLUMNS: list[tuple[str, str, str]] = [
     ("mt_bench", "MT-Bench", "{:.2f}"),
     ("mt_bench_turn_1", "turn 1", "{:.2f}"),
     ("mt_bench_turn_2", "turn 2", "{:.2f}"),
+    ("gsm8k_accuracy", "GSM8K acc", "{:.2%}"),
+    ("gsm8k_standard_error", "GSM8K ± se", "{:.2%}"),
     ("mean_tokens", "tokens/answer", "{:.0f}"),
     ("mean_cost_usd", "$/answer", "{:.5f}"),
     ("total_cost_usd", "$ total", "{:.4f}"),
@@ -92,8 +100,9 @@ def build_report(
     *,
     pipelines: list[str] | None = None,
     glm_data: GLMData | None = None,
+    exact: Sequence[dict[str, Any]] = (),
 ) -> list[ReportRow]:
-    """One row per pipeline; cost and TFLOPs only where every finished answer has them."""
+    """One row per pipeline; cost and TFLOPs only where every finished answer has them; ``exact``: GSM8K scores."""
     by_pipeline: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in generations.values():
         if pipelines is None or row["pipeline"] in pipelines:
@@ -102,8 +111,9 @@ def build_report(
     pair_ok = [r for r in pairwise if r["status"] == "ok" and r["preference"] is not None and wanted(r["pipeline"])]
     rates = win_rates(pair_ok, glm_data=glm_data) if pair_ok else {}
     mt = mt_bench_scores([g for g in grades if wanted(g["pipeline"])])
+    gsm8k = gsm8k_accuracies([r for r in exact if wanted(r["pipeline"])])
     out = []
-    for pipeline in sorted(set(by_pipeline) | set(rates) | set(mt)):
+    for pipeline in sorted(set(by_pipeline) | set(rates) | set(mt) | set(gsm8k)):
         rows = by_pipeline.get(pipeline, [])
         ok = [r for r in rows if r["status"] == "ok"]
         lat = [r["latency_s"] for r in ok if r["latency_s"] is not None]
@@ -144,8 +154,22 @@ def build_report(
                     "mt_bench_categories": s.by_category,
                 }
             )
+        if pipeline in gsm8k:
+            acc = gsm8k[pipeline]
+            report = report.model_copy(
+                update={"gsm8k_accuracy": acc.accuracy, "gsm8k_standard_error": acc.standard_error, "gsm8k_n": acc.n}
+            )
         out.append(report)
     return out
+
+
+def gsm8k_accuracies(exact: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per pipeline: GSM8K accuracy of the scored rows of the exact-match table."""
+    correct: dict[str, list[bool]] = defaultdict(list)
+    for row in exact:
+        if row["status"] == "ok" and row["dataset"] == GSM8K and row["correct"] is not None:
+            correct[row["pipeline"]].append(bool(row["correct"]))
+    return {pipeline: accuracy(flags) for pipeline, flags in correct.items()}
 
 
 # --------------------------------------------------------------------------- tables
@@ -259,6 +283,35 @@ def plot_tradeoff(rows: Sequence[ReportRow], x_field: str, x_label: str, title: 
     return buf.getvalue()
 
 
+def plot_gsm8k(rows: Sequence[ReportRow]) -> bytes | None:
+    """A PNG of GSM8K accuracy per pipeline with standard-error bars, or None without GSM8K scores."""
+    scored = [r for r in rows if r.gsm8k_accuracy is not None]
+    if not scored:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(scored) + 2), 4.2), dpi=120)
+    names = [r.pipeline for r in scored]
+    values = [100 * (r.gsm8k_accuracy or 0.0) for r in scored]
+    errors = [100 * (r.gsm8k_standard_error or 0.0) for r in scored]
+    ax.bar(names, values, yerr=errors, capsize=4, color="#4c72b0")
+    for i, v in enumerate(values):
+        ax.annotate(f"{v:.1f}", (i, v), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
+    ax.set_ylabel("GSM8K accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"GSM8K exact match (n = {max(r.gsm8k_n or 0 for r in scored)})")
+    ax.grid(True, axis="y", alpha=0.3)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def cost_axis(rows: Sequence[ReportRow]) -> tuple[str, str]:
     """Cost in USD per answer where accounting priced every pipeline, tokens per answer otherwise."""
     if any(r.mean_cost_usd is not None for r in rows):
@@ -279,7 +332,7 @@ def _write(uri: str, data: bytes) -> None:
 
 
 def write_report(rows: Sequence[ReportRow], out: str) -> list[str]:
-    """report.md, report.csv, report.json and the two plots into ``out``; returns what was written."""
+    """report.md, report.csv, report.json and the plots (quality vs cost / latency, GSM8K) into ``out``; returns what was written."""
     fs, path = resolve(out)
     try:
         fs.create_dir(path, recursive=True)
@@ -297,6 +350,9 @@ def write_report(rows: Sequence[ReportRow], out: str) -> list[str]:
         files["quality_vs_cost.png"] = cost_png
     if latency_png:
         files["quality_vs_latency.png"] = latency_png
+    gsm8k_png = plot_gsm8k(rows)
+    if gsm8k_png:
+        files["gsm8k_accuracy.png"] = gsm8k_png
     written = []
     for name, data in files.items():
         target = join(out, name)
@@ -308,8 +364,10 @@ def write_report(rows: Sequence[ReportRow], out: str) -> list[str]:
 __all__ = [
     "ReportRow",
     "build_report",
+    "gsm8k_accuracies",
     "markdown",
     "pareto_frontier",
+    "plot_gsm8k",
     "plot_tradeoff",
     "rich_table",
     "to_csv",

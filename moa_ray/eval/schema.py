@@ -220,9 +220,39 @@ class GradeRow(_Row):
     )
 
 
+class ExactRow(_Row):
+    """An exact-match score (GSM8K) of one answer: the number extracted from the output against the reference's."""
+
+    KEY: ClassVar[tuple[str, ...]] = ("prompt_id", "pipeline", "turn")
+
+    prompt_id: str = Field(min_length=1)
+    pipeline: str = Field(min_length=1)
+    turn: int = Field(default=1, ge=1)
+    dataset: str = Field(description="The benchmark whose rule scored the row (gsm8k).")
+    category: str | None = None
+    prediction: str | None = Field(default=None, description="The final answer extracted from the output; None when it has no number.")
+    answer: str | None = Field(default=None, description="The reference's final answer.")
+    correct: bool | None = Field(default=None, description="prediction == answer as numbers; None on a failed row.")
+
+    SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("pipeline", pa.string(), nullable=False),
+            pa.field("turn", pa.int32(), nullable=False),
+            pa.field("dataset", pa.string(), nullable=False),
+            pa.field("category", pa.string()),
+            pa.field("prediction", pa.string()),
+            pa.field("answer", pa.string()),
+            pa.field("correct", pa.bool_()),
+            *_COMMON_TAIL,
+        ]
+    )
+
+
 def _check_schemas() -> None:
     """Every pydantic field has a column and vice versa (caught at import, not at write time)."""
-    for row in (GenerationRow, PairwiseRow, GradeRow):
+    for row in (GenerationRow, PairwiseRow, GradeRow, ExactRow):
         fields, columns = set(row.model_fields), set(row.SCHEMA.names)
         if fields != columns:
             raise AssertionError(f"{row.__name__}: fields and schema differ: {sorted(fields ^ columns)}")
