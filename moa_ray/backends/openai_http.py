@@ -23,7 +23,7 @@ from httpx_sse import aconnect_sse
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from moa_ray.backends.base import chat_kwargs
-from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
+from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage, parse_logprobs
 from moa_ray.config import OpenAIModelSpec
 from moa_ray.errors import BackendError, BackendTimeout, ConfigError, StreamInterrupted, UpstreamError, error_for_status
 
@@ -169,6 +169,7 @@ class OpenAIBackend:
             latency_s=time.perf_counter() - start,
             finish_reason=choice.get("finish_reason"),
             model=self.spec.model,
+            logprobs=parse_logprobs(choice),
         )
 
     async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
