@@ -95,6 +95,13 @@ def eval_group() -> None:
 )
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Cap the final answer's tokens.")
 @click.option(
+    "--temperature",
+    type=click.FloatRange(0.0, 2.0),
+    default=None,
+    help="Force this temperature on the answering call of every prompt [default: FastChat's per-category "
+    "temperatures for mt_bench (0.7 writing/roleplay, 0.1 stem/humanities, 0 otherwise), the models' own elsewhere].",
+)
+@click.option(
     "--export-alpaca-eval",
     "export_path",
     default=None,
@@ -120,6 +127,7 @@ def generate_command(
     id_column: str | None,
     prompt_column: str | None,
     max_tokens: int | None,
+    temperature: float | None,
     export_path: str | None,
     run_id: str | None,
     app_name: str,
@@ -134,14 +142,14 @@ def generate_command(
     from moa_ray.eval.datasets import load_dataset
     from moa_ray.eval.generate import (
         GenerateOptions,
-        answer_settings,
         export_alpaca_eval,
         load_settings,
         new_run_id,
         plan_generation,
         run_generation,
-        settings_fingerprint,
+        run_settings,
     )
+    from moa_ray.eval.mt_bench import answer_temperature
     from moa_ray.eval.schema import GenerationRow
     from moa_ray.eval.store import RowTable
 
@@ -160,19 +168,20 @@ def generate_command(
         flush_rows=flush_rows,
         flush_s=flush_seconds,
         max_tokens=max_tokens,
+        temperature=temperature,
         allow_config_change=allow_config_change,
         progress=not no_progress,
     )
-    settings = {p: answer_settings(config, p) for p in pipelines}
-    fingerprints = {p: settings_fingerprint(s) for p, s in settings.items()}
+    chosen = run_settings(config, pipelines, answer_temperature(data.kind, temperature))
     plan = plan_generation(
         data,
         pipelines,
         RowTable(out, GenerationRow).latest(),
-        fingerprints,
+        chosen.fingerprints,
         allow_config_change=allow_config_change,
-        settings=settings,
+        settings=chosen.settings,
         stored_settings=lambda fp: load_settings(out, fp),
+        base_fingerprints=chosen.base_fingerprints,
     )
     err_console.print(
         f"{data.name}: {len(data.prompts)} prompts x {len(pipelines)} pipeline(s) = {plan.total_rows} rows, "
