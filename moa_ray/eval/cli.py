@@ -261,10 +261,19 @@ def _print_generate_summary(summary: Any) -> None:
 @click.option("--out", required=True, help="Judgment directory (pairwise/ and single/ tables).")
 @click.option(
     "--mode",
-    type=click.Choice(["auto", "pairwise", "single"]),
+    type=click.Choice(["auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official"]),
     default="auto",
     show_default=True,
-    help="auto: MT-Bench is graded 1-10, prompts with a reference get pairwise preferences.",
+    help="auto: MT-Bench is graded 1-10, prompts with a reference get pairwise preferences; pairwise-baseline: "
+    "FastChat's pairwise games against --baseline; alpaca-eval-official: AlpacaEval 2's weighted_alpaca_eval_gpt4_turbo.",
+)
+@click.option("--baseline", default=None, help="pairwise-baseline: the pipeline of the same generations to compare with.")
+@click.option(
+    "--judge-repeats",
+    type=click.IntRange(1, 15),
+    default=1,
+    show_default=True,
+    help="single: grade each turn K times and keep the median (FastChat #3018).",
 )
 @click.option("--pipeline", "pipeline_names", default=None, help="Only these pipelines (comma separated).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N prompts per pipeline.")
@@ -284,7 +293,9 @@ def judge_command(
     judge_model: str,
     generations: str,
     out: str,
-    mode: Literal["auto", "pairwise", "single"],
+    mode: Literal["auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official"],
+    baseline: str | None,
+    judge_repeats: int,
     pipeline_names: str | None,
     limit: int | None,
     concurrency: int,
@@ -299,14 +310,17 @@ def judge_command(
     flush_seconds: float,
     no_progress: bool,
 ) -> None:
-    """Judge the answers in GENERATIONS with a model: pairwise vs the reference, or MT-Bench grades."""
+    """Judge the answers in GENERATIONS with a model: pairwise vs the reference or a baseline pipeline,
+    MT-Bench grades, or AlpacaEval's official annotator."""
     from moa_ray.config import load_config
     from moa_ray.eval.generate import new_run_id
-    from moa_ray.eval.judge import JudgeOptions, pairwise_table, plan_judging, read_generations, run_judging, single_table
+    from moa_ray.eval.judge import JudgeOptions, check_mode_options, plan_for_options, read_generations, run_judging
 
     config = load_config(config_path)
     if judge_model not in config.models:
         raise ConfigError(f"unknown judge model {judge_model!r} (known models: {', '.join(sorted(config.models))})")
+    pipelines = _names(pipeline_names)
+    check_mode_options(mode, baseline, judge_repeats, pipelines)
     gens = read_generations(generations)
     if not gens:
         raise MoARayError(f"no generations in {generations}")
@@ -315,7 +329,9 @@ def judge_command(
         generations=generations,
         out=out,
         mode=mode,
-        pipelines=_names(pipeline_names),
+        baseline=baseline,
+        repeats=judge_repeats,
+        pipelines=pipelines,
         limit=limit,
         concurrency=concurrency,
         workers=workers,
@@ -326,15 +342,7 @@ def judge_command(
         flush_s=flush_seconds,
         progress=not no_progress,
     )
-    items = plan_judging(
-        gens,
-        judge_model,
-        pairwise_table(out).latest(),
-        single_table(out).latest(),
-        mode=options.mode,
-        pipelines=options.pipelines,
-        limit=limit,
-    )
+    items = plan_for_options(gens, options)
     err_console.print(f"{len(items)} judgments to make with {judge_model!r} -> {out}", highlight=False)
     agent = None
     if items:
@@ -354,9 +362,12 @@ def judge_command(
             _delete_app(app_name)
     err_console.print(
         f"run {summary.run_id}: {summary.ok_rows} judgments ok, {summary.failed_rows} failed "
-        f"({summary.pairwise_items} pairwise, {summary.single_items} single) in {summary.elapsed_s:.1f}s",
+        f"({summary.pairwise_items} pairwise, {summary.single_items} single, {summary.baseline_items} pairwise-baseline, "
+        f"{summary.official_items} alpaca-eval-official) in {summary.elapsed_s:.1f}s",
         highlight=False,
     )
+    for path, n in summary.annotation_files.items():
+        err_console.print(f"wrote {n} AlpacaEval annotations to {path}", highlight=False)
     if summary.failed_rows:
         err_console.print("[yellow]some judgments failed; rerun the same command to retry them[/yellow]")
         sys.exit(EXIT_PARTIAL)
@@ -377,11 +388,23 @@ def judge_command(
     default=None,
     help="Directory with AlpacaEval's instruction_difficulty.csv (and df_gamed.csv) for the official LC model.",
 )
+@click.option(
+    "--annotator",
+    type=click.Choice(["pairwise", "alpaca-eval-official"]),
+    default=None,
+    help="AlpacaEval win rates from pair-v2 preferences or the official annotator [default: the one judged].",
+)
 def report_command(
-    generations: str, judgments: str | None, out: str, judge_model: str | None, pipeline_names: str | None, glm_data: str | None
+    generations: str,
+    judgments: str | None,
+    out: str,
+    judge_model: str | None,
+    pipeline_names: str | None,
+    glm_data: str | None,
+    annotator: str | None,
 ) -> None:
     """Per pipeline: win rates, LC win rate, MT-Bench, tokens, cost, latency, TFLOPs; tables and plots."""
-    from moa_ray.eval.judge import pairwise_table, read_generations, single_table
+    from moa_ray.eval.judge import baseline_table, official_table, pairwise_table, read_generations, single_table
     from moa_ray.eval.metrics import GLMData
     from moa_ray.eval.report import build_report, rich_table, write_report
 
@@ -390,22 +413,38 @@ def report_command(
         raise MoARayError(f"no generations in {generations}")
     pairwise: list[dict[str, Any]] = []
     grades: list[dict[str, Any]] = []
+    versus: list[dict[str, Any]] = []
     if judgments:
-        pairwise = [r for r in pairwise_table(judgments).latest().values() if r["status"] == "ok"]
-        grades = [r for r in single_table(judgments).latest().values() if r["status"] == "ok"]
-        judges = sorted({r["judge"] for r in pairwise + grades})
+        kinds = {
+            "pairwise": [r for r in pairwise_table(judgments).latest().values() if r["status"] == "ok"],
+            "alpaca-eval-official": [r for r in official_table(judgments).latest().values() if r["status"] == "ok"],
+            "single": [r for r in single_table(judgments).latest().values() if r["status"] == "ok"],
+            "pairwise-baseline": [r for r in baseline_table(judgments).latest().values() if r["status"] == "ok"],
+        }
+        judges = sorted({r["judge"] for rows_of_kind in kinds.values() for r in rows_of_kind})
         if judge_model is not None:
             if judge_model not in judges:
                 raise MoARayError(f"no judgments by {judge_model!r} in {judgments} (judges: {', '.join(judges) or 'none'})")
-            pairwise = [r for r in pairwise if r["judge"] == judge_model]
-            grades = [r for r in grades if r["judge"] == judge_model]
-        for kind, rows_of_kind in (("pairwise", pairwise), ("single", grades)):
+            kinds = {k: [r for r in v if r["judge"] == judge_model] for k, v in kinds.items()}
+        for kind, rows_of_kind in kinds.items():
             kind_judges = sorted({r["judge"] for r in rows_of_kind})
             if len(kind_judges) > 1:
                 raise MoARayError(
                     f"{judgments} holds {kind} judgments of several judges ({', '.join(kind_judges)}); choose one with --judge"
                 )
-    rows = build_report(gens, pairwise, grades, pipelines=_names(pipeline_names), glm_data=GLMData.from_dir(glm_data) if glm_data else None)
+        annotated = [k for k in ("pairwise", "alpaca-eval-official") if kinds[k]]
+        if annotator is None and len(annotated) > 1:
+            raise MoARayError(f"{judgments} holds both pairwise and alpaca-eval-official annotations; choose one with --annotator")
+        pairwise = kinds[annotator or (annotated[0] if annotated else "pairwise")]
+        grades, versus = kinds["single"], kinds["pairwise-baseline"]
+    rows = build_report(
+        gens,
+        pairwise,
+        grades,
+        pipelines=_names(pipeline_names),
+        glm_data=GLMData.from_dir(glm_data) if glm_data else None,
+        baseline_pairs=versus,
+    )
     make_console(stderr=False).print(rich_table(rows))
     for path in write_report(rows, out):
         err_console.print(f"wrote {path}", highlight=False)

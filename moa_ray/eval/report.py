@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from rich.table import Table
 
 from moa_ray.eval.metrics import GLMData, mt_bench_scores, win_rates
+from moa_ray.eval.mt_bench import baseline_win_rates
 from moa_ray.eval.store import StoreError, join, resolve
 
 QUALITY_METRICS = {
@@ -44,6 +45,11 @@ class ReportRow(BaseModel):
     mt_bench_turn_1: float | None = None
     mt_bench_turn_2: float | None = None
     mt_bench_categories: dict[str, float] = Field(default_factory=dict)
+    baseline: str | None = Field(default=None, description="MT-Bench pairwise-baseline: the pipeline compared against.")
+    baseline_win: int | None = None
+    baseline_loss: int | None = None
+    baseline_tie: int | None = None
+    baseline_win_rate: float | None = Field(default=None, description="(win + 0.5 tie) / n, FastChat's win_rate_adjusted, in %.")
     mean_prompt_tokens: float | None = None
     mean_completion_tokens: float | None = None
     mean_tokens: float | None = None
@@ -67,6 +73,7 @@ TABLE_COLUMNS: list[tuple[str, str, str]] = [
     ("mt_bench", "MT-Bench", "{:.2f}"),
     ("mt_bench_turn_1", "turn 1", "{:.2f}"),
     ("mt_bench_turn_2", "turn 2", "{:.2f}"),
+    ("baseline_win_rate", "vs baseline %", "{:.2f}"),
     ("mean_tokens", "tokens/answer", "{:.0f}"),
     ("mean_cost_usd", "$/answer", "{:.5f}"),
     ("total_cost_usd", "$ total", "{:.4f}"),
@@ -92,8 +99,13 @@ def build_report(
     *,
     pipelines: list[str] | None = None,
     glm_data: GLMData | None = None,
+    baseline_pairs: Sequence[dict[str, Any]] = (),
 ) -> list[ReportRow]:
-    """One row per pipeline; cost and TFLOPs only where every finished answer has them."""
+    """One row per pipeline; cost and TFLOPs only where every finished answer has them.
+
+    ``pairwise`` are AlpacaEval-format annotations (pair-v2 or the official annotator's),
+    ``baseline_pairs`` MT-Bench pairwise-baseline matches.
+    """
     by_pipeline: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in generations.values():
         if pipelines is None or row["pipeline"] in pipelines:
@@ -102,8 +114,9 @@ def build_report(
     pair_ok = [r for r in pairwise if r["status"] == "ok" and r["preference"] is not None and wanted(r["pipeline"])]
     rates = win_rates(pair_ok, glm_data=glm_data) if pair_ok else {}
     mt = mt_bench_scores([g for g in grades if wanted(g["pipeline"])])
+    versus = baseline_win_rates(r for r in baseline_pairs if wanted(r["pipeline"]))
     out = []
-    for pipeline in sorted(set(by_pipeline) | set(rates) | set(mt)):
+    for pipeline in sorted(set(by_pipeline) | set(rates) | set(mt) | set(versus)):
         rows = by_pipeline.get(pipeline, [])
         ok = [r for r in rows if r["status"] == "ok"]
         lat = [r["latency_s"] for r in ok if r["latency_s"] is not None]
@@ -144,8 +157,47 @@ def build_report(
                     "mt_bench_categories": s.by_category,
                 }
             )
+        if pipeline in versus:
+            v = versus[pipeline]
+            report = report.model_copy(
+                update={
+                    "baseline": v.baseline,
+                    "baseline_win": v.win,
+                    "baseline_loss": v.loss,
+                    "baseline_tie": v.tie,
+                    "baseline_win_rate": 100 * v.win_rate_adjusted,
+                }
+            )
         out.append(report)
     return out
+
+
+def mt_bench_markdown(rows: Sequence[ReportRow]) -> list[str]:
+    """FastChat's ``show_result.py`` tables: first turn, second turn and average (single grading), best first;
+    then the pairwise-baseline win / loss / tie with win rate = (win + 0.5 tie) / n."""
+    lines: list[str] = []
+    graded = [r for r in rows if r.mt_bench is not None]
+    for title, field in (("First turn", "mt_bench_turn_1"), ("Second turn", "mt_bench_turn_2"), ("Average", "mt_bench")):
+        scored = sorted((r for r in graded if getattr(r, field) is not None), key=lambda r: -getattr(r, field))
+        if scored:
+            lines += ["", f"MT-Bench, {title.lower()}:", "", "| pipeline | score |", "|---|---:|"]
+            lines += [f"| {r.pipeline} | {getattr(r, field):.6f} |" for r in scored]
+    versus = sorted((r for r in rows if r.baseline_win_rate is not None), key=lambda r: -(r.baseline_win_rate or 0.0))
+    if versus:
+        lines += [
+            "",
+            f"MT-Bench pairwise against {versus[0].baseline}:",
+            "",
+            "| pipeline | win | loss | tie | win rate % | loss rate % | win rate (ties half) % |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in versus:
+            n = (r.baseline_win or 0) + (r.baseline_loss or 0) + (r.baseline_tie or 0)
+            lines.append(
+                f"| {r.pipeline} | {r.baseline_win} | {r.baseline_loss} | {r.baseline_tie} | "
+                f"{100 * (r.baseline_win or 0) / n:.2f} | {100 * (r.baseline_loss or 0) / n:.2f} | {r.baseline_win_rate:.2f} |"
+            )
+    return lines
 
 
 # --------------------------------------------------------------------------- tables
@@ -185,6 +237,7 @@ def markdown(rows: Sequence[ReportRow]) -> str:
         for r in rows:
             if r.mt_bench_categories:
                 lines.append(f"| {r.pipeline} | " + " | ".join(_fmt(r.mt_bench_categories.get(c), "{:.2f}") for c in categories) + " |")
+    lines += mt_bench_markdown(rows)
     return "\n".join(lines) + "\n"
 
 
@@ -309,6 +362,7 @@ __all__ = [
     "ReportRow",
     "build_report",
     "markdown",
+    "mt_bench_markdown",
     "pareto_frontier",
     "plot_tradeoff",
     "rich_table",

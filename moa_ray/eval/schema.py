@@ -297,7 +297,9 @@ class OfficialAnnotationRow(_Row):
     preference_source: str | None = Field(default=None, description="logprobs or token.")
     is_switched_outputs: bool = False
     raw_completion: str | None = Field(default=None, description="The judge's generated text.")
-    top_logprobs: str | None = Field(default=None, description="JSON: the first token's candidates, as the engine returned them.")
+    top_logprobs: str | None = Field(
+        default=None, description="JSON: the first generated token with its top candidates (OpenAI's logprobs.content[0])."
+    )
     judge_prompt_tokens: int = 0
     judge_completion_tokens: int = 0
     latency_s: float | None = None
