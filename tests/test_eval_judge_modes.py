@@ -432,3 +432,38 @@ def test_report_prints_fastchats_tables() -> None:
     average = text.split("MT-Bench, average:")[1]
     assert average.index("| moa | 8.000000 |") < average.index("| solo | 6.000000 |")
     assert "MT-Bench pairwise against solo:" in text and "| moa | 2 | 1 | 1 | 50.00 | 25.00 | 62.50 |" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mode", "pairwise-baseline"], "needs --baseline"),
+        (["--mode", "alpaca-eval-official", "--judge-repeats", "3"], "--judge-repeats"),
+        (["--mode", "pairwise-baseline", "--baseline", "nope"], "no finished answers of the baseline pipeline 'nope'"),
+    ],
+)
+def test_judge_cli_refuses_bad_mode_options_before_ray(tmp_path: Path, args: list[str], message: str) -> None:
+    import yaml
+    from eval_support import eval_config
+
+    from moa_ray.cli import main
+    from moa_ray.eval.store import RowTable
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(eval_config("http://127.0.0.1:9/v1")))
+    RowTable(str(tmp_path / "gen"), GenerationRow).write_part([_gen("mt-081", "one", 1)], "1")
+    base = [
+        "eval",
+        "judge",
+        "--config",
+        str(config),
+        "--judge",
+        "judge",
+        "--generations",
+        str(tmp_path / "gen"),
+        "--out",
+        str(tmp_path / "j"),
+    ]
+    result = CliRunner().invoke(main, [*base, *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert not (tmp_path / "j").exists()
