@@ -52,6 +52,11 @@ class Behaviour(BaseModel):
     context_tokens: int = Field(default=1_000_000, ge=1, description="Prompts longer than this get a context-length 400.")
     hang: bool = Field(default=False, description="Never answer (to exercise client timeouts).")
     reply: str | None = Field(default=None, description="Answer with this text instead of filler words (scripts a judge).")
+    top_logprobs: list[dict[str, float]] | None = Field(
+        default=None,
+        description="Candidates (token -> logprob) at each generated position, returned when a request asks for logprobs; "
+        "a position without an entry gets its own word at logprob 0.",
+    )
 
 
 class SimulatorConfig(Behaviour):
@@ -78,6 +83,24 @@ class Stats:
 
 def _count_tokens(text: str) -> int:
     return max(1, len(text.split()))
+
+
+def _logprobs(words: list[str], behaviour: Behaviour, top: int) -> list[dict[str, object]]:
+    """OpenAI's ``logprobs.content``: each word with the scripted candidates of its position (the ``top`` likeliest)."""
+    scripted = behaviour.top_logprobs or []
+    content: list[dict[str, object]] = []
+    for i, word in enumerate(words):
+        candidates = scripted[i] if i < len(scripted) else {word: 0.0}
+        ranked = sorted(candidates.items(), key=lambda kv: -kv[1])
+        content.append(
+            {
+                "token": word,
+                "logprob": candidates.get(word, ranked[0][1] if ranked else 0.0),
+                "bytes": list(word.encode()),
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in ranked[:top]],
+            }
+        )
+    return content
 
 
 def create_app(config: SimulatorConfig, stats: Stats | None = None) -> Starlette:
@@ -129,13 +152,16 @@ def create_app(config: SimulatorConfig, stats: Stats | None = None) -> Starlette
                 await asyncio.sleep(delay)
             finally:
                 stats.in_flight -= 1
+            choice = {"index": 0, "message": {"role": "assistant", "content": " ".join(words)}, "finish_reason": finish}
+            if body.get("logprobs"):
+                choice["logprobs"] = {"content": _logprobs(words, behaviour, int(body.get("top_logprobs") or 0))}
             return JSONResponse(
                 {
                     "id": rid,
                     "object": "chat.completion",
                     "created": int(time.time()),
                     "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)}, "finish_reason": finish}],
+                    "choices": [choice],
                     "usage": usage,
                 }
             )

@@ -47,6 +47,10 @@ class ChatParams(BaseModel):
         description="The call's whole budget in seconds, retries included: what is left of the request's deadline "
         "when the call starts (relative, so no clocks need to agree across nodes). None: only the model's own timeouts.",
     )
+    logprobs: bool = Field(default=False, description="Ask for the log probability of each generated token (OpenAI's logprobs).")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=20, description="With logprobs: also the N most likely tokens at each position (OpenAI's top_logprobs)."
+    )
 
 
 class Usage(BaseModel):
@@ -60,6 +64,21 @@ class Usage(BaseModel):
         return self.prompt_tokens + self.completion_tokens
 
 
+class TopLogprob(BaseModel):
+    """One candidate token at a position and its log probability."""
+
+    token: str
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """A generated token, its log probability and the most likely candidates at its position."""
+
+    token: str
+    logprob: float
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class Completion(BaseModel):
     """The result of one chat call: text, usage, latency and why generation stopped."""
 
@@ -70,6 +89,31 @@ class Completion(BaseModel):
     model: str = ""
     attempts: int = Field(default=1, ge=1, description="Provider attempts this answer took (retries + 1).")
     retries: list[str] = Field(default_factory=list, description="Why each earlier attempt failed (error class and status).")
+    logprobs: list[TokenLogprob] | None = Field(
+        default=None, description="Per generated token, when the call asked for logprobs and the engine returned them."
+    )
+
+
+def parse_logprobs(choice: Any) -> list[TokenLogprob] | None:
+    """The tokens of an OpenAI chat choice's ``logprobs.content`` (None when the engine sent none).
+
+    vLLM and llama.cpp answer in the same shape, so every backend reads it here.
+    """
+    logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list):
+        return None
+    tokens = []
+    for entry in content:
+        if not isinstance(entry, dict) or entry.get("token") is None or entry.get("logprob") is None:
+            continue  # a malformed entry is dropped, not fatal: the caller falls back to the text
+        top = [
+            TopLogprob(token=t["token"], logprob=float(t["logprob"]))
+            for t in entry.get("top_logprobs") or []
+            if isinstance(t, dict) and t.get("token") is not None and t.get("logprob") is not None
+        ]
+        tokens.append(TokenLogprob(token=str(entry["token"]), logprob=float(entry["logprob"]), top_logprobs=top))
+    return tokens
 
 
 class ChatRequest(BaseModel):

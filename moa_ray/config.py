@@ -199,8 +199,13 @@ class LlamaCppModelSpec(ModelSpecBase):
     n_ctx: int = Field(default=4096, ge=256)
     seed: int = -1
     chat_format: str | None = None
+    logits_all: bool = Field(
+        default=False,
+        description="Keep the logits of every position so calls can return token logprobs (llama.cpp needs it; "
+        "costs n_ctx x vocabulary floats of memory). Off: logprobs are not asked for and callers use the text.",
+    )
     max_ongoing_requests: int = Field(default=64, ge=1)
-    operational_fields: ClassVar[frozenset[str]] = ModelSpecBase.operational_fields | {"n_threads"}
+    operational_fields: ClassVar[frozenset[str]] = ModelSpecBase.operational_fields | {"n_threads", "logits_all"}
 
 
 #: Engine arguments that have a field of their own (``engine_kwargs`` may not set them).

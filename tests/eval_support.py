@@ -10,6 +10,8 @@ from bench.simulator import Behaviour, SimulatorConfig
 JUDGE_POSITION_A = "judge-always-a"  # a judge with a pure position bias
 GRADER_SEVEN = "grader-seven"
 FAILING = "always-fails"
+LOGPROB_JUDGE = "logprob-judge"  # answers "M" with logprobs for "m" and "M" (AlpacaEval's official annotator)
+LOGPROB_TOPS = [{"M": -0.25, "m": -1.5, "The": -6.0}]
 
 
 def simulator_config(latency_ms: float = 30, **kwargs: Any) -> SimulatorConfig:
@@ -20,6 +22,7 @@ def simulator_config(latency_ms: float = 30, **kwargs: Any) -> SimulatorConfig:
             JUDGE_POSITION_A: Behaviour(latency_ms=latency_ms, reply="Both are fine, but the first is better. [[A]]"),
             GRADER_SEVEN: Behaviour(latency_ms=latency_ms, reply="Solid answer. Rating: [[7]]"),
             FAILING: Behaviour(latency_ms=latency_ms, failure_rate=1.0, failure_status=400),
+            LOGPROB_JUDGE: Behaviour(latency_ms=latency_ms, reply="M", top_logprobs=LOGPROB_TOPS),
         },
         **kwargs,
     )
@@ -38,7 +41,7 @@ def model(base_url: str, provider_id: str, **extra: Any) -> dict[str, Any]:
 
 
 def eval_config(base_url: str) -> dict[str, Any]:
-    """Two small MoA pipelines sharing models, one that always fails, and two judges."""
+    """Two small MoA pipelines sharing models, one that always fails, and three judges."""
     return {
         "models": {
             "a": model(base_url, "sim-a", pricing={"input_per_mtok": 1.0, "output_per_mtok": 2.0}, parameters_b=7),
@@ -47,6 +50,7 @@ def eval_config(base_url: str) -> dict[str, Any]:
             "broken": model(base_url, FAILING),
             "judge": model(base_url, JUDGE_POSITION_A),
             "grader": model(base_url, GRADER_SEVEN),
+            "official": model(base_url, LOGPROB_JUDGE),
         },
         "pipelines": {
             "one": {"kind": "moa", "layers": [["a"]], "aggregator": "agg"},

@@ -128,6 +128,55 @@ def test_judge_and_report(env, tmp_path: Path) -> None:
     assert "| one |" in (report / "report.md").read_text()
 
 
+def test_new_judge_modes_on_ray(env, tmp_path: Path) -> None:
+    """pairwise-baseline, single with repeats and the official annotator through the worker pool, resumable."""
+    import json
+    import math
+
+    from eval_support import LOGPROB_TOPS
+
+    from moa_ray.eval.judge import ALPACA_RESULTS_DIR, baseline_table, official_table
+
+    config, agents, _ = env
+    gen, judged = tmp_path / "gen", tmp_path / "judged"
+    run_generation(config, load_dataset("mt_bench", limit=2), agents, options(gen, ["one", "two"]))
+    run_generation(config, load_dataset("alpaca_eval", limit=3), agents, options(gen, ["one"]))
+    gens = read_generations(str(gen))
+
+    def judge(name: str, mode: str, **kw):
+        opts = JudgeOptions(
+            judge=name,
+            generations=str(gen),
+            out=str(judged),
+            mode=mode,
+            concurrency=4,
+            workers=1,
+            worker_cpus=0.01,
+            run_id=f"j-{name}-{mode}",
+            progress=False,
+            **kw,
+        )  # type: ignore[arg-type]
+        return run_judging(gens, agents[name], opts)
+
+    versus = judge("judge", "pairwise-baseline", baseline="two", pipelines=["one"])
+    assert (versus.baseline_items, versus.failed_rows) == (2 * 2, 0)  # 2 mt_bench prompts x 2 turns (alpaca: "two" has none)
+    rows = baseline_table(str(judged)).read().to_pylist()
+    assert {(r["g1_winner"], r["g2_winner"], r["outcome"]) for r in rows} == {("pipeline", "baseline", "tie")}  # always [[A]]
+    graded = judge("grader", "single", repeats=3, pipelines=["one"])
+    assert (graded.single_items, graded.failed_rows) == (2 * 2 + 3, 0)
+    assert {tuple(r["scores"]) for r in single_table(str(judged)).read().to_pylist()} == {(7.0, 7.0, 7.0)}
+    official = judge("official", "alpaca-eval-official")
+    assert (official.official_items, official.failed_rows) == (3, 0)
+    p_m = math.exp(LOGPROB_TOPS[0]["m"]) / (math.exp(LOGPROB_TOPS[0]["m"]) + math.exp(LOGPROB_TOPS[0]["M"]))
+    for r in official_table(str(judged)).read().to_pylist():
+        assert r["preference_source"] == "logprobs"
+        assert r["preference"] == pytest.approx(3 - (2 - p_m) if r["is_switched_outputs"] else 2 - p_m)
+    (path,) = official.annotation_files
+    assert path == str(judged / ALPACA_RESULTS_DIR / "one" / "weighted_alpaca_eval_gpt4_turbo" / "annotations.json")
+    assert len(json.loads(Path(path).read_text())) == 3
+    assert judge("official", "alpaca-eval-official").official_items == 0  # resumable
+
+
 def test_a_failed_pool_start_leaves_no_actor_alive(ray_session) -> None:
     import ray
 

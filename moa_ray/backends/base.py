@@ -51,6 +51,10 @@ def chat_kwargs(spec: ModelSpecBase, messages: list[ChatMessage], params: ChatPa
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     if p.json_mode:
         kwargs["response_format"] = {"type": "json_object"}
+    if p.logprobs:
+        kwargs["logprobs"] = True
+        if p.top_logprobs is not None:
+            kwargs["top_logprobs"] = p.top_logprobs
     return kwargs
 
 

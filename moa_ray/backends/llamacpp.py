@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from moa_ray.backends.base import chat_kwargs
-from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
+from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage, parse_logprobs
 from moa_ray.config import LlamaCppModelSpec
 from moa_ray.errors import BackendError, ConfigError, ContextLengthExceeded
 from moa_ray.packaged_models import resolve_model_path
@@ -43,6 +43,8 @@ class LlamaCppBackend:
             kwargs["n_threads_batch"] = spec.n_threads
         if spec.chat_format:
             kwargs["chat_format"] = spec.chat_format
+        if spec.logits_all:
+            kwargs["logits_all"] = True
         self._llm = Llama(**kwargs)
         self._lock = asyncio.Lock()
 
@@ -50,6 +52,9 @@ class LlamaCppBackend:
         kwargs = chat_kwargs(self.spec, messages, params)
         if params.json_mode and params.json_schema:
             kwargs["response_format"]["schema"] = params.json_schema  # compiled to a grammar by llama.cpp
+        if not self.spec.logits_all:  # llama.cpp refuses logprobs without logits_all: answer without them
+            kwargs.pop("logprobs", None)
+            kwargs.pop("top_logprobs", None)
         return kwargs
 
     def _error(self, err: Exception) -> BackendError:
@@ -76,6 +81,7 @@ class LlamaCppBackend:
             latency_s=latency,
             finish_reason=choice.get("finish_reason"),
             model=self.spec.model,
+            logprobs=parse_logprobs(choice),
         )
 
     async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:

@@ -31,7 +31,7 @@ from tenacity import (
 )
 
 from moa_ray.backends.base import chat_kwargs
-from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
+from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage, parse_logprobs
 from moa_ray.config import OpenAIModelSpec
 from moa_ray.errors import BackendError, BackendTimeout, ConfigError, StreamInterrupted, UpstreamError, error_for_status
 
@@ -214,6 +214,7 @@ class OpenAIBackend:
             model=self.spec.model,
             attempts=len(retries) + 1,
             retries=retries,
+            logprobs=parse_logprobs(choice),
         )
 
     async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:

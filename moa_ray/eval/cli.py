@@ -114,6 +114,13 @@ def eval_group() -> None:
     help="Seconds each answer may take, all its calls and retries included; a late one is a failed row, retried next run.",
 )
 @click.option(
+    "--temperature",
+    type=click.FloatRange(0.0, 2.0),
+    default=None,
+    help="Force this temperature on the answering call of every prompt [default: FastChat's per-category "
+    "temperatures for mt_bench (0.7 writing/roleplay, 0.1 stem/humanities, 0 otherwise), the models' own elsewhere].",
+)
+@click.option(
     "--export-alpaca-eval",
     "export_path",
     default=None,
@@ -142,6 +149,7 @@ def generate_command(
     prompt_column: str | None,
     max_tokens: int | None,
     timeout_s: float,
+    temperature: float | None,
     export_path: str | None,
     run_id: str | None,
     app_name: str,
@@ -156,14 +164,14 @@ def generate_command(
     from moa_ray.eval.datasets import load_dataset
     from moa_ray.eval.generate import (
         GenerateOptions,
-        answer_settings,
         export_alpaca_eval,
         load_settings,
         new_run_id,
         plan_generation,
         run_generation,
-        settings_fingerprint,
+        run_settings,
     )
+    from moa_ray.eval.mt_bench import answer_temperature
     from moa_ray.eval.schema import GenerationRow
     from moa_ray.eval.store import RowTable
 
@@ -187,19 +195,20 @@ def generate_command(
         flush_s=flush_seconds,
         max_tokens=max_tokens,
         timeout_s=timeout_s,
+        temperature=temperature,
         allow_config_change=allow_config_change,
         progress=not no_progress,
     )
-    settings = {p: answer_settings(config, p) for p in pipelines}
-    fingerprints = {p: settings_fingerprint(s) for p, s in settings.items()}
+    chosen = run_settings(config, pipelines, answer_temperature(data.kind, temperature))
     plan = plan_generation(
         data,
         pipelines,
         RowTable(out, GenerationRow).latest(),
-        fingerprints,
+        chosen.fingerprints,
         allow_config_change=allow_config_change,
-        settings=settings,
+        settings=chosen.settings,
         stored_settings=lambda fp: load_settings(out, fp),
+        base_fingerprints=chosen.base_fingerprints,
     )
     subset = f" (sample of {sample}, seed {seed or 0})" if sample is not None else ""
     err_console.print(
@@ -285,11 +294,20 @@ def _print_generate_summary(summary: Any) -> None:
 @click.option("--out", required=True, help="Judgment directory (pairwise/, single/ and exact/ tables).")
 @click.option(
     "--mode",
-    type=click.Choice(["auto", "pairwise", "single", "exact"]),
+    type=click.Choice(["auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official", "exact"]),
     default="auto",
     show_default=True,
-    help="auto: MT-Bench is graded 1-10, prompts with a reference get pairwise preferences, gsm8k is scored by "
-    "exact match into OUT/exact without a judge; exact: only the exact-match scoring.",
+    help="auto: MT-Bench is graded 1-10, prompts with a reference get pairwise preferences, gsm8k is scored by exact "
+    "match into OUT/exact without a judge; pairwise-baseline: FastChat's pairwise games against --baseline; "
+    "alpaca-eval-official: AlpacaEval 2's weighted_alpaca_eval_gpt4_turbo; exact: only the exact-match scoring.",
+)
+@click.option("--baseline", default=None, help="pairwise-baseline: the pipeline of the same generations to compare with.")
+@click.option(
+    "--judge-repeats",
+    type=click.IntRange(1, 15),
+    default=1,
+    show_default=True,
+    help="single: grade each turn K times and keep the median (FastChat #3018).",
 )
 @click.option("--pipeline", "pipeline_names", default=None, help="Only these pipelines (comma separated).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N prompts per pipeline.")
@@ -309,7 +327,9 @@ def judge_command(
     judge_model: str | None,
     generations: str,
     out: str,
-    mode: Literal["auto", "pairwise", "single", "exact"],
+    mode: Literal["auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official", "exact"],
+    baseline: str | None,
+    judge_repeats: int,
     pipeline_names: str | None,
     limit: int | None,
     concurrency: int,
@@ -324,14 +344,17 @@ def judge_command(
     flush_seconds: float,
     no_progress: bool,
 ) -> None:
-    """Judge the answers in GENERATIONS with a model: pairwise vs the reference, or MT-Bench grades; GSM8K by exact match."""
+    """Judge the answers in GENERATIONS with a model: pairwise vs the reference or a baseline pipeline,
+    MT-Bench grades, or AlpacaEval's official annotator; GSM8K by exact match, without a model."""
     from moa_ray.config import load_config
     from moa_ray.eval.generate import new_run_id
-    from moa_ray.eval.judge import JudgeOptions, pairwise_table, plan_judging, read_generations, run_judging, single_table
+    from moa_ray.eval.judge import JudgeOptions, check_mode_options, plan_for_options, read_generations, run_judging
 
     config = load_config(config_path)
     if judge_model is not None and judge_model not in config.models:
         raise ConfigError(f"unknown judge model {judge_model!r} (known models: {', '.join(sorted(config.models))})")
+    pipelines = _names(pipeline_names)
+    check_mode_options(mode, baseline, judge_repeats, pipelines)
     gens = read_generations(generations)
     if not gens:
         raise MoARayError(f"no generations in {generations}")
@@ -344,7 +367,9 @@ def judge_command(
         generations=generations,
         out=out,
         mode=mode,
-        pipelines=_names(pipeline_names),
+        baseline=baseline,
+        repeats=judge_repeats,
+        pipelines=pipelines,
         limit=limit,
         concurrency=concurrency,
         workers=workers,
@@ -355,15 +380,7 @@ def judge_command(
         flush_s=flush_seconds,
         progress=not no_progress,
     )
-    items = plan_judging(
-        gens,
-        judge_model,
-        pairwise_table(out).latest(),
-        single_table(out).latest(),
-        mode=options.mode,
-        pipelines=options.pipelines,
-        limit=limit,
-    )
+    items = plan_for_options(gens, options)
     err_console.print(f"{len(items)} judgments to make with {judge_model!r} -> {out}", highlight=False)
     agent = None
     if items:
@@ -383,9 +400,12 @@ def judge_command(
             _delete_app(app_name)
     err_console.print(
         f"run {summary.run_id}: {summary.ok_rows} judgments ok, {summary.failed_rows} failed "
-        f"({summary.pairwise_items} pairwise, {summary.single_items} single) in {summary.elapsed_s:.1f}s",
+        f"({summary.pairwise_items} pairwise, {summary.single_items} single, {summary.baseline_items} pairwise-baseline, "
+        f"{summary.official_items} alpaca-eval-official) in {summary.elapsed_s:.1f}s",
         highlight=False,
     )
+    for path, n in summary.annotation_files.items():
+        err_console.print(f"wrote {n} AlpacaEval annotations to {path}", highlight=False)
     if summary.failed_rows:
         err_console.print("[yellow]some judgments failed; rerun the same command to retry them[/yellow]")
         sys.exit(EXIT_PARTIAL)
@@ -438,11 +458,23 @@ def _exact_match_judging(
     default=None,
     help="Directory with AlpacaEval's instruction_difficulty.csv (and df_gamed.csv) for the official LC model.",
 )
+@click.option(
+    "--annotator",
+    type=click.Choice(["pairwise", "alpaca-eval-official"]),
+    default=None,
+    help="AlpacaEval win rates from pair-v2 preferences or the official annotator [default: the one judged].",
+)
 def report_command(
-    generations: str, judgments: str | None, out: str, judge_model: str | None, pipeline_names: str | None, glm_data: str | None
+    generations: str,
+    judgments: str | None,
+    out: str,
+    judge_model: str | None,
+    pipeline_names: str | None,
+    glm_data: str | None,
+    annotator: str | None,
 ) -> None:
     """Per pipeline: win rates, LC win rate, MT-Bench, GSM8K accuracy, tokens, cost, latency, TFLOPs; tables and plots."""
-    from moa_ray.eval.judge import pairwise_table, read_generations, single_table
+    from moa_ray.eval.judge import baseline_table, official_table, pairwise_table, read_generations, single_table
     from moa_ray.eval.metrics import GLMData
     from moa_ray.eval.report import build_report, rich_table, write_report
 
@@ -452,24 +484,33 @@ def report_command(
     pairwise: list[dict[str, Any]] = []
     grades: list[dict[str, Any]] = []
     exact: list[dict[str, Any]] = []
+    versus: list[dict[str, Any]] = []
     if judgments:
         from moa_ray.eval.exact import exact_table
 
         exact = [r for r in exact_table(judgments).latest().values() if r["status"] == "ok"]
-        pairwise = [r for r in pairwise_table(judgments).latest().values() if r["status"] == "ok"]
-        grades = [r for r in single_table(judgments).latest().values() if r["status"] == "ok"]
-        judges = sorted({r["judge"] for r in pairwise + grades})
+        kinds = {
+            "pairwise": [r for r in pairwise_table(judgments).latest().values() if r["status"] == "ok"],
+            "alpaca-eval-official": [r for r in official_table(judgments).latest().values() if r["status"] == "ok"],
+            "single": [r for r in single_table(judgments).latest().values() if r["status"] == "ok"],
+            "pairwise-baseline": [r for r in baseline_table(judgments).latest().values() if r["status"] == "ok"],
+        }
+        judges = sorted({r["judge"] for rows_of_kind in kinds.values() for r in rows_of_kind})
         if judge_model is not None:
             if judge_model not in judges:
                 raise MoARayError(f"no judgments by {judge_model!r} in {judgments} (judges: {', '.join(judges) or 'none'})")
-            pairwise = [r for r in pairwise if r["judge"] == judge_model]
-            grades = [r for r in grades if r["judge"] == judge_model]
-        for kind, rows_of_kind in (("pairwise", pairwise), ("single", grades)):
+            kinds = {k: [r for r in v if r["judge"] == judge_model] for k, v in kinds.items()}
+        for kind, rows_of_kind in kinds.items():
             kind_judges = sorted({r["judge"] for r in rows_of_kind})
             if len(kind_judges) > 1:
                 raise MoARayError(
                     f"{judgments} holds {kind} judgments of several judges ({', '.join(kind_judges)}); choose one with --judge"
                 )
+        annotated = [k for k in ("pairwise", "alpaca-eval-official") if kinds[k]]
+        if annotator is None and len(annotated) > 1:
+            raise MoARayError(f"{judgments} holds both pairwise and alpaca-eval-official annotations; choose one with --annotator")
+        pairwise = kinds[annotator or (annotated[0] if annotated else "pairwise")]
+        grades, versus = kinds["single"], kinds["pairwise-baseline"]
     rows = build_report(
         gens,
         pairwise,
@@ -477,6 +518,7 @@ def report_command(
         pipelines=_names(pipeline_names),
         glm_data=GLMData.from_dir(glm_data) if glm_data else None,
         exact=exact,
+        baseline_pairs=versus,
     )
     make_console(stderr=False).print(rich_table(rows))
     for path in write_report(rows, out):

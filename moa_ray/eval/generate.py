@@ -23,6 +23,7 @@ from moa_ray.config import MoARayConfig
 from moa_ray.errors import ConfigError, PipelineError
 from moa_ray.eval.datasets import EvalDataset, EvalPrompt
 from moa_ray.eval.lease import WriterLease
+from moa_ray.eval.mt_bench import AnswerTemperature, answer_temperature
 from moa_ray.eval.progress import EvalProgress
 from moa_ray.eval.runner import WorkerPool, count_rows
 from moa_ray.eval.schema import GenerationRow, RoleTokens
@@ -35,13 +36,44 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def answer_settings(config: MoARayConfig, pipeline: str) -> dict[str, Any]:
-    """What shapes a pipeline's answers: the pipeline's spec and every answer setting of the models it calls."""
+#: The answer-settings key of the answering call's temperature (per dataset: MT-Bench's by category).
+TEMPERATURE_KEY = "answer_temperature"
+
+
+def answer_settings(config: MoARayConfig, pipeline: str, temperature: AnswerTemperature | None = None) -> dict[str, Any]:
+    """What shapes a pipeline's answers: the pipeline's spec, every answer setting of the models it calls,
+    and the answering call's temperature when the run sets one (MT-Bench's per category, or forced)."""
     spec = config.pipeline(pipeline)
-    return {
+    settings: dict[str, Any] = {
         "pipeline": spec.model_dump(mode="json", exclude={"description"}),
         "models": {name: m.answer_settings() for name, m in config.models_for([pipeline]).items()},
     }
+    chosen = temperature.settings() if temperature is not None else None
+    if chosen is not None:
+        settings[TEMPERATURE_KEY] = chosen
+    return settings
+
+
+def base_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings without the per-dataset answer temperature: what must agree across the datasets of one table."""
+    return {k: v for k, v in settings.items() if k != TEMPERATURE_KEY}
+
+
+class RunSettings(BaseModel):
+    """Per pipeline: this run's answer settings, their fingerprint, and the fingerprint of their dataset-independent part."""
+
+    settings: dict[str, dict[str, Any]]
+    fingerprints: dict[str, str]
+    base_fingerprints: dict[str, str]
+
+
+def run_settings(config: MoARayConfig, pipelines: list[str], temperature: AnswerTemperature | None = None) -> RunSettings:
+    settings = {p: answer_settings(config, p, temperature) for p in pipelines}
+    return RunSettings(
+        settings=settings,
+        fingerprints={p: settings_fingerprint(s) for p, s in settings.items()},
+        base_fingerprints={p: settings_fingerprint(base_settings(s)) for p, s in settings.items()},
+    )
 
 
 def settings_fingerprint(settings: dict[str, Any]) -> str:
@@ -107,6 +139,13 @@ class GenerateOptions(BaseModel):
     flush_s: float = Field(default=0.0, ge=0, description="0: write each batch of results as it arrives.")
     max_tokens: int | None = Field(default=None, ge=1, description="Cap of the final answer's tokens.")
     timeout_s: float = Field(default=600.0, gt=0, description="Each answer's one deadline: all its calls and retries.")
+    temperature: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=2.0,
+        description="Force this temperature on the answering call of every prompt (default: MT-Bench's per-category "
+        "temperatures for mt_bench, the models' own otherwise).",
+    )
     allow_config_change: bool = False
     progress: bool = True
 
@@ -138,22 +177,38 @@ def plan_generation(
     allow_config_change: bool = False,
     settings: Mapping[str, dict[str, Any]] | None = None,
     stored_settings: Callable[[str], dict[str, Any] | None] | None = None,
+    base_fingerprints: Mapping[str, str] | None = None,
 ) -> Plan:
     """Which (prompt, pipeline, turn) rows are still to do; refuses a directory made with another config.
 
     With ``settings`` (this run's, per pipeline) and ``stored_settings`` (fingerprint -> the settings kept
-    in the directory), the refusal names the setting that changed.
+    in the directory), the refusal names the setting that changed. With ``base_fingerprints``, rows of
+    *other* datasets in the table need only the same dataset-independent settings (:func:`base_settings`):
+    MT-Bench's answer temperatures do not stop an AlpacaEval run into the same directory.
     """
     if not allow_config_change:
         for (_, pipeline, _), row in latest.items():
-            if pipeline in fingerprints and row["status"] == "ok" and row["config_hash"] != fingerprints[pipeline]:
-                old = stored_settings(row["config_hash"]) if stored_settings else None
-                changed = first_difference(old, settings[pipeline]) if old is not None and settings else None
-                what = f": {changed}" if changed else f" (config hash {row['config_hash']} != {fingerprints[pipeline]})"
-                raise ConfigError(
-                    f"the output already holds answers of pipeline {pipeline!r} made with different settings{what}; "
-                    "use another --out, or --allow-config-change to mix them"
-                )
+            if pipeline not in fingerprints or row["status"] != "ok":
+                continue
+            other_dataset = base_fingerprints is not None and row["dataset"] != dataset.name
+            old = stored_settings(row["config_hash"]) if stored_settings else None
+            if other_dataset:
+                assert base_fingerprints is not None
+                stored_base = settings_fingerprint(base_settings(old)) if old is not None else row["config_hash"]
+                if stored_base == base_fingerprints[pipeline]:
+                    continue
+                new_settings = base_settings(settings[pipeline]) if settings else None
+                old = base_settings(old) if old is not None else None
+            elif row["config_hash"] == fingerprints[pipeline]:
+                continue
+            else:
+                new_settings = settings[pipeline] if settings else None
+            changed = first_difference(old, new_settings) if old is not None and new_settings is not None else None
+            what = f": {changed}" if changed else f" (config hash {row['config_hash']} != {fingerprints[pipeline]})"
+            raise ConfigError(
+                f"the output already holds answers of pipeline {pipeline!r} made with different settings{what}; "
+                "use another --out, or --allow-config-change to mix them"
+            )
     items, total, done = [], 0, 0
     for prompt in dataset.prompts:
         for pipeline in pipelines:
@@ -224,6 +279,8 @@ class GenerateHandler:
         run_id: str,
         fingerprints: Mapping[str, str],
         params: ChatParams | None = None,
+        temperature: AnswerTemperature | None = None,
+        *,
         timeout_s: float | None = None,
     ) -> None:
         self.config = config
@@ -233,7 +290,20 @@ class GenerateHandler:
         self.run_id = run_id
         self.fingerprints = dict(fingerprints)
         self.params = params
+        self.temperature = temperature or AnswerTemperature()
         self.pipelines: dict[str, Any] = {}
+
+    def params_for(self, prompt: EvalPrompt) -> ChatParams | None:
+        """The answering call's parameters: ``params`` plus the prompt's category temperature, if any.
+
+        Like ``max_tokens``, they reach the call that writes the answer (aggregator or single model);
+        proposers keep their own temperatures, the diversity MoA relies on.
+        """
+        temperature = self.temperature.for_category(prompt.category)
+        if temperature is None:
+            return self.params
+        base = self.params or ChatParams()
+        return base.model_copy(update={"temperature": temperature})
 
     async def setup(self) -> None:
         from moa_ray.pipeline import build_pipeline
@@ -267,10 +337,11 @@ class GenerateHandler:
                     ChatMessage(role="assistant", content=item.history[turn - 1]),
                 ]
         rows = []
+        params = self.params_for(item.prompt)
         for turn in range(item.start_turn, len(item.prompt.turns) + 1):
             messages.append(ChatMessage(role="user", content=item.prompt.turns[turn - 1]))
             try:
-                result = await pipeline.run(list(messages), self.params, timeout_s=self.timeout_s)
+                result = await pipeline.run(list(messages), params, timeout_s=self.timeout_s)
             except PipelineError as err:
                 rows.append(self._row(item, turn, status="error", error=str(err), **trace_columns(err.trace)))
                 break  # later turns need this answer; the next run retries from here
@@ -367,20 +438,23 @@ def _generate(config: MoARayConfig, dataset: EvalDataset, agents: Mapping[str, A
     for name in options.pipelines:
         config.pipeline(name)
     table: RowTable[GenerationRow] = RowTable(options.out, GenerationRow)
-    settings = {p: answer_settings(config, p) for p in options.pipelines}
-    fingerprints = {p: settings_fingerprint(s) for p, s in settings.items()}
+    temperature = answer_temperature(dataset.kind, options.temperature)
+    chosen = run_settings(config, options.pipelines, temperature)
     plan = plan_generation(
         dataset,
         options.pipelines,
         table.latest(),
-        fingerprints,
+        chosen.fingerprints,
         allow_config_change=options.allow_config_change,
-        settings=settings,
+        settings=chosen.settings,
         stored_settings=lambda fp: load_settings(options.out, fp),
+        base_fingerprints=chosen.base_fingerprints,
     )
-    save_settings(options.out, settings)
+    save_settings(options.out, chosen.settings)
     params = ChatParams(max_tokens=options.max_tokens) if options.max_tokens else None
-    handler = GenerateHandler(config, agents, options.pipelines, options.run_id, fingerprints, params, options.timeout_s)
+    handler = GenerateHandler(
+        config, agents, options.pipelines, options.run_id, chosen.fingerprints, params, temperature, timeout_s=options.timeout_s
+    )
     ok = failed = 0
     elapsed, workers = 0.0, 0
     if plan.items:

@@ -5,8 +5,14 @@
   preference is the mean of the two verdicts (1 = reference wins, 2 = pipeline wins),
   which cancels the judge's position bias. Rows go to ``OUT/pairwise``.
 * **single** (MT-Bench): each turn is graded 1-10; math, reasoning and coding are
-  graded against the reference answers, turn 2 with the whole conversation. Rows go
-  to ``OUT/single``.
+  graded against the reference answers, turn 2 with the whole conversation. With
+  ``repeats`` K each turn is graded K times and the median kept. Rows go to ``OUT/single``.
+* **pairwise-baseline** (MT-Bench, FastChat's mode of that name): each pipeline against a
+  baseline pipeline of the same generation run (:mod:`moa_ray.eval.mt_bench`). Rows go to
+  ``OUT/pairwise_baseline``.
+* **alpaca-eval-official**: AlpacaEval 2's ``weighted_alpaca_eval_gpt4_turbo`` annotator
+  (:mod:`moa_ray.eval.alpaca_eval_annotator`). Rows go to ``OUT/alpaca_eval_official``, and
+  AlpacaEval's own files to ``OUT/alpaca_eval_results/<pipeline>/``.
 
 The judge is any model of the config, deployed on Ray Serve like the agents; work is
 sharded across the same kind of actor pool as generation and is resumable the same way.
@@ -15,14 +21,17 @@ sharded across the same kind of actor pool as generation and is resumable the sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-from moa_ray.chat import ChatParams, Completion
+from moa_ray.chat import ChatMessage, ChatParams, Completion
+from moa_ray.errors import ConfigError
+from moa_ray.eval.alpaca_eval_annotator import OfficialItem, annotate, official_row_base, write_annotations
 from moa_ray.eval.datasets import MT_BENCH
 from moa_ray.eval.exact import is_exact_dataset
 from moa_ray.eval.judge_prompts import (
@@ -35,15 +44,21 @@ from moa_ray.eval.judge_prompts import (
     verdict_preference,
 )
 from moa_ray.eval.lease import WriterLease
+from moa_ray.eval.mt_bench import BaselinePairItem, baseline_row_base, judge_baseline_pair, median_of_repeats, plan_pairwise_baseline
 from moa_ray.eval.progress import EvalProgress
 from moa_ray.eval.runner import WorkerPool, count_rows
-from moa_ray.eval.schema import GenerationRow, GradeRow, PairwiseRow
+from moa_ray.eval.schema import BaselinePairRow, GenerationRow, GradeRow, OfficialAnnotationRow, PairwiseRow
 from moa_ray.eval.store import RowTable, join
 from moa_ray.pipeline.agents import Agent
 
-JudgeMode = Literal["auto", "pairwise", "single"]
+JudgeMode = Literal["auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official"]
+JUDGE_MODES: tuple[str, ...] = ("auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official")
 PAIRWISE_DIR = "pairwise"
 SINGLE_DIR = "single"
+BASELINE_DIR = "pairwise_baseline"
+OFFICIAL_DIR = "alpaca_eval_official"
+#: AlpacaEval's results layout (<pipeline>/model_outputs.json, <pipeline>/<annotator>/annotations.json).
+ALPACA_RESULTS_DIR = "alpaca_eval_results"
 
 
 def pairwise_table(out: str) -> RowTable[PairwiseRow]:
@@ -52,6 +67,14 @@ def pairwise_table(out: str) -> RowTable[PairwiseRow]:
 
 def single_table(out: str) -> RowTable[GradeRow]:
     return RowTable(join(out, SINGLE_DIR), GradeRow)
+
+
+def baseline_table(out: str) -> RowTable[BaselinePairRow]:
+    return RowTable(join(out, BASELINE_DIR), BaselinePairRow)
+
+
+def official_table(out: str) -> RowTable[OfficialAnnotationRow]:
+    return RowTable(join(out, OFFICIAL_DIR), OfficialAnnotationRow)
 
 
 class JudgeOptions(BaseModel):
@@ -70,6 +93,31 @@ class JudgeOptions(BaseModel):
     flush_rows: int = Field(default=256, ge=1, description="Most rows per part file.")
     flush_s: float = Field(default=0.0, ge=0, description="0: write each batch of results as it arrives.")
     progress: bool = True
+    baseline: str | None = Field(default=None, description="pairwise-baseline: the pipeline every other is compared with.")
+    repeats: int = Field(default=1, ge=1, le=15, description="single: grade each turn this many times, keep the median.")
+
+    @model_validator(mode="after")
+    def _mode_options(self) -> JudgeOptions:
+        try:
+            check_mode_options(self.mode, self.baseline, self.repeats, self.pipelines)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
+def check_mode_options(mode: str, baseline: str | None, repeats: int, pipelines: list[str] | None) -> None:
+    """The options each mode needs or allows; a ConfigError names the flag."""
+    if mode not in JUDGE_MODES:
+        raise ConfigError(f"unknown judge mode {mode!r} (modes: {', '.join(JUDGE_MODES)})")
+    if mode == "pairwise-baseline":
+        if not baseline:
+            raise ConfigError("mode pairwise-baseline needs --baseline PIPELINE")
+        if pipelines is not None and set(pipelines) <= {baseline}:
+            raise ConfigError(f"--pipeline names only the baseline {baseline!r}: nothing to compare with it")
+    elif baseline is not None:
+        raise ConfigError(f"--baseline is for mode pairwise-baseline, not {mode}")
+    if repeats > 1 and mode != "single":
+        raise ConfigError(f"--judge-repeats takes the median of 1-10 grades: use it with mode single, not {mode}")
 
 
 class PairwiseItem(BaseModel):
@@ -93,10 +141,11 @@ class GradeItem(BaseModel):
     questions: list[str]
     answers: list[str]
     references: list[str | None]
+    repeats: int = Field(default=1, ge=1)
     attempt: int = 1
 
 
-JudgeItem = PairwiseItem | GradeItem
+JudgeItem = PairwiseItem | GradeItem | BaselinePairItem | OfficialItem
 
 
 def plan_judging(
@@ -108,22 +157,56 @@ def plan_judging(
     mode: JudgeMode = "auto",
     pipelines: list[str] | None = None,
     limit: int | None = None,
+    baseline: str | None = None,
+    repeats: int = 1,
+    baseline_done: Mapping[tuple[Any, ...], dict[str, Any]] | None = None,
+    official_done: Mapping[tuple[Any, ...], dict[str, Any]] | None = None,
 ) -> list[JudgeItem]:
-    """Judge items for the finished generations that this judge has not judged yet (failed ones again)."""
+    """Judge items for the finished generations that this judge has not judged yet (failed ones again).
+
+    A grade made with another number of repeats than asked is made again; ``*_done`` are the
+    judgment tables' latest rows (the pairwise-baseline and official tables only matter to their modes).
+    """
+    check_mode_options(mode, baseline, repeats, pipelines)
     convo: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for (prompt_id, pipeline, turn), row in generations.items():
-        if row["status"] == "ok" and (pipelines is None or pipeline in pipelines):
+        if row["status"] == "ok" and (pipelines is None or pipeline in pipelines or pipeline == baseline):
             convo[(prompt_id, pipeline)][turn] = row
-    per_pipeline: dict[str, int] = defaultdict(int)
+    if mode == "pairwise-baseline":
+        assert baseline is not None
+        present = {p for _, p in convo}
+        if baseline not in present:
+            raise ConfigError(f"no finished answers of the baseline pipeline {baseline!r} (pipelines: {', '.join(sorted(present))})")
+        limited = _limit(convo, limit, skip=baseline)
+        kept = {k: v for k, v in convo.items() if k[1] == baseline or k in limited}
+        chosen = pipelines if pipelines is not None else sorted(present)
+        return list(plan_pairwise_baseline(kept, judge, baseline, baseline_done or {}, pipelines=chosen))
     items: list[JudgeItem] = []
-    for (prompt_id, pipeline), turns in sorted(convo.items()):
+    for prompt_id, pipeline in _limit(convo, limit):
+        turns = convo[(prompt_id, pipeline)]
         if mode == "auto" and any(is_exact_dataset(r["dataset"]) for r in turns.values()):
             continue  # scored by exact match (moa_ray.eval.exact), not by the judge
-        if limit is not None and per_pipeline[pipeline] >= limit:
-            continue
-        per_pipeline[pipeline] += 1
         first = turns.get(1)
         if first is None:
+            continue
+        if mode == "alpaca-eval-official":
+            if first["reference"] is None:
+                continue  # nothing to compare with
+            prev = (official_done or {}).get((prompt_id, pipeline, 1, judge))
+            if prev is not None and prev["status"] == "ok":
+                continue
+            items.append(
+                OfficialItem(
+                    prompt_id=prompt_id,
+                    pipeline=pipeline,
+                    instruction=first["instruction"],
+                    category=first["category"],
+                    reference=first["reference"],
+                    reference_generator=first["reference_generator"] or "reference",
+                    output=first["output"],
+                    attempt=prev["attempt"] + 1 if prev else 1,
+                )
+            )
             continue
         use_pairwise = mode == "pairwise" or (mode == "auto" and first["dataset"] != MT_BENCH and first["reference"] is not None)
         if use_pairwise:
@@ -156,7 +239,7 @@ def plan_judging(
             answers.append(row["output"])
             references.append(row["reference"])
             prev = single_done.get((prompt_id, pipeline, turn, judge))
-            if prev is not None and prev["status"] == "ok":
+            if prev is not None and prev["status"] == "ok" and _repeats_of(prev) == repeats:
                 continue
             items.append(
                 GradeItem(
@@ -167,10 +250,31 @@ def plan_judging(
                     questions=list(questions),
                     answers=list(answers),
                     references=list(references),
+                    repeats=repeats,
                     attempt=prev["attempt"] + 1 if prev else 1,
                 )
             )
     return items
+
+
+def _limit(convo: Mapping[tuple[str, str], Any], limit: int | None, skip: str | None = None) -> list[tuple[str, str]]:
+    """(prompt id, pipeline) pairs in order, at most ``limit`` prompts per pipeline (``skip``: the baseline, unlimited)."""
+    per_pipeline: dict[str, int] = defaultdict(int)
+    kept = []
+    for prompt_id, pipeline in sorted(convo):
+        if pipeline == skip:
+            continue
+        if limit is not None and per_pipeline[pipeline] >= limit:
+            continue
+        per_pipeline[pipeline] += 1
+        kept.append((prompt_id, pipeline))
+    return kept
+
+
+def _repeats_of(row: Mapping[str, Any]) -> int:
+    """How many judgments a stored grade is the median of (tables written before repeats: 1)."""
+    scores = row.get("scores")
+    return len(scores) if scores is not None else 1
 
 
 class JudgeHandler:
@@ -185,16 +289,21 @@ class JudgeHandler:
     async def setup(self) -> None:
         return None
 
-    async def _ask(self, messages: list[Any]) -> tuple[Completion, float]:
+    async def _ask(self, messages: list[ChatMessage], params: ChatParams | None = None) -> tuple[Completion, float]:
         start = time.perf_counter()
-        completion = await self.agent.chat(messages, self.params)
+        completion = await self.agent.chat(messages, params or self.params)
         return completion, time.perf_counter() - start
 
     async def handle(self, item: JudgeItem) -> list[Any]:
+        """One row per item, by mode; an exception becomes a failed row (retried on the next run)."""
         try:
             if isinstance(item, PairwiseItem):
                 return [await self._pairwise(item)]
-            return [await self._grade(item)]
+            if isinstance(item, GradeItem):
+                return [await self._grade(item)]
+            if isinstance(item, BaselinePairItem):
+                return [await judge_baseline_pair(item, self._ask, run_id=self.run_id, judge=self.judge)]
+            return [await annotate(item, self._ask, run_id=self.run_id, judge=self.judge)]
         except Exception as err:  # noqa: BLE001 - a failed judgment is a row, retried next run
             return self.failed(item, f"{type(err).__name__}: {err}")
 
@@ -243,18 +352,44 @@ class JudgeHandler:
         }
 
     async def _grade(self, item: GradeItem) -> GradeRow:
+        """``item.repeats`` gradings at once; the score is their median (:func:`~moa_ray.eval.mt_bench.median_of_repeats`)."""
         name, messages = single_grade_messages(item.turn, item.questions, item.answers, item.references)
-        completion, latency = await self._ask(messages)
-        score = parse_rating(completion.text)
+        results = await asyncio.gather(*(self._ask(messages) for _ in range(item.repeats)), return_exceptions=True)
+        scores: list[float | None] = []
+        judgments: list[str] = []
+        prompt_tokens = completion_tokens = 0
+        latency = 0.0
+        for result in results:
+            if isinstance(result, BaseException):
+                if not isinstance(result, Exception):
+                    raise result  # cancellation and the like are not a judge's failure
+                scores.append(None)
+                judgments.append(f"{type(result).__name__}: {result}")
+                continue
+            completion, seconds = result
+            scores.append(parse_rating(completion.text))
+            judgments.append(completion.text)
+            prompt_tokens += completion.usage.prompt_tokens
+            completion_tokens += completion.usage.completion_tokens
+            latency = max(latency, seconds)
+        score = median_of_repeats(scores)
+        if score is None:
+            error = (
+                "no [[rating]] in 1-10 in the judgment"
+                if item.repeats == 1
+                else f"only {sum(s is not None for s in scores)} of {item.repeats} repeats gave a [[rating]] in 1-10 (a majority is needed)"
+            )
         return GradeRow(
             **self._grade_base(item, name),
             score=score,
-            judgment=completion.text,
-            judge_prompt_tokens=completion.usage.prompt_tokens,
-            judge_completion_tokens=completion.usage.completion_tokens,
+            judgment=judgments[0],
+            scores=scores,
+            judgments=judgments,
+            judge_prompt_tokens=prompt_tokens,
+            judge_completion_tokens=completion_tokens,
             latency_s=latency,
             status="ok" if score is not None else "error",
-            error=None if score is not None else "no [[rating]] in 1-10 in the judgment",
+            error=None if score is not None else error,
         )
 
     def _grade_base(self, item: GradeItem, prompt_name: str) -> dict[str, Any]:
@@ -272,6 +407,10 @@ class JudgeHandler:
     def failed(self, item: JudgeItem, error: str) -> list[Any]:
         if isinstance(item, PairwiseItem):
             return [PairwiseRow(**self._pairwise_base(item), status="error", error=error)]
+        if isinstance(item, BaselinePairItem):
+            return [BaselinePairRow(**baseline_row_base(item, run_id=self.run_id, judge=self.judge), status="error", error=error)]
+        if isinstance(item, OfficialItem):
+            return [OfficialAnnotationRow(**official_row_base(item, run_id=self.run_id, judge=self.judge), status="error", error=error)]
         with_ref = all(r is not None for r in item.references[: item.turn])
         return [GradeRow(**self._grade_base(item, single_prompt_name(item.turn, with_ref)), status="error", error=error)]
 
@@ -282,9 +421,12 @@ class JudgeSummary(BaseModel):
     out: str
     pairwise_items: int
     single_items: int
+    baseline_items: int = 0
+    official_items: int = 0
     ok_rows: int
     failed_rows: int
     elapsed_s: float
+    annotation_files: dict[str, int] = Field(default_factory=dict, description="AlpacaEval annotations.json written, rows per file.")
 
 
 def run_judging(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Agent, options: JudgeOptions) -> JudgeSummary:
@@ -293,53 +435,83 @@ def run_judging(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Ag
         return _judge(generations, agent, options)
 
 
-def _judge(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Agent, options: JudgeOptions) -> JudgeSummary:
-    ptable, stable = pairwise_table(options.out), single_table(options.out)
-    items = plan_judging(
+def judge_tables(out: str) -> dict[type[BaseModel], RowTable[Any]]:
+    """The judgment table each kind of item writes to."""
+    return {
+        PairwiseItem: pairwise_table(out),
+        GradeItem: single_table(out),
+        BaselinePairItem: baseline_table(out),
+        OfficialItem: official_table(out),
+    }
+
+
+def plan_for_options(generations: Mapping[tuple[Any, ...], dict[str, Any]], options: JudgeOptions) -> list[JudgeItem]:
+    """:func:`plan_judging` against the judgment tables already in ``options.out``."""
+    tables = judge_tables(options.out)
+    return plan_judging(
         generations,
         options.judge,
-        ptable.latest(),
-        stable.latest(),
+        tables[PairwiseItem].latest(),
+        tables[GradeItem].latest(),
         mode=options.mode,
         pipelines=options.pipelines,
         limit=options.limit,
+        baseline=options.baseline,
+        repeats=options.repeats,
+        baseline_done=tables[BaselinePairItem].latest() if options.mode == "pairwise-baseline" else None,
+        official_done=tables[OfficialItem].latest() if options.mode == "alpaca-eval-official" else None,
     )
+
+
+def _judge(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Agent, options: JudgeOptions) -> JudgeSummary:
+    tables = judge_tables(options.out)
+    items = plan_for_options(generations, options)
     params = ChatParams(temperature=options.temperature, max_tokens=options.max_tokens)
     handler = JudgeHandler(agent, options.judge, options.run_id, params)
     ok = failed = 0
     elapsed = 0.0
     if items:
-        pwriter = ptable.writer(options.run_id, flush_rows=options.flush_rows, flush_s=options.flush_s)
-        swriter = stable.writer(options.run_id, flush_rows=options.flush_rows, flush_s=options.flush_s)
+        kinds = {type(i) for i in items}
+        writers = {k: tables[k].writer(options.run_id, flush_rows=options.flush_rows, flush_s=options.flush_s) for k in kinds}
         progress = EvalProgress(len(items), f"judge ({options.judge})", unit="judgments", enabled=options.progress)
 
         def on_rows(item: JudgeItem, rows: list[Any]) -> None:
             nonlocal ok, failed
-            (pwriter if isinstance(item, PairwiseItem) else swriter).add(rows)
+            writers[type(item)].add(rows)
             n_ok, n_failed = count_rows(rows)
             ok += n_ok
             failed += n_failed
             progress.advance(n_ok, n_failed)
 
         def tick() -> None:
-            pwriter.maybe_flush()
-            swriter.maybe_flush()
+            for writer in writers.values():
+                writer.maybe_flush()
 
         with WorkerPool(handler, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus) as pool:
-            with pwriter, swriter, progress:
+            with contextlib.ExitStack() as stack:
+                for writer in writers.values():
+                    stack.enter_context(writer)
+                stack.enter_context(progress)
                 elapsed = pool.run(items, on_rows, tick=tick).elapsed_s
-    for table in (ptable, stable):
+    for table in tables.values():
         if table.part_files():
             table.compact(options.run_id)
+    files: dict[str, int] = {}
+    if options.mode == "alpaca-eval-official":
+        rows = [r for r in tables[OfficialItem].latest().values() if r["judge"] == options.judge]
+        files = write_annotations(rows, join(options.out, ALPACA_RESULTS_DIR))
     return JudgeSummary(
         run_id=options.run_id,
         judge=options.judge,
         out=options.out,
         pairwise_items=sum(isinstance(i, PairwiseItem) for i in items),
         single_items=sum(isinstance(i, GradeItem) for i in items),
+        baseline_items=sum(isinstance(i, BaselinePairItem) for i in items),
+        official_items=sum(isinstance(i, OfficialItem) for i in items),
         ok_rows=ok,
         failed_rows=failed,
         elapsed_s=elapsed,
+        annotation_files=files,
     )
 
 

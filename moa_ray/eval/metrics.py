@@ -280,11 +280,18 @@ def _read_parquet(uri: str) -> list[dict[str, Any]]:
 
     fs, root = resolve(uri)
     try:
-        if fs.get_file_info(join(root, "pairwise")).type == pafs.FileType.Directory:
-            root = join(root, "pairwise")
+        found = [d for d in ANNOTATION_DIRS if fs.get_file_info(join(root, d)).type == pafs.FileType.Directory]
+        if len(found) > 1:
+            raise MetricsError(f"{uri} holds {' and '.join(found)} annotations: name one of the subdirectories")
+        if found:
+            root = join(root, found[0])
         return pads.dataset(root, filesystem=fs, format="parquet").to_table().to_pylist()
     except (OSError, ValueError) as err:
         raise MetricsError(f"cannot read {uri}: {err}") from None
+
+
+#: The judge output's tables in AlpacaEval's columns: pair-v2 preferences, AlpacaEval's official annotator.
+ANNOTATION_DIRS = ("pairwise", "alpaca_eval_official")
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -292,8 +299,11 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     if "://" in str(path):  # s3://, gs://, file://: never through Path, which folds the "//"
         return _read_parquet(str(path))
     p = Path(path)
-    if (p / "pairwise").is_dir():  # the output directory of `moa-ray eval judge`
-        p = path = p / "pairwise"
+    found = [d for d in ANNOTATION_DIRS if (p / d).is_dir()]  # the output directory of `moa-ray eval judge`
+    if len(found) > 1:
+        raise MetricsError(f"{path} holds {' and '.join(found)} annotations: name one of the subdirectories")
+    if found:
+        p = path = p / found[0]
     if p.is_dir() or str(path).endswith((".parquet", ".pq")):
         return _read_parquet(str(path))
     if not p.is_file():

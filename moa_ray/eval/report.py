@@ -21,6 +21,7 @@ from rich.table import Table
 from moa_ray.eval.datasets import GSM8K
 from moa_ray.eval.gsm8k import accuracy
 from moa_ray.eval.metrics import GLMData, mt_bench_scores, win_rates
+from moa_ray.eval.mt_bench import baseline_win_rates
 from moa_ray.eval.store import StoreError, join, resolve
 
 QUALITY_METRICS = {
@@ -50,6 +51,11 @@ class ReportRow(BaseModel):
     gsm8k_accuracy: float | None = Field(default=None, description="Exact-match accuracy (0-1).")
     gsm8k_standard_error: float | None = None
     gsm8k_n: int | None = None
+    baseline: str | None = Field(default=None, description="MT-Bench pairwise-baseline: the pipeline compared against.")
+    baseline_win: int | None = None
+    baseline_loss: int | None = None
+    baseline_tie: int | None = None
+    baseline_win_rate: float | None = Field(default=None, description="(win + 0.5 tie) / n, FastChat's win_rate_adjusted, in %.")
     mean_prompt_tokens: float | None = None
     mean_completion_tokens: float | None = None
     mean_tokens: float | None = None
@@ -75,6 +81,7 @@ TABLE_COLUMNS: list[tuple[str, str, str]] = [
     ("mt_bench_turn_2", "turn 2", "{:.2f}"),
     ("gsm8k_accuracy", "GSM8K acc", "{:.2%}"),
     ("gsm8k_standard_error", "GSM8K ± se", "{:.2%}"),
+    ("baseline_win_rate", "vs baseline %", "{:.2f}"),
     ("mean_tokens", "tokens/answer", "{:.0f}"),
     ("mean_cost_usd", "$/answer", "{:.5f}"),
     ("total_cost_usd", "$ total", "{:.4f}"),
@@ -101,8 +108,13 @@ def build_report(
     pipelines: list[str] | None = None,
     glm_data: GLMData | None = None,
     exact: Sequence[dict[str, Any]] = (),
+    baseline_pairs: Sequence[dict[str, Any]] = (),
 ) -> list[ReportRow]:
-    """One row per pipeline; cost and TFLOPs only where every finished answer has them; ``exact``: GSM8K scores."""
+    """One row per pipeline; cost and TFLOPs only where every finished answer has them.
+
+    ``pairwise`` are AlpacaEval-format annotations (pair-v2 or the official annotator's),
+    ``baseline_pairs`` MT-Bench pairwise-baseline matches, ``exact`` GSM8K exact-match scores.
+    """
     by_pipeline: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in generations.values():
         if pipelines is None or row["pipeline"] in pipelines:
@@ -112,8 +124,9 @@ def build_report(
     rates = win_rates(pair_ok, glm_data=glm_data) if pair_ok else {}
     mt = mt_bench_scores([g for g in grades if wanted(g["pipeline"])])
     gsm8k = gsm8k_accuracies([r for r in exact if wanted(r["pipeline"])])
+    versus = baseline_win_rates(r for r in baseline_pairs if wanted(r["pipeline"]))
     out = []
-    for pipeline in sorted(set(by_pipeline) | set(rates) | set(mt) | set(gsm8k)):
+    for pipeline in sorted(set(by_pipeline) | set(rates) | set(mt) | set(gsm8k) | set(versus)):
         rows = by_pipeline.get(pipeline, [])
         ok = [r for r in rows if r["status"] == "ok"]
         lat = [r["latency_s"] for r in ok if r["latency_s"] is not None]
@@ -159,6 +172,17 @@ def build_report(
             report = report.model_copy(
                 update={"gsm8k_accuracy": acc.accuracy, "gsm8k_standard_error": acc.standard_error, "gsm8k_n": acc.n}
             )
+        if pipeline in versus:
+            v = versus[pipeline]
+            report = report.model_copy(
+                update={
+                    "baseline": v.baseline,
+                    "baseline_win": v.win,
+                    "baseline_loss": v.loss,
+                    "baseline_tie": v.tie,
+                    "baseline_win_rate": 100 * v.win_rate_adjusted,
+                }
+            )
         out.append(report)
     return out
 
@@ -170,6 +194,34 @@ def gsm8k_accuracies(exact: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if row["status"] == "ok" and row["dataset"] == GSM8K and row["correct"] is not None:
             correct[row["pipeline"]].append(bool(row["correct"]))
     return {pipeline: accuracy(flags) for pipeline, flags in correct.items()}
+
+
+def mt_bench_markdown(rows: Sequence[ReportRow]) -> list[str]:
+    """FastChat's ``show_result.py`` tables: first turn, second turn and average (single grading), best first;
+    then the pairwise-baseline win / loss / tie with win rate = (win + 0.5 tie) / n."""
+    lines: list[str] = []
+    graded = [r for r in rows if r.mt_bench is not None]
+    for title, field in (("First turn", "mt_bench_turn_1"), ("Second turn", "mt_bench_turn_2"), ("Average", "mt_bench")):
+        scored = sorted((r for r in graded if getattr(r, field) is not None), key=lambda r: -getattr(r, field))
+        if scored:
+            lines += ["", f"MT-Bench, {title.lower()}:", "", "| pipeline | score |", "|---|---:|"]
+            lines += [f"| {r.pipeline} | {getattr(r, field):.6f} |" for r in scored]
+    versus = sorted((r for r in rows if r.baseline_win_rate is not None), key=lambda r: -(r.baseline_win_rate or 0.0))
+    if versus:
+        lines += [
+            "",
+            f"MT-Bench pairwise against {versus[0].baseline}:",
+            "",
+            "| pipeline | win | loss | tie | win rate % | loss rate % | win rate (ties half) % |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in versus:
+            n = (r.baseline_win or 0) + (r.baseline_loss or 0) + (r.baseline_tie or 0)
+            lines.append(
+                f"| {r.pipeline} | {r.baseline_win} | {r.baseline_loss} | {r.baseline_tie} | "
+                f"{100 * (r.baseline_win or 0) / n:.2f} | {100 * (r.baseline_loss or 0) / n:.2f} | {r.baseline_win_rate:.2f} |"
+            )
+    return lines
 
 
 # --------------------------------------------------------------------------- tables
@@ -209,6 +261,7 @@ def markdown(rows: Sequence[ReportRow]) -> str:
         for r in rows:
             if r.mt_bench_categories:
                 lines.append(f"| {r.pipeline} | " + " | ".join(_fmt(r.mt_bench_categories.get(c), "{:.2f}") for c in categories) + " |")
+    lines += mt_bench_markdown(rows)
     return "\n".join(lines) + "\n"
 
 
@@ -366,6 +419,7 @@ __all__ = [
     "build_report",
     "gsm8k_accuracies",
     "markdown",
+    "mt_bench_markdown",
     "pareto_frontier",
     "plot_gsm8k",
     "plot_tradeoff",

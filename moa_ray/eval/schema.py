@@ -203,8 +203,12 @@ class GradeRow(_Row):
     judge: str = Field(min_length=1)
     judge_prompt: str
     category: str | None = None
-    score: float | None = Field(default=None, ge=1.0, le=10.0)
-    judgment: str | None = None
+    score: float | None = Field(default=None, ge=1.0, le=10.0, description="The median of the repeats' scores.")
+    judgment: str | None = Field(default=None, description="The first repeat's judgment.")
+    scores: list[float | None] | None = Field(
+        default=None, description="Every repeat's rating (None: no rating in it); None in tables written before repeats."
+    )
+    judgments: list[str] | None = Field(default=None, description="Every repeat's judgment text (or its error).")
     judge_prompt_tokens: int = 0
     judge_completion_tokens: int = 0
     latency_s: float | None = None
@@ -215,6 +219,105 @@ class GradeRow(_Row):
             pa.field("category", pa.string()),
             pa.field("score", pa.float64()),
             pa.field("judgment", pa.string()),
+            pa.field("scores", pa.list_(pa.float64())),
+            pa.field("judgments", pa.list_(pa.string())),
+            *_JUDGED_TAIL,
+        ]
+    )
+
+
+class BaselinePairRow(_Row):
+    """One MT-Bench pairwise-baseline match: a pipeline's turn against the baseline pipeline's, played twice.
+
+    Game 1 shows the pipeline as assistant A, game 2 the baseline as A (FastChat's g1 / g2);
+    ``outcome`` is FastChat's reading of the pair: win only if both games say so.
+    """
+
+    KEY: ClassVar[tuple[str, ...]] = ("prompt_id", "pipeline", "baseline", "turn", "judge")
+
+    prompt_id: str = Field(min_length=1)
+    pipeline: str = Field(min_length=1)
+    baseline: str = Field(min_length=1, description="The pipeline of the same generation run compared against.")
+    turn: int = Field(ge=1)
+    judge: str = Field(min_length=1)
+    judge_prompt: str
+    category: str | None = None
+    g1_winner: str | None = Field(default=None, description="pipeline, baseline, tie or error (pipeline shown as A).")
+    g2_winner: str | None = Field(default=None, description="pipeline, baseline, tie or error (baseline shown as A).")
+    outcome: str | None = Field(default=None, description="win, loss or tie for the pipeline.")
+    g1_judgment: str | None = None
+    g2_judgment: str | None = None
+    judge_prompt_tokens: int = 0
+    judge_completion_tokens: int = 0
+    latency_s: float | None = None
+
+    SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("pipeline", pa.string(), nullable=False),
+            pa.field("baseline", pa.string(), nullable=False),
+            pa.field("turn", pa.int32(), nullable=False),
+            pa.field("judge", pa.string(), nullable=False),
+            pa.field("judge_prompt", pa.string(), nullable=False),
+            pa.field("category", pa.string()),
+            pa.field("g1_winner", pa.string()),
+            pa.field("g2_winner", pa.string()),
+            pa.field("outcome", pa.string()),
+            pa.field("g1_judgment", pa.string()),
+            pa.field("g2_judgment", pa.string()),
+            *_JUDGED_TAIL,
+        ]
+    )
+
+
+class OfficialAnnotationRow(_Row):
+    """An annotation by AlpacaEval's ``weighted_alpaca_eval_gpt4_turbo`` annotator (column names are AlpacaEval's).
+
+    ``preference`` is in [1, 2] with output_1 the reference: from the logprobs of "m" and "M"
+    when the judge endpoint returned them (``preference_source`` "logprobs"), else 1 or 2 from
+    the generated token ("token"). ``is_switched_outputs``: the pipeline was shown first, as
+    AlpacaEval's seeded random order decided.
+    """
+
+    KEY: ClassVar[tuple[str, ...]] = ("prompt_id", "pipeline", "turn", "judge")
+
+    prompt_id: str = Field(min_length=1)
+    pipeline: str = Field(min_length=1)
+    turn: int = Field(default=1, ge=1)
+    judge: str = Field(min_length=1)
+    judge_prompt: str = Field(description="The annotator's name.")
+    instruction: str
+    dataset: str | None = None
+    output_1: str = Field(description="The reference output.")
+    generator_1: str
+    output_2: str = Field(description="The pipeline's output.")
+    generator_2: str
+    preference: float | None = Field(default=None, ge=1.0, le=2.0)
+    preference_source: str | None = Field(default=None, description="logprobs or token.")
+    is_switched_outputs: bool = False
+    raw_completion: str | None = Field(default=None, description="The judge's generated text.")
+    top_logprobs: str | None = Field(
+        default=None, description="JSON: the first generated token with its top candidates (OpenAI's logprobs.content[0])."
+    )
+    judge_prompt_tokens: int = 0
+    judge_completion_tokens: int = 0
+    latency_s: float | None = None
+
+    SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            *_JUDGED_HEAD,
+            pa.field("instruction", pa.string(), nullable=False),
+            pa.field("dataset", pa.string()),
+            pa.field("output_1", pa.string(), nullable=False),
+            pa.field("generator_1", pa.string(), nullable=False),
+            pa.field("output_2", pa.string(), nullable=False),
+            pa.field("generator_2", pa.string(), nullable=False),
+            pa.field("preference", pa.float64()),
+            pa.field("preference_source", pa.string()),
+            pa.field("is_switched_outputs", pa.bool_(), nullable=False),
+            pa.field("raw_completion", pa.string()),
+            pa.field("top_logprobs", pa.string()),
             *_JUDGED_TAIL,
         ]
     )
@@ -252,7 +355,7 @@ class ExactRow(_Row):
 
 def _check_schemas() -> None:
     """Every pydantic field has a column and vice versa (caught at import, not at write time)."""
-    for row in (GenerationRow, PairwiseRow, GradeRow, ExactRow):
+    for row in (GenerationRow, PairwiseRow, GradeRow, ExactRow, BaselinePairRow, OfficialAnnotationRow):
         fields, columns = set(row.model_fields), set(row.SCHEMA.names)
         if fields != columns:
             raise AssertionError(f"{row.__name__}: fields and schema differ: {sorted(fields ^ columns)}")

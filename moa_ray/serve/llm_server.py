@@ -22,7 +22,7 @@ from pydantic import TypeAdapter
 from ray.serve.llm.deployment import LLMServer
 
 from moa_ray.backends.base import chat_kwargs
-from moa_ray.chat import ChatRequest, Completion, StreamChunk, Usage
+from moa_ray.chat import ChatRequest, Completion, StreamChunk, Usage, parse_logprobs
 from moa_ray.config import ModelSpec, VLLMModelSpec
 from moa_ray.errors import BackendError, UpstreamError, error_for_status
 from moa_ray.packaged_models import is_packaged, prepare_hf_folder
@@ -47,6 +47,11 @@ def openai_request_body(model_id: str, spec: VLLMModelSpec, request: ChatRequest
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return body
+
+
+def _plain(value: Any) -> Any:
+    """A pydantic object of vLLM's protocol as plain data (what :func:`~moa_ray.chat.parse_logprobs` reads)."""
+    return value.model_dump() if hasattr(value, "model_dump") else value
 
 
 def _error_from(error: Any, model: str) -> BackendError:
@@ -96,6 +101,7 @@ class MoALLMServer(LLMServer):
                         latency_s=time.perf_counter() - start,
                         finish_reason=choice.finish_reason,
                         model=self.spec.model,
+                        logprobs=parse_logprobs({"logprobs": _plain(getattr(choice, "logprobs", None))}),
                     ).model_dump()
                 }
         except BackendError as err:

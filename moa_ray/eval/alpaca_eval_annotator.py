@@ -1,0 +1,300 @@
+"""AlpacaEval 2's leaderboard annotator, ``weighted_alpaca_eval_gpt4_turbo``, reproduced step by step.
+
+What AlpacaEval does, and where this module does it:
+
+* **Order**: ``PairwiseAnnotator`` randomly swaps output_1 / output_2 with a seeded choice per
+  instruction (``RandomSwitchTwoColumnsProcessor``: ``random.Random("is_switched_outputs" +
+  instruction + "0").choices([False, True])``) - :func:`is_switched_outputs`.
+* **Prompt**: ``alpaca_eval_clf.txt`` filled by ``utils.make_prompts`` (each ``{key}`` replaced
+  once, in order of appearance), its chat-ML markup split into messages by
+  ``utils.prompt_to_chatml`` - :func:`prompt_text`, :func:`chatml_messages`.
+* **Call**: ``configs.yaml``'s completion settings: max_tokens 1, temperature 1, logprobs,
+  top_logprobs 5 - :class:`AnnotatorConfig`.
+* **Preference**: ``completion_parsers.logprob_parser`` with numerator "m" (output_1, shown
+  first) and denominator "m"/"M", not binarized: ``2 - P(m) / (P(m) + P(M))`` from the
+  first token's top logprobs, a token missing from them counting as probability 0 -
+  :func:`logprob_preference`; then un-swapped as ``3 - preference``.
+
+When the judge endpoint returns no logprobs (llama.cpp without ``logits_all``, some
+providers), the generated token decides: "m" is 1, "M" is 2 (:func:`token_preference`),
+and the row says so (``preference_source``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import cache
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+
+from moa_ray.chat import ChatMessage, ChatParams, Completion, TokenLogprob, TopLogprob
+from moa_ray.eval.datasets import data_file
+from moa_ray.eval.schema import OfficialAnnotationRow
+from moa_ray.eval.store import StoreError, join, resolve
+
+ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
+_DIR = ("alpaca_eval", ANNOTATOR)
+#: The seed AlpacaEval's annotators pass to their processors (BaseAnnotator's default).
+SEED = 0
+SWITCH_COLUMN = "is_switched_outputs"
+#: The columns of AlpacaEval's own annotation files, in their order.
+ANNOTATION_KEYS = ("instruction", "output_1", "generator_1", "dataset", "output_2", "generator_2", "annotator", "preference")
+
+PreferenceSource = Literal["logprobs", "token"]
+
+
+class AnnotatorError(ValueError):
+    """The shipped annotator files are unusable (a broken install)."""
+
+
+class AnnotatorConfig(BaseModel):
+    """The parts of ``configs.yaml`` that decide the call and the parse."""
+
+    model_name: str
+    max_tokens: int = Field(ge=1)
+    temperature: float = Field(ge=0.0, le=2.0)
+    logprobs: bool
+    top_logprobs: int = Field(ge=0, le=20)
+    numerator_token: str
+    denominator_tokens: list[str] = Field(min_length=1)
+    is_binarize: bool
+
+    def chat_params(self) -> ChatParams:
+        return ChatParams(max_tokens=self.max_tokens, temperature=self.temperature, logprobs=self.logprobs, top_logprobs=self.top_logprobs)
+
+
+@cache
+def annotator_config() -> AnnotatorConfig:
+    """``configs.yaml`` of the shipped annotator."""
+    raw = yaml.safe_load(data_file(*_DIR, "configs.yaml").read_text(encoding="utf-8"))
+    try:
+        entry = raw[ANNOTATOR]
+        kwargs, parser = entry["completions_kwargs"], entry["completion_parser_kwargs"]
+        if entry["fn_completion_parser"] != "logprob_parser":
+            raise AnnotatorError(f"expected logprob_parser, the config names {entry['fn_completion_parser']!r}")
+        config = AnnotatorConfig(**kwargs, **parser)
+    except (KeyError, TypeError) as err:
+        raise AnnotatorError(f"unexpected {ANNOTATOR} configs.yaml: {err}") from None
+    if config.is_binarize:
+        raise AnnotatorError(f"{ANNOTATOR} is the weighted (not binarized) annotator; its configs.yaml says is_binarize")
+    return config
+
+
+@cache
+def prompt_template() -> str:
+    return str(data_file(*_DIR, "alpaca_eval_clf.txt").read_text(encoding="utf-8"))
+
+
+def prompt_text(template: str, fields: Mapping[str, str]) -> str:
+    """``utils.make_prompts`` for one example: every ``{key}`` (no whitespace inside) replaced once, in order.
+
+    The literal braces of the template's JSON-like layout hold whitespace, so they are left alone.
+    """
+    placeholders = list(dict.fromkeys(re.findall(r"{([^ \s]+?)}", template)))
+    missing = [p for p in placeholders if p not in fields]
+    if missing:
+        raise KeyError(f"the annotator template needs {missing}")
+    text = template
+    for key in placeholders:
+        text = text.replace("{" + key + "}", str(fields[key]), 1)
+    return text
+
+
+def chatml_messages(prompt: str, start: str = "<|im_start|>", end: str = "<|im_end|>") -> list[ChatMessage]:
+    """``utils.prompt_to_chatml``: each ``<|im_start|>ROLE\\n...<|im_end|>`` block as a message, contents stripped."""
+    prompt = prompt.strip()
+    if not prompt.startswith(start) or not prompt.endswith(end):
+        raise ValueError(f"a chat-ML prompt starts with {start} and ends with {end}")
+    messages = []
+    for block in prompt.split(start)[1:]:
+        head, _, rest = block.partition("\n")
+        role = head.strip()
+        if role.startswith("system"):
+            role = "system"  # "system name=example_user" carries few-shot names this template does not use
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"unknown chat-ML role {role!r}")
+        messages.append(ChatMessage(role=role, content=rest.split(end, 1)[0].strip()))  # type: ignore[arg-type]
+    return messages
+
+
+def is_switched_outputs(instruction: str, seed: int = SEED) -> bool:
+    """AlpacaEval's seeded coin: whether output_2 (the model) is shown first for this instruction."""
+    return bool(random.Random(SWITCH_COLUMN + instruction + str(seed)).choices([False, True], k=1)[0])
+
+
+def annotator_messages(instruction: str, reference: str, output: str) -> tuple[list[ChatMessage], bool]:
+    """The judge conversation for one instruction, and whether the outputs were swapped for it."""
+    switched = is_switched_outputs(instruction)
+    first, second = (output, reference) if switched else (reference, output)
+    text = prompt_text(prompt_template(), {"instruction": instruction, "output_1": first, "output_2": second})
+    return chatml_messages(text), switched
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    top = max(values)
+    if top == -math.inf:
+        return -math.inf
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def logprob_preference(top_logprobs: Sequence[TopLogprob], numerator: str = "m", denominators: Sequence[str] = ("m", "M")) -> float | None:
+    """``logprob_parser`` (not binarized): ``2 - exp(lp[numerator] - logsumexp(lp[denominators]))``.
+
+    A token absent from the candidates has probability 0; None (AlpacaEval's NaN) when none of them is there.
+    """
+    wanted = set(denominators) | {numerator}
+    found: dict[str, float] = {}
+    for t in top_logprobs:
+        if t.token in wanted:
+            found[t.token] = t.logprob  # AlpacaEval's dict comprehension: the last duplicate wins
+    if not found:
+        return None
+    num = found.get(numerator, -math.inf)
+    den = _logsumexp([found.get(t, -math.inf) for t in denominators])
+    return 2.0 - math.exp(num - den)
+
+
+def token_preference(text: str) -> float | None:
+    """The discrete preference from the generated identifier: "m" (output_1) is 1, "M" (output_2) is 2."""
+    token = text.strip()
+    return {"m": 1.0, "M": 2.0}.get(token)
+
+
+class Preference(BaseModel):
+    """A parsed annotation, in the presentation order (before un-swapping)."""
+
+    value: float | None
+    source: PreferenceSource
+    top_logprobs: list[TopLogprob] | None = None
+
+
+def parse_completion(text: str, logprobs: list[TokenLogprob] | None) -> Preference:
+    """From the first token's top logprobs when the engine sent them, else from the text."""
+    config = annotator_config()
+    if logprobs:
+        tops = logprobs[0].top_logprobs
+        return Preference(
+            value=logprob_preference(tops, config.numerator_token, config.denominator_tokens), source="logprobs", top_logprobs=tops
+        )
+    return Preference(value=token_preference(text), source="token")
+
+
+def unswitch(preference: float, switched: bool) -> float:
+    """AlpacaEval's ``3 - x`` for a swapped example, so that 1 always means output_1 (the reference) wins."""
+    return 3.0 - preference if switched else preference
+
+
+# --------------------------------------------------------------------------- AlpacaEval's files
+
+
+def annotation_record(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One finished annotation row as AlpacaEval writes it in ``annotations.json`` (its keys, its order)."""
+    raw: dict[str, Any] = {"text": row.get("raw_completion")}
+    if row.get("top_logprobs"):
+        raw["logprobs"] = {"content": [json.loads(row["top_logprobs"])]}
+    record = {k: row.get(k) for k in ANNOTATION_KEYS}
+    record["annotator"] = ANNOTATOR
+    return {**record, "time_per_example": row.get("latency_s"), "raw_completion": raw}
+
+
+def write_annotations(rows: Sequence[Mapping[str, Any]], out: str) -> dict[str, int]:
+    """AlpacaEval's results layout, per pipeline: ``<out>/<pipeline>/model_outputs.json`` and
+    ``<out>/<pipeline>/weighted_alpaca_eval_gpt4_turbo/annotations.json`` (finished rows, by prompt id).
+
+    Returns the annotations written per file.
+    """
+    by_pipeline: dict[str, list[Mapping[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: (r["pipeline"], r["prompt_id"])):
+        if r.get("status", "ok") == "ok" and r.get("preference") is not None:
+            by_pipeline.setdefault(r["pipeline"], []).append(r)
+    fs, root = resolve(out)
+    written = {}
+    for pipeline, selected in by_pipeline.items():
+        outputs = [
+            {"instruction": r["instruction"], "output": r["output_2"], "generator": pipeline, "dataset": r.get("dataset")} for r in selected
+        ]
+        files = {
+            join(root, pipeline, "model_outputs.json"): outputs,
+            join(root, pipeline, ANNOTATOR, "annotations.json"): [annotation_record(r) for r in selected],
+        }
+        for path, data in files.items():
+            try:
+                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                with fs.open_output_stream(path) as stream:
+                    stream.write(json.dumps(data, ensure_ascii=False, indent=2).encode("utf-8"))
+            except OSError as err:
+                raise StoreError(f"cannot write {path}: {err}") from None
+        written[join(out, pipeline, ANNOTATOR, "annotations.json")] = len(selected)
+    return written
+
+
+# --------------------------------------------------------------------------- judging one item
+
+
+class OfficialItem(BaseModel):
+    """One AlpacaEval instruction of one pipeline, to annotate against its reference output."""
+
+    kind: Literal["alpaca-eval-official"] = "alpaca-eval-official"
+    prompt_id: str
+    pipeline: str
+    instruction: str
+    category: str | None
+    reference: str
+    reference_generator: str
+    output: str
+    attempt: int = 1
+
+
+Ask = Callable[[list[ChatMessage], ChatParams], Awaitable[tuple[Completion, float]]]
+
+
+def official_row_base(item: OfficialItem, *, run_id: str, judge: str) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "prompt_id": item.prompt_id,
+        "pipeline": item.pipeline,
+        "turn": 1,
+        "judge": judge,
+        "judge_prompt": ANNOTATOR,
+        "instruction": item.instruction,
+        "dataset": item.category,
+        "output_1": item.reference,
+        "generator_1": item.reference_generator,
+        "output_2": item.output,
+        "generator_2": item.pipeline,
+        "is_switched_outputs": is_switched_outputs(item.instruction),
+        "attempt": item.attempt,
+    }
+
+
+async def annotate(item: OfficialItem, ask: Ask, *, run_id: str, judge: str) -> OfficialAnnotationRow:
+    """One call with the annotator's settings; the preference from logprobs when there are any, else the token."""
+    messages, switched = annotator_messages(item.instruction, item.reference, item.output)
+    completion, latency = await ask(messages, annotator_config().chat_params())
+    parsed = parse_completion(completion.text, completion.logprobs)
+    first = completion.logprobs[0].model_dump_json() if completion.logprobs else None
+    error = None
+    if parsed.value is None:
+        error = (
+            "neither 'm' nor 'M' among the first token's top logprobs"
+            if parsed.source == "logprobs"
+            else f"the judge answered {completion.text[:40]!r}, not 'm' or 'M' (and sent no logprobs)"
+        )
+    return OfficialAnnotationRow(
+        **official_row_base(item, run_id=run_id, judge=judge),
+        preference=None if parsed.value is None else unswitch(parsed.value, switched),
+        preference_source=parsed.source,
+        raw_completion=completion.text,
+        top_logprobs=first,
+        judge_prompt_tokens=completion.usage.prompt_tokens,
+        judge_completion_tokens=completion.usage.completion_tokens,
+        latency_s=latency,
+        status="error" if error else "ok",
+        error=error,
+    )
