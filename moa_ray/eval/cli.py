@@ -252,10 +252,10 @@ def _print_generate_summary(summary: Any) -> None:
 @click.option("--out", required=True, help="Judgment directory (pairwise/ and single/ tables).")
 @click.option(
     "--mode",
-    type=click.Choice(["auto", "pairwise", "single"]),
+    type=click.Choice(["auto", "pairwise", "single", "rubric"]),
     default="auto",
     show_default=True,
-    help="auto: MT-Bench is graded 1-10, prompts with a reference get pairwise preferences.",
+    help="auto: MT-Bench is graded 1-10, FLASK / Just-Eval / CEB get their rubric judge, other prompts with a reference get pairwise preferences.",
 )
 @click.option("--pipeline", "pipeline_names", default=None, help="Only these pipelines (comma separated).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N prompts per pipeline.")
@@ -275,7 +275,7 @@ def judge_command(
     judge_model: str,
     generations: str,
     out: str,
-    mode: Literal["auto", "pairwise", "single"],
+    mode: Literal["auto", "pairwise", "single", "rubric"],
     pipeline_names: str | None,
     limit: int | None,
     concurrency: int,
@@ -294,6 +294,7 @@ def judge_command(
     from moa_ray.config import load_config
     from moa_ray.eval.generate import new_run_id
     from moa_ray.eval.judge import JudgeOptions, pairwise_table, plan_judging, read_generations, run_judging, single_table
+    from moa_ray.eval.rubric.plan import rubric_table
 
     config = load_config(config_path)
     if judge_model not in config.models:
@@ -325,6 +326,7 @@ def judge_command(
         mode=options.mode,
         pipelines=options.pipelines,
         limit=limit,
+        rubric_done=rubric_table(out).latest(),
     )
     err_console.print(f"{len(items)} judgments to make with {judge_model!r} -> {out}", highlight=False)
     agent = None
@@ -345,7 +347,7 @@ def judge_command(
             _delete_app(app_name)
     err_console.print(
         f"run {summary.run_id}: {summary.ok_rows} judgments ok, {summary.failed_rows} failed "
-        f"({summary.pairwise_items} pairwise, {summary.single_items} single) in {summary.elapsed_s:.1f}s",
+        f"({summary.pairwise_items} pairwise, {summary.single_items} single, {summary.rubric_items} rubric) in {summary.elapsed_s:.1f}s",
         highlight=False,
     )
     if summary.failed_rows:
@@ -371,26 +373,31 @@ def judge_command(
 def report_command(
     generations: str, judgments: str | None, out: str, judge_model: str | None, pipeline_names: str | None, glm_data: str | None
 ) -> None:
-    """Per pipeline: win rates, LC win rate, MT-Bench, tokens, cost, latency, TFLOPs; tables and plots."""
+    """Per pipeline: win rates, LC win rate, MT-Bench, FLASK, Just-Eval, CEB, tokens, cost, latency, TFLOPs; tables and plots."""
     from moa_ray.eval.judge import pairwise_table, read_generations, single_table
     from moa_ray.eval.metrics import GLMData
     from moa_ray.eval.report import build_report, rich_table, write_report
+    from moa_ray.eval.rubric.plan import rubric_table
+    from moa_ray.eval.rubric.report import build_rubric_tables, rich_rubric_table, write_rubric_report
 
     gens = read_generations(generations)
     if not gens:
         raise MoARayError(f"no generations in {generations}")
     pairwise: list[dict[str, Any]] = []
     grades: list[dict[str, Any]] = []
+    rubric: list[dict[str, Any]] = []
     if judgments:
         pairwise = [r for r in pairwise_table(judgments).latest().values() if r["status"] == "ok"]
         grades = [r for r in single_table(judgments).latest().values() if r["status"] == "ok"]
-        judges = sorted({r["judge"] for r in pairwise + grades})
+        rubric = [r for r in rubric_table(judgments).latest().values() if r["status"] == "ok"]
+        judges = sorted({r["judge"] for r in pairwise + grades + rubric})
         if judge_model is not None:
             if judge_model not in judges:
                 raise MoARayError(f"no judgments by {judge_model!r} in {judgments} (judges: {', '.join(judges) or 'none'})")
             pairwise = [r for r in pairwise if r["judge"] == judge_model]
             grades = [r for r in grades if r["judge"] == judge_model]
-        for kind, rows_of_kind in (("pairwise", pairwise), ("single", grades)):
+            rubric = [r for r in rubric if r["judge"] == judge_model]
+        for kind, rows_of_kind in (("pairwise", pairwise), ("single", grades), ("rubric", rubric)):
             kind_judges = sorted({r["judge"] for r in rows_of_kind})
             if len(kind_judges) > 1:
                 raise MoARayError(
@@ -399,6 +406,11 @@ def report_command(
     rows = build_report(gens, pairwise, grades, pipelines=_names(pipeline_names), glm_data=GLMData.from_dir(glm_data) if glm_data else None)
     make_console(stderr=False).print(rich_table(rows))
     for path in write_report(rows, out):
+        err_console.print(f"wrote {path}", highlight=False)
+    rubric_tables = build_rubric_tables(gens, rubric, pipelines=_names(pipeline_names))
+    for table in rubric_tables:
+        make_console(stderr=False).print(rich_rubric_table(table))
+    for path in write_rubric_report(rubric_tables, out):
         err_console.print(f"wrote {path}", highlight=False)
 
 

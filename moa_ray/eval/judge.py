@@ -7,6 +7,8 @@
 * **single** (MT-Bench): each turn is graded 1-10; math, reasoning and coding are
   graded against the reference answers, turn 2 with the whole conversation. Rows go
   to ``OUT/single``.
+* **rubric** (FLASK, Just-Eval, CEB; see :mod:`moa_ray.eval.rubric`): the benchmark's
+  official prompt and parser, picked from the generations' dataset. Rows go to ``OUT/rubric``.
 
 The judge is any model of the config, deployed on Ray Serve like the agents; work is
 sharded across the same kind of actor pool as generation and is resumable the same way.
@@ -35,12 +37,14 @@ from moa_ray.eval.judge_prompts import (
 )
 from moa_ray.eval.lease import WriterLease
 from moa_ray.eval.progress import EvalProgress
+from moa_ray.eval.rubric.base import RubricItem
+from moa_ray.eval.rubric.plan import judge_rubric, plan_rubric, rubric_failed, rubric_table, uses_rubric
 from moa_ray.eval.runner import WorkerPool, count_rows
 from moa_ray.eval.schema import GenerationRow, GradeRow, PairwiseRow
 from moa_ray.eval.store import RowTable, join
 from moa_ray.pipeline.agents import Agent
 
-JudgeMode = Literal["auto", "pairwise", "single"]
+JudgeMode = Literal["auto", "pairwise", "single", "rubric"]
 PAIRWISE_DIR = "pairwise"
 SINGLE_DIR = "single"
 
@@ -95,7 +99,7 @@ class GradeItem(BaseModel):
     attempt: int = 1
 
 
-JudgeItem = PairwiseItem | GradeItem
+JudgeItem = PairwiseItem | GradeItem | RubricItem
 
 
 def plan_judging(
@@ -107,10 +111,16 @@ def plan_judging(
     mode: JudgeMode = "auto",
     pipelines: list[str] | None = None,
     limit: int | None = None,
+    rubric_done: Mapping[tuple[Any, ...], dict[str, Any]] | None = None,
 ) -> list[JudgeItem]:
     """Judge items for the finished generations that this judge has not judged yet (failed ones again)."""
+    rubric_items = plan_rubric(generations, judge, rubric_done or {}, mode=mode, pipelines=pipelines, limit=limit)
+    if mode == "rubric":
+        return list(rubric_items)
     convo: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for (prompt_id, pipeline, turn), row in generations.items():
+        if mode == "auto" and uses_rubric(row["dataset"]):
+            continue  # planned by plan_rubric
         if row["status"] == "ok" and (pipelines is None or pipeline in pipelines):
             convo[(prompt_id, pipeline)][turn] = row
     per_pipeline: dict[str, int] = defaultdict(int)
@@ -167,7 +177,7 @@ def plan_judging(
                     attempt=prev["attempt"] + 1 if prev else 1,
                 )
             )
-    return items
+    return items + rubric_items
 
 
 class JudgeHandler:
@@ -191,6 +201,8 @@ class JudgeHandler:
         try:
             if isinstance(item, PairwiseItem):
                 return [await self._pairwise(item)]
+            if isinstance(item, RubricItem):
+                return [await judge_rubric(item, self.agent, self.params, judge=self.judge, run_id=self.run_id)]
             return [await self._grade(item)]
         except Exception as err:  # noqa: BLE001 - a failed judgment is a row, retried next run
             return self.failed(item, f"{type(err).__name__}: {err}")
@@ -269,6 +281,8 @@ class JudgeHandler:
     def failed(self, item: JudgeItem, error: str) -> list[Any]:
         if isinstance(item, PairwiseItem):
             return [PairwiseRow(**self._pairwise_base(item), status="error", error=error)]
+        if isinstance(item, RubricItem):
+            return [rubric_failed(item, error, judge=self.judge, run_id=self.run_id)]
         with_ref = all(r is not None for r in item.references[: item.turn])
         return [GradeRow(**self._grade_base(item, single_prompt_name(item.turn, with_ref)), status="error", error=error)]
 
@@ -279,6 +293,7 @@ class JudgeSummary(BaseModel):
     out: str
     pairwise_items: int
     single_items: int
+    rubric_items: int = 0
     ok_rows: int
     failed_rows: int
     elapsed_s: float
@@ -291,7 +306,7 @@ def run_judging(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Ag
 
 
 def _judge(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Agent, options: JudgeOptions) -> JudgeSummary:
-    ptable, stable = pairwise_table(options.out), single_table(options.out)
+    ptable, stable, rtable = pairwise_table(options.out), single_table(options.out), rubric_table(options.out)
     items = plan_judging(
         generations,
         options.judge,
@@ -300,6 +315,7 @@ def _judge(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Agent, 
         mode=options.mode,
         pipelines=options.pipelines,
         limit=options.limit,
+        rubric_done=rtable.latest(),
     )
     params = ChatParams(temperature=options.temperature, max_tokens=options.max_tokens)
     handler = JudgeHandler(agent, options.judge, options.run_id, params)
@@ -308,24 +324,27 @@ def _judge(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Agent, 
     if items:
         pwriter = ptable.writer(options.run_id, flush_rows=options.flush_rows, flush_s=options.flush_s)
         swriter = stable.writer(options.run_id, flush_rows=options.flush_rows, flush_s=options.flush_s)
+        rwriter = rtable.writer(options.run_id, flush_rows=options.flush_rows, flush_s=options.flush_s)
+        writers: dict[type, Any] = {PairwiseItem: pwriter, GradeItem: swriter, RubricItem: rwriter}
         progress = EvalProgress(len(items), f"judge ({options.judge})", unit="judgments", enabled=options.progress)
 
         def on_rows(item: JudgeItem, rows: list[Any]) -> None:
             nonlocal ok, failed
-            (pwriter if isinstance(item, PairwiseItem) else swriter).add(rows)
+            writers[type(item)].add(rows)
             n_ok, n_failed = count_rows(rows)
             ok += n_ok
             failed += n_failed
             progress.advance(n_ok, n_failed)
 
         def tick() -> None:
-            pwriter.maybe_flush()
-            swriter.maybe_flush()
+            for writer in writers.values():
+                writer.maybe_flush()
 
         with WorkerPool(handler, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus) as pool:
-            with pwriter, swriter, progress:
+            with pwriter, swriter, rwriter, progress:
                 elapsed = pool.run(items, on_rows, tick=tick).elapsed_s
-    for table in (ptable, stable):
+    tables: tuple[RowTable[Any], ...] = (ptable, stable, rtable)
+    for table in tables:
         if table.part_files():
             table.compact(options.run_id)
     return JudgeSummary(
@@ -334,6 +353,7 @@ def _judge(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Agent, 
         out=options.out,
         pairwise_items=sum(isinstance(i, PairwiseItem) for i in items),
         single_items=sum(isinstance(i, GradeItem) for i in items),
+        rubric_items=sum(isinstance(i, RubricItem) for i in items),
         ok_rows=ok,
         failed_rows=failed,
         elapsed_s=elapsed,
