@@ -60,9 +60,13 @@ def plan_rubric(
     mode: str = "auto",
     pipelines: list[str] | None = None,
     limit: int | None = None,
-    prompts: PromptLookup = dataset_prompts,
+    prompts: PromptLookup | None = None,
 ) -> list[RubricItem]:
-    """Rubric items for finished turn-1 answers of rubric benchmarks not yet judged ok by ``judge`` (failed ones again)."""
+    """Rubric items for finished turn-1 answers of rubric benchmarks not yet judged ok by ``judge`` (failed ones again).
+
+    ``prompts`` looks a dataset's prompts up by name (default :func:`dataset_prompts`, resolved at call time).
+    """
+    lookup = prompts or dataset_prompts
     if mode not in ("auto", RUBRIC_MODE):
         return []
     rows = sorted(
@@ -93,7 +97,7 @@ def plan_rubric(
         if prev is not None and prev["status"] == "ok":
             continue
         if dataset not in lookups:
-            lookups[dataset] = prompts(dataset)
+            lookups[dataset] = lookup(dataset)
         info = lookups[dataset].get(row["prompt_id"])
         if info is None:
             raise RubricInputError(f"prompt {row['prompt_id']!r} of the generations is not in dataset {dataset!r}")
