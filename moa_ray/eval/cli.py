@@ -294,12 +294,13 @@ def _print_generate_summary(summary: Any) -> None:
 @click.option("--out", required=True, help="Judgment directory (pairwise/, single/ and exact/ tables).")
 @click.option(
     "--mode",
-    type=click.Choice(["auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official", "exact"]),
+    type=click.Choice(["auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official", "rubric", "exact"]),
     default="auto",
     show_default=True,
     help="auto: MT-Bench is graded 1-10, prompts with a reference get pairwise preferences, gsm8k is scored by exact "
     "match into OUT/exact without a judge; pairwise-baseline: FastChat's pairwise games against --baseline; "
-    "alpaca-eval-official: AlpacaEval 2's weighted_alpaca_eval_gpt4_turbo; exact: only the exact-match scoring.",
+    "alpaca-eval-official: AlpacaEval 2's weighted_alpaca_eval_gpt4_turbo; rubric: only FLASK / Just-Eval / CEB with their "
+    "own judges (auto picks them too); exact: only the exact-match scoring.",
 )
 @click.option("--baseline", default=None, help="pairwise-baseline: the pipeline of the same generations to compare with.")
 @click.option(
@@ -327,7 +328,7 @@ def judge_command(
     judge_model: str | None,
     generations: str,
     out: str,
-    mode: Literal["auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official", "exact"],
+    mode: Literal["auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official", "rubric", "exact"],
     baseline: str | None,
     judge_repeats: int,
     pipeline_names: str | None,
@@ -354,7 +355,8 @@ def judge_command(
     if judge_model is not None and judge_model not in config.models:
         raise ConfigError(f"unknown judge model {judge_model!r} (known models: {', '.join(sorted(config.models))})")
     pipelines = _names(pipeline_names)
-    check_mode_options(mode, baseline, judge_repeats, pipelines)
+    if mode != "exact":  # exact match needs no judge model and has no options of its own
+        check_mode_options(mode, baseline, judge_repeats, pipelines)
     gens = read_generations(generations)
     if not gens:
         raise MoARayError(f"no generations in {generations}")
@@ -401,7 +403,7 @@ def judge_command(
     err_console.print(
         f"run {summary.run_id}: {summary.ok_rows} judgments ok, {summary.failed_rows} failed "
         f"({summary.pairwise_items} pairwise, {summary.single_items} single, {summary.baseline_items} pairwise-baseline, "
-        f"{summary.official_items} alpaca-eval-official) in {summary.elapsed_s:.1f}s",
+        f"{summary.official_items} alpaca-eval-official, {summary.rubric_items} rubric) in {summary.elapsed_s:.1f}s",
         highlight=False,
     )
     for path, n in summary.annotation_files.items():
@@ -423,7 +425,7 @@ def _exact_match_judging(
     """Score the exact-match answers (gsm8k) without a judge; True when nothing is left for a judge model."""
     from moa_ray.eval.exact import is_exact_dataset, run_exact
 
-    if mode in ("pairwise", "single") or (mode == "auto" and not any(is_exact_dataset(r["dataset"]) for r in gens.values())):
+    if mode not in ("auto", "exact") or (mode == "auto" and not any(is_exact_dataset(r["dataset"]) for r in gens.values())):
         if judge_model is None:
             raise click.UsageError(f"--judge is needed for --mode {mode}")
         return False
@@ -473,10 +475,12 @@ def report_command(
     glm_data: str | None,
     annotator: str | None,
 ) -> None:
-    """Per pipeline: win rates, LC win rate, MT-Bench, GSM8K accuracy, tokens, cost, latency, TFLOPs; tables and plots."""
+    """Per pipeline: win rates, LC win rate, MT-Bench, GSM8K, FLASK, Just-Eval, CEB, tokens, cost, latency, TFLOPs; tables and plots."""
     from moa_ray.eval.judge import baseline_table, official_table, pairwise_table, read_generations, single_table
     from moa_ray.eval.metrics import GLMData
     from moa_ray.eval.report import build_report, rich_table, write_report
+    from moa_ray.eval.rubric.plan import rubric_table
+    from moa_ray.eval.rubric.report import build_rubric_tables, rich_rubric_table, write_rubric_report
 
     gens = read_generations(generations)
     if not gens:
@@ -485,6 +489,7 @@ def report_command(
     grades: list[dict[str, Any]] = []
     exact: list[dict[str, Any]] = []
     versus: list[dict[str, Any]] = []
+    rubric: list[dict[str, Any]] = []
     if judgments:
         from moa_ray.eval.exact import exact_table
 
@@ -494,6 +499,7 @@ def report_command(
             "alpaca-eval-official": [r for r in official_table(judgments).latest().values() if r["status"] == "ok"],
             "single": [r for r in single_table(judgments).latest().values() if r["status"] == "ok"],
             "pairwise-baseline": [r for r in baseline_table(judgments).latest().values() if r["status"] == "ok"],
+            "rubric": [r for r in rubric_table(judgments).latest().values() if r["status"] == "ok"],
         }
         judges = sorted({r["judge"] for rows_of_kind in kinds.values() for r in rows_of_kind})
         if judge_model is not None:
@@ -510,7 +516,7 @@ def report_command(
         if annotator is None and len(annotated) > 1:
             raise MoARayError(f"{judgments} holds both pairwise and alpaca-eval-official annotations; choose one with --annotator")
         pairwise = kinds[annotator or (annotated[0] if annotated else "pairwise")]
-        grades, versus = kinds["single"], kinds["pairwise-baseline"]
+        grades, versus, rubric = kinds["single"], kinds["pairwise-baseline"], kinds["rubric"]
     rows = build_report(
         gens,
         pairwise,
@@ -522,6 +528,11 @@ def report_command(
     )
     make_console(stderr=False).print(rich_table(rows))
     for path in write_report(rows, out):
+        err_console.print(f"wrote {path}", highlight=False)
+    rubric_tables = build_rubric_tables(gens, rubric, pipelines=_names(pipeline_names))
+    for table in rubric_tables:
+        make_console(stderr=False).print(rich_rubric_table(table))
+    for path in write_rubric_report(rubric_tables, out):
         err_console.print(f"wrote {path}", highlight=False)
 
 

@@ -13,6 +13,8 @@
 * **alpaca-eval-official**: AlpacaEval 2's ``weighted_alpaca_eval_gpt4_turbo`` annotator
   (:mod:`moa_ray.eval.alpaca_eval_annotator`). Rows go to ``OUT/alpaca_eval_official``, and
   AlpacaEval's own files to ``OUT/alpaca_eval_results/<pipeline>/``.
+* **rubric** (FLASK, Just-Eval, CEB; see :mod:`moa_ray.eval.rubric`): the benchmark's
+  official prompt and parser, picked from the generations' dataset. Rows go to ``OUT/rubric``.
 
 The judge is any model of the config, deployed on Ray Serve like the agents; work is
 sharded across the same kind of actor pool as generation and is resumable the same way.
@@ -46,13 +48,15 @@ from moa_ray.eval.judge_prompts import (
 from moa_ray.eval.lease import WriterLease
 from moa_ray.eval.mt_bench import BaselinePairItem, baseline_row_base, judge_baseline_pair, median_of_repeats, plan_pairwise_baseline
 from moa_ray.eval.progress import EvalProgress
+from moa_ray.eval.rubric.base import RubricItem
+from moa_ray.eval.rubric.plan import judge_rubric, plan_rubric, rubric_failed, rubric_table, uses_rubric
 from moa_ray.eval.runner import WorkerPool, count_rows
 from moa_ray.eval.schema import BaselinePairRow, GenerationRow, GradeRow, OfficialAnnotationRow, PairwiseRow
 from moa_ray.eval.store import RowTable, join
 from moa_ray.pipeline.agents import Agent
 
-JudgeMode = Literal["auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official"]
-JUDGE_MODES: tuple[str, ...] = ("auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official")
+JudgeMode = Literal["auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official", "rubric"]
+JUDGE_MODES: tuple[str, ...] = ("auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official", "rubric")
 PAIRWISE_DIR = "pairwise"
 SINGLE_DIR = "single"
 BASELINE_DIR = "pairwise_baseline"
@@ -145,7 +149,7 @@ class GradeItem(BaseModel):
     attempt: int = 1
 
 
-JudgeItem = PairwiseItem | GradeItem | BaselinePairItem | OfficialItem
+JudgeItem = PairwiseItem | GradeItem | BaselinePairItem | OfficialItem | RubricItem
 
 
 def plan_judging(
@@ -161,15 +165,21 @@ def plan_judging(
     repeats: int = 1,
     baseline_done: Mapping[tuple[Any, ...], dict[str, Any]] | None = None,
     official_done: Mapping[tuple[Any, ...], dict[str, Any]] | None = None,
+    rubric_done: Mapping[tuple[Any, ...], dict[str, Any]] | None = None,
 ) -> list[JudgeItem]:
     """Judge items for the finished generations that this judge has not judged yet (failed ones again).
 
     A grade made with another number of repeats than asked is made again; ``*_done`` are the
-    judgment tables' latest rows (the pairwise-baseline and official tables only matter to their modes).
+    judgment tables' latest rows (the pairwise-baseline, official and rubric tables only matter to their modes).
     """
     check_mode_options(mode, baseline, repeats, pipelines)
+    rubric_items = plan_rubric(generations, judge, rubric_done or {}, mode=mode, pipelines=pipelines, limit=limit)
+    if mode == "rubric":
+        return list(rubric_items)
     convo: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for (prompt_id, pipeline, turn), row in generations.items():
+        if mode == "auto" and uses_rubric(row["dataset"]):
+            continue  # planned by plan_rubric
         if row["status"] == "ok" and (pipelines is None or pipeline in pipelines or pipeline == baseline):
             convo[(prompt_id, pipeline)][turn] = row
     if mode == "pairwise-baseline":
@@ -254,7 +264,7 @@ def plan_judging(
                     attempt=prev["attempt"] + 1 if prev else 1,
                 )
             )
-    return items
+    return items + rubric_items
 
 
 def _limit(convo: Mapping[tuple[str, str], Any], limit: int | None, skip: str | None = None) -> list[tuple[str, str]]:
@@ -299,6 +309,8 @@ class JudgeHandler:
         try:
             if isinstance(item, PairwiseItem):
                 return [await self._pairwise(item)]
+            if isinstance(item, RubricItem):
+                return [await judge_rubric(item, self.agent, self.params, judge=self.judge, run_id=self.run_id)]
             if isinstance(item, GradeItem):
                 return [await self._grade(item)]
             if isinstance(item, BaselinePairItem):
@@ -411,6 +423,8 @@ class JudgeHandler:
             return [BaselinePairRow(**baseline_row_base(item, run_id=self.run_id, judge=self.judge), status="error", error=error)]
         if isinstance(item, OfficialItem):
             return [OfficialAnnotationRow(**official_row_base(item, run_id=self.run_id, judge=self.judge), status="error", error=error)]
+        if isinstance(item, RubricItem):
+            return [rubric_failed(item, error, judge=self.judge, run_id=self.run_id)]
         with_ref = all(r is not None for r in item.references[: item.turn])
         return [GradeRow(**self._grade_base(item, single_prompt_name(item.turn, with_ref)), status="error", error=error)]
 
@@ -423,6 +437,7 @@ class JudgeSummary(BaseModel):
     single_items: int
     baseline_items: int = 0
     official_items: int = 0
+    rubric_items: int = 0
     ok_rows: int
     failed_rows: int
     elapsed_s: float
@@ -442,6 +457,7 @@ def judge_tables(out: str) -> dict[type[BaseModel], RowTable[Any]]:
         GradeItem: single_table(out),
         BaselinePairItem: baseline_table(out),
         OfficialItem: official_table(out),
+        RubricItem: rubric_table(out),
     }
 
 
@@ -460,6 +476,7 @@ def plan_for_options(generations: Mapping[tuple[Any, ...], dict[str, Any]], opti
         repeats=options.repeats,
         baseline_done=tables[BaselinePairItem].latest() if options.mode == "pairwise-baseline" else None,
         official_done=tables[OfficialItem].latest() if options.mode == "alpaca-eval-official" else None,
+        rubric_done=tables[RubricItem].latest() if options.mode in ("auto", "rubric") else None,
     )
 
 
@@ -508,6 +525,7 @@ def _judge(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Agent, 
         single_items=sum(isinstance(i, GradeItem) for i in items),
         baseline_items=sum(isinstance(i, BaselinePairItem) for i in items),
         official_items=sum(isinstance(i, OfficialItem) for i in items),
+        rubric_items=sum(isinstance(i, RubricItem) for i in items),
         ok_rows=ok,
         failed_rows=failed,
         elapsed_s=elapsed,

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 RowStatus = Literal["ok", "error"]
 
@@ -353,9 +353,86 @@ class ExactRow(_Row):
     )
 
 
+class RubricLabel(BaseModel):
+    """A grouping of a judged prompt the report breaks scores down by (FLASK domain, CEB axis...)."""
+
+    name: str = Field(min_length=1)
+    value: str
+
+
+class AspectScore(BaseModel):
+    """One rubric aspect's score: a FLASK skill, a Just-Eval aspect or CEB's bias.
+
+    ``na`` marks a judge's "N/A" (FLASK leaves it out of means, Just-Eval counts it as 5.0),
+    kept apart from the number so no reader mistakes it for a score.
+    """
+
+    aspect: str = Field(min_length=1)
+    score: float | None = None
+    na: bool = False
+
+    @model_validator(mode="after")
+    def _one_of(self) -> AspectScore:
+        if self.na == (self.score is not None):
+            raise ValueError(f"aspect {self.aspect!r}: give a score or mark it N/A, not both or neither")
+        return self
+
+
+RUBRIC_LABELS_TYPE = pa.list_(pa.struct([pa.field("name", pa.string(), nullable=False), pa.field("value", pa.string(), nullable=False)]))
+ASPECT_SCORES_TYPE = pa.list_(
+    pa.struct(
+        [
+            pa.field("aspect", pa.string(), nullable=False),
+            pa.field("score", pa.float64()),
+            pa.field("na", pa.bool_(), nullable=False),
+        ]
+    )
+)
+
+
+class RubricRow(_Row):
+    """A rubric judgment (FLASK, Just-Eval or CEB) of one pipeline answer, with a score per aspect.
+
+    A judgment the parser rejects is asked again (``judge_attempts`` counts the calls,
+    ``rejected`` says why each earlier one failed); when every attempt is malformed the
+    row is an error, never a score.
+    """
+
+    KEY: ClassVar[tuple[str, ...]] = ("prompt_id", "pipeline", "turn", "judge", "benchmark")
+
+    prompt_id: str = Field(min_length=1)
+    pipeline: str = Field(min_length=1)
+    turn: int = Field(default=1, ge=1)
+    judge: str = Field(min_length=1)
+    benchmark: str = Field(min_length=1, description="flask, flask-hard, just-eval, ceb-s or ceb-t (the generation's dataset).")
+    judge_prompt: str = Field(description="Which official template judged it (flask-review-2, just-eval-score_multi...).")
+    labels: list[RubricLabel] = Field(default_factory=list)
+    scores: list[AspectScore] = Field(default_factory=list)
+    judgment: str | None = Field(default=None, description="The judge's last raw output.")
+    rejected: list[str] = Field(default_factory=list, description="Why each malformed attempt before the last was rejected.")
+    judge_attempts: int = Field(default=0, ge=0, description="Judge calls made for this row in this run.")
+    judge_prompt_tokens: int = 0
+    judge_completion_tokens: int = 0
+    latency_s: float | None = Field(default=None, description="Summed wall time of the judge calls.")
+
+    SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            *_JUDGED_HEAD[:5],
+            pa.field("benchmark", pa.string(), nullable=False),
+            _JUDGED_HEAD[5],
+            pa.field("labels", RUBRIC_LABELS_TYPE, nullable=False),
+            pa.field("scores", ASPECT_SCORES_TYPE, nullable=False),
+            pa.field("judgment", pa.string()),
+            pa.field("rejected", pa.list_(pa.string()), nullable=False),
+            pa.field("judge_attempts", pa.int32(), nullable=False),
+            *_JUDGED_TAIL,
+        ]
+    )
+
+
 def _check_schemas() -> None:
     """Every pydantic field has a column and vice versa (caught at import, not at write time)."""
-    for row in (GenerationRow, PairwiseRow, GradeRow, ExactRow, BaselinePairRow, OfficialAnnotationRow):
+    for row in (GenerationRow, PairwiseRow, GradeRow, ExactRow, BaselinePairRow, OfficialAnnotationRow, RubricRow):
         fields, columns = set(row.model_fields), set(row.SCHEMA.names)
         if fields != columns:
             raise AssertionError(f"{row.__name__}: fields and schema differ: {sorted(fields ^ columns)}")

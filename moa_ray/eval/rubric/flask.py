@@ -1,0 +1,181 @@
+"""FLASK's judge (kaistAI/FLASK ``gpt_review/gpt4_eval.py``): 1-5 per annotated skill against the reference answer.
+
+The prompt is FLASK's review prompt 2 ("with sample answer", the one ``gpt4_eval.py``
+sends; prompt 1 only for an item without a reference), filled with the item's skills
+and their rubric from ``skillset_description.json`` in the order annotated, at
+temperature 0. The judge ends with a Python dict of skill -> score; it is read the way
+``parse_score`` reads it (the last ``{...}``, newlines dropped, ``_`` -> space,
+lower-cased, ``ast.literal_eval``; "na" / "n/a" / "not applicable" = N/A), and a skill
+is matched to its key the way FLASK's ``aggregate_skill.py`` does (the word after
+"logical", else the first word). Stricter than FLASK, which silently logs a broken
+dict: a missing annotated skill or a score outside 1-5 makes the judgment malformed.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from functools import cache
+from typing import Any, ClassVar
+
+from pydantic import BaseModel
+
+from moa_ray.chat import ChatMessage
+from moa_ray.eval.datasets import data_file
+from moa_ray.eval.rubric.base import MalformedJudgment, RubricInputError, RubricItem, RubricJudge
+from moa_ray.eval.schema import AspectScore, RubricLabel
+
+FLASK = "flask"
+FLASK_HARD = "flask-hard"
+#: FLASK's own spellings of a judge's "not applicable" (after lower-casing).
+NA_VALUES = ("na", "n/a", "not applicable")
+_DICT = re.compile(r"{[^}]+}")
+
+
+class ReviewPrompt(BaseModel):
+    """One line of FLASK's ``review_prompt.jsonl``."""
+
+    prompt_id: int
+    system_prompt: str
+    prompt_template: str
+    defaults: dict[str, str]
+    description: str = ""
+
+
+class Skill(BaseModel):
+    """One entry of FLASK's ``skillset_description.json``."""
+
+    Skill: str
+    Criteria: str
+    Scoring: dict[str, str]
+
+
+@cache
+def review_prompts() -> dict[int, ReviewPrompt]:
+    text = data_file("flask", "review_prompt.jsonl").read_text(encoding="utf-8")
+    prompts = (ReviewPrompt.model_validate(json.loads(line)) for line in text.splitlines() if line.strip())
+    return {p.prompt_id: p for p in prompts}
+
+
+@cache
+def skillset() -> tuple[Skill, ...]:
+    raw = json.loads(data_file("flask", "skillset_description.json").read_text(encoding="utf-8"))
+    return tuple(Skill.model_validate(s) for s in raw)
+
+
+def find_skill(label: str) -> Skill:
+    """FLASK's lookup: the first skill whose name contains the label."""
+    for skill in skillset():
+        if label in skill.Skill:
+            return skill
+    raise RubricInputError(f"unknown FLASK skill {label!r} (skills: {', '.join(s.Skill for s in skillset())})")
+
+
+def skills_text(labels: list[str]) -> str:
+    """The ``{skills}`` block of the review prompt, built as ``gen_prompt`` builds it."""
+    text = ""
+    for label in labels:
+        skill = find_skill(label)
+        text += f"\n{skill.Skill}: {skill.Criteria}"
+        for level in ("1", "2", "3", "4", "5"):
+            text += f"\nScore {level}: {skill.Scoring[level]}"
+        text += "\n\n"
+    return text
+
+
+def skill_key(name: str) -> str:
+    """FLASK's aggregation key of a skill name: 'logical correctness' -> 'correctness', 'readability' -> 'readability'."""
+    words = name.replace("_", " ").lower().split()
+    if not words:
+        return ""
+    return words[1] if "logical" in words[0] and len(words) > 1 else words[0]
+
+
+def parse_score_dict(judgment: str) -> dict[Any, Any]:
+    """The judge's last ``{...}`` as FLASK's ``parse_score`` reads it; MalformedJudgment when there is none."""
+    found = _DICT.findall(judgment)
+    if not found:
+        raise MalformedJudgment("no {skill: score} dictionary in the judgment")
+    text = found[-1].replace("\n", "").replace("_", " ").lower()
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as err:
+        raise MalformedJudgment(f"the last {{...}} is not a Python dict literal ({type(err).__name__})") from None
+    if not isinstance(value, dict):
+        raise MalformedJudgment(f"the last {{...}} is a {type(value).__name__}, not a dict")
+    return {k: ("N/A" if isinstance(v, str) and v.strip() in NA_VALUES else v) for k, v in value.items()}
+
+
+def _score(skill: str, value: Any) -> AspectScore:
+    if value == "N/A":
+        return AspectScore(aspect=skill, na=True)
+    if isinstance(value, bool):
+        raise MalformedJudgment(f"{skill}: score {value!r} is not a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise MalformedJudgment(f"{skill}: score {value!r} is not a number") from None
+    if not 1.0 <= number <= 5.0:
+        raise MalformedJudgment(f"{skill}: score {number:g} is outside 1-5")
+    return AspectScore(aspect=skill, score=number)
+
+
+def parse_flask(judgment: str, skills: list[str]) -> list[AspectScore]:
+    """A 1-5 score (or N/A) for every annotated skill, named as annotated, in annotation order."""
+    scores = parse_score_dict(judgment)
+    by_key: dict[str, Any] = {}
+    for key, value in scores.items():
+        if isinstance(key, str):
+            by_key.setdefault(skill_key(key), value)
+    out = []
+    for skill in skills:
+        key = skill_key(skill)
+        if key not in by_key:
+            raise MalformedJudgment(f"no score for {skill!r} (keys: {', '.join(map(str, scores)) or 'none'})")
+        out.append(_score(skill, by_key[key]))
+    return out
+
+
+def _skills(item: RubricItem) -> list[str]:
+    skills = item.metadata.get("skills")
+    if not isinstance(skills, list) or not skills or not all(isinstance(s, str) and s for s in skills):
+        raise RubricInputError(f"FLASK prompt {item.prompt_id!r} has no 'skills' list in its metadata")
+    return skills
+
+
+class FlaskJudge(RubricJudge):
+    """FLASK and FLASK-Hard (same prompt, same rubric)."""
+
+    benchmarks: ClassVar[tuple[str, ...]] = (FLASK, FLASK_HARD)
+
+    def _prompt(self, item: RubricItem) -> ReviewPrompt:
+        return review_prompts()[2 if item.reference is not None else 1]
+
+    def prompt_name(self, item: RubricItem) -> str:
+        return f"flask-review-{self._prompt(item).prompt_id}"
+
+    def messages(self, item: RubricItem) -> list[ChatMessage]:
+        prompt = self._prompt(item)
+        content = prompt.prompt_template.format(
+            question=item.instruction,
+            response=item.output,
+            skills=skills_text(_skills(item)),
+            num=3,
+            sample_answer=item.reference or "",
+            **prompt.defaults,
+        )
+        return [ChatMessage(role="system", content=prompt.system_prompt), ChatMessage(role="user", content=content)]
+
+    def parse(self, item: RubricItem, judgment: str) -> list[AspectScore]:
+        return parse_flask(judgment, _skills(item))
+
+    def labels(self, item: RubricItem) -> list[RubricLabel]:
+        domains = item.metadata.get("domain") or []
+        domains = [domains] if isinstance(domains, str) else domains
+        labels = [RubricLabel(name="domain", value=str(d)) for d in domains]
+        for name in ("difficulty", "task"):
+            value = item.metadata.get(name)
+            if value is not None:
+                labels.append(RubricLabel(name=name, value=str(value)))
+        return labels
