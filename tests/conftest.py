@@ -16,6 +16,23 @@ if str(ROOT) not in sys.path:  # bench/ is a top-level package beside moa_ray/
 
 from bench.simulator import SimulatorConfig, run_simulator  # noqa: E402
 
+#: The driver logs a call that failed with anything but a backend error (a bug, not a model's answer) here.
+UNEXPECTED_CALL_ERRORS = "moa_ray.pipeline.base"
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_call_errors(request, caplog):
+    """A pipeline keeps going when a call fails unexpectedly (it logs the traceback); a test must not: such a
+    failure is a bug, so it fails the test loudly unless the test expects it (``@pytest.mark.unexpected_call_errors``)."""
+    caplog.set_level("ERROR", logger=UNEXPECTED_CALL_ERRORS)
+    yield
+    if request.node.get_closest_marker("unexpected_call_errors"):
+        return
+    bugs = [r for r in caplog.get_records("call") if r.name == UNEXPECTED_CALL_ERRORS and r.levelno >= 40]
+    if bugs:
+        first = bugs[0]
+        pytest.fail(f"{len(bugs)} call(s) failed with a non-backend error: {first.getMessage()}: {first.exc_text or first.exc_info}")
+
 
 @pytest.fixture(scope="session")
 def ray_session():

@@ -211,6 +211,7 @@ def test_failed_proposer_is_dropped_from_references_and_traced():
     assert [c.status for c in result.trace.calls].count("ok") == 3
 
 
+@pytest.mark.unexpected_call_errors  # bad2 fails with a plain RuntimeError on purpose
 def test_every_proposer_failing_raises_layer_failed_with_the_trace():
     cfg = moa_config([["ok1"], ["bad1", "bad2"]], aggregator="agg")
     agents = {
@@ -355,3 +356,14 @@ def test_pipeline_refuses_to_start_without_an_agent_for_every_model():
     cfg = moa_config([["a", "b"]], aggregator="agg")
     with pytest.raises(Exception, match=r"needs agents for models \['b'\]"):
         build_pipeline(cfg, "p", {"a": SleepyAgent("a"), "agg": SleepyAgent("agg")})
+
+
+def test_a_call_failing_with_a_bug_is_logged_with_its_traceback_and_the_layer_goes_on(caplog):
+    cfg = moa_config([["ok1", "buggy"]], aggregator="agg")
+    agents = {"ok1": SleepyAgent("ok1", 0.01), "buggy": SleepyAgent("buggy", 0.01, error=KeyError("oops")), "agg": SleepyAgent("agg", 0.01)}
+    result = run(build_pipeline(cfg, "p", agents).run("q"))
+    failed = [c for c in result.trace.calls if c.status == "error"]
+    assert [c.error_type for c in failed] == ["KeyError"]
+    bugs = [r for r in caplog.records if r.name == "moa_ray.pipeline.base" and r.levelname == "ERROR"]
+    assert len(bugs) == 1 and bugs[0].exc_info is not None and "buggy" in bugs[0].getMessage()
+    caplog.clear()  # expected here; anywhere else the conftest guard fails the test
