@@ -94,28 +94,6 @@ class Completion(BaseModel):
     )
 
 
-def parse_logprobs(choice: Any) -> list[TokenLogprob] | None:
-    """The tokens of an OpenAI chat choice's ``logprobs.content`` (None when the engine sent none).
-
-    vLLM and llama.cpp answer in the same shape, so every backend reads it here.
-    """
-    logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
-    content = logprobs.get("content") if isinstance(logprobs, dict) else None
-    if not isinstance(content, list):
-        return None
-    tokens = []
-    for entry in content:
-        if not isinstance(entry, dict) or entry.get("token") is None or entry.get("logprob") is None:
-            continue  # a malformed entry is dropped, not fatal: the caller falls back to the text
-        top = [
-            TopLogprob(token=t["token"], logprob=float(t["logprob"]))
-            for t in entry.get("top_logprobs") or []
-            if isinstance(t, dict) and t.get("token") is not None and t.get("logprob") is not None
-        ]
-        tokens.append(TokenLogprob(token=str(entry["token"]), logprob=float(entry["logprob"]), top_logprobs=top))
-    return tokens
-
-
 class ChatRequest(BaseModel):
     """What a driver sends to an agent deployment."""
 

@@ -12,8 +12,9 @@ import pytest
 from bench.simulator import Behaviour, SimulatorConfig
 from moa_ray.backends.base import chat_kwargs
 from moa_ray.backends.openai_http import OpenAIBackend
-from moa_ray.chat import ChatMessage, ChatParams, Completion, TokenLogprob, TopLogprob, parse_logprobs
+from moa_ray.chat import ChatMessage, ChatParams, Completion, TokenLogprob, TopLogprob
 from moa_ray.config import LlamaCppModelSpec, OpenAIModelSpec
+from moa_ray.wire import parse_logprobs
 
 MESSAGES = [ChatMessage(role="user", content="m or M?")]
 

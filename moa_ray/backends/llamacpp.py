@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from moa_ray.backends.base import chat_kwargs
-from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage, parse_logprobs
+from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
 from moa_ray.config import LlamaCppModelSpec
 from moa_ray.errors import BackendError, ConfigError, ContextLengthExceeded
 from moa_ray.packaged_models import resolve_model_path
+from moa_ray.wire import StreamReader, completion_of
 
 
 class LlamaCppBackend:
@@ -73,16 +74,7 @@ class LlamaCppBackend:
                 raise self._error(err) from None
             latency = time.perf_counter() - start
         assert isinstance(out, dict), "a non-streaming call returns one response"
-        choice = out["choices"][0]
-        usage = out.get("usage") or {}
-        return Completion(
-            text=choice["message"].get("content") or "",
-            usage=Usage(prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0)),
-            latency_s=latency,
-            finish_reason=choice.get("finish_reason"),
-            model=self.spec.model,
-            logprobs=parse_logprobs(choice),
-        )
+        return completion_of(out, model=self.spec.model, latency_s=latency)
 
     async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
         """Stream tokens from a worker thread; stops generating if the consumer goes away."""
@@ -104,8 +96,7 @@ class LlamaCppBackend:
         async with self._lock:
             start = time.perf_counter()
             worker = loop.run_in_executor(None, produce)
-            parts: list[str] = []
-            finish_reason = None
+            reader = StreamReader()
             try:
                 while True:
                     kind, item = await queue.get()
@@ -113,30 +104,19 @@ class LlamaCppBackend:
                         break
                     if kind == "error":
                         raise self._error(item)
-                    choice = item["choices"][0]
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                    delta = (choice.get("delta") or {}).get("content") or ""
-                    if delta:
-                        parts.append(delta)
+                    if delta := reader.feed(item):
                         yield StreamChunk(delta=delta)
             finally:
                 stop.set()
                 await worker
-            text = "".join(parts)
+            text = reader.text
             completion_tokens = len(self._llm.tokenize(text.encode(), add_bos=False)) if text else 0
-            # after generation the context holds the prompt and the generated tokens, except the last
-            # one when max_tokens stopped it (sampled, never evaluated)
-            unevaluated = 1 if finish_reason == "length" else 0
+            # llama.cpp streams no usage. After generation the context holds the prompt and the generated
+            # tokens, except the last one when max_tokens stopped it (sampled, never evaluated)
+            unevaluated = 1 if reader.finish_reason == "length" else 0
             prompt_tokens = max(self._llm.n_tokens - completion_tokens + unevaluated, 0)
-        yield StreamChunk(
-            completion=Completion(
-                text=text,
-                usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
-                latency_s=time.perf_counter() - start,
-                finish_reason=finish_reason,
-                model=self.spec.model,
-            )
-        )
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        yield StreamChunk(completion=reader.completion(model=self.spec.model, latency_s=time.perf_counter() - start, usage=usage))
 
     async def check_health(self) -> None:
         """The model and its context are still loaded (closing a ``Llama`` frees both pointers)."""

@@ -31,9 +31,10 @@ from tenacity import (
 )
 
 from moa_ray.backends.base import chat_kwargs
-from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage, parse_logprobs
+from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
 from moa_ray.config import OpenAIModelSpec
 from moa_ray.errors import BackendError, BackendTimeout, ConfigError, StreamInterrupted, UpstreamError, error_for_status
+from moa_ray.wire import MalformedResponse, StreamReader, completion_of
 
 log = logging.getLogger(__name__)
 
@@ -201,21 +202,11 @@ class OpenAIBackend:
         except BackendError as err:
             raise _with_attempts(err, retries) from None
         try:
-            choice = body["choices"][0]
-            text = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise UpstreamError(f"{self.spec.model}: malformed response without choices[0].message", model=self.spec.model) from None
-        usage = body.get("usage") or {}
-        return Completion(
-            text=text,
-            usage=Usage(prompt_tokens=usage.get("prompt_tokens") or 0, completion_tokens=usage.get("completion_tokens") or 0),
-            latency_s=time.perf_counter() - start,
-            finish_reason=choice.get("finish_reason"),
-            model=self.spec.model,
-            attempts=len(retries) + 1,
-            retries=retries,
-            logprobs=parse_logprobs(choice),
-        )
+            return completion_of(
+                body, model=self.spec.model, latency_s=time.perf_counter() - start, attempts=len(retries) + 1, retries=retries
+            )
+        except MalformedResponse as err:
+            raise UpstreamError(f"{self.spec.model}: {err}", model=self.spec.model) from None
 
     async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
         """Stream deltas; retries only until the first token has been received."""
@@ -233,9 +224,7 @@ class OpenAIBackend:
         start = time.perf_counter()
         async for attempt in self._retrying(budget_s, retries):
             with attempt:
-                parts: list[str] = []
-                usage: dict[str, Any] = {}
-                finish_reason = None
+                reader = StreamReader()
                 timeout = self._attempt_timeout(deadline)
                 try:
                     async with aconnect_sse(self._client, "POST", "/chat/completions", json=payload, timeout=timeout) as source:
@@ -247,32 +236,21 @@ class OpenAIBackend:
                                 break
                             if deadline is not None and time.monotonic() > deadline:
                                 raise httpx.ReadTimeout("the call's time budget ran out")
-                            chunk = event.json()
-                            usage = chunk.get("usage") or usage
-                            for choice in chunk.get("choices") or []:
-                                delta = (choice.get("delta") or {}).get("content") or ""
-                                finish_reason = choice.get("finish_reason") or finish_reason
-                                if delta:
-                                    parts.append(delta)
-                                    yield StreamChunk(delta=delta)
+                            if delta := reader.feed(event.json()):
+                                yield StreamChunk(delta=delta)
                 except httpx.TimeoutException:
-                    if parts:
+                    if reader.parts:
                         raise StreamInterrupted(f"{self.spec.model}: stream timed out mid-answer", model=self.spec.model) from None
                     raise BackendTimeout(f"{self.spec.model}: stream timed out", model=self.spec.model) from None
                 except httpx.TransportError as err:
-                    if parts:
+                    if reader.parts:
                         raise StreamInterrupted(f"{self.spec.model}: stream broke mid-answer: {err}", model=self.spec.model) from None
                     raise UpstreamError(f"{self.spec.model}: connection failed: {err}", model=self.spec.model) from None
-        completion_tokens = usage.get("completion_tokens") or len(parts)
+        # a provider that sends no usage: count the deltas, roughly one token each
+        fallback = None if reader.usage else Usage(completion_tokens=len(reader.parts))
         yield StreamChunk(
-            completion=Completion(
-                text="".join(parts),
-                usage=Usage(prompt_tokens=usage.get("prompt_tokens") or 0, completion_tokens=completion_tokens),
-                latency_s=time.perf_counter() - start,
-                finish_reason=finish_reason,
-                model=self.spec.model,
-                attempts=len(retries) + 1,
-                retries=retries,
+            completion=reader.completion(
+                model=self.spec.model, latency_s=time.perf_counter() - start, usage=fallback, attempts=len(retries) + 1, retries=retries
             )
         )
 

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from moa_ray.chat import ChatMessage
+from moa_ray.json_text import json_values
 from moa_ray.prompts import REASONING_MAX_CHARS
 
 _CHOSEN_KEYS = {"chosenresponses", "chosenresponse", "chosen", "selectedresponses", "selected", "selection", "bestresponses"}
@@ -48,7 +49,6 @@ _RE_END = re.compile(r"end[\s_-]*(?:the[\s_-]*)?debate" + _KEY_TAIL + r"[*\"'`]*
 _RE_REASON = re.compile(r"reasoning" + _KEY_TAIL + r"(.*)", re.IGNORECASE)
 _RE_BEST = re.compile(r"best[\s_-]*response" + _KEY_TAIL + r"\D{0,20}?(\d+)", re.IGNORECASE)
 _RE_BARE_LIST = re.compile(r"^\[?\s*\d+(\s*,\s*\d+)*\s*\]?$")
-_RE_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
 class Verdict(BaseModel):
@@ -143,17 +143,7 @@ def _bool(value: Any) -> bool | None:
 
 def _json_object(text: str) -> dict[str, Any] | None:
     """The first JSON object in ``text`` (bare, fenced, or after some prose)."""
-    candidates = [m.group(1) for m in _RE_FENCE.finditer(text)] + [text]
-    decoder = json.JSONDecoder()
-    for candidate in candidates:
-        for match in re.finditer(r"\{", candidate):
-            try:
-                obj, _ = decoder.raw_decode(candidate, match.start())
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                return obj
-    return None
+    return next((v for v in json_values(text, "{") if isinstance(v, dict)), None)
 
 
 def _from_json(obj: dict[str, Any]) -> Verdict | None:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field, ValidationError
 from moa_ray.chat import ChatMessage, ChatParams, Completion
 from moa_ray.config import LayerSpec, MoARayConfig, ProposerSpec, RolesSpec, SMoAPipelineSpec
 from moa_ray.errors import ConfigError
+from moa_ray.json_text import json_values
 from moa_ray.packaged_models import cache_root
 from moa_ray.pipeline.trace import Trace
 from moa_ray.prompts import role_system, roles_prompt
@@ -130,18 +131,14 @@ def describe_role(role: Any) -> str | None:
 
 
 def _json_roles(text: str) -> list[Any] | None:
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"[\[{]", text):
-        try:
-            obj, _ = decoder.raw_decode(text, match.start())
-        except ValueError:
-            continue
-        if isinstance(obj, list):
-            return obj
-        if isinstance(obj, dict):
-            for key, value in obj.items():
-                if "role" in str(key).lower() and isinstance(value, list):
-                    return value
+    """The first JSON list of roles: a bare list, or a list under a key naming roles."""
+    for value in json_values(text):
+        if isinstance(value, list):
+            return value
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if "role" in str(key).lower() and isinstance(item, list):
+                    return item
     return None
 
 

@@ -22,11 +22,12 @@ from pydantic import TypeAdapter
 from ray.serve.llm.deployment import LLMServer
 
 from moa_ray.backends.base import chat_kwargs
-from moa_ray.chat import ChatRequest, Completion, StreamChunk, Usage, parse_logprobs
+from moa_ray.chat import ChatRequest, StreamChunk
 from moa_ray.config import ModelSpec, VLLMModelSpec
 from moa_ray.errors import BackendError, UpstreamError, error_for_status
 from moa_ray.packaged_models import is_packaged, prepare_hf_folder
 from moa_ray.serve.agent import replica_info
+from moa_ray.wire import StreamReader, completion_of
 
 log = logging.getLogger("moa_ray.agent")
 _MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
@@ -50,7 +51,7 @@ def openai_request_body(model_id: str, spec: VLLMModelSpec, request: ChatRequest
 
 
 def _plain(value: Any) -> Any:
-    """A pydantic object of vLLM's protocol as plain data (what :func:`~moa_ray.chat.parse_logprobs` reads)."""
+    """A pydantic object of vLLM's protocol as plain data (what :mod:`moa_ray.wire` reads)."""
     return value.model_dump() if hasattr(value, "model_dump") else value
 
 
@@ -92,18 +93,8 @@ class MoALLMServer(LLMServer):
             async for item in await self.chat(self._request(request, stream=False)):
                 if hasattr(item, "error") or isinstance(item, list):  # an ErrorResponse (a list only ever streams)
                     return {"error": _error_from(item, self.spec.model).to_dict()}
-                choice = item.choices[0]
-                usage = item.usage
-                return {
-                    "completion": Completion(
-                        text=choice.message.content or "",
-                        usage=Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens or 0),
-                        latency_s=time.perf_counter() - start,
-                        finish_reason=choice.finish_reason,
-                        model=self.spec.model,
-                        logprobs=parse_logprobs({"logprobs": _plain(getattr(choice, "logprobs", None))}),
-                    ).model_dump()
-                }
+                completion = completion_of(_plain(item), model=self.spec.model, latency_s=time.perf_counter() - start)
+                return {"completion": completion.model_dump()}
         except BackendError as err:
             return {"error": err.to_dict()}
         except Exception as err:  # noqa: BLE001 - a dead engine: reported as data, logged with its traceback
@@ -113,16 +104,14 @@ class MoALLMServer(LLMServer):
     async def agent_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Deltas as Ray Serve LLM batches them (one message per batch, not per token), then the completion."""
         start = time.perf_counter()
-        parts: list[str] = []
-        usage = Usage()
-        finish_reason = None
+        reader = StreamReader()
         try:
             async for batch in await self.chat(self._request(request, stream=True)):
                 for item in batch if isinstance(batch, list) else [batch]:
                     if not isinstance(item, str):  # an ErrorResponse before the first token
                         yield {"error": _error_from(item, self.spec.model).to_dict()}
                         return
-                    delta, done = "", False
+                    delta, done = "", False  # one message per batch: its chunks' text together
                     for line in item.splitlines():
                         if not line.startswith("data: "):
                             continue
@@ -134,16 +123,8 @@ class MoALLMServer(LLMServer):
                         if "error" in chunk:
                             yield {"error": _error_from(chunk, self.spec.model).to_dict()}
                             return
-                        if chunk.get("usage"):
-                            usage = Usage(
-                                prompt_tokens=chunk["usage"].get("prompt_tokens") or 0,
-                                completion_tokens=chunk["usage"].get("completion_tokens") or 0,
-                            )
-                        for choice in chunk.get("choices") or []:
-                            delta += (choice.get("delta") or {}).get("content") or ""
-                            finish_reason = choice.get("finish_reason") or finish_reason
+                        delta += reader.feed(chunk)
                     if delta:
-                        parts.append(delta)
                         yield {"chunk": StreamChunk(delta=delta).model_dump()}
                     if done:
                         break
@@ -153,9 +134,7 @@ class MoALLMServer(LLMServer):
         except Exception as err:  # noqa: BLE001 - see agent_chat
             yield self._unexpected(err)
             return
-        completion = Completion(
-            text="".join(parts), usage=usage, latency_s=time.perf_counter() - start, finish_reason=finish_reason, model=self.spec.model
-        )
+        completion = reader.completion(model=self.spec.model, latency_s=time.perf_counter() - start)
         yield {"chunk": StreamChunk(completion=completion).model_dump()}
 
     async def info(self) -> dict[str, Any]:
