@@ -45,8 +45,9 @@ def test_generate_rejects_bad_input_before_ray(config_file: Path, tmp_path: Path
     assert not (tmp_path / "out").exists()
 
 
-def test_generate_with_nothing_left_runs_no_ray(config_file: Path, tmp_path: Path) -> None:
-    """A finished directory: the rerun only reports (and exports) without starting Ray."""
+def test_generate_with_nothing_left_runs_no_ray(config_file: Path, tmp_path: Path, monkeypatch) -> None:
+    """A finished directory: the rerun only reports (and exports) without starting Ray, reading the table once,
+    without its traces."""
     from moa_ray.config import load_config
     from moa_ray.eval.generate import pipeline_fingerprint
 
@@ -68,6 +69,14 @@ def test_generate_with_nothing_left_runs_no_ray(config_file: Path, tmp_path: Pat
         "1",
     )
     export = tmp_path / "model_outputs.json"
+    reads: list[list[str] | None] = []
+    read = RowTable.read
+
+    def counting_read(self, files=None, *, columns=None):
+        reads.append(columns)
+        return read(self, files, columns=columns)
+
+    monkeypatch.setattr(RowTable, "read", counting_read)
     result = invoke(
         "generate",
         "--config",
@@ -86,6 +95,9 @@ def test_generate_with_nothing_left_runs_no_ray(config_file: Path, tmp_path: Pat
     assert result.exit_code == 0, result.output
     assert "1 already done, 0 to generate" in result.output
     assert json.loads(export.read_text())[0]["generator"] == "one"
+    planned = [c for c in reads if c is not None and "output" in c]
+    assert len(planned) == 1 and "trace" not in planned[0]  # one planning read: summary and export reuse it
+    assert None not in reads  # nothing read every column (the compaction check reads only the key columns)
 
 
 def test_judge_rejects_unknown_judge_and_empty_generations(config_file: Path, tmp_path: Path) -> None:

@@ -162,18 +162,7 @@ def generate_command(
     """Answer every prompt of DATASET with each pipeline, into Parquet; rerun to resume."""
     from moa_ray.config import load_config
     from moa_ray.eval.datasets import load_dataset
-    from moa_ray.eval.generate import (
-        GenerateOptions,
-        export_alpaca_eval,
-        load_settings,
-        new_run_id,
-        plan_generation,
-        run_generation,
-        run_settings,
-    )
-    from moa_ray.eval.mt_bench import answer_temperature
-    from moa_ray.eval.schema import GenerationRow
-    from moa_ray.eval.store import RowTable
+    from moa_ray.eval.generate import GenerateOptions, export_alpaca_eval, new_run_id, prepare_generation, run_generation
 
     if limit is not None and sample is not None:
         raise click.UsageError("--limit (the first N prompts) and --sample (a seeded random N) exclude each other; use one")
@@ -199,17 +188,8 @@ def generate_command(
         allow_config_change=allow_config_change,
         progress=not no_progress,
     )
-    chosen = run_settings(config, pipelines, answer_temperature(data.kind, temperature))
-    plan = plan_generation(
-        data,
-        pipelines,
-        RowTable(out, GenerationRow).latest(),
-        chosen.fingerprints,
-        allow_config_change=allow_config_change,
-        settings=chosen.settings,
-        stored_settings=lambda fp: load_settings(out, fp),
-        base_fingerprints=chosen.base_fingerprints,
-    )
+    prepared = prepare_generation(config, data, options)
+    plan = prepared.plan
     subset = f" (sample of {sample}, seed {seed or 0})" if sample is not None else ""
     err_console.print(
         f"{data.name}{subset}: {len(data.prompts)} prompts x {len(pipelines)} pipeline(s) = {plan.total_rows} rows, "
@@ -227,15 +207,15 @@ def generate_command(
         try:  # a deploy that fails half-way leaves no Serve app behind either
             with err_console.status(f"starting Ray and deploying the models of {', '.join(pipelines)}..."):
                 agents = deploy_agents(config, pipelines, app_name=app_name)
-            summary = run_generation(config, data, agents, options)
+            summary = run_generation(config, data, agents, options, prepared)
         finally:
             if not keep_deployed:
                 _delete_app(app_name)
     else:
-        summary = run_generation(config, data, {}, options)  # nothing to run: compacts and summarises
+        summary = run_generation(config, data, {}, options, prepared)  # nothing to run: compacts and summarises
     _print_generate_summary(summary)
     if export_path:
-        for target, n in export_alpaca_eval(out, data, pipelines, export_path).items():
+        for target, n in export_alpaca_eval(out, data, pipelines, export_path, summary.latest).items():
             err_console.print(f"wrote {n} AlpacaEval outputs to {target}", highlight=False)
     if not summary.complete:
         err_console.print("[yellow]some rows failed or are missing; rerun the same command to retry them[/yellow]")
@@ -252,10 +232,6 @@ def _delete_app(app_name: str) -> None:
 
 
 def _print_generate_summary(summary: Any) -> None:
-    from moa_ray.eval.generate import group_failures
-    from moa_ray.eval.schema import GenerationRow
-    from moa_ray.eval.store import RowTable
-
     err_console.print(
         f"run {summary.run_id}: {summary.ok_rows} rows ok, {summary.failed_rows} failed, {summary.skipped_rows} skipped (done before) "
         f"in {summary.elapsed_s:.1f}s ({summary.items_per_s:.2f} prompts/s, {summary.rows_per_s:.2f} rows/s, {summary.workers} workers)",
@@ -275,7 +251,7 @@ def _print_generate_summary(summary: Any) -> None:
         )
     err_console.print(table)
     if summary.failed_rows or any(p.failed for p in summary.pipelines):
-        for message, n in group_failures(RowTable(summary.out, GenerationRow).latest()):
+        for message, n in summary.failures:
             err_console.print(f"  {n} x {message}", highlight=False)
 
 

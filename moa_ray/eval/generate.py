@@ -13,6 +13,7 @@ import json
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from moa_ray.eval.mt_bench import AnswerTemperature, answer_temperature
 from moa_ray.eval.progress import EvalProgress
 from moa_ray.eval.runner import WorkerPool, count_rows
 from moa_ray.eval.schema import GenerationRow, RoleTokens
-from moa_ray.eval.store import RowTable, StoreError, join, resolve
+from moa_ray.eval.store import RowTable, StoreError, join, resolve, resolve_latest
 from moa_ray.pipeline.agents import Agent
 from moa_ray.pipeline.trace import Trace
 
@@ -382,6 +383,8 @@ class GenerateSummary(BaseModel):
     items: int
     workers: int
     pipelines: list[PipelineSummary]
+    failures: list[tuple[str, int]] = Field(default_factory=list, description="The most common errors of the failed rows.")
+    latest: dict[tuple[Any, ...], dict[str, Any]] = Field(default_factory=dict, exclude=True, repr=False)
 
     @property
     def rows_per_s(self) -> float:
@@ -427,36 +430,70 @@ def summarize_table(latest: Mapping[tuple[Any, ...], dict[str, Any]], dataset: E
     return out
 
 
-def run_generation(config: MoARayConfig, dataset: EvalDataset, agents: Mapping[str, Agent], options: GenerateOptions) -> GenerateSummary:
-    """Answer the dataset's missing rows with the pipelines (Ray must be up and the agents deployed), as the output's
-    only writer: a second run on the same ``out`` is refused (:class:`~moa_ray.eval.lease.WriterLease`)."""
-    with WriterLease(options.out, options.run_id):
-        return _generate(config, dataset, agents, options)
+#: Every generation column but the trace (the largest by far): all that planning, summaries and exports read.
+PLAN_COLUMNS = [f.name for f in GenerationRow.SCHEMA if f.name != "trace"]
 
 
-def _generate(config: MoARayConfig, dataset: EvalDataset, agents: Mapping[str, Agent], options: GenerateOptions) -> GenerateSummary:
+@dataclass
+class PreparedRun:
+    """What a run decided before answering anything: its settings, the table as it stood, and the plan."""
+
+    temperature: AnswerTemperature
+    chosen: RunSettings
+    latest: dict[tuple[Any, ...], dict[str, Any]]
+    plan: Plan
+
+
+def prepare_generation(config: MoARayConfig, dataset: EvalDataset, options: GenerateOptions) -> PreparedRun:
+    """Read the table once (without traces) and plan the run against it; refuses a resume with changed settings."""
     for name in options.pipelines:
         config.pipeline(name)
-    table: RowTable[GenerationRow] = RowTable(options.out, GenerationRow)
     temperature = answer_temperature(dataset.kind, options.temperature)
     chosen = run_settings(config, options.pipelines, temperature)
+    latest = RowTable(options.out, GenerationRow).latest(PLAN_COLUMNS)
     plan = plan_generation(
         dataset,
         options.pipelines,
-        table.latest(),
+        latest,
         chosen.fingerprints,
         allow_config_change=options.allow_config_change,
         settings=chosen.settings,
         stored_settings=lambda fp: load_settings(options.out, fp),
         base_fingerprints=chosen.base_fingerprints,
     )
+    return PreparedRun(temperature=temperature, chosen=chosen, latest=latest, plan=plan)
+
+
+def run_generation(
+    config: MoARayConfig,
+    dataset: EvalDataset,
+    agents: Mapping[str, Agent],
+    options: GenerateOptions,
+    prepared: PreparedRun | None = None,
+) -> GenerateSummary:
+    """Answer the dataset's missing rows with the pipelines (Ray must be up and the agents deployed), as the output's
+    only writer: a second run on the same ``out`` is refused (:class:`~moa_ray.eval.lease.WriterLease`).
+
+    ``prepared``: the plan the caller already made (and showed) with :func:`prepare_generation`, so the table is
+    not read again; it must have been made for the same ``options``.
+    """
+    with WriterLease(options.out, options.run_id):
+        return _generate(config, dataset, agents, options, prepared or prepare_generation(config, dataset, options))
+
+
+def _generate(
+    config: MoARayConfig, dataset: EvalDataset, agents: Mapping[str, Agent], options: GenerateOptions, prepared: PreparedRun
+) -> GenerateSummary:
+    table: RowTable[GenerationRow] = RowTable(options.out, GenerationRow)
+    plan, chosen = prepared.plan, prepared.chosen
     save_settings(options.out, chosen.settings)
     params = ChatParams(max_tokens=options.max_tokens) if options.max_tokens else None
     handler = GenerateHandler(
-        config, agents, options.pipelines, options.run_id, chosen.fingerprints, params, temperature, timeout_s=options.timeout_s
+        config, agents, options.pipelines, options.run_id, chosen.fingerprints, params, prepared.temperature, timeout_s=options.timeout_s
     )
     ok = failed = 0
     elapsed, workers = 0.0, 0
+    written: list[dict[str, Any]] = []
     if plan.items:
         writer = table.writer(options.run_id, flush_rows=options.flush_rows, flush_s=options.flush_s)
         progress = EvalProgress(plan.pending_rows, "generate", enabled=options.progress)
@@ -464,6 +501,7 @@ def _generate(config: MoARayConfig, dataset: EvalDataset, agents: Mapping[str, A
         def on_rows(item: WorkItem, rows: list[GenerationRow]) -> None:
             nonlocal ok, failed
             writer.add(rows)
+            written.extend(r.model_dump(include=set(PLAN_COLUMNS)) for r in rows)
             n_ok, n_failed = count_rows(rows)
             not_reached = (len(item.prompt.turns) - item.start_turn + 1) - len(rows)  # turns after a failed one
             ok += n_ok
@@ -475,6 +513,7 @@ def _generate(config: MoARayConfig, dataset: EvalDataset, agents: Mapping[str, A
                 stats = pool.run(plan.items, on_rows, tick=writer.maybe_flush)
         elapsed, workers = stats.elapsed_s, stats.workers
     table.compact(options.run_id)
+    latest = resolve_latest([*prepared.latest.values(), *written], table.key)  # the table now, without reading it
     return GenerateSummary(
         run_id=options.run_id,
         out=options.out,
@@ -487,20 +526,26 @@ def _generate(config: MoARayConfig, dataset: EvalDataset, agents: Mapping[str, A
         elapsed_s=elapsed,
         items=len(plan.items),
         workers=workers,
-        pipelines=summarize_table(table.latest(), dataset, options.pipelines),
+        pipelines=summarize_table(latest, dataset, options.pipelines),
+        failures=group_failures(latest),
+        latest=latest,
     )
 
 
 # --------------------------------------------------------------------------- AlpacaEval export
 
 
-def export_alpaca_eval(out: str, dataset: EvalDataset, pipelines: list[str], path: str) -> dict[str, int]:
+def export_alpaca_eval(
+    out: str, dataset: EvalDataset, pipelines: list[str], path: str, latest: Mapping[tuple[Any, ...], dict[str, Any]] | None = None
+) -> dict[str, int]:
     """Write AlpacaEval ``model_outputs.json`` (instruction, output, generator, dataset) per pipeline.
 
     With several pipelines, each gets its own file: ``{pipeline}`` in ``path`` is replaced by
     its name, or ``-<pipeline>`` is added before the extension. Returns rows written per file.
+    ``latest``: the table's rows when the caller has them (a run's summary), else read here.
     """
-    latest = RowTable(out, GenerationRow).latest()
+    if latest is None:
+        latest = RowTable(out, GenerationRow).latest(PLAN_COLUMNS)
     written: dict[str, int] = {}
     for pipeline in pipelines:
         records = []

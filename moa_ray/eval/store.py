@@ -112,24 +112,30 @@ class RowTable(Generic[R]):
             if i.type == pafs.FileType.File and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))
         )
 
-    def read(self, files: list[str] | None = None) -> pa.Table:
-        """Every row of every part file (unresolved: a key may appear in several attempts)."""
+    def read(self, files: list[str] | None = None, *, columns: list[str] | None = None) -> pa.Table:
+        """Every row of every part file (unresolved: a key may appear in several attempts); ``columns``: only
+        those (Parquet reads nothing else, so a planner can skip the large trace column)."""
         files = self.part_files() if files is None else files
+        schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
         if not files:
-            return self.schema.empty_table()
+            return schema.empty_table()
         mismatch = f"{self.uri} holds files that do not match the {self.row_type.__name__} schema (another table, or another version?)"
         try:
-            table = pads.dataset(files, schema=self.schema, format="parquet", filesystem=self.fs).to_table()
+            table = pads.dataset(files, schema=self.schema, format="parquet", filesystem=self.fs).to_table(columns=columns)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as err:
             raise StoreError(f"{mismatch}: {err}") from None
-        missing = [f.name for f in self.schema if not f.nullable and table.column(f.name).null_count]
+        missing = [f.name for f in schema if not f.nullable and table.column(f.name).null_count]
         if missing:  # the dataset reader fills absent columns with nulls
             raise StoreError(f"{mismatch}: no values for {', '.join(missing)}")
         return table
 
-    def latest(self) -> dict[tuple[Any, ...], dict[str, Any]]:
-        """One resolved row per key (see :func:`resolve_latest`)."""
-        return resolve_latest(self.read().to_pylist(), self.key)
+    def latest(self, columns: list[str] | None = None) -> dict[tuple[Any, ...], dict[str, Any]]:
+        """One resolved row per key (see :func:`resolve_latest`); ``columns`` as in :meth:`read` (the key and
+        resolution columns are always read)."""
+        if columns is not None:
+            needed = [*self.key, "status", "attempt", "created_at"]
+            columns = list(dict.fromkeys([*needed, *columns]))
+        return resolve_latest(self.read(columns=columns).to_pylist(), self.key)
 
     def done_keys(self) -> set[tuple[Any, ...]]:
         return {k for k, row in self.latest().items() if row["status"] == "ok"}
@@ -161,11 +167,13 @@ class RowTable(Generic[R]):
     def compact(self, run_id: str) -> CompactionResult:
         """Rewrite the part files as one row per key; old files are removed after the new ones exist."""
         files = self.part_files()
+        if len(files) <= 1:  # already compact unless a key repeats: decided from the key columns alone
+            keys = self.read(files, columns=list(self.key))
+            if len(set(zip(*(keys.column(c).to_pylist() for c in self.key), strict=True))) == keys.num_rows:
+                self._remove_stale_tmp()
+                return CompactionResult(len(files), len(files), keys.num_rows, keys.num_rows)
         table = self.read(files)
         latest = resolve_latest(table.to_pylist(), self.key)
-        if len(files) <= 1 and len(latest) == table.num_rows:
-            self._remove_stale_tmp()
-            return CompactionResult(len(files), len(files), table.num_rows, table.num_rows)
         rows = sorted(latest.values(), key=lambda r: tuple(r[c] for c in self.key))
         written = []
         for i in range(0, len(rows), COMPACTED_ROWS_PER_FILE):
