@@ -72,9 +72,15 @@ def run(
         from moa_ray.pipeline.roles import override_roles
 
         config = override_roles(config, pipeline_name, roles_dataset, roles_task)
-    with err_console.status(f"starting Ray and deploying the models of {pipeline_name!r}..."):
-        init_ray(address, models=config.models_for([pipeline_name]).values())
-        agents = deploy_agents(config, [pipeline_name])
+    models = config.models_for([pipeline_name])
+    if config.deployed_models(models):
+        with err_console.status(f"starting Ray and deploying the models of {pipeline_name!r}..."):
+            init_ray(address, models=models.values())
+            agents = deploy_agents(config, [pipeline_name])
+    else:  # remote models called from this process: no Ray needed at all
+        from moa_ray.pipeline.agents import in_process_agents
+
+        agents = in_process_agents(config, list(models))
     pipeline = build_pipeline(config, pipeline_name, agents)
     params = ChatParams(max_tokens=max_tokens) if max_tokens else None
     with err_console.status(f"running {pipeline_name!r}..."):

@@ -8,6 +8,7 @@ Ray starts, with a message that names the offending field.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -102,6 +103,11 @@ class ModelSpecBase(_Strict):
         }
     )
 
+    @property
+    def deployed(self) -> bool:
+        """Whether the model runs as its own Ray Serve deployment (every model that holds weights does)."""
+        return True
+
     def answer_settings(self) -> dict[str, Any]:
         """Every setting that can change this model's answers (what resuming an evaluation must keep)."""
         return self.model_dump(mode="json", exclude=set(self.operational_fields))
@@ -164,8 +170,16 @@ class OpenAIModelSpec(ModelSpecBase):
     backoff_s: float = Field(default=0.5, gt=0, description="First backoff; grows exponentially with full jitter.")
     backoff_max_s: float = Field(default=20.0, gt=0)
     max_connections: int = Field(default=64, ge=1)
+    hosting: Literal["in_process", "deployment"] = Field(
+        default="in_process",
+        description="in_process: called from the process that runs the pipeline (the CLI, each eval worker, the "
+        "ingress), through one pooled client per process, with max_ongoing_requests x replicas as its concurrency cap "
+        "there: a remote model holds no weights, so a replica of its own only adds a hop. deployment: its own Ray Serve "
+        "deployment (placement, replicas and autoscaling apply, one cap for every caller).",
+    )
     default_num_cpus: ClassVar[float] = 0.05
     operational_fields: ClassVar[frozenset[str]] = ModelSpecBase.operational_fields | {
+        "hosting",
         "base_url",
         "api_key_env",
         "timeout",
@@ -181,6 +195,27 @@ class OpenAIModelSpec(ModelSpecBase):
         if not v.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _placement_needs_a_deployment(self) -> OpenAIModelSpec:
+        if self.hosting == "in_process":
+            placed = [f for f in ("pool", "resources", "label_selector", "autoscaling", "num_gpus") if getattr(self, f)]
+            if placed:
+                raise ValueError(f"{', '.join(placed)} place a deployment: set hosting: deployment to give this model one")
+        return self
+
+    @property
+    def in_process(self) -> bool:
+        return self.hosting == "in_process"
+
+    @property
+    def deployed(self) -> bool:
+        return self.hosting == "deployment"
+
+    def concurrency_cap(self) -> int:
+        """Calls in flight at once: what its deployment's replicas would take (per calling process when in process)."""
+        replicas = self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+        return self.max_ongoing_requests * replicas
 
     @field_validator("api_key_env")
     @classmethod
@@ -543,6 +578,10 @@ class MoARayConfig(_Strict):
         """The models the named pipelines call, in config order."""
         needed = {call.model for p in pipelines for _, call in self.pipeline(p).calls()}
         return {name: spec for name, spec in self.models.items() if name in needed}
+
+    def deployed_models(self, models: Iterable[str]) -> list[str]:
+        """Those of ``models`` that run as Serve deployments; the others (remote, in process) need none."""
+        return [m for m in models if self.models[m].deployed]
 
 
 def _field_path(parts: Any) -> str:

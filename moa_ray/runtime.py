@@ -11,7 +11,7 @@ from typing import Any
 
 from moa_ray.config import MoARayConfig, ModelSpecBase
 from moa_ray.errors import ConfigError, missing_module_message
-from moa_ray.pipeline.agents import Agent, HandleAgent
+from moa_ray.pipeline.agents import Agent, HandleAgent, in_process_agents
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +85,29 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, apps
 def deploy_models(config: MoARayConfig, models: list[str], *, app_name: str = "moa-agents", http: bool = False) -> dict[str, Agent]:
     """Deploy ``models`` as one Serve application (one deployment each) and return their agents.
 
-    An application of that name that is running the same models with the same specs (left
-    by an earlier run: ``moa-ray run --address``, ``eval generate --keep-deployed``) is
-    reused as it is, so no replica restarts and no weights reload; any difference redeploys.
+    Remote models with ``hosting: in_process`` get no deployment: their agents call the provider from
+    this process (and from each Ray worker they are shipped to). Without any model to deploy, Serve is
+    not even started. An application of that name that is running the same models with the same specs
+    (left by an earlier run: ``moa-ray run --address``, ``eval generate --keep-deployed``) is reused as
+    it is, so no replica restarts and no weights reload; any difference redeploys.
     """
+    agents: dict[str, Agent] = dict(in_process_agents(config, models))
+    deployed = config.deployed_models(models)
+    if not deployed:
+        return agents
     from ray import serve
 
     from moa_ray.serve.builder import agent_deployment_name, agents_fingerprint, build_agents_app
 
     if not http:
         serve.start(proxy_location="Disabled")
-    fingerprint = agents_fingerprint(config, models)
+    fingerprint = agents_fingerprint(config, deployed)
     if running_fingerprint(app_name) == fingerprint:
         log.info("reusing the running Serve application %r (same models and specs)", app_name)
     else:
-        serve.run(build_agents_app(config, models, fingerprint), name=app_name, route_prefix=None)
-    return {m: HandleAgent(serve.get_deployment_handle(agent_deployment_name(m), app_name), m) for m in models}
+        serve.run(build_agents_app(config, deployed, fingerprint), name=app_name, route_prefix=None)
+    agents.update({m: HandleAgent(serve.get_deployment_handle(agent_deployment_name(m), app_name), m) for m in deployed})
+    return {m: agents[m] for m in models}
 
 
 def running_fingerprint(app_name: str) -> str | None:

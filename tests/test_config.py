@@ -249,7 +249,8 @@ def test_embedded_preset_is_one_local_model_made_diverse():
 
 
 def _openai(**extra: Any) -> OpenAIModelSpec:
-    return OpenAIModelSpec(backend="openai", model="m", base_url="http://127.0.0.1:1/v1", **extra)
+    """A remote model with a deployment of its own (hosting: deployment), as these placement tests need."""
+    return OpenAIModelSpec(backend="openai", model="m", base_url="http://127.0.0.1:1/v1", **{"hosting": "deployment", **extra})
 
 
 def test_remote_models_reserve_a_sliver_of_cpu():

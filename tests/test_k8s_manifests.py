@@ -140,7 +140,7 @@ def test_committed_manifests_match_the_generator(tmp_path):
 
 
 def _cfg(models: dict) -> object:
-    base = {"backend": "openai", "base_url": "http://x.internal/v1"}
+    base = {"backend": "openai", "base_url": "http://x.internal/v1", "hosting": "deployment"}
     return parse_config(
         {
             "models": {name: {**base, "model": name, **spec} for name, spec in models.items()},

@@ -209,7 +209,7 @@ def generate_command(
                 agents = deploy_agents(config, pipelines, app_name=app_name)
             summary = run_generation(config, data, agents, options, prepared)
         finally:
-            if not keep_deployed:
+            if not keep_deployed and config.deployed_models(config.models_for(pipelines)):
                 _delete_app(app_name)
     else:
         summary = run_generation(config, data, {}, options, prepared)  # nothing to run: compacts and summarises
@@ -223,6 +223,7 @@ def generate_command(
 
 
 def _delete_app(app_name: str) -> None:
+    """Remove the run's agents app (only called when the run deployed models: in-process ones need none)."""
     from ray import serve
 
     try:
@@ -374,7 +375,7 @@ def judge_command(
                 agent = deploy_models(config, [judge_model], app_name=app_name)[judge_model]
         summary = run_judging(gens, agent, options)  # type: ignore[arg-type]
     finally:
-        if items and not keep_deployed:
+        if items and not keep_deployed and config.deployed_models([judge_model]):
             _delete_app(app_name)
     err_console.print(
         f"run {summary.run_id}: {summary.ok_rows} judgments ok, {summary.failed_rows} failed "

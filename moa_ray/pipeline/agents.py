@@ -1,8 +1,9 @@
-"""How a pipeline reaches a model: one async chat interface, two transports.
+"""How a pipeline reaches a model: one async chat interface, three transports.
 
-:class:`HandleAgent` calls a Ray Serve deployment (production); :class:`LocalAgent`
-calls a backend in this process (unit tests, debugging). Pipelines only see
-:class:`Agent`.
+:class:`HandleAgent` calls a Ray Serve deployment (models that hold weights, or remote models
+with ``hosting: deployment``); :class:`InProcessAgent` calls a remote model from this process
+(``hosting: in_process``, the default for remote models); :class:`LocalAgent` wraps any backend
+(unit tests, debugging). Pipelines only see :class:`Agent`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,72 @@ class LocalAgent:
 
     def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
         return self.backend.stream(messages, params)
+
+
+class InProcessAgent:
+    """A remote (OpenAI-compatible) model called from this process, as its deployment would call it.
+
+    A remote model holds no weights, so a replica of its own only adds a Ray hop, two serialisations
+    and a process to every call. Here the calling process (the CLI, each eval worker, each ingress
+    replica) keeps what the deployment kept: one pooled HTTP client per process and event loop, the
+    model's concurrency cap (:meth:`~moa_ray.config.OpenAIModelSpec.concurrency_cap`, held per
+    process), retries, and the provider key redacted from every error before it leaves. The agent
+    pickles as its spec, so Ray workers build their own client.
+    """
+
+    def __init__(self, name: str, spec: Any) -> None:
+        from moa_ray.serve.auth import Redactor
+
+        self.name = name
+        self.spec = spec
+        self._redactor = Redactor.for_models([spec])
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._backend: ChatBackend | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (InProcessAgent, (self.name, self.spec))
+
+    def _ready(self) -> tuple[ChatBackend, asyncio.Semaphore]:
+        """The client of the running loop (an httpx pool belongs to the loop that opened it)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._backend is None or self._slots is None:
+            from moa_ray.backends import create_backend
+
+            self._backend = create_backend(self.spec)
+            self._slots = asyncio.Semaphore(self.spec.concurrency_cap())
+            self._loop = loop
+        return self._backend, self._slots
+
+    def _redacted(self, err: BackendError) -> BackendError:
+        return BackendError.from_dict(self._redactor.json(err.to_dict()))  # type: ignore[arg-type]  # a dict in, a dict out
+
+    async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion:
+        backend, slots = self._ready()
+        async with slots:
+            try:
+                return await backend.chat(messages, params)
+            except BackendError as err:
+                raise self._redacted(err) from None
+
+    async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
+        backend, slots = self._ready()
+        async with slots:
+            try:
+                async for chunk in backend.stream(messages, params):
+                    yield chunk
+            except BackendError as err:
+                raise self._redacted(err) from None
+
+    async def aclose(self) -> None:
+        if self._backend is not None:
+            await self._backend.aclose()
+            self._backend = None
+
+
+def in_process_agents(config: Any, models: list[str]) -> dict[str, Agent]:
+    """Agents for those of ``models`` called from this process (remote models without a deployment)."""
+    return {m: InProcessAgent(m, config.models[m]) for m in models if not config.models[m].deployed}
 
 
 def _unwrap(reply: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The served application: one ingress whose children are the models' agent deployments.
+"""The served application: one ingress whose children are the models' agent deployments (remote models
+hosted ``in_process`` are called from the ingress replicas themselves).
 
 ``build_app`` is used by ``moa-ray serve``; ``app_builder`` is the import path a Serve
 config names (``moa-ray serve build`` writes one for ``serve deploy`` and KubeRay's
@@ -38,7 +39,7 @@ def served_pipelines(config: MoARayConfig, pipelines: list[str] | None = None) -
 def build_app(config: MoARayConfig, pipelines: list[str] | None = None) -> Application:
     """The ingress bound to one agent deployment per model the served pipelines call."""
     names = served_pipelines(config, pipelines)
-    agents = {model: build_agent(model, spec) for model, spec in config.models_for(names).items()}
+    agents = {model: build_agent(model, spec) for model, spec in config.models_for(names).items() if spec.deployed}
     ingress = MoAIngress.options(**config.server.ingress.deployment_options())  # type: ignore[attr-defined]  # a serve.deployment
     return ingress.bind(config.model_dump(mode="json", exclude_none=True), names, **agents)
 
@@ -74,7 +75,8 @@ def deployment_options(config: MoARayConfig, pipelines: list[str]) -> list[dict[
     """Per-deployment options of the app, as Serve config ``deployments`` entries."""
     out = [{"name": INGRESS_DEPLOYMENT, **config.server.ingress.deployment_options()}]
     for model, spec in config.models_for(pipelines).items():
-        out.append({"name": agent_deployment_name(model), **agent_deployment_options(model, spec)})
+        if spec.deployed:
+            out.append({"name": agent_deployment_name(model), **agent_deployment_options(model, spec)})
     return out
 
 

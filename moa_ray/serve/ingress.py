@@ -108,11 +108,12 @@ class MoAIngress:
     def __init__(self, config: dict[str, Any], pipelines: list[str], **agents: Any) -> None:
         from moa_ray.config import parse_config
         from moa_ray.pipeline import build_pipeline
-        from moa_ray.pipeline.agents import HandleAgent
+        from moa_ray.pipeline.agents import HandleAgent, in_process_agents
 
         cfg = parse_config(config, "<serve application args>")
         keys = load_api_keys()
-        handles = {model: HandleAgent(handle, model) for model, handle in agents.items()}
+        handles: dict[str, Any] = {model: HandleAgent(handle, model) for model, handle in agents.items()}
+        handles.update(in_process_agents(cfg, list(cfg.models_for(pipelines))))
         built = {name: build_pipeline(cfg, name, handles) for name in pipelines}
         self.service = ChatService(cfg, built, Redactor.for_config(cfg, extra=keys))
         self.verifier = KeyVerifier(keys)

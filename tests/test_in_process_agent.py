@@ -1,0 +1,129 @@
+"""Remote models called from the pipeline's own process (``hosting: in_process``, the default for remote models).
+
+The in-process agent must keep what the model's deployment kept: the concurrency cap, the provider key
+out of every error, the backend's retries, and traced calls; it pickles as its spec, so Ray workers build
+their own client, and a config with only such models deploys nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+
+import pytest
+
+from bench.simulator import Behaviour, SimulatorConfig
+from moa_ray.chat import ChatMessage, ChatParams
+from moa_ray.config import OpenAIModelSpec, parse_config
+from moa_ray.errors import BadRequest, ConfigError
+from moa_ray.pipeline import build_pipeline
+from moa_ray.pipeline.agents import InProcessAgent, in_process_agents
+from moa_ray.serve.app import build_app, deployment_options
+from moa_ray.serve.auth import REDACTED
+
+MESSAGES = [ChatMessage(role="user", content="hi")]
+
+
+def remote(base_url: str, **extra) -> dict:
+    return {"backend": "openai", "model": "m", "base_url": base_url, "backoff_s": 0.01, "backoff_max_s": 0.02, **extra}
+
+
+def test_the_cap_holds_calls_in_flight_at_max_ongoing_requests_times_replicas(simulator):
+    sim = simulator(SimulatorConfig(latency_ms=100))
+    agent = InProcessAgent("m", OpenAIModelSpec.model_validate(remote(sim.base_url, max_ongoing_requests=2, num_replicas=2)))
+
+    async def burst():
+        await asyncio.gather(*(agent.chat(MESSAGES, ChatParams(max_tokens=4)) for _ in range(12)))
+        await agent.aclose()
+
+    asyncio.run(burst())
+    assert sim.stats.requests == 12
+    assert sim.stats.max_in_flight == 4
+
+
+def test_errors_leave_without_the_provider_key(simulator, monkeypatch):
+    secret = "sk-in-process-secret-0123456789"
+    monkeypatch.setenv("INPROC_KEY", secret)
+    sim = simulator(SimulatorConfig(failure_rate=1.0, failure_status=400))
+    agent = InProcessAgent("m", OpenAIModelSpec.model_validate(remote(sim.base_url, api_key_env="INPROC_KEY")))
+
+    def leaky(err: BadRequest) -> BadRequest:
+        return BadRequest(f"provider said: bad key {secret}", model="m", status_code=400)
+
+    async def call():
+        backend, _ = agent._ready()
+        original = backend.chat
+
+        async def echoing(messages, params):
+            try:
+                return await original(messages, params)
+            except BadRequest as err:
+                raise leaky(err) from None
+
+        backend.chat = echoing  # type: ignore[method-assign]  # a provider that echoes the key it was sent
+        return await agent.chat(MESSAGES, ChatParams())
+
+    with pytest.raises(BadRequest) as info:
+        asyncio.run(call())
+    assert secret not in str(info.value) and REDACTED in str(info.value)
+
+
+def test_retries_happen_and_show_on_the_trace(simulator):
+    sim = simulator(SimulatorConfig(models={"flaky": Behaviour(latency_ms=5, failure_rate=0.5, failure_status=503)}, seed=3))
+    config = parse_config(
+        {
+            "models": {"flaky": {**remote(sim.base_url, max_retries=8), "model": "flaky"}},
+            "pipelines": {"p": {"kind": "moa", "layers": [["flaky", "flaky", "flaky"]], "aggregator": "flaky"}},
+        }
+    )
+    agents = in_process_agents(config, ["flaky"])
+    assert isinstance(agents["flaky"], InProcessAgent)
+    result = asyncio.run(build_pipeline(config, "p", agents).run("hi"))
+    assert all(c.status == "ok" for c in result.trace.calls)
+    assert sim.stats.failures > 0 and result.trace.retries == sim.stats.failures
+    assert {r for c in result.trace.calls for r in c.retries} == {"UpstreamError (HTTP 503)"}
+
+
+def test_the_agent_pickles_as_its_spec_and_builds_its_own_client(simulator):
+    sim = simulator(SimulatorConfig(latency_ms=5))
+    agent = InProcessAgent("m", OpenAIModelSpec.model_validate(remote(sim.base_url)))
+    asyncio.run(agent.chat(MESSAGES, ChatParams(max_tokens=4)))  # a client bound to that (closed) loop
+    copy = pickle.loads(pickle.dumps(agent))
+    assert copy.spec == agent.spec and copy._backend is None
+    completion = asyncio.run(copy.chat(MESSAGES, ChatParams(max_tokens=4)))  # a new loop, a new client
+    assert completion.text and sim.stats.requests == 2
+
+
+def test_a_new_event_loop_gets_a_new_client(simulator):
+    sim = simulator(SimulatorConfig(latency_ms=5))
+    agent = InProcessAgent("m", OpenAIModelSpec.model_validate(remote(sim.base_url)))
+    for _ in range(3):  # each asyncio.run is a new loop; a client of a closed loop would fail
+        assert asyncio.run(agent.chat(MESSAGES, ChatParams(max_tokens=4))).text
+    assert sim.stats.requests == 3
+
+
+def test_placement_asks_for_a_deployment():
+    with pytest.raises(ConfigError, match=r"pool place a deployment: set hosting: deployment"):
+        parse_config(
+            {
+                "models": {"r": remote("http://127.0.0.1:9/v1", pool="pool_r")},
+                "pipelines": {"p": {"kind": "moa", "layers": [["r"]], "aggregator": "r"}},
+            }
+        )
+
+
+def test_only_models_with_weights_or_hosting_deployment_get_deployments():
+    config = parse_config(
+        {
+            "models": {
+                "near": remote("http://127.0.0.1:9/v1"),
+                "own": remote("http://127.0.0.1:9/v1", hosting="deployment", num_replicas=2),
+            },
+            "pipelines": {"p": {"kind": "moa", "layers": [["near", "own"]], "aggregator": "near"}},
+        }
+    )
+    assert config.deployed_models(["near", "own"]) == ["own"]
+    assert [d["name"] for d in deployment_options(config, ["p"])] == ["moa-ingress", "agent-own"]
+    app = build_app(config, ["p"])
+    assert set(app._bound_deployment.init_kwargs) == {"own"}  # the ingress calls "near" itself
+    assert list(in_process_agents(config, ["near", "own"])) == ["near"]
