@@ -6,7 +6,9 @@ latency. With C prompts in flight the ideal rate is C / critical path; the run
 measures the real rate of the whole job (Ray actors, Serve handles, HTTP to the
 simulator, Parquet part files) and prints both at each level, with the mean request
 latency and the mean critical path measured in the traces (their gap is the per-request
-orchestration overhead). The last line is ``efficiency <measured / ideal at the top level>``.
+orchestration overhead), and the machine's CPU per agent call (this process and every Ray process it
+started, not the simulator). The last line is ``efficiency <measured / ideal at the top level>
+cpu_ms_per_agent_call <at the top level>``.
 
 With jitter, prompts finish at different times, so a finite run ends with a drain in
 which fewer than C prompts are in flight: with 200 prompts at C = 40 (5 prompts per
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.cpu import CpuMeter, simulator_calls
 from bench.simulator import free_port
 from moa_ray.config import parse_config
 from moa_ray.eval.datasets import load_dataset
@@ -40,10 +43,17 @@ PIPELINE = "moa-lite-sim"
 N_PROPOSERS = 6
 
 
-def bench_config(base_url: str) -> dict:
+def bench_config(base_url: str, hosting: str = "in_process") -> dict:
     """Six simulated proposers; the first also aggregates, as Qwen1.5-72B does in MoA-Lite."""
     models = {
-        f"m{i}": {"backend": "openai", "model": f"sim-{i}", "base_url": base_url, "max_ongoing_requests": 1024, "max_retries": 0}
+        f"m{i}": {
+            "backend": "openai",
+            "model": f"sim-{i}",
+            "base_url": base_url,
+            "max_ongoing_requests": 1024,
+            "max_retries": 0,
+            "hosting": hosting,
+        }
         for i in range(N_PROPOSERS)
     }
     return {
@@ -96,12 +106,14 @@ def main() -> None:
     parser.add_argument("--jitter-ms", type=float, default=1000.0, help="Uniform extra latency in [0, jitter] per call.")
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="Generation actors [default: 1 per 32 in flight].")
+    parser.add_argument("--hosting", choices=["in_process", "deployment"], default="in_process", help="How remote models are called.")
     args = parser.parse_args()
     levels = sorted(int(x) for x in args.levels.split(","))
 
     proc, base_url = start_simulator(args.latency_ms, args.jitter_ms, args.output_tokens)
     try:
-        config = parse_config(bench_config(base_url))
+        config = parse_config(bench_config(base_url, args.hosting))
+        meter = CpuMeter(exclude={proc.pid})
         dataset = load_dataset("alpaca_eval", limit=args.prompts)
         with ray_session(num_cpus=8):
             agents = deploy_agents(config, [PIPELINE], app_name="bench-eval")
@@ -109,17 +121,20 @@ def main() -> None:
             critical_path_s = (2 * args.latency_ms + args.jitter_ms * (N_PROPOSERS / (N_PROPOSERS + 1) + 0.5)) / 1000
             print(
                 f"MoA-Lite shape: {N_PROPOSERS} proposers + aggregator, {args.latency_ms:.0f} ms (+ up to {args.jitter_ms:.0f} ms) per call, "
-                f"critical path {critical_path_s:.2f} s, {len(dataset.prompts)} prompts per level"
+                f"critical path {critical_path_s:.2f} s, {len(dataset.prompts)} prompts per level, remote models {args.hosting}"
             )
             print(
                 f"{'concurrency':>11} {'prompts/s':>10} {'ideal':>8} {'efficiency':>10} {'elapsed s':>9} {'failed':>6}"
-                f" {'request s':>9} {'measured critical path s':>24}"
+                f" {'request s':>9} {'measured critical path s':>24} {'cpu ms/call':>11}"
             )
-            efficiency = 0.0
+            efficiency = cpu_ms = 0.0
             for level in levels:
                 with tempfile.TemporaryDirectory(prefix="moa-bench-") as out:
                     options = GenerateOptions(pipelines=[PIPELINE], out=out, concurrency=level, workers=args.workers, progress=False)
+                    calls_before = simulator_calls(base_url)
+                    meter.start()
                     summary = run_generation(config, dataset, agents, options)
+                    cpu_ms = 1000 * meter.stop() / max(1, simulator_calls(base_url) - calls_before)
                     rows = [r for r in RowTable(out, GenerationRow).latest().values() if r["status"] == "ok"]
                 measured = summary.items / summary.elapsed_s
                 ideal = level / critical_path_s
@@ -128,9 +143,9 @@ def main() -> None:
                 path_s = statistics.fmean(r["critical_path_s"] for r in rows)
                 print(
                     f"{level:>11} {measured:>10.2f} {ideal:>8.2f} {efficiency:>10.3f} {summary.elapsed_s:>9.2f} {summary.failed_rows:>6}"
-                    f" {request_s:>9.2f} {path_s:>24.2f}"
+                    f" {request_s:>9.2f} {path_s:>24.2f} {cpu_ms:>11.1f}"
                 )
-            print(f"efficiency {efficiency:.3f}")
+            print(f"efficiency {efficiency:.3f} cpu_ms_per_agent_call {cpu_ms:.1f}")
     finally:
         proc.terminate()
         proc.wait(timeout=10)

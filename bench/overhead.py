@@ -35,7 +35,7 @@ APP_NAME = "bench-overhead"
 PIPELINE = "overhead"
 
 
-def overhead_config(base_url: str, *, layers: int, proposers: int, output_tokens: int) -> MoARayConfig:
+def overhead_config(base_url: str, *, layers: int, proposers: int, output_tokens: int, hosting: str = "in_process") -> MoARayConfig:
     """``proposers`` distinct remote models; ``layers - 1`` proposer layers of all of them, then an aggregator."""
     if layers < 2:
         raise SystemExit("--layers counts the aggregator, so it must be at least 2")
@@ -47,6 +47,7 @@ def overhead_config(base_url: str, *, layers: int, proposers: int, output_tokens
             "base_url": base_url,
             "max_tokens": output_tokens,
             "max_retries": 0,
+            "hosting": hosting,
         }
         for name in names
     }
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--simulator", choices=("process", "thread"), default="process")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: a local Ray).")
+    parser.add_argument("--hosting", choices=["in_process", "deployment"], default="in_process", help="How remote models are called.")
     args = parser.parse_args()
 
     from moa_ray.pipeline import build_pipeline
@@ -131,7 +133,9 @@ def main() -> None:
 
     sim_config = SimulatorConfig(latency_ms=args.latency_ms, jitter_ms=0, output_tokens=args.output_tokens)
     with simulator(sim_config, args.simulator) as sim:
-        config = overhead_config(sim.base_url, layers=args.layers, proposers=args.proposers, output_tokens=args.output_tokens)
+        config = overhead_config(
+            sim.base_url, layers=args.layers, proposers=args.proposers, output_tokens=args.output_tokens, hosting=args.hosting
+        )
         print(f"simulator ({args.simulator}) at {sim.base_url}: {args.latency_ms:g} ms per call, no jitter", flush=True)
         t = time.perf_counter()
         with ray_session(args.address, apps=[APP_NAME]):
@@ -153,14 +157,14 @@ def main() -> None:
     median = statistics.median(walls)
     critical = statistics.median(c for _, c in measured)
     print(
-        f"shape: {args.layers - 1} proposer layers x {args.proposers} + aggregator; "
+        f"shape: {args.layers - 1} proposer layers x {args.proposers} + aggregator, remote models {args.hosting}; "
         f"{sim.stats.get('requests')} simulator requests, at most {sim.stats.get('max_in_flight')} in flight; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     print(
         f"wall ms: median {median * 1000:.1f}, min {min(walls) * 1000:.1f}, max {max(walls) * 1000:.1f}; ideal {ideal * 1000:.0f}; "
         f"median critical path {critical * 1000:.1f} (HTTP client + simulator), "
-        f"so driver + Serve add ~{(median - critical) * 1000:.0f} ms per request"
+        f"so the driver (+ Serve) adds ~{(median - critical) * 1000:.0f} ms per request"
     )
     print(f"ratio {median / ideal:.3f}")
 

@@ -6,9 +6,14 @@ and *HTTP* (``moa-ray serve``'s app: Serve proxy -> ingress -> agent deployments
 requests streaming. The difference of the p50 latencies is the endpoint's overhead per request.
 
     python -m bench.serve_load --requests 200 --concurrency 50
-    python -m bench.serve_load --requests 200 --concurrency 20 --kill-replica p2   # reliability check
+    python -m bench.serve_load --requests 200 --concurrency 20 --hosting deployment --kill-replica p2   # reliability check
 
-The last line is ``overhead_p50_ms <value>``. Exit status 1 on any unexpected 5xx or hung request.
+Each mode also reports the machine's CPU per agent call (this process and every Ray process it started,
+not the simulator, over the agent calls the simulator answered). ``--hosting deployment`` gives every
+remote model its own Serve deployment instead of calling it from the driver / ingress process.
+
+The last line is ``overhead_p50_ms <value> cpu_ms_per_agent_call <value>``. Exit status 1 on any
+unexpected 5xx or hung request.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 
 import httpx
 
+from bench.cpu import CpuMeter, simulator_calls
 from bench.simulator import free_port
 
 PIPELINE = "moa-bench"
@@ -36,7 +42,7 @@ APP_DIRECT = "bench-direct"
 
 
 @contextlib.contextmanager
-def simulator_process(latency_ms: float, output_tokens: int) -> Iterator[str]:
+def simulator_process(latency_ms: float, output_tokens: int) -> Iterator[tuple[str, int]]:
     """The simulator in its own process, so its event loop does not share a GIL with the load generator."""
     port = free_port()
     cmd = [
@@ -64,14 +70,21 @@ def simulator_process(latency_ms: float, output_tokens: int) -> Iterator[str]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the simulator did not start") from None
                 time.sleep(0.2)
-        yield base_url
+        yield base_url, proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
 
 
-def bench_config(base_url: str, proposers: int, layers: int) -> dict[str, Any]:
-    model = {"backend": "openai", "base_url": base_url, "num_cpus": 0.05, "max_ongoing_requests": 512, "max_connections": 256}
+def bench_config(base_url: str, proposers: int, layers: int, hosting: str = "in_process") -> dict[str, Any]:
+    model = {
+        "backend": "openai",
+        "base_url": base_url,
+        "num_cpus": 0.05,
+        "max_ongoing_requests": 512,
+        "max_connections": 256,
+        "hosting": hosting,
+    }
     names = [f"p{i + 1}" for i in range(proposers)]
     return {
         "models": {n: {**model, "model": n} for n in names},
@@ -92,6 +105,8 @@ class Sample:
 @dataclass
 class Results:
     samples: list[Sample] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # per mode: CPU seconds of this process tree
+    calls: dict[str, int] = field(default_factory=dict)  # per mode: agent calls the simulator answered
 
     def of(self, mode: str) -> list[Sample]:
         return [s for s in self.samples if s.mode == mode]
@@ -213,9 +228,25 @@ def wait_for_replacement(model: str, killed: dict[str, Any], timeout_s: float = 
         return
 
 
+def cpu_per_call_ms(results: Results, mode: str) -> float:
+    """Machine CPU (this process, Ray's processes, the replicas; not the simulator) per agent call of a mode."""
+    calls = results.calls.get(mode, 0)
+    return 1000 * results.cpu_s.get(mode, 0.0) / calls if calls else float("nan")
+
+
+def measured(results: Results, mode: str, meter: CpuMeter, sim_url: str, run: Any) -> None:
+    """Run one mode's load, recording its CPU seconds and the agent calls it made."""
+    calls_before = simulator_calls(sim_url)
+    meter.start()
+    run()
+    results.cpu_s[mode] = meter.stop()
+    results.calls[mode] = simulator_calls(sim_url) - calls_before
+
+
 def summarize(results: Results, modes: list[str]) -> list[str]:
     lines = [
         f"{'mode':<14} {'n':>5} {'ok':>5} {'4xx':>4} {'5xx':>4} {'other':>5} {'p50_ms':>8} {'p99_ms':>8} {'ttft_p50':>8} {'dropped':>7}"
+        f" {'cpu_ms/call':>11}"
     ]
     for mode in modes:
         samples = results.of(mode)
@@ -228,7 +259,7 @@ def summarize(results: Results, modes: list[str]) -> list[str]:
         ttft_txt = f"{percentile(ttft, 50):8.1f}" if ttft else f"{'-':>8}"
         lines.append(
             f"{mode:<14} {len(samples):>5} {len(ok):>5} {c4:>4} {c5:>4} {other:>5} {percentile(lat, 50):8.1f} {percentile(lat, 99):8.1f} "
-            f"{ttft_txt} {sum(s.dropped for s in samples):>7}"
+            f"{ttft_txt} {sum(s.dropped for s in samples):>7} {cpu_per_call_ms(results, mode):>11.1f}"
         )
     return lines
 
@@ -243,6 +274,12 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--timeout-s", type=float, default=120, help="Client timeout: a request slower than this counts as hung.")
     parser.add_argument("--kill-replica", metavar="MODEL", default=None, help="Kill one replica of MODEL (p1 aggregates) mid-load.")
+    parser.add_argument(
+        "--hosting",
+        choices=["in_process", "deployment"],
+        default="in_process",
+        help="Remote models called from the driver / ingress process (default) or through deployments of their own.",
+    )
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -254,8 +291,11 @@ def main() -> int:
     from moa_ray.serve.app import build_app
 
     results = Results()
-    with simulator_process(args.latency_ms, args.output_tokens) as sim_url:
-        config = parse_config(bench_config(sim_url, args.proposers, args.layers))
+    with simulator_process(args.latency_ms, args.output_tokens) as (sim_url, sim_pid):
+        config = parse_config(bench_config(sim_url, args.proposers, args.layers, args.hosting))
+        if args.kill_replica and args.hosting != "deployment":
+            parser.error("--kill-replica needs --hosting deployment (in-process models have no replica)")
+        meter = CpuMeter(exclude={sim_pid})
         port = free_port()
         with ray_session(num_cpus=8):
             serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -282,18 +322,31 @@ def main() -> int:
 
             http_wall = 0.0
             for stream in (False, True):
-                asyncio.run(run_direct(pipeline, args.requests, args.concurrency, results, stream=stream))
+                suffix = "-stream" if stream else ""
+                measured(
+                    results,
+                    "direct" + suffix,
+                    meter,
+                    sim_url,
+                    lambda stream=stream: asyncio.run(run_direct(pipeline, args.requests, args.concurrency, results, stream=stream)),
+                )
                 http_start = time.perf_counter()
-                asyncio.run(
-                    run_http(
-                        base_url,
-                        args.requests,
-                        args.concurrency,
-                        results,
-                        args.timeout_s,
-                        stream=stream,
-                        on_progress=None if stream else on_progress,
-                    )
+                measured(
+                    results,
+                    "http" + suffix,
+                    meter,
+                    sim_url,
+                    lambda stream=stream: asyncio.run(
+                        run_http(
+                            base_url,
+                            args.requests,
+                            args.concurrency,
+                            results,
+                            args.timeout_s,
+                            stream=stream,
+                            on_progress=None if stream else on_progress,
+                        )
+                    ),
                 )
                 http_wall += time.perf_counter() - http_start
             if killed:
@@ -301,7 +354,8 @@ def main() -> int:
 
     print(
         f"simulator: {args.latency_ms:g} ms per call, {args.output_tokens} tokens; pipeline: {args.layers} layer(s) x "
-        f"{args.proposers} proposers + aggregator; {args.requests} requests per mode at concurrency {args.concurrency}"
+        f"{args.proposers} proposers + aggregator, remote models {args.hosting}; {args.requests} requests per mode at "
+        f"concurrency {args.concurrency}"
     )
     for line in summarize(results, ["direct", "http", "direct-stream", "http-stream"]):
         print(line)
@@ -324,7 +378,7 @@ def main() -> int:
         f"{p50('http-stream', True) - p50('direct-stream', True):.1f} ms to the first"
     )
     print(f"unexpected 5xx: {len(bad_5xx)}; hung: {len(hung)}")
-    print(f"overhead_p50_ms {p50('http') - p50('direct'):.1f}")
+    print(f"overhead_p50_ms {p50('http') - p50('direct'):.1f} cpu_ms_per_agent_call {cpu_per_call_ms(results, 'http'):.1f}")
     return 1 if bad_5xx or hung else 0
 
 

@@ -196,7 +196,13 @@ def create_app(config: SimulatorConfig, stats: Stats | None = None) -> Starlette
         names = sorted(config.models) or ["simulated"]
         return JSONResponse({"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
 
-    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models)])
+    async def stats_route(request: Request) -> Response:
+        """What the simulator saw, for benchmarks that run it in a process of its own."""
+        return JSONResponse({"requests": stats.requests, "failures": stats.failures, "max_in_flight": stats.max_in_flight})
+
+    app = Starlette(
+        routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models), Route("/stats", stats_route)]
+    )
     app.state.stats = stats
     return app
 

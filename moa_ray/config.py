@@ -549,6 +549,13 @@ class ServerSpec(_Strict):
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     body_timeout_s: float = Field(default=15.0, gt=0, description="A request body still arriving after this gets 408.")
     request_timeout_s: float = Field(default=600.0, gt=0, description="A request still running after this gets 504.")
+    stream_coalesce_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=1000,
+        description="A streamed answer's deltas are joined when they arrive within this many ms of each other (the first "
+        "is sent at once): fewer events through the Serve proxy and to the client, the same bytes. 0: one event per token.",
+    )
     ingress: IngressSpec = Field(default_factory=IngressSpec)
 
 

@@ -113,7 +113,7 @@ async def test_trace_only_when_asked(sim):
 
 
 async def test_openai_client_stream_ends_with_usage_and_done(sim):
-    app = make_api(make_config(sim.base_url))
+    app = make_api(make_config(sim.base_url, server={"stream_coalesce_ms": 0}))  # one event per token
     async with openai_client(app) as client:
         plain = await client.chat.completions.create(model="moa2", messages=USER)
         stream = await client.chat.completions.create(
@@ -129,6 +129,18 @@ async def test_openai_client_stream_ends_with_usage_and_done(sim):
     assert final[0].model_extra["moa"]["trace"]["calls"][-1]["role"] == "aggregator"
     assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == {**plain.usage.model_dump()}
     assert {c.id for c in chunks} == {chunks[0].id}
+
+
+async def test_coalesced_stream_carries_every_byte_in_fewer_events(sim):
+    app = make_api(make_config(sim.base_url, server={"stream_coalesce_ms": 50}))
+    async with openai_client(app) as client:
+        plain = await client.chat.completions.create(model="moa2", messages=USER)
+        stream = await client.chat.completions.create(model="moa2", messages=USER, stream=True)
+        chunks = [chunk async for chunk in stream]
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(deltas) == plain.choices[0].message.content
+    assert 2 <= len(deltas) < OUTPUT_TOKENS  # the first token alone, then batches
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason == "stop") == 1
 
 
 async def test_raw_stream_is_server_sent_events_ending_with_done(sim):

@@ -24,6 +24,7 @@ from moa_ray.chat import ChatRequest
 from moa_ray.config import ModelSpec
 from moa_ray.errors import BackendError
 from moa_ray.serve.auth import Redactor
+from moa_ray.streaming import coalesce
 
 log = logging.getLogger("moa_ray.agent")
 _MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
@@ -69,7 +70,7 @@ class AgentDeployment:
     async def agent_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         req = ChatRequest.model_validate(request)
         try:
-            async for chunk in self.backend.stream(req.messages, req.params):
+            async for chunk in coalesce(self.backend.stream(req.messages, req.params)):  # fewer messages per answer
                 yield {"chunk": chunk.model_dump()}
         except BackendError as err:
             yield self._error(err)

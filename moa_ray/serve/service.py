@@ -38,6 +38,7 @@ from moa_ray.serve.openai_schema import (
     completion_id,
     finish_reason,
 )
+from moa_ray.streaming import coalesce
 
 #: ``\\ud800``-``\\udfff`` escapes: only these can put a lone surrogate into a parsed JSON string.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -186,9 +187,12 @@ class ChatService:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.request_timeout_s + DEADLINE_GRACE_S
-        items = self.pipelines[request.model].stream(
+        # deltas coalesced by time and size: fewer events through the Serve proxy and to the client, same bytes
+        items: AsyncGenerator[Any, None] = self.pipelines[request.model].stream(
             request.chat_messages(), request.chat_params(), timeout_s=self.limits.request_timeout_s
         )
+        if self.limits.stream_coalesce_ms:
+            items = coalesce(items, window_s=self.limits.stream_coalesce_ms / 1000)
         try:
             first = await asyncio.wait_for(items.__anext__(), self.limits.request_timeout_s + DEADLINE_GRACE_S)
         except PipelineError as err:
