@@ -7,18 +7,24 @@ reads the simulator's counters as deltas, since the deployments are shared.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import pickle
 import time
 
+import httpx
 import pytest
 
 from bench.simulator import Behaviour, SimulatorConfig, run_simulator
-from moa_ray.chat import ChatMessage, ChatParams
+from moa_ray.chat import ChatMessage, ChatParams, ChatRequest
 from moa_ray.config import parse_config
 from moa_ray.errors import AggregatorFailed, BackendError, LayerFailed, UpstreamError
 from moa_ray.pipeline import build_pipeline
-from moa_ray.pipeline.agents import HandleAgent
+from moa_ray.pipeline.agents import HandleAgent, direct_payload_limit
 from moa_ray.pipeline.base import PipelineResult
+from moa_ray.serve.auth import KeyVerifier, Redactor
+from moa_ray.serve.ingress import create_api
+from moa_ray.serve.service import ChatService
 
 pytestmark = pytest.mark.ray
 
@@ -43,6 +49,7 @@ def _config(base_url: str):
             "pipelines": {
                 "moa2": {"kind": "moa", "layers": [["a", "b", "bad"]], "aggregator": "c"},
                 "moa3": {"kind": "moa", "layers": [["a", "b", "c"], ["a", "b", "c"]], "aggregator": "a"},
+                "wide": {"kind": "moa", "layers": [["a", "b"]], "aggregator": "c"},
                 "all-bad": {"kind": "moa", "layers": [["bad", "bad"]], "aggregator": "a"},
                 "bad-agg": {"kind": "moa", "layers": [["a", "b"]], "aggregator": "bad"},
                 "quorum": {
@@ -213,3 +220,83 @@ def test_deploying_the_same_models_again_reuses_the_running_app(deployed):
     finally:
         deploy_agents(config, list(config.pipelines), app_name=APP)
     assert running_fingerprint(APP) == agents_fingerprint(config, list(config.models))
+
+
+def _body_of(size: int, model: str, max_chars: int) -> tuple[bytes, int]:
+    """A chat request of exactly ``size`` bytes: as many messages of at most ``max_chars`` as it takes, in
+    1000-character words (the simulator counts words as tokens); also the number of words sent."""
+
+    def encode(contents: list[str]) -> bytes:
+        messages = [{"role": "user", "content": c} for c in contents]
+        return json.dumps({"model": model, "max_tokens": 8, "moa": {"trace": True}, "messages": messages}).encode()
+
+    room = size - len(encode([]))
+    count = -(-room // (max_chars + len(encode([""])) - len(encode([]))))  # each message costs its text and its JSON
+    room -= len(encode([""] * count)) - len(encode([]))
+    word = "w" * 999 + " "
+    sizes = [room // count + (i < room % count) for i in range(count)]
+    contents = [(word * (n // len(word) + 1))[:n] for n in sizes]
+    body = encode(contents)
+    assert len(body) == size and max(map(len, contents)) <= max_chars
+    return body, sum(len(c.split()) for c in contents)
+
+
+def test_a_request_at_the_body_limit_reaches_every_model(deployed):
+    """Whatever the endpoint accepts must reach the models: a body of exactly ``max_request_bytes`` (~8 MiB,
+    twice what Serve's direct gRPC transport carries) gets its answer; one byte more is refused with 413."""
+    config, agents, sim = deployed
+    limits = config.server
+    service = ChatService(config, {"wide": build_pipeline(config, "wide", agents)}, Redactor([]))
+    app = create_api(service, KeyVerifier([]))
+    body, words = _body_of(limits.max_request_bytes, "wide", limits.max_message_chars)
+    too_big, _ = _body_of(limits.max_request_bytes + 1, "wide", limits.max_message_chars)
+
+    async def post(content: bytes) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://moa.test", timeout=120) as client:
+            return await client.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+
+    before = _requests(sim)
+    reply = asyncio.run(post(body))
+    assert reply.status_code == 200, reply.text[:2000]
+    calls = reply.json()["moa"]["trace"]["calls"]
+    assert [(c["model"], c["status"]) for c in calls] == [("a", "ok"), ("b", "ok"), ("c", "ok")]
+    assert [c["prompt_tokens"] for c in calls[:2]] == [words, words]  # every message, whole, reached each proposer
+    assert calls[2]["prompt_tokens"] > words  # the aggregator got them too, with the references
+    assert _delta(before, _requests(sim)) == {"sim/a": 1, "sim/b": 1, "sim/c": 1}
+
+    refused = asyncio.run(post(too_big))
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "request_too_large"
+
+
+def _pickling_to(size: int) -> list[ChatMessage]:
+    """One message whose request pickles to exactly ``size`` bytes, as the direct transport measures it."""
+
+    def pickled(chars: int) -> int:
+        return len(
+            pickle.dumps((ChatRequest(messages=message(chars), params=ChatParams()).model_dump(),), protocol=pickle.HIGHEST_PROTOCOL)
+        )
+
+    def message(chars: int) -> list[ChatMessage]:
+        return [ChatMessage(role="user", content="w" * chars)]
+
+    chars = size
+    for _ in range(4):  # a byte per character, plus framing that grows in steps with the size
+        chars += size - pickled(chars)
+    assert pickled(chars) == size
+    return message(chars)
+
+
+def test_the_direct_transport_carries_requests_up_to_its_limit_and_larger_ones_go_by_reference(deployed):
+    """The limit HandleAgent switches at is one the real gRPC transport carries, and the object store takes the rest."""
+    _, agents, _ = deployed
+    agent = agents["b"]
+    limit = direct_payload_limit()
+    for size, handle in ((limit, agent.handle), (limit + 1, agent.by_reference), (2 * limit, agent.by_reference)):
+        messages = _pickling_to(size)
+        assert agent.handle_for(ChatRequest(messages=messages, params=ChatParams()).model_dump()) is handle
+        assert asyncio.run(agent.chat(messages, ChatParams(max_tokens=4))).usage.completion_tokens == 4
+
+    async def streamed() -> str:
+        return "".join([chunk.delta async for chunk in agent.stream(_pickling_to(2 * limit), ChatParams(max_tokens=4))])
+
+    assert len(asyncio.run(streamed()).split()) == 4

@@ -9,12 +9,22 @@ with ``hosting: deployment``); :class:`InProcessAgent` calls a remote model from
 from __future__ import annotations
 
 import asyncio
+import logging
+import pickle
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from moa_ray.backends.base import ChatBackend
 from moa_ray.chat import ChatMessage, ChatParams, ChatRequest, Completion, StreamChunk
 from moa_ray.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+#: gRPC's own default cap on a received message, which Serve keeps for replica-to-replica calls.
+GRPC_DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
+#: Room in a direct call's gRPC message for what travels beside the request (Serve's pickled request metadata,
+#: the empty kwargs, protobuf framing): ~50 bytes measured, so a request this much under the cap always fits.
+DIRECT_HEADROOM = 64 * 1024
 
 
 class Agent(Protocol):
@@ -113,8 +123,10 @@ def fast_handle(handle: Any) -> Any:
 
     Agent payloads are plain dicts, so they need neither Ray's object store nor
     cloudpickle; on a 6-proposer layer this cuts the fan-out's overhead by ~10 ms
-    (bench/overhead.py). Ray versions without these options, and Ray Client
-    sessions (no direct route to replicas), keep the default transport.
+    (bench/overhead.py). Its messages are capped (:func:`direct_payload_limit`), so
+    :class:`HandleAgent` sends larger requests by reference. Ray versions without
+    these options, and Ray Client sessions (no direct route to replicas), keep the
+    default transport.
     """
     import ray
 
@@ -126,21 +138,73 @@ def fast_handle(handle: Any) -> Any:
         return handle
 
 
+def by_reference_handle(handle: Any) -> Any:
+    """The handle with Serve's actor-call transport, whose arguments travel through Ray's object store (no size cap).
+
+    Asked for explicitly: a handle's default transport is gRPC where Serve runs throughput-optimized.
+    """
+    import ray
+
+    if ray.util.client.ray.is_connected():
+        return handle
+    try:
+        return handle.options(_by_reference=True)
+    except (TypeError, ValueError):
+        return handle
+
+
+def direct_payload_limit() -> int:
+    """The largest pickled request the direct gRPC transport is sure to carry.
+
+    Serve caps a message a replica receives at ``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH`` (gRPC's 4 MiB unless
+    that variable is set, ``ray/serve/_private/constants.py``), read in each replica's own process. A lower value
+    here is followed; a higher one is not, since this process cannot see whether the replicas have it too. Larger
+    requests go by reference.
+    """
+    try:
+        from ray.serve._private.constants import RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH as cap
+    except ImportError:  # a Ray without it: gRPC's default
+        cap = GRPC_DEFAULT_MAX_MESSAGE
+    return max(min(int(cap), GRPC_DEFAULT_MAX_MESSAGE) - DIRECT_HEADROOM, 0)
+
+
 class HandleAgent:
-    """A model deployed as a Ray Serve deployment, called through its handle."""
+    """A model deployed as a Ray Serve deployment, called through its handle.
+
+    Requests go over Serve's direct gRPC transport (fast) unless they are too large for it: long conversations, and
+    the prompts of later layers that add every reference to them, go through the object store instead, so whatever
+    the endpoint accepts reaches the model.
+    """
 
     def __init__(self, handle: Any, name: str, *, replica_retries: int = 1) -> None:
         self.handle = fast_handle(handle)
+        self.by_reference = by_reference_handle(handle)
+        self.direct_limit = direct_payload_limit()
         self.name = name
         self.replica_retries = replica_retries
+
+    def handle_for(self, request: dict[str, Any]) -> Any:
+        """The direct handle, or the by-reference one for a request whose pickle would not fit a gRPC message.
+
+        Measured as Serve's direct transport serializes it (pickle of the argument tuple): the bound is in bytes,
+        and no cheaper estimate of a pickle's size is exact. A request of a few kB pickles in microseconds.
+        """
+        if self.by_reference is self.handle:
+            return self.handle
+        size = len(pickle.dumps((request,), protocol=pickle.HIGHEST_PROTOCOL))
+        if size <= self.direct_limit:
+            return self.handle
+        log.debug("%s: a %d-byte request exceeds the direct transport's %d bytes: sent by reference", self.name, size, self.direct_limit)
+        return self.by_reference
 
     async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion:
         from ray.exceptions import RayActorError  # HandleAgent only exists where Ray does
 
         request = ChatRequest(messages=messages, params=params).model_dump()
+        handle = self.handle_for(request)
         replica_failures: list[str] = []
         for attempt in range(1 + self.replica_retries):
-            response = self.handle.agent_chat.remote(request)
+            response = handle.agent_chat.remote(request)
             try:
                 reply = await response
                 break
@@ -161,7 +225,7 @@ class HandleAgent:
 
     async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
         request = ChatRequest(messages=messages, params=params).model_dump()
-        generator = self.handle.options(stream=True).agent_stream.remote(request)
+        generator = self.handle_for(request).options(stream=True).agent_stream.remote(request)
         try:
             async for reply in generator:
                 yield StreamChunk.model_validate(_unwrap(reply)["chunk"])
