@@ -127,3 +127,29 @@ def test_only_models_with_weights_or_hosting_deployment_get_deployments():
     app = build_app(config, ["p"])
     assert set(app._bound_deployment.init_kwargs) == {"own"}  # the ingress calls "near" itself
     assert list(in_process_agents(config, ["near", "own"])) == ["near"]
+
+
+@pytest.mark.anyio
+async def test_the_ingress_calls_in_process_models_itself(simulator, monkeypatch):
+    """The served app's ingress builds in-process agents from the config: no deployment, the same answers."""
+    import httpx
+
+    from moa_ray.serve.ingress import build_service, create_api
+
+    monkeypatch.delenv("MOA_RAY_API_KEYS", raising=False)
+    sim = simulator(SimulatorConfig(latency_ms=5, output_tokens=6))
+    config = parse_config(
+        {"models": {"near": remote(sim.base_url)}, "pipelines": {"p": {"kind": "moa", "layers": [["near", "near"]], "aggregator": "near"}}}
+    )
+    service, verifier = build_service(config.model_dump(mode="json"), ["p"], {})  # no handles: nothing is deployed
+    app = create_api(service, verifier)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://moa.test") as client:
+        response = await client.post("/v1/chat/completions", json={"model": "p", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200, response.text
+    assert sim.stats.requests == 3
+    assert isinstance(service.pipelines["p"].agents["near"], InProcessAgent)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

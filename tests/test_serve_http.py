@@ -46,6 +46,7 @@ def server(tmp_path_factory):
             "base_url": sim.base_url,
             "api_key_env": "SIM_PROVIDER_KEY",
             "max_retries": 0,
+            "hosting": "deployment",  # the served path with agent deployments behind the ingress (replica kills)
             "num_cpus": 0.05,
             "max_ongoing_requests": 64,
         }

@@ -35,7 +35,8 @@ OUTPUT_TOKENS = 12
 
 def _config(base_url: str):
     def model(name: str, **extra):
-        return {"backend": "openai", "model": f"sim/{name}", "base_url": base_url, "max_retries": 0, **extra}
+        # each model its own deployment: these tests are about the deployed path (handles, replicas, options)
+        return {"backend": "openai", "model": f"sim/{name}", "base_url": base_url, "max_retries": 0, "hosting": "deployment", **extra}
 
     return parse_config(
         {

@@ -100,28 +100,33 @@ def create_api(service: ChatService, verifier: KeyVerifier) -> FastAPI:
     return app
 
 
+def build_service(config: dict[str, Any], pipelines: list[str], handles: dict[str, Any]) -> tuple[ChatService, KeyVerifier]:
+    """The ingress replica's service: the pipelines over the deployed models' handles and, for remote models
+    hosted in process, agents of this replica's own; client keys from the environment."""
+    from moa_ray.config import parse_config
+    from moa_ray.pipeline import build_pipeline
+    from moa_ray.pipeline.agents import HandleAgent, in_process_agents
+
+    cfg = parse_config(config, "<serve application args>")
+    keys = load_api_keys()
+    agents: dict[str, Any] = {model: HandleAgent(handle, model) for model, handle in handles.items()}
+    agents.update(in_process_agents(cfg, list(cfg.models_for(pipelines))))
+    built = {name: build_pipeline(cfg, name, agents) for name in pipelines}
+    log.info(
+        "moa-ray ingress: pipelines %s; client API keys %s",
+        ", ".join(pipelines),
+        f"required ({len(keys)} configured)" if keys else "not configured: the endpoint is open",
+    )
+    return ChatService(cfg, built, Redactor.for_config(cfg, extra=keys)), KeyVerifier(keys)
+
+
 @serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress()
 class MoAIngress:
     """Serves the OpenAI API for ``pipelines``; ``agents`` are the model deployments' handles by model name."""
 
     def __init__(self, config: dict[str, Any], pipelines: list[str], **agents: Any) -> None:
-        from moa_ray.config import parse_config
-        from moa_ray.pipeline import build_pipeline
-        from moa_ray.pipeline.agents import HandleAgent, in_process_agents
-
-        cfg = parse_config(config, "<serve application args>")
-        keys = load_api_keys()
-        handles: dict[str, Any] = {model: HandleAgent(handle, model) for model, handle in agents.items()}
-        handles.update(in_process_agents(cfg, list(cfg.models_for(pipelines))))
-        built = {name: build_pipeline(cfg, name, handles) for name in pipelines}
-        self.service = ChatService(cfg, built, Redactor.for_config(cfg, extra=keys))
-        self.verifier = KeyVerifier(keys)
-        log.info(
-            "moa-ray ingress: pipelines %s; client API keys %s",
-            ", ".join(pipelines),
-            f"required ({len(keys)} configured)" if keys else "not configured: the endpoint is open",
-        )
+        self.service, self.verifier = build_service(config, pipelines, agents)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.service, self.verifier)
