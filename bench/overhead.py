@@ -14,6 +14,8 @@ The simulator plays a remote provider, so by default it runs in its own process
 driver instead, where it competes with the driver for the GIL.
 
     python -m bench.overhead --layers 3 --proposers 6 --latency-ms 200
+    python -m bench.overhead --via serve --requests 15 --warmup 3      # through moa-ray serve, the openai client
+    python -m bench.overhead --hosting deployment                      # remote models on deployments of their own
 """
 
 from __future__ import annotations
@@ -96,6 +98,27 @@ def simulator(config: SimulatorConfig, mode: str) -> Iterator[SimulatorHandle]:
             child.terminate()
 
 
+def _measure_http(base_url: str, prompt: str, n: int, label: str) -> list[tuple[float, float]]:
+    """(wall, critical path) of ``n`` sequential requests through ``moa-ray serve``'s app, with the official client."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    out = []
+    for i in range(n):
+        start = time.perf_counter()
+        reply = client.chat.completions.create(
+            model=PIPELINE, messages=[{"role": "user", "content": prompt}], extra_body={"moa": {"trace": True}}
+        )
+        wall = time.perf_counter() - start
+        trace = reply.model_extra["moa"]["trace"]  # type: ignore[index]
+        failed = [c for c in trace["calls"] if c["status"] != "ok"]
+        if failed:
+            raise SystemExit(f"{label} {i}: {len(failed)} calls failed: {failed[0]['error']}")
+        out.append((wall, trace["critical_path_s"]))
+        print(f"{label} {i + 1}/{n}: wall {wall * 1000:.1f} ms (critical path {trace['critical_path_s'] * 1000:.1f} ms)", flush=True)
+    return out
+
+
 async def _measure(pipeline, prompt: str, n: int, label: str) -> list[tuple[float, float]]:
     """(wall, critical path) of ``n`` sequential requests; every call must succeed."""
     out = []
@@ -126,6 +149,9 @@ def main() -> None:
     parser.add_argument("--simulator", choices=("process", "thread"), default="process")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: a local Ray).")
     parser.add_argument("--hosting", choices=["in_process", "deployment"], default="in_process", help="How remote models are called.")
+    parser.add_argument(
+        "--via", choices=["driver", "serve"], default="driver", help="Call the pipeline in this process, or through moa-ray serve's app."
+    )
     args = parser.parse_args()
 
     from moa_ray.pipeline import build_pipeline
@@ -141,23 +167,35 @@ def main() -> None:
         with ray_session(args.address, apps=[APP_NAME]):
             print(f"ray up in {time.perf_counter() - t:.1f}s", flush=True)
             t = time.perf_counter()
-            agents = deploy_agents(config, [PIPELINE], app_name=APP_NAME)
-            print(f"deployed {len(agents)} agents in {time.perf_counter() - t:.1f}s", flush=True)
-            pipeline = build_pipeline(config, PIPELINE, agents)
             prompt = "Explain why the sky is blue in two sentences."
+            if args.via == "serve":
+                from ray import serve
 
-            async def bench() -> list[tuple[float, float]]:
-                await _measure(pipeline, prompt, args.warmup, "warm-up")
-                return await _measure(pipeline, prompt, args.requests, "request")
+                from moa_ray.serve.app import build_app
 
-            measured = asyncio.run(bench())
+                port = free_port()
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                serve.run(build_app(config, [PIPELINE]), name=APP_NAME, route_prefix="/")
+                print(f"served the app in {time.perf_counter() - t:.1f}s", flush=True)
+                _measure_http(f"http://127.0.0.1:{port}", prompt, args.warmup, "warm-up")
+                measured = _measure_http(f"http://127.0.0.1:{port}", prompt, args.requests, "request")
+            else:
+                agents = deploy_agents(config, [PIPELINE], app_name=APP_NAME)
+                print(f"deployed {len(agents)} agents in {time.perf_counter() - t:.1f}s", flush=True)
+                pipeline = build_pipeline(config, PIPELINE, agents)
+
+                async def bench() -> list[tuple[float, float]]:
+                    await _measure(pipeline, prompt, args.warmup, "warm-up")
+                    return await _measure(pipeline, prompt, args.requests, "request")
+
+                measured = asyncio.run(bench())
 
     walls = [w for w, _ in measured]
     ideal = args.layers * args.latency_ms / 1000
     median = statistics.median(walls)
     critical = statistics.median(c for _, c in measured)
     print(
-        f"shape: {args.layers - 1} proposer layers x {args.proposers} + aggregator, remote models {args.hosting}; "
+        f"shape: {args.layers - 1} proposer layers x {args.proposers} + aggregator, remote models {args.hosting}, via {args.via}; "
         f"{sim.stats.get('requests')} simulator requests, at most {sim.stats.get('max_in_flight')} in flight; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
