@@ -171,7 +171,8 @@ class FlaskJudge(RubricJudge):
         return parse_flask(judgment, _skills(item))
 
     def labels(self, item: RubricItem) -> list[RubricLabel]:
-        domains = item.metadata.get("domain") or []
+        # the loader keeps every annotated domain in "domains" ("domain" is the first); an item counts in each
+        domains = item.metadata.get("domains") or item.metadata.get("domain") or []
         domains = [domains] if isinstance(domains, str) else domains
         labels = [RubricLabel(name="domain", value=str(d)) for d in domains]
         for name in ("difficulty", "task"):
