@@ -476,60 +476,28 @@ def report_command(
     annotator: str | None,
 ) -> None:
     """Per pipeline: win rates, LC win rate, MT-Bench, GSM8K, FLASK, Just-Eval, CEB, tokens, cost, latency, TFLOPs; tables and plots."""
-    from moa_ray.eval.judge import baseline_table, official_table, pairwise_table, read_generations, single_table
+    from moa_ray.eval.judge import Judgments, read_generations, read_judgments
     from moa_ray.eval.metrics import GLMData
     from moa_ray.eval.report import build_report, rich_table, write_report
-    from moa_ray.eval.rubric.plan import rubric_table
     from moa_ray.eval.rubric.report import build_rubric_tables, rich_rubric_table, write_rubric_report
 
     gens = read_generations(generations)
     if not gens:
         raise MoARayError(f"no generations in {generations}")
-    pairwise: list[dict[str, Any]] = []
-    grades: list[dict[str, Any]] = []
-    exact: list[dict[str, Any]] = []
-    versus: list[dict[str, Any]] = []
-    rubric: list[dict[str, Any]] = []
-    if judgments:
-        from moa_ray.eval.exact import exact_table
-
-        exact = [r for r in exact_table(judgments).latest().values() if r["status"] == "ok"]
-        kinds = {
-            "pairwise": [r for r in pairwise_table(judgments).latest().values() if r["status"] == "ok"],
-            "alpaca-eval-official": [r for r in official_table(judgments).latest().values() if r["status"] == "ok"],
-            "single": [r for r in single_table(judgments).latest().values() if r["status"] == "ok"],
-            "pairwise-baseline": [r for r in baseline_table(judgments).latest().values() if r["status"] == "ok"],
-            "rubric": [r for r in rubric_table(judgments).latest().values() if r["status"] == "ok"],
-        }
-        judges = sorted({r["judge"] for rows_of_kind in kinds.values() for r in rows_of_kind})
-        if judge_model is not None:
-            if judge_model not in judges:
-                raise MoARayError(f"no judgments by {judge_model!r} in {judgments} (judges: {', '.join(judges) or 'none'})")
-            kinds = {k: [r for r in v if r["judge"] == judge_model] for k, v in kinds.items()}
-        for kind, rows_of_kind in kinds.items():
-            kind_judges = sorted({r["judge"] for r in rows_of_kind})
-            if len(kind_judges) > 1:
-                raise MoARayError(
-                    f"{judgments} holds {kind} judgments of several judges ({', '.join(kind_judges)}); choose one with --judge"
-                )
-        annotated = [k for k in ("pairwise", "alpaca-eval-official") if kinds[k]]
-        if annotator is None and len(annotated) > 1:
-            raise MoARayError(f"{judgments} holds both pairwise and alpaca-eval-official annotations; choose one with --annotator")
-        pairwise = kinds[annotator or (annotated[0] if annotated else "pairwise")]
-        grades, versus, rubric = kinds["single"], kinds["pairwise-baseline"], kinds["rubric"]
+    judged = read_judgments(judgments, judge_model, annotator) if judgments else Judgments()
     rows = build_report(
         gens,
-        pairwise,
-        grades,
+        judged.pairwise,
+        judged.grades,
         pipelines=_names(pipeline_names),
         glm_data=GLMData.from_dir(glm_data) if glm_data else None,
-        exact=exact,
-        baseline_pairs=versus,
+        exact=judged.exact,
+        baseline_pairs=judged.baseline_pairs,
     )
     make_console(stderr=False).print(rich_table(rows))
     for path in write_report(rows, out):
         err_console.print(f"wrote {path}", highlight=False)
-    rubric_tables = build_rubric_tables(gens, rubric, pipelines=_names(pipeline_names))
+    rubric_tables = build_rubric_tables(gens, judged.rubric, pipelines=_names(pipeline_names))
     for table in rubric_tables:
         make_console(stderr=False).print(rich_rubric_table(table))
     for path in write_rubric_report(rubric_tables, out):
