@@ -128,6 +128,14 @@ def test_a_grade_with_other_repeats_is_made_again() -> None:
     assert plan_judging(gens, "judge", {}, old_table, mode="single") == []
 
 
+def test_auto_mode_grades_mt_bench_with_repeats_too() -> None:
+    """auto picks single grading for MT-Bench, so --judge-repeats applies to it without --mode single."""
+    gens = generations([_gen("mt-081", "p", 1), _gen("mt-081", "p", 2)])
+    items = plan_judging(gens, "judge", {}, {}, mode="auto", repeats=3)
+    assert [(type(i).__name__, i.turn, i.repeats) for i in items] == [("GradeItem", 1, 3), ("GradeItem", 2, 3)]  # type: ignore[union-attr]
+    assert JudgeOptions(judge="judge", generations="g", out="o", run_id="r", repeats=3).repeats == 3
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -308,7 +308,7 @@ def _print_generate_summary(summary: Any) -> None:
     type=click.IntRange(1, 15),
     default=1,
     show_default=True,
-    help="single: grade each turn K times and keep the median (FastChat #3018).",
+    help="single (and auto's MT-Bench grades): grade each turn K times and keep the median (FastChat #3018).",
 )
 @click.option("--pipeline", "pipeline_names", default=None, help="Only these pipelines (comma separated).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N prompts per pipeline.")

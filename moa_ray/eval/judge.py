@@ -120,8 +120,8 @@ def check_mode_options(mode: str, baseline: str | None, repeats: int, pipelines:
             raise ConfigError(f"--pipeline names only the baseline {baseline!r}: nothing to compare with it")
     elif baseline is not None:
         raise ConfigError(f"--baseline is for mode pairwise-baseline, not {mode}")
-    if repeats > 1 and mode != "single":
-        raise ConfigError(f"--judge-repeats takes the median of 1-10 grades: use it with mode single, not {mode}")
+    if repeats > 1 and mode not in ("single", "auto"):
+        raise ConfigError(f"--judge-repeats takes the median of 1-10 grades: use it with mode single (or auto for MT-Bench), not {mode}")
 
 
 class PairwiseItem(BaseModel):
