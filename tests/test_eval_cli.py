@@ -35,6 +35,11 @@ def invoke(*args: str):
         (["--pipeline", "nope", "--dataset", "alpaca_eval"], 2, "unknown pipeline 'nope'"),
         (["--pipeline", "one,one", "--dataset", "alpaca_eval"], 2, "repeated"),
         (["--pipeline", "one", "--dataset", "missing.jsonl"], 1, "dataset file not found"),
+        (
+            ["--pipeline", "one", "--dataset", "flask_hard"],
+            1,
+            "unknown dataset 'flask_hard' (builtin: alpaca_eval, mt_bench, flask, flask-hard,",
+        ),
         (["--pipeline", "one", "--dataset", "alpaca_eval", "--limit", "0"], 2, "--limit"),
     ],
 )
@@ -186,3 +191,11 @@ def test_pareto_frontier() -> None:
     # (cost, quality): the third is dominated by the first, the last ties the second on cost but is worse
     points = [(1.0, 50.0), (2.0, 60.0), (1.5, 45.0), (3.0, 70.0), (2.0, 55.0)]
     assert pareto_frontier(points) == [0, 1, 3]
+
+
+def test_dataset_help_names_every_builtin_dataset() -> None:
+    """The help is written out (the CLI does not import pyarrow to build it), so it is checked against BUILTIN."""
+    from moa_ray.eval.cli import DATASET_HELP
+    from moa_ray.eval.datasets import BUILTIN
+
+    assert DATASET_HELP.startswith(", ".join(BUILTIN) + ", or a ")

@@ -36,6 +36,9 @@ BUILTIN = (ALPACA_EVAL, MT_BENCH, FLASK, FLASK_HARD, JUST_EVAL, CEB_S, CEB_T, GS
 #: MT-Bench categories graded against a reference answer (FastChat's NEED_REF_CATS).
 MT_BENCH_REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
 
+#: What a dataset file's name may end with (``.gz``: gzipped JSON Lines or JSON).
+FILE_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".pq")
+
 ID_COLUMNS = ("id", "prompt_id", "question_id", "uid")
 PROMPT_COLUMNS = ("prompt", "instruction", "question", "turns", "input")
 REFERENCE_COLUMNS = ("reference_output", "reference", "reference_answer")
@@ -288,5 +291,7 @@ def load_dataset(
         raise DatasetError("limit must be at least 1")
     if limit is not None and sample is not None:
         raise DatasetError("use either limit (the first N prompts) or sample (a seeded random N), not both")
+    if spec not in BUILTIN and not spec.lower().endswith(FILE_SUFFIXES):
+        raise DatasetError(f"unknown dataset {spec!r} (builtin: {', '.join(BUILTIN)}; or a file ending in {', '.join(FILE_SUFFIXES)})")
     dataset = load_builtin(spec) if spec in BUILTIN else load_file(spec, id_column=id_column, prompt_column=prompt_column)
     return dataset.sample(sample, seed) if sample is not None else dataset.head(limit)
