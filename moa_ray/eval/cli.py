@@ -621,19 +621,9 @@ def _just_eval_metrics(path: str, as_json: bool) -> None:
 
 
 def _gsm8k_metrics(path: str, as_json: bool) -> None:
-    from pathlib import Path
+    from moa_ray.eval.gsm8k import score_outputs_file
 
-    from moa_ray.eval.gsm8k import GSM8KError, score_outputs
-
-    try:
-        records = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GSM8KError(f"{path} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise GSM8KError(f"cannot read {path} as JSON: {err}") from None
-    if not isinstance(records, list):
-        raise GSM8KError(f"{path}: expected a JSON list of {{instruction, output}} records")
-    score = score_outputs(records)
+    score = score_outputs_file(path)
     if as_json:
         click.echo(json.dumps(score.model_dump()))
         return

@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterable
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -136,6 +137,28 @@ def _read_jsonl_text(text: str, source: str) -> list[dict[str, Any]]:
     return rows
 
 
+def parse_json_list(text: str, source: str, error: type[MoARayError] = DatasetError) -> list[dict[str, Any]]:
+    """A JSON list of objects (a dataset, an outputs file, judged outputs); ``error`` names ``source`` and the fault."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{source} is not JSON: {err}") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise error(f"{source}: expected a JSON list of objects")
+    return data
+
+
+def read_json_list(path: str | Path, error: type[MoARayError] = DatasetError) -> list[dict[str, Any]]:
+    """:func:`parse_json_list` of a local file; a missing or unreadable file is an ``error`` too."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"cannot read {path}: {err}") from None
+    return parse_json_list(text, str(path), error)
+
+
 @cache
 def _shipped_jsonl(*parts: str) -> tuple[dict[str, Any], ...]:
     return tuple(_read_jsonl_text(data_file(*parts).read_text(encoding="utf-8"), "/".join(parts)))
@@ -205,13 +228,7 @@ def _read_rows(path: str) -> list[dict[str, Any]]:
         lower = lower[:-3]
     text = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8").read()
     if lower.endswith(".json"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DatasetError(f"{path} is not JSON: {err}") from None
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise DatasetError(f"{path}: a .json dataset must be a list of objects")
-        return data
+        return parse_json_list(text, path)
     if lower.endswith(".jsonl"):
         return _read_jsonl_text(text, path)
     raise DatasetError(f"{path}: unsupported dataset format (use .jsonl, .json, .parquet, optionally .gz)")
