@@ -22,12 +22,10 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from moa_ray.chat import ChatMessage
-from moa_ray.eval.datasets import data_file
+from moa_ray.eval.datasets import FLASK, FLASK_HARD, data_file
 from moa_ray.eval.rubric.base import MalformedJudgment, RubricInputError, RubricItem, RubricJudge
 from moa_ray.eval.schema import AspectScore, RubricLabel
 
-FLASK = "flask"
-FLASK_HARD = "flask-hard"
 #: FLASK's own spellings of a judge's "not applicable" (after lower-casing).
 NA_VALUES = ("na", "n/a", "not applicable")
 _DICT = re.compile(r"{[^}]+}")

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 from rich.table import Table
 
+from moa_ray.eval.benchmarks import CEB_AXES
 from moa_ray.eval.report import build_report
 from moa_ray.eval.rubric.ceb import CEB_S, CEB_T
 from moa_ray.eval.rubric.flask import FLASK, FLASK_HARD, skillset
@@ -53,7 +54,6 @@ FLASK_DIFFICULTIES = (
     "major level knowledge",
     "expert level knowledge",
 )
-CEB_AXES = ("age", "gender", "race", "religion")
 COST_COLUMNS = ("answers", "tokens/answer", "$/answer", "p50 s")
 
 Cell = float | int | str | None
