@@ -297,10 +297,11 @@ def _print_generate_summary(summary: Any) -> None:
     type=click.Choice(["auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official", "rubric", "exact"]),
     default="auto",
     show_default=True,
-    help="auto: MT-Bench is graded 1-10, prompts with a reference get pairwise preferences, gsm8k is scored by exact "
-    "match into OUT/exact without a judge; pairwise-baseline: FastChat's pairwise games against --baseline; "
-    "alpaca-eval-official: AlpacaEval 2's weighted_alpaca_eval_gpt4_turbo; rubric: only FLASK / Just-Eval / CEB with their "
-    "own judges (auto picks them too); exact: only the exact-match scoring.",
+    help="auto: each dataset its own way - gsm8k by exact match into OUT/exact (no judge), flask, flask-hard, just-eval, "
+    "ceb-s and ceb-t by their rubric judges into OUT/rubric, mt_bench graded 1-10 (single), other prompts with a reference "
+    "(alpaca_eval) by pairwise preference; single / pairwise: force that mode; pairwise-baseline: FastChat's pairwise games "
+    "against --baseline; alpaca-eval-official: AlpacaEval 2's weighted_alpaca_eval_gpt4_turbo; rubric: only the rubric "
+    "judges; exact: only the exact-match scoring.",
 )
 @click.option("--baseline", default=None, help="pairwise-baseline: the pipeline of the same generations to compare with.")
 @click.option(
