@@ -479,25 +479,36 @@ def report_command(
     """Per pipeline: win rates, LC win rate, MT-Bench, GSM8K, FLASK, Just-Eval, CEB, tokens, cost, latency, TFLOPs; tables and plots."""
     from moa_ray.eval.judge import Judgments, read_generations, read_judgments
     from moa_ray.eval.metrics import GLMData
-    from moa_ray.eval.report import build_report, rich_table, write_report
+    from moa_ray.eval.report import build_report, report_groups, rich_table, write_report
     from moa_ray.eval.rubric.report import build_rubric_tables, rich_rubric_table, write_rubric_report
+    from moa_ray.eval.store import join
 
     gens = read_generations(generations)
     if not gens:
         raise MoARayError(f"no generations in {generations}")
     judged = read_judgments(judgments, judge_model, annotator) if judgments else Judgments()
-    rows = build_report(
-        gens,
-        judged.pairwise,
-        judged.grades,
-        pipelines=_names(pipeline_names),
-        glm_data=GLMData.from_dir(glm_data) if glm_data else None,
-        exact=judged.exact,
-        baseline_pairs=judged.baseline_pairs,
-    )
-    make_console(stderr=False).print(rich_table(rows))
-    for path in write_report(rows, out):
-        err_console.print(f"wrote {path}", highlight=False)
+    glm = GLMData.from_dir(glm_data) if glm_data else None
+    groups = report_groups(gens)
+    # one benchmark: its report in OUT as always; several: one report each in OUT/<dataset>, tokens of its own answers
+    targets = [(None, next(iter(groups.values()), gens), out)] if len(groups) <= 1 else [(n, g, join(out, n)) for n, g in groups.items()]
+    for name, of_benchmark, target in targets:
+        keys = {(k[0], k[1]) for k in of_benchmark}
+
+        def mine(rows: list[dict[str, Any]], keys: set[tuple[Any, Any]] = keys) -> list[dict[str, Any]]:
+            return [r for r in rows if (r["prompt_id"], r["pipeline"]) in keys]
+
+        rows = build_report(
+            of_benchmark,
+            mine(judged.pairwise),
+            mine(judged.grades),
+            pipelines=_names(pipeline_names),
+            glm_data=glm,
+            exact=mine(judged.exact),
+            baseline_pairs=mine(judged.baseline_pairs),
+        )
+        make_console(stderr=False).print(rich_table(rows, title="moa-ray evaluation" + (f": {name}" if name else "")))
+        for path in write_report(rows, target):
+            err_console.print(f"wrote {path}", highlight=False)
     rubric_tables = build_rubric_tables(gens, judged.rubric, pipelines=_names(pipeline_names))
     for table in rubric_tables:
         make_console(stderr=False).print(rich_rubric_table(table))

@@ -187,6 +187,27 @@ def build_report(
     return out
 
 
+def report_groups(generations: Mapping[tuple[Any, ...], dict[str, Any]]) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
+    """The generations of each benchmark the main report scores (every dataset but the rubric ones, which get
+    their own tables), keyed by a directory name for it: the dataset's name, a file dataset's file name."""
+    import re
+    from pathlib import PurePosixPath
+
+    from moa_ray.eval.rubric.plan import uses_rubric
+
+    groups: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = defaultdict(dict)
+    names: dict[str, str] = {}
+    for key, row in generations.items():
+        dataset = str(row["dataset"])
+        if uses_rubric(dataset):
+            continue
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", PurePosixPath(dataset).name) or "dataset"
+        if names.setdefault(name, dataset) != dataset:
+            raise StoreError(f"datasets {names[name]!r} and {dataset!r} would share the report folder {name!r}")
+        groups[name][key] = row
+    return dict(sorted(groups.items()))
+
+
 def gsm8k_accuracies(exact: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per pipeline: GSM8K accuracy of the scored rows of the exact-match table."""
     correct: dict[str, list[bool]] = defaultdict(list)
@@ -458,6 +479,7 @@ __all__ = [
     "pareto_frontier",
     "plot_gsm8k",
     "plot_tradeoff",
+    "report_groups",
     "rich_table",
     "to_csv",
     "write_files",
