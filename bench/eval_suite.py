@@ -54,7 +54,7 @@ class BenchmarkResult(BaseModel):
 
 
 def judge_calls(judged: str, run_id: str) -> int:
-    """Judge calls a run made, from what it wrote: each stored judgment text of pairwise and grade rows, each attempt of a rubric row."""
+    """Judge calls a run made, from what it wrote: each judgment text of pairwise rows, each repeat of a grade, each attempt of a rubric row."""
     from moa_ray.eval.judge import pairwise_table, single_table
     from moa_ray.eval.rubric.plan import rubric_table
 
@@ -64,8 +64,52 @@ def judge_calls(judged: str, run_id: str) -> int:
     pairwise = sum(
         (r["judgment_reference_first"] is not None) + (r["judgment_pipeline_first"] is not None) for r in mine(pairwise_table(judged))
     )
-    grades = sum(r["judgment"] is not None for r in mine(single_table(judged)))
+    grades = sum(len(r["scores"]) if r["scores"] else r["judgment"] is not None for r in mine(single_table(judged)))
     return pairwise + grades + sum(r["judge_attempts"] for r in mine(rubric_table(judged)))
+
+
+def judge_stage(name: str, gen: str, judged: str, judge: str, agent: Agent | None, *, judge_max_tokens: int) -> Stage:
+    """Judge one benchmark's answers as ``eval judge`` does in auto mode: GSM8K by exact match (no calls), the rest by ``agent``."""
+    from moa_ray.eval.exact import is_exact_dataset, run_exact
+    from moa_ray.eval.judge import JudgeOptions, read_generations, run_judging
+
+    start = time.perf_counter()
+    gens = read_generations(gen)
+    run_id = f"suite-{name}-{int(time.time())}"
+    if is_exact_dataset(name):
+        exact = run_exact(gens, judged, run_id)
+        return Stage(name="judge", wall_s=time.perf_counter() - start, calls=0, ok=exact.scored, failed=exact.failed)
+    if agent is None:
+        raise ValueError(f"{name} needs a judge model")
+    options = JudgeOptions(
+        judge=judge,
+        generations=gen,
+        out=judged,
+        concurrency=4,
+        workers=1,
+        worker_cpus=0.01,
+        max_tokens=judge_max_tokens,
+        run_id=run_id,
+        progress=False,
+    )
+    summary = run_judging(gens, agent, options)
+    return Stage(
+        name="judge", wall_s=time.perf_counter() - start, calls=judge_calls(judged, run_id), ok=summary.ok_rows, failed=summary.failed_rows
+    )
+
+
+def report_stage(gen: str, judged: str, report: str) -> Stage:
+    """``eval report`` over every judgment table: the main table and plots, and the rubric tables; ok = files written."""
+    from moa_ray.eval.judge import read_generations, read_judgments
+    from moa_ray.eval.report import build_report, write_report
+    from moa_ray.eval.rubric.report import build_rubric_tables, write_rubric_report
+
+    start = time.perf_counter()
+    gens = read_generations(gen)
+    found = read_judgments(judged)
+    rows = build_report(gens, found.pairwise, found.grades, exact=found.exact, baseline_pairs=found.baseline_pairs)
+    written = write_report(rows, report) + write_rubric_report(build_rubric_tables(gens, found.rubric), report)
+    return Stage(name="report", wall_s=time.perf_counter() - start, calls=0, ok=len(written), failed=0)
 
 
 def run_benchmark(
@@ -82,10 +126,7 @@ def run_benchmark(
     """generate -> judge -> report for one benchmark under ``root/<name>``; a stage that raises ends the benchmark."""
     from moa_ray.eval.datasets import load_dataset
     from moa_ray.eval.generate import GenerateOptions, run_generation
-    from moa_ray.eval.judge import JudgeOptions, pairwise_table, read_generations, run_judging, single_table
-    from moa_ray.eval.report import build_report, write_report
-    from moa_ray.eval.rubric.plan import rubric_table
-    from moa_ray.eval.rubric.report import build_rubric_tables, write_rubric_report
+    from moa_ray.eval.judge import read_generations
 
     gen, judged, report = (str(root / name / part) for part in ("generations", "judgments", "report"))
     stages: list[Stage] = []
@@ -98,35 +139,8 @@ def run_benchmark(
         stages.append(
             Stage(name="generate", wall_s=time.perf_counter() - start, calls=calls, ok=summary.ok_rows, failed=summary.failed_rows)
         )
-
-        start = time.perf_counter()
-        gens = read_generations(gen)
-        jopts = JudgeOptions(
-            judge=judge,
-            generations=gen,
-            out=judged,
-            concurrency=4,
-            workers=1,
-            worker_cpus=0.01,
-            max_tokens=judge_max_tokens,
-            run_id=f"suite-{name}-{int(time.time())}",
-            progress=False,
-        )
-        judged_summary = run_judging(gens, agents[judge], jopts)
-        calls = judge_calls(judged, jopts.run_id)
-        stages.append(
-            Stage(
-                name="judge", wall_s=time.perf_counter() - start, calls=calls, ok=judged_summary.ok_rows, failed=judged_summary.failed_rows
-            )
-        )
-
-        start = time.perf_counter()
-        pairwise = [r for r in pairwise_table(judged).latest().values() if r["status"] == "ok"]
-        grades = [r for r in single_table(judged).latest().values() if r["status"] == "ok"]
-        rows = build_report(gens, pairwise, grades)
-        tables = build_rubric_tables(gens, rubric_table(judged).latest().values())
-        written = write_report(rows, report) + write_rubric_report(tables, report)
-        stages.append(Stage(name="report", wall_s=time.perf_counter() - start, calls=0, ok=len(written), failed=0))
+        stages.append(judge_stage(name, gen, judged, judge, agents.get(judge), judge_max_tokens=judge_max_tokens))
+        stages.append(report_stage(gen, judged, report))
     except Exception as err:  # noqa: BLE001 - one benchmark's failure is reported, the others still run
         return BenchmarkResult(benchmark=name, stages=stages, error=f"{type(err).__name__}: {err}")
     return BenchmarkResult(benchmark=name, stages=stages)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bench.eval_suite import BenchmarkResult, Stage, judge_calls
@@ -50,3 +51,41 @@ def test_a_benchmark_is_ok_only_when_every_stage_ran() -> None:
     assert BenchmarkResult(benchmark="flask", stages=full).ok
     assert not BenchmarkResult(benchmark="flask", stages=full[:1], error="DatasetError: dataset file not found: flask").ok
     assert not BenchmarkResult(benchmark="flask", stages=full[:2]).ok
+
+
+def test_gsm8k_is_scored_by_exact_match_and_reported_without_a_judge(tmp_path: Path) -> None:
+    from bench.eval_suite import judge_stage, report_stage
+    from moa_ray.eval.datasets import load_dataset
+    from moa_ray.eval.schema import GenerationRow
+    from moa_ray.eval.store import RowTable
+
+    gen, judged, report = (str(tmp_path / p) for p in ("gen", "judged", "report"))
+    problems = load_dataset("gsm8k", limit=2).prompts
+    rows = [
+        GenerationRow(
+            run_id="g",
+            prompt_id=p.prompt_id,
+            pipeline="embedded",
+            turn=1,
+            dataset="gsm8k",
+            instruction=p.turns[0],
+            output=f"So the answer is {p.metadata['answer'] if n == 0 else 'unknown, maybe 123456'}.",
+            reference=p.references[0],
+            config_hash="h",
+        )
+        for n, p in enumerate(problems)
+    ]
+    RowTable(gen, GenerationRow).write_part(rows, "1")
+    stage = judge_stage("gsm8k", gen, judged, "smollm2", None, judge_max_tokens=8)
+    assert (stage.calls, stage.ok, stage.failed) == (0, 2, 0)
+    assert report_stage(gen, judged, report).ok >= 4  # report.md/csv/json and gsm8k_accuracy.png at least
+    (row,) = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert (row["gsm8k_accuracy"], row["gsm8k_n"]) == (0.5, 2)
+    assert (tmp_path / "report" / "gsm8k_accuracy.png").is_file()
+
+
+def test_judge_calls_count_every_repeat_of_a_grade(tmp_path: Path) -> None:
+    out = str(tmp_path)
+    row = {"prompt_id": "a", "pipeline": "p", "turn": 1, "judge": "j", "judge_prompt": "single-v1", "judgment": "[[5]]"}
+    single_table(out).write_part([GradeRow(run_id="run", scores=[5.0, None, 6.0], judgments=["[[5]]", "x", "[[6]]"], **row)], "1")
+    assert judge_calls(out, "run") == 3

@@ -35,6 +35,11 @@ def invoke(*args: str):
         (["--pipeline", "nope", "--dataset", "alpaca_eval"], 2, "unknown pipeline 'nope'"),
         (["--pipeline", "one,one", "--dataset", "alpaca_eval"], 2, "repeated"),
         (["--pipeline", "one", "--dataset", "missing.jsonl"], 1, "dataset file not found"),
+        (
+            ["--pipeline", "one", "--dataset", "flask_hard"],
+            1,
+            "unknown dataset 'flask_hard' (builtin: alpaca_eval, mt_bench, flask, flask-hard,",
+        ),
         (["--pipeline", "one", "--dataset", "alpaca_eval", "--limit", "0"], 2, "--limit"),
     ],
 )
@@ -198,3 +203,43 @@ def test_pareto_frontier() -> None:
     # (cost, quality): the third is dominated by the first, the last ties the second on cost but is worse
     points = [(1.0, 50.0), (2.0, 60.0), (1.5, 45.0), (3.0, 70.0), (2.0, 55.0)]
     assert pareto_frontier(points) == [0, 1, 3]
+
+
+def test_dataset_help_names_every_builtin_dataset() -> None:
+    """The help is written out (the CLI does not import pyarrow to build it), so it is checked against BUILTIN."""
+    from moa_ray.eval.cli import DATASET_HELP
+    from moa_ray.eval.datasets import BUILTIN
+
+    assert DATASET_HELP.startswith(", ".join(BUILTIN) + ", or a ")
+
+
+def test_report_of_several_benchmarks_gives_each_its_own_table_and_costs(tmp_path: Path) -> None:
+    """AlpacaEval and GSM8K answers in one generations directory: one report per benchmark, tokens of its own answers."""
+    from moa_ray.eval.exact import exact_table
+    from moa_ray.eval.schema import ExactRow, GenerationRow, PairwiseRow
+    from moa_ray.eval.store import RowTable
+
+    gen, judged, out = tmp_path / "gen", tmp_path / "judged", tmp_path / "report"
+    common = {"run_id": "g", "pipeline": "moa", "turn": 1, "instruction": "q", "output": "o", "config_hash": "h", "latency_s": 1.0}
+    RowTable(str(gen), GenerationRow).write_part(
+        [
+            GenerationRow(prompt_id="ae-000", dataset="alpaca_eval", reference="r", prompt_tokens=10, completion_tokens=10, **common),
+            GenerationRow(prompt_id="gsm8k-0000", dataset="gsm8k", reference="#### 18", prompt_tokens=500, completion_tokens=500, **common),
+        ],
+        "1",
+    )
+    pair = {"pipeline": "moa", "judge": "j", "judge_prompt": "pair-v2", "instruction": "q", "output_1": "r", "generator_1": "ref"}
+    pairwise_table(str(judged)).write_part(
+        [PairwiseRow(run_id="j", prompt_id="ae-000", output_2="o", generator_2="moa", preference=2.0, **pair)], "1"
+    )
+    exact_table(str(judged)).write_part(
+        [ExactRow(run_id="e", prompt_id="gsm8k-0000", pipeline="moa", turn=1, dataset="gsm8k", prediction="18", answer="18", correct=True)],
+        "1",
+    )
+    result = invoke("report", "--generations", str(gen), "--judgments", str(judged), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    (ae,) = json.loads((out / "alpaca_eval" / "report.json").read_text())
+    (gsm,) = json.loads((out / "gsm8k" / "report.json").read_text())
+    assert (ae["answers"], ae["mean_tokens"], ae["win_rate"], ae["gsm8k_accuracy"]) == (1, 20.0, 100.0, None)
+    assert (gsm["answers"], gsm["mean_tokens"], gsm["win_rate"], gsm["gsm8k_accuracy"]) == (1, 1000.0, None, 1.0)
+    assert (out / "gsm8k" / "gsm8k_accuracy.png").is_file() and not (out / "report.json").exists()

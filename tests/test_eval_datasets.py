@@ -119,3 +119,33 @@ def test_parsers() -> None:
     assert verdict_preference("A", pipeline_is_a=False) == 1.0
     assert verdict_preference("A", pipeline_is_a=True) == 2.0
     assert verdict_preference("C", pipeline_is_a=True) == 1.5
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "not found"),
+        (b"\xff\xfe", "cannot read"),
+        (b"[{]", "is not JSON"),
+        (b'{"instruction": "q"}', "expected a JSON list of objects"),
+        (b'[{"a": 1}, 2]', "expected a JSON list of objects"),
+    ],
+)
+def test_one_json_list_reader_for_outputs_and_judged_files(tmp_path: Path, content: bytes | None, message: str) -> None:
+    """eval metrics --just-eval and --outputs read their files alike, each failing with its own error class."""
+    from click.testing import CliRunner
+
+    from moa_ray.cli import main
+    from moa_ray.eval.datasets import read_json_list
+    from moa_ray.eval.gsm8k import GSM8KError
+    from moa_ray.eval.just_eval import JustEvalError
+
+    path = tmp_path / "f.json"
+    if content is not None:
+        path.write_bytes(content)
+    for error in (GSM8KError, JustEvalError):
+        with pytest.raises(error, match=message):
+            read_json_list(path, error)
+    for args in (["--just-eval", str(path)], ["--dataset", "gsm8k", "--outputs", str(path)]):
+        result = CliRunner().invoke(main, ["eval", "metrics", *args, "--json"])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output

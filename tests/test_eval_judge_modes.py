@@ -128,6 +128,14 @@ def test_a_grade_with_other_repeats_is_made_again() -> None:
     assert plan_judging(gens, "judge", {}, old_table, mode="single") == []
 
 
+def test_auto_mode_grades_mt_bench_with_repeats_too() -> None:
+    """auto picks single grading for MT-Bench, so --judge-repeats applies to it without --mode single."""
+    gens = generations([_gen("mt-081", "p", 1), _gen("mt-081", "p", 2)])
+    items = plan_judging(gens, "judge", {}, {}, mode="auto", repeats=3)
+    assert [(type(i).__name__, i.turn, i.repeats) for i in items] == [("GradeItem", 1, 3), ("GradeItem", 2, 3)]  # type: ignore[union-attr]
+    assert JudgeOptions(judge="judge", generations="g", out="o", run_id="r", repeats=3).repeats == 3
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -467,3 +475,35 @@ def test_judge_cli_refuses_bad_mode_options_before_ray(tmp_path: Path, args: lis
     result = CliRunner().invoke(main, [*base, *args])
     assert result.exit_code != 0 and message in result.output, result.output
     assert not (tmp_path / "j").exists()
+
+
+def test_auto_mode_picks_each_benchmarks_own_scoring() -> None:
+    """One generation table with the first prompt of every builtin dataset: what auto plans for each."""
+    from moa_ray.eval.datasets import BUILTIN, load_dataset
+    from moa_ray.eval.exact import plan_exact
+
+    rows = []
+    for name in BUILTIN:
+        prompt = load_dataset(name, limit=1).prompts[0]
+        for turn, question in enumerate(prompt.turns, start=1):
+            rows.append(
+                _gen(
+                    prompt.prompt_id,
+                    "p",
+                    turn,
+                    dataset=name,
+                    category=prompt.category,
+                    instruction=question,
+                    reference=prompt.references[turn - 1],
+                )
+            )
+    gens = generations(rows)
+    planned = {
+        (type(i).__name__, getattr(i, "benchmark", None) or gens[(i.prompt_id, "p", 1)]["dataset"]) for i in plan_judging(gens, "j", {}, {})
+    }
+    assert planned == {
+        ("PairwiseItem", "alpaca_eval"),
+        ("GradeItem", "mt_bench"),
+        *(("RubricItem", n) for n in ("flask", "flask-hard", "just-eval", "ceb-s", "ceb-t")),
+    }
+    assert [r["dataset"] for r in plan_exact(gens, {})] == ["gsm8k"]

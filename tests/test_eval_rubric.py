@@ -525,3 +525,14 @@ def test_rubric_judging_on_ray_scores_good_judges_and_fails_malformed_ones(
     assert {r["scores"][0]["score"] for k, r in rows.items() if k[1] == "ceb"} == {25.0}
     assert {(r["status"], r["judge_attempts"], len(r["rejected"])) for k, r in rows.items() if k[1] == "bad"} == {("error", 3, 2)}
     assert {r["labels"][0]["value"] for r in rows.values()} == {"age", "race"}
+
+
+def test_flask_items_planned_from_the_shipped_data_are_labelled_with_every_domain() -> None:
+    """The loader keeps the first domain in ``domain`` and all of them in ``domains``; the report counts an item in each."""
+    from moa_ray.eval.datasets import load_dataset
+
+    prompt = next(p for p in load_dataset("flask").prompts if len(p.metadata["domains"]) > 1)
+    gens = _gens(_gen(prompt.prompt_id, "flask"))
+    (item,) = plan_rubric(gens, "j", {})
+    domains = [label.value for label in FlaskJudge().labels(item) if label.name == "domain"]
+    assert domains == prompt.metadata["domains"] and len(domains) == 2

@@ -17,7 +17,6 @@ else from the position in the shipped file, so they never change between runs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -34,6 +33,7 @@ from moa_ray.eval.datasets import (
     EvalPrompt,
     _shipped_jsonl,
     data_file,
+    parse_json_list,
 )
 
 #: CEB axes in file order, and the conversation subset of each CEB dataset with its bias task.
@@ -128,14 +128,7 @@ def load_just_eval() -> EvalDataset:
 
 @cache
 def _shipped_json_list(*parts: str) -> tuple[dict[str, Any], ...]:
-    source = "/".join(parts)
-    try:
-        data = json.loads(data_file(*parts).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise DatasetError(f"cannot read shipped {source}: {err}") from None
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise DatasetError(f"{source}: expected a JSON list of objects")
-    return tuple(data)
+    return tuple(parse_json_list(data_file(*parts).read_text(encoding="utf-8"), "shipped " + "/".join(parts)))
 
 
 def _ceb(name: str) -> EvalDataset:

@@ -274,10 +274,11 @@ def _print_generate_summary(summary: Any) -> None:
     type=click.Choice(["auto", "pairwise", "single", "pairwise-baseline", "alpaca-eval-official", "rubric", "exact"]),
     default="auto",
     show_default=True,
-    help="auto: MT-Bench is graded 1-10, prompts with a reference get pairwise preferences, gsm8k is scored by exact "
-    "match into OUT/exact without a judge; pairwise-baseline: FastChat's pairwise games against --baseline; "
-    "alpaca-eval-official: AlpacaEval 2's weighted_alpaca_eval_gpt4_turbo; rubric: only FLASK / Just-Eval / CEB with their "
-    "own judges (auto picks them too); exact: only the exact-match scoring.",
+    help="auto: each dataset its own way - gsm8k by exact match into OUT/exact (no judge), flask, flask-hard, just-eval, "
+    "ceb-s and ceb-t by their rubric judges into OUT/rubric, mt_bench graded 1-10 (single), other prompts with a reference "
+    "(alpaca_eval) by pairwise preference; single / pairwise: force that mode; pairwise-baseline: FastChat's pairwise games "
+    "against --baseline; alpaca-eval-official: AlpacaEval 2's weighted_alpaca_eval_gpt4_turbo; rubric: only the rubric "
+    "judges; exact: only the exact-match scoring.",
 )
 @click.option("--baseline", default=None, help="pairwise-baseline: the pipeline of the same generations to compare with.")
 @click.option(
@@ -285,7 +286,7 @@ def _print_generate_summary(summary: Any) -> None:
     type=click.IntRange(1, 15),
     default=1,
     show_default=True,
-    help="single: grade each turn K times and keep the median (FastChat #3018).",
+    help="single (and auto's MT-Bench grades): grade each turn K times and keep the median (FastChat #3018).",
 )
 @click.option("--pipeline", "pipeline_names", default=None, help="Only these pipelines (comma separated).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N prompts per pipeline.")
@@ -453,60 +454,39 @@ def report_command(
     annotator: str | None,
 ) -> None:
     """Per pipeline: win rates, LC win rate, MT-Bench, GSM8K, FLASK, Just-Eval, CEB, tokens, cost, latency, TFLOPs; tables and plots."""
-    from moa_ray.eval.judge import baseline_table, official_table, pairwise_table, read_generations, single_table
+    from moa_ray.eval.judge import Judgments, read_generations, read_judgments
     from moa_ray.eval.metrics import GLMData
-    from moa_ray.eval.report import build_report, rich_table, write_report
-    from moa_ray.eval.rubric.plan import rubric_table
+    from moa_ray.eval.report import build_report, report_groups, rich_table, write_report
     from moa_ray.eval.rubric.report import build_rubric_tables, rich_rubric_table, write_rubric_report
+    from moa_ray.eval.store import join
 
     gens = read_generations(generations)
     if not gens:
         raise MoARayError(f"no generations in {generations}")
-    pairwise: list[dict[str, Any]] = []
-    grades: list[dict[str, Any]] = []
-    exact: list[dict[str, Any]] = []
-    versus: list[dict[str, Any]] = []
-    rubric: list[dict[str, Any]] = []
-    if judgments:
-        from moa_ray.eval.exact import exact_table
+    judged = read_judgments(judgments, judge_model, annotator) if judgments else Judgments()
+    glm = GLMData.from_dir(glm_data) if glm_data else None
+    groups = report_groups(gens)
+    # one benchmark: its report in OUT as always; several: one report each in OUT/<dataset>, tokens of its own answers
+    targets = [(None, next(iter(groups.values()), gens), out)] if len(groups) <= 1 else [(n, g, join(out, n)) for n, g in groups.items()]
+    for name, of_benchmark, target in targets:
+        keys = {(k[0], k[1]) for k in of_benchmark}
 
-        exact = [r for r in exact_table(judgments).latest().values() if r["status"] == "ok"]
-        kinds = {
-            "pairwise": [r for r in pairwise_table(judgments).latest().values() if r["status"] == "ok"],
-            "alpaca-eval-official": [r for r in official_table(judgments).latest().values() if r["status"] == "ok"],
-            "single": [r for r in single_table(judgments).latest().values() if r["status"] == "ok"],
-            "pairwise-baseline": [r for r in baseline_table(judgments).latest().values() if r["status"] == "ok"],
-            "rubric": [r for r in rubric_table(judgments).latest().values() if r["status"] == "ok"],
-        }
-        judges = sorted({r["judge"] for rows_of_kind in kinds.values() for r in rows_of_kind})
-        if judge_model is not None:
-            if judge_model not in judges:
-                raise MoARayError(f"no judgments by {judge_model!r} in {judgments} (judges: {', '.join(judges) or 'none'})")
-            kinds = {k: [r for r in v if r["judge"] == judge_model] for k, v in kinds.items()}
-        for kind, rows_of_kind in kinds.items():
-            kind_judges = sorted({r["judge"] for r in rows_of_kind})
-            if len(kind_judges) > 1:
-                raise MoARayError(
-                    f"{judgments} holds {kind} judgments of several judges ({', '.join(kind_judges)}); choose one with --judge"
-                )
-        annotated = [k for k in ("pairwise", "alpaca-eval-official") if kinds[k]]
-        if annotator is None and len(annotated) > 1:
-            raise MoARayError(f"{judgments} holds both pairwise and alpaca-eval-official annotations; choose one with --annotator")
-        pairwise = kinds[annotator or (annotated[0] if annotated else "pairwise")]
-        grades, versus, rubric = kinds["single"], kinds["pairwise-baseline"], kinds["rubric"]
-    rows = build_report(
-        gens,
-        pairwise,
-        grades,
-        pipelines=_names(pipeline_names),
-        glm_data=GLMData.from_dir(glm_data) if glm_data else None,
-        exact=exact,
-        baseline_pairs=versus,
-    )
-    make_console(stderr=False).print(rich_table(rows))
-    for path in write_report(rows, out):
-        err_console.print(f"wrote {path}", highlight=False)
-    rubric_tables = build_rubric_tables(gens, rubric, pipelines=_names(pipeline_names))
+        def mine(rows: list[dict[str, Any]], keys: set[tuple[Any, Any]] = keys) -> list[dict[str, Any]]:
+            return [r for r in rows if (r["prompt_id"], r["pipeline"]) in keys]
+
+        rows = build_report(
+            of_benchmark,
+            mine(judged.pairwise),
+            mine(judged.grades),
+            pipelines=_names(pipeline_names),
+            glm_data=glm,
+            exact=mine(judged.exact),
+            baseline_pairs=mine(judged.baseline_pairs),
+        )
+        make_console(stderr=False).print(rich_table(rows, title="moa-ray evaluation" + (f": {name}" if name else "")))
+        for path in write_report(rows, target):
+            err_console.print(f"wrote {path}", highlight=False)
+    rubric_tables = build_rubric_tables(gens, judged.rubric, pipelines=_names(pipeline_names))
     for table in rubric_tables:
         make_console(stderr=False).print(rich_rubric_table(table))
     for path in write_rubric_report(rubric_tables, out):
@@ -630,19 +610,9 @@ def _just_eval_metrics(path: str, as_json: bool) -> None:
 
 
 def _gsm8k_metrics(path: str, as_json: bool) -> None:
-    from pathlib import Path
+    from moa_ray.eval.gsm8k import score_outputs_file
 
-    from moa_ray.eval.gsm8k import GSM8KError, score_outputs
-
-    try:
-        records = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GSM8KError(f"{path} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise GSM8KError(f"cannot read {path} as JSON: {err}") from None
-    if not isinstance(records, list):
-        raise GSM8KError(f"{path}: expected a JSON list of {{instruction, output}} records")
-    score = score_outputs(records)
+    score = score_outputs_file(path)
     if as_json:
         click.echo(json.dumps(score.model_dump()))
         return

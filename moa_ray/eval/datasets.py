@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterable
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -35,6 +36,9 @@ GSM8K = "gsm8k"
 BUILTIN = (ALPACA_EVAL, MT_BENCH, FLASK, FLASK_HARD, JUST_EVAL, CEB_S, CEB_T, GSM8K)
 #: MT-Bench categories graded against a reference answer (FastChat's NEED_REF_CATS).
 MT_BENCH_REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
+
+#: What a dataset file's name may end with (``.gz``: gzipped JSON Lines or JSON).
+FILE_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".pq")
 
 ID_COLUMNS = ("id", "prompt_id", "question_id", "uid")
 PROMPT_COLUMNS = ("prompt", "instruction", "question", "turns", "input")
@@ -133,6 +137,28 @@ def _read_jsonl_text(text: str, source: str) -> list[dict[str, Any]]:
     return rows
 
 
+def parse_json_list(text: str, source: str, error: type[MoARayError] = DatasetError) -> list[dict[str, Any]]:
+    """A JSON list of objects (a dataset, an outputs file, judged outputs); ``error`` names ``source`` and the fault."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{source} is not JSON: {err}") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise error(f"{source}: expected a JSON list of objects")
+    return data
+
+
+def read_json_list(path: str | Path, error: type[MoARayError] = DatasetError) -> list[dict[str, Any]]:
+    """:func:`parse_json_list` of a local file; a missing or unreadable file is an ``error`` too."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"cannot read {path}: {err}") from None
+    return parse_json_list(text, str(path), error)
+
+
 @cache
 def _shipped_jsonl(*parts: str) -> tuple[dict[str, Any], ...]:
     return tuple(_read_jsonl_text(data_file(*parts).read_text(encoding="utf-8"), "/".join(parts)))
@@ -202,13 +228,7 @@ def _read_rows(path: str) -> list[dict[str, Any]]:
         lower = lower[:-3]
     text = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8").read()
     if lower.endswith(".json"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DatasetError(f"{path} is not JSON: {err}") from None
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise DatasetError(f"{path}: a .json dataset must be a list of objects")
-        return data
+        return parse_json_list(text, path)
     if lower.endswith(".jsonl"):
         return _read_jsonl_text(text, path)
     raise DatasetError(f"{path}: unsupported dataset format (use .jsonl, .json, .parquet, optionally .gz)")
@@ -288,5 +308,7 @@ def load_dataset(
         raise DatasetError("limit must be at least 1")
     if limit is not None and sample is not None:
         raise DatasetError("use either limit (the first N prompts) or sample (a seeded random N), not both")
+    if spec not in BUILTIN and not spec.lower().endswith(FILE_SUFFIXES):
+        raise DatasetError(f"unknown dataset {spec!r} (builtin: {', '.join(BUILTIN)}; or a file ending in {', '.join(FILE_SUFFIXES)})")
     dataset = load_builtin(spec) if spec in BUILTIN else load_file(spec, id_column=id_column, prompt_column=prompt_column)
     return dataset.sample(sample, seed) if sample is not None else dataset.head(limit)

@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -173,3 +174,10 @@ def score_outputs(records: Sequence[Any], answers: Mapping[str, str] | None = No
         raise GSM8KError(f"{len(unknown)} instruction(s) are not GSM8K test problems, e.g. {shown}")
     acc = accuracy(correct)
     return OutputsScore(accuracy=acc.accuracy, standard_error=acc.standard_error, n=acc.n, correct=correct)
+
+
+def score_outputs_file(path: str | Path) -> OutputsScore:
+    """:func:`score_outputs` of an AlpacaEval-style outputs file (a JSON list of ``{"instruction", "output"}``)."""
+    from moa_ray.eval.datasets import read_json_list
+
+    return score_outputs(read_json_list(path, GSM8KError))

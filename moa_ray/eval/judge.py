@@ -32,10 +32,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion
-from moa_ray.errors import ConfigError
+from moa_ray.errors import ConfigError, MoARayError
 from moa_ray.eval.alpaca_eval_annotator import OfficialItem, annotate, official_row_base, write_annotations
 from moa_ray.eval.datasets import MT_BENCH
-from moa_ray.eval.exact import is_exact_dataset
+from moa_ray.eval.exact import exact_table, is_exact_dataset
 from moa_ray.eval.judge_prompts import (
     PAIRWISE_PROMPT,
     pairwise_messages,
@@ -120,8 +120,8 @@ def check_mode_options(mode: str, baseline: str | None, repeats: int, pipelines:
             raise ConfigError(f"--pipeline names only the baseline {baseline!r}: nothing to compare with it")
     elif baseline is not None:
         raise ConfigError(f"--baseline is for mode pairwise-baseline, not {mode}")
-    if repeats > 1 and mode != "single":
-        raise ConfigError(f"--judge-repeats takes the median of 1-10 grades: use it with mode single, not {mode}")
+    if repeats > 1 and mode not in ("single", "auto"):
+        raise ConfigError(f"--judge-repeats takes the median of 1-10 grades: use it with mode single (or auto for MT-Bench), not {mode}")
 
 
 class PairwiseItem(BaseModel):
@@ -535,3 +535,53 @@ def _judge(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Agent, 
 
 def read_generations(uri: str) -> dict[tuple[Any, ...], dict[str, Any]]:
     return RowTable(uri, GenerationRow).latest()
+
+
+class Judgments(BaseModel):
+    """The finished (status ok) judgments of one judge in a judgment directory, as ``eval report`` uses them."""
+
+    pairwise: list[dict[str, Any]] = Field(default_factory=list, description="AlpacaEval annotations: pair-v2 or the official annotator's.")
+    grades: list[dict[str, Any]] = Field(default_factory=list, description="MT-Bench single grades.")
+    baseline_pairs: list[dict[str, Any]] = Field(default_factory=list, description="MT-Bench pairwise-baseline matches.")
+    rubric: list[dict[str, Any]] = Field(default_factory=list, description="FLASK / Just-Eval / CEB rubric rows.")
+    exact: list[dict[str, Any]] = Field(default_factory=list, description="GSM8K exact-match scores (no judge).")
+
+
+def read_judgments(out: str, judge: str | None = None, annotator: str | None = None) -> Judgments:
+    """Every judgment table of ``out``, one judge's rows (``judge``, else the only one of each kind).
+
+    ``annotator`` picks the AlpacaEval win rates' source when both ``pairwise`` and
+    ``alpaca-eval-official`` annotations are there; a choice that is needed and missing is a MoARayError.
+    """
+
+    def ok(table: RowTable[Any]) -> list[dict[str, Any]]:
+        return [r for r in table.latest().values() if r["status"] == "ok"]
+
+    if annotator not in (None, "pairwise", "alpaca-eval-official"):
+        raise MoARayError(f"unknown annotator {annotator!r} (pairwise or alpaca-eval-official)")
+    kinds = {
+        "pairwise": ok(pairwise_table(out)),
+        "alpaca-eval-official": ok(official_table(out)),
+        "single": ok(single_table(out)),
+        "pairwise-baseline": ok(baseline_table(out)),
+        "rubric": ok(rubric_table(out)),
+    }
+    judges = sorted({r["judge"] for rows in kinds.values() for r in rows})
+    if judge is not None:
+        if judge not in judges:
+            raise MoARayError(f"no judgments by {judge!r} in {out} (judges: {', '.join(judges) or 'none'})")
+        kinds = {k: [r for r in v if r["judge"] == judge] for k, v in kinds.items()}
+    for kind, rows in kinds.items():
+        kind_judges = sorted({r["judge"] for r in rows})
+        if len(kind_judges) > 1:
+            raise MoARayError(f"{out} holds {kind} judgments of several judges ({', '.join(kind_judges)}); choose one with --judge")
+    annotated = [k for k in ("pairwise", "alpaca-eval-official") if kinds[k]]
+    if annotator is None and len(annotated) > 1:
+        raise MoARayError(f"{out} holds both pairwise and alpaca-eval-official annotations; choose one with --annotator")
+    return Judgments(
+        pairwise=kinds[annotator or (annotated[0] if annotated else "pairwise")],
+        grades=kinds["single"],
+        baseline_pairs=kinds["pairwise-baseline"],
+        rubric=kinds["rubric"],
+        exact=ok(exact_table(out)),
+    )

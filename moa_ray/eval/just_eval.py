@@ -9,7 +9,6 @@ The Just-Eval judge reuses :func:`aggregate` on its own parsed results.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,14 +76,9 @@ def aggregate_records(records: Sequence[Any]) -> dict[str, float | int]:
 
 def aggregate_file(path: str | Path) -> dict[str, float | int]:
     """Aggregate a Just-Eval judged-output file (a JSON list whose items have ``parsed_result``)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise JustEvalError(f"{path} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise JustEvalError(f"cannot read {path} as JSON: {err}") from None
-    if not isinstance(data, list):
-        raise JustEvalError(f"{path}: expected a JSON list of judged items")
+    from moa_ray.eval.datasets import read_json_list
+
+    data = read_json_list(path, JustEvalError)
     try:
         return aggregate_records(data)
     except JustEvalError as err:

@@ -187,6 +187,27 @@ def build_report(
     return out
 
 
+def report_groups(generations: Mapping[tuple[Any, ...], dict[str, Any]]) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
+    """The generations of each benchmark the main report scores (every dataset but the rubric ones, which get
+    their own tables), keyed by a directory name for it: the dataset's name, a file dataset's file name."""
+    import re
+    from pathlib import PurePosixPath
+
+    from moa_ray.eval.rubric.plan import uses_rubric
+
+    groups: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = defaultdict(dict)
+    names: dict[str, str] = {}
+    for key, row in generations.items():
+        dataset = str(row["dataset"])
+        if uses_rubric(dataset):
+            continue
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", PurePosixPath(dataset).name) or "dataset"
+        if names.setdefault(name, dataset) != dataset:
+            raise StoreError(f"datasets {names[name]!r} and {dataset!r} would share the report folder {name!r}")
+        groups[name][key] = row
+    return dict(sorted(groups.items()))
+
+
 def gsm8k_accuracies(exact: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per pipeline: GSM8K accuracy of the scored rows of the exact-match table."""
     correct: dict[str, list[bool]] = defaultdict(list)
@@ -336,33 +357,67 @@ def plot_tradeoff(rows: Sequence[ReportRow], x_field: str, x_label: str, title: 
     return buf.getvalue()
 
 
-def plot_gsm8k(rows: Sequence[ReportRow]) -> bytes | None:
-    """A PNG of GSM8K accuracy per pipeline with standard-error bars, or None without GSM8K scores."""
-    scored = [r for r in rows if r.gsm8k_accuracy is not None]
-    if not scored:
-        return None
+def grouped_bars(
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[float | None]],
+    *,
+    ylabel: str,
+    title: str,
+    errors: Mapping[str, Sequence[float]] | None = None,
+    ylim: tuple[float, float] | None = None,
+    value_labels: bool = False,
+) -> bytes:
+    """A PNG of grouped bars: one group per ``groups`` entry, one bar per series (a legend when there are several).
+
+    Every benchmark plot of the report is one of these (GSM8K accuracy, FLASK skills, Just-Eval aspects, CEB axes).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(scored) + 2), 4.2), dpi=120)
-    names = [r.pipeline for r in scored]
-    values = [100 * (r.gsm8k_accuracy or 0.0) for r in scored]
-    errors = [100 * (r.gsm8k_standard_error or 0.0) for r in scored]
-    ax.bar(names, values, yerr=errors, capsize=4, color="#4c72b0")
-    for i, v in enumerate(values):
-        ax.annotate(f"{v:.1f}", (i, v), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
-    ax.set_ylabel("GSM8K accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"GSM8K exact match (n = {max(r.gsm8k_n or 0 for r in scored)})")
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(groups) * max(1, len(series)) ** 0.5 + 2), 4.6), dpi=120)
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(groups))
+    for i, (name, values) in enumerate(series.items()):
+        heights = [np.nan if v is None else float(v) for v in values]
+        at = x + (i - (len(series) - 1) / 2) * width
+        yerr = None if errors is None or name not in errors else list(errors[name])
+        ax.bar(at, heights, width, yerr=yerr, capsize=4 if yerr else 0, label=name)
+        if value_labels:
+            for xi, h in zip(at, heights, strict=True):
+                if not np.isnan(h):
+                    ax.annotate(f"{h:.1f}", (xi, h), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, rotation=30 if len(series) > 1 else 20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.grid(True, axis="y", alpha=0.3)
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    if len(series) > 1:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def plot_gsm8k(rows: Sequence[ReportRow]) -> bytes | None:
+    """A PNG of GSM8K accuracy per pipeline with standard-error bars, or None without GSM8K scores."""
+    scored = [r for r in rows if r.gsm8k_accuracy is not None]
+    if not scored:
+        return None
+    return grouped_bars(
+        [r.pipeline for r in scored],
+        {"accuracy": [100 * (r.gsm8k_accuracy or 0.0) for r in scored]},
+        errors={"accuracy": [100 * (r.gsm8k_standard_error or 0.0) for r in scored]},
+        ylabel="GSM8K accuracy (%)",
+        title=f"GSM8K exact match (n = {max(r.gsm8k_n or 0 for r in scored)})",
+        ylim=(0, 100),
+        value_labels=True,
+    )
 
 
 def cost_axis(rows: Sequence[ReportRow]) -> tuple[str, str]:
@@ -375,22 +430,27 @@ def cost_axis(rows: Sequence[ReportRow]) -> tuple[str, str]:
 # --------------------------------------------------------------------------- writing
 
 
-def _write(uri: str, data: bytes) -> None:
-    fs, path = resolve(uri)
-    try:
-        with fs.open_output_stream(path) as stream:
-            stream.write(data)
-    except OSError as err:
-        raise StoreError(f"cannot write {uri}: {err}") from None
-
-
-def write_report(rows: Sequence[ReportRow], out: str) -> list[str]:
-    """report.md, report.csv, report.json and the plots (quality vs cost / latency, GSM8K) into ``out``; returns what was written."""
+def write_files(files: Mapping[str, bytes], out: str) -> list[str]:
+    """Write each named file into the directory (or URI) ``out``, creating it; returns the written paths."""
     fs, path = resolve(out)
     try:
         fs.create_dir(path, recursive=True)
     except OSError as err:
         raise StoreError(f"cannot create {out}: {err}") from None
+    written = []
+    for name, data in files.items():
+        target = join(out, name)
+        try:
+            with fs.open_output_stream(join(path, name)) as stream:
+                stream.write(data)
+        except OSError as err:
+            raise StoreError(f"cannot write {target}: {err}") from None
+        written.append(target)
+    return written
+
+
+def write_report(rows: Sequence[ReportRow], out: str) -> list[str]:
+    """report.md, report.csv, report.json and the plots (quality vs cost / latency, GSM8K) into ``out``; returns what was written."""
     files = {
         "report.md": markdown(rows).encode(),
         "report.csv": to_csv(rows).encode(),
@@ -406,24 +466,22 @@ def write_report(rows: Sequence[ReportRow], out: str) -> list[str]:
     gsm8k_png = plot_gsm8k(rows)
     if gsm8k_png:
         files["gsm8k_accuracy.png"] = gsm8k_png
-    written = []
-    for name, data in files.items():
-        target = join(out, name)
-        _write(target, data)
-        written.append(target)
-    return written
+    return write_files(files, out)
 
 
 __all__ = [
     "ReportRow",
     "build_report",
+    "grouped_bars",
     "gsm8k_accuracies",
     "markdown",
     "mt_bench_markdown",
     "pareto_frontier",
     "plot_gsm8k",
     "plot_tradeoff",
+    "report_groups",
     "rich_table",
     "to_csv",
+    "write_files",
     "write_report",
 ]

@@ -14,12 +14,10 @@ from functools import cache
 from typing import ClassVar
 
 from moa_ray.chat import ChatMessage
-from moa_ray.eval.datasets import data_file
+from moa_ray.eval.datasets import CEB_S, CEB_T, data_file
 from moa_ray.eval.rubric.base import MalformedJudgment, RubricInputError, RubricItem, RubricJudge
 from moa_ray.eval.schema import AspectScore, RubricLabel
 
-CEB_S = "ceb-s"
-CEB_T = "ceb-t"
 BIAS = "bias"
 MAX_SCORE = 99
 _SCORE = re.compile(r'"score": (\b\d+\b)')

@@ -22,12 +22,10 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from moa_ray.chat import ChatMessage
-from moa_ray.eval.datasets import data_file
+from moa_ray.eval.datasets import FLASK, FLASK_HARD, data_file
 from moa_ray.eval.rubric.base import MalformedJudgment, RubricInputError, RubricItem, RubricJudge
 from moa_ray.eval.schema import AspectScore, RubricLabel
 
-FLASK = "flask"
-FLASK_HARD = "flask-hard"
 #: FLASK's own spellings of a judge's "not applicable" (after lower-casing).
 NA_VALUES = ("na", "n/a", "not applicable")
 _DICT = re.compile(r"{[^}]+}")
@@ -171,7 +169,8 @@ class FlaskJudge(RubricJudge):
         return parse_flask(judgment, _skills(item))
 
     def labels(self, item: RubricItem) -> list[RubricLabel]:
-        domains = item.metadata.get("domain") or []
+        # the loader keeps every annotated domain in "domains" ("domain" is the first); an item counts in each
+        domains = item.metadata.get("domains") or item.metadata.get("domain") or []
         domains = [domains] if isinstance(domains, str) else domains
         labels = [RubricLabel(name="domain", value=str(d)) for d in domains]
         for name in ("difficulty", "task"):

@@ -22,18 +22,15 @@ from string import Template
 from typing import Any, ClassVar
 
 from moa_ray.chat import ChatMessage
-from moa_ray.eval.datasets import data_file
+from moa_ray.eval.datasets import JUST_EVAL, data_file
+from moa_ray.eval.just_eval import MULTI_ASPECTS, SAFETY_ASPECTS
 from moa_ray.eval.just_eval import aggregate as aggregate  # the official aggregation, shared with eval metrics
 from moa_ray.eval.rubric.base import MalformedJudgment, RubricInputError, RubricItem, RubricJudge
 from moa_ray.eval.schema import AspectScore, RubricLabel
 
-JUST_EVAL = "just-eval"
 MULTI = "multi"
 SAFETY = "safety"
-ASPECTS: dict[str, tuple[str, ...]] = {
-    MULTI: ("helpfulness", "clarity", "factuality", "depth", "engagement"),
-    SAFETY: ("safety",),
-}
+ASPECTS: dict[str, tuple[str, ...]] = {MULTI: MULTI_ASPECTS, SAFETY: SAFETY_ASPECTS}
 _TEMPLATE_FILES = {MULTI: "multi_score_template.py.txt", SAFETY: "safety_score_template.py.txt"}
 #: ``openai_chat_request``'s system message when it is given a bare prompt.
 SYSTEM_PROMPT = "You are an AI assistant that helps people find information."

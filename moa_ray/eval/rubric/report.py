@@ -26,12 +26,12 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 from rich.table import Table
 
-from moa_ray.eval.report import build_report
+from moa_ray.eval.benchmarks import CEB_AXES
+from moa_ray.eval.report import build_report, grouped_bars, write_files
 from moa_ray.eval.rubric.ceb import CEB_S, CEB_T
 from moa_ray.eval.rubric.flask import FLASK, FLASK_HARD, skillset
 from moa_ray.eval.rubric.just_eval_judge import ASPECTS, JUST_EVAL, MULTI, SAFETY, aggregate, parsed_result
 from moa_ray.eval.schema import AspectScore
-from moa_ray.eval.store import StoreError, join, resolve
 
 #: FLASK's orders (aggregate_domain.py, aggregate_difficulty_skill.py); unknown values follow, sorted.
 FLASK_DOMAINS = (
@@ -53,7 +53,6 @@ FLASK_DIFFICULTIES = (
     "major level knowledge",
     "expert level knowledge",
 )
-CEB_AXES = ("age", "gender", "race", "religion")
 COST_COLUMNS = ("answers", "tokens/answer", "$/answer", "p50 s")
 
 Cell = float | int | str | None
@@ -295,39 +294,14 @@ def bar_chart(table: RubricTable) -> bytes | None:
     cols = [c for c in table.plot_columns if any(r.get(c) is not None for r in table.rows)]
     if not cols:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(cols) * max(1, len(table.rows)) ** 0.5 + 2), 4.6), dpi=120)
-    width = 0.8 / max(1, len(table.rows))
-    x = np.arange(len(cols))
-    for i, row in enumerate(table.rows):
-        values = [np.nan if row.get(c) is None else float(row[c]) for c in cols]  # type: ignore[arg-type]
-        ax.bar(x + (i - (len(table.rows) - 1) / 2) * width, values, width, label=str(row["pipeline"]))
-    ax.set_xticks(x)
-    ax.set_xticklabels(cols, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(table.ylabel)
-    ax.set_title(table.title, fontsize=10)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    series = {str(r["pipeline"]): [None if r.get(c) is None else float(r[c]) for c in cols] for r in table.rows}  # type: ignore[arg-type]
+    return grouped_bars(cols, series, ylabel=table.ylabel, title=table.title)
 
 
 def write_rubric_report(tables: Sequence[RubricTable], out: str) -> list[str]:
     """rubric.md, and per table <name>.csv, <name>.parquet and <name>.png (when it has bars); returns what was written."""
     if not tables:
         return []
-    fs, path = resolve(out)
-    try:
-        fs.create_dir(path, recursive=True)
-    except OSError as err:
-        raise StoreError(f"cannot create {out}: {err}") from None
     files: dict[str, bytes] = {"rubric.md": rubric_markdown(tables).encode()}
     for table in tables:
         files[f"{table.name}.csv"] = rubric_csv(table).encode()
@@ -335,13 +309,4 @@ def write_rubric_report(tables: Sequence[RubricTable], out: str) -> list[str]:
         png = bar_chart(table)
         if png:
             files[f"{table.name}.png"] = png
-    written = []
-    for name, data in files.items():
-        target = join(out, name)
-        try:
-            with fs.open_output_stream(join(path, name)) as stream:
-                stream.write(data)
-        except OSError as err:
-            raise StoreError(f"cannot write {target}: {err}") from None
-        written.append(target)
-    return written
+    return write_files(files, out)
