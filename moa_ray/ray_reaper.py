@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
 
@@ -123,6 +124,21 @@ def watch(parent: int, tracker: Tracker, *, poll_s: float = 0.2) -> None:
         ready, _, _ = select.select([fd], [], [], poll_s)
         if ready and not os.read(fd, 4096):
             return
+
+
+def spawn(token: str) -> subprocess.Popen[bytes]:
+    """Start the reaper of session ``token`` as a child of this process; closing its stdin ends the session.
+
+    It runs in its own session (a terminal's Ctrl+C or hangup for the CLI's process group must not stop the
+    cleanup) and in isolated mode (``-I -S``: no site-packages, no PYTHON* variables, nothing to import but the stdlib).
+    """
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", os.path.abspath(__file__), token],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -7,7 +7,6 @@ import importlib.util
 import logging
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -104,14 +103,7 @@ def _reaped_session() -> Iterator[None]:
         return
     stop_reaper()  # an earlier session of this process is over: sweep what it left
     token = uuid.uuid4().hex
-    # Its own session: a terminal's signals for the CLI's process group must not stop the cleanup.
-    _reaper = subprocess.Popen(
-        [sys.executable, "-I", "-S", ray_reaper.__file__, token],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    _reaper = ray_reaper.spawn(token)
     saved = os.environ.get(ray_reaper.TOKEN_VAR)
     os.environ[ray_reaper.TOKEN_VAR] = token
     try:
