@@ -255,38 +255,60 @@ def test_b_kill_9_of_the_cli_leaves_no_process_of_its_ray(tmp_path: Path) -> Non
 
 ORPHANING_ROOT = """
 import subprocess, sys, time
-# A child without the token (like a Ray agent whose title rewrite clobbered its environment), then exit: it is orphaned.
+# A child without the token (like a Ray agent whose title rewrite clobbered its environment); it is orphaned when this dies.
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env={"PATH": "/usr/bin:/bin"})
 print(child.pid, flush=True)
 time.sleep(120)
 """
 
 
+def _sleeper(env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env)
+
+
 @pytest.mark.timeout(60)
-def test_reaper_kills_the_marked_processes_and_their_descendants_once_its_parent_is_gone() -> None:
+def test_tracker_kills_the_marked_processes_and_their_orphaned_descendants_only() -> None:
     token = uuid.uuid4().hex
-    reaper = ray_reaper.spawn(token)
+    tracker = ray_reaper.Tracker(token)
     marked = subprocess.Popen(
         [sys.executable, "-c", ORPHANING_ROOT], env={**os.environ, ray_reaper.TOKEN_VAR: token}, stdout=subprocess.PIPE, text=True
     )
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # same parent, no token
+    bystander = _sleeper()  # same parent, no token
     child: int | None = None
     try:
         assert marked.stdout is not None
         child = int(marked.stdout.readline())
-        time.sleep(1)  # the reaper scans every 0.2 s: it has seen both by now
-        marked.kill()  # the child is reparented and has no token: only the reaper's record knows it
+        tracker.scan()  # as the reaper does while its parent lives
+        marked.kill()  # the child is reparented and has no token: only the tracker's record knows it
         marked.wait(10)
         assert child in _table(), "the orphan must outlive its parent for the check to mean anything"
-        assert reaper.stdin is not None
-        reaper.stdin.close()  # as when its parent dies
-        assert reaper.wait(15) == 0
-        time.sleep(0.5)
+        assert tracker.kill() >= 1
+        deadline = time.monotonic() + 10
+        while child in _table() and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert child not in _table(), "the orphaned descendant of a marked process survived"
         assert bystander.poll() is None, "a process without the token was killed"
     finally:
-        for p in (reaper, marked, bystander):
+        for p in (marked, bystander):
             if p.poll() is None:
                 p.kill()
         if child is not None and child in _table():
             os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_reaper_process_kills_its_session_when_its_stdin_closes_and_then_exits() -> None:
+    token = uuid.uuid4().hex
+    reaper = ray_reaper.spawn(token)
+    marked = _sleeper({**os.environ, ray_reaper.TOKEN_VAR: token})
+    other = _sleeper({**os.environ, ray_reaper.TOKEN_VAR: "another-session"})
+    try:
+        assert reaper.stdin is not None
+        reaper.stdin.close()  # as when its parent dies
+        assert reaper.wait(15) == 0
+        assert marked.wait(10) == -signal.SIGKILL
+        assert other.poll() is None, "another session's process was killed"
+    finally:
+        for p in (reaper, marked, other):
+            if p.poll() is None:
+                p.kill()
