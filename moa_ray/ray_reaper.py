@@ -7,8 +7,8 @@ then try to report it to the GCS that died with it (``ray/_private/process_watch
 ``report_raylet_error_logs`` -> ``publish_error_to_driver``, a 60 s timeout): after a ``kill -9`` of
 the CLI, the DashboardAgent and the RuntimeEnvAgent can live on for a minute.
 
-The session's processes are those whose environment carries its token (:data:`TOKEN_VAR`, which the
-parent sets only while ``ray.init`` starts the head, so Ray's head processes inherit it and nothing
+The session's processes are the parent's children whose environment carries its token (:data:`TOKEN_VAR`,
+which the parent sets only while ``ray.init`` starts the head, so Ray's head processes inherit it and nothing
 else does) and every process they start. Descendants are recorded while the parent lives, because
 Ray's agents and workers rewrite their process title (which can clobber ``/proc/PID/environ``) and are
 reparented once the raylet dies. When the parent is gone (its stdin, a pipe only the parent writes,
@@ -66,29 +66,32 @@ def has_token(pid: int, token: str) -> bool:
 
 
 class Tracker:
-    """The processes of one session: those with its token, and their descendants, as seen at each :meth:`scan`."""
+    """The processes of one session, as seen at each :meth:`scan`: the children of ``parent`` whose environment has
+    the token (Ray's head processes), and all their descendants.
 
-    def __init__(self, token: str) -> None:
+    Only ``parent``'s children are asked for the token, and again at every scan until they have it: a child seen
+    between its fork and its exec still shows the parent's environment, and the parent's ``os.environ`` changes
+    are not in /proc either, so one early look could miss it for good.
+    """
+
+    def __init__(self, token: str, parent: int) -> None:
         self.token = token
+        self.parent = parent
         self.members: set[Proc] = set()
-        self._checked: set[Proc] = set()  # environment read once per process
 
     def scan(self) -> dict[Proc, int]:
         """Add the session's new processes to :attr:`members`; returns the process table it looked at."""
         table = processes()
         me = os.getpid()
-        for proc in table:
-            if proc not in self._checked:
-                self._checked.add(proc)
-                if proc[0] != me and has_token(proc[0], self.token):
-                    self.members.add(proc)
+        for proc, ppid in table.items():
+            if ppid == self.parent and proc[0] != me and proc not in self.members and has_token(proc[0], self.token):
+                self.members.add(proc)
         added = True
         while added:  # descendants of members, however deep
             member_pids = {pid for pid, start in self.members if (pid, start) in table}
             new = {proc for proc, ppid in table.items() if ppid in member_pids and proc not in self.members and proc[0] != me}
             self.members |= new
             added = bool(new)
-        self._checked &= set(table)
         return table
 
     def alive(self) -> list[int]:
@@ -149,7 +152,7 @@ def main(argv: list[str]) -> int:
     parent = os.getppid()
     for sig in (signal.SIGINT, signal.SIGHUP):  # the terminal's Ctrl+C or hangup is for the CLI, not for its cleanup
         signal.signal(sig, signal.SIG_IGN)
-    tracker = Tracker(argv[1])
+    tracker = Tracker(argv[1], parent)
     watch(parent, tracker)
     tracker.kill()
     return 0

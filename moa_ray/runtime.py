@@ -73,7 +73,8 @@ def _loopback_node() -> Iterator[None]:
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` that gives macOS and Windows a loopback-only local Ray by default.
     The environment variable is read once at import (before this runs when Ray is already imported), and a
     process-wide change would also make a later ``ray.init(address=...)`` advertise loopback to a remote
-    cluster; so the switch is off only while this process starts its own node.
+    cluster; so the switch is off only while this process starts its own node. (Ray Serve's replicas still bind
+    their inter-deployment gRPC server to ``[::]``, hardcoded; Ray's token authentication guards it: see README.)
     """
     from ray._private import ray_constants
 

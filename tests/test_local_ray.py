@@ -269,7 +269,7 @@ def _sleeper(env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
 @pytest.mark.timeout(60)
 def test_tracker_kills_the_marked_processes_and_their_orphaned_descendants_only() -> None:
     token = uuid.uuid4().hex
-    tracker = ray_reaper.Tracker(token)
+    tracker = ray_reaper.Tracker(token, os.getpid())
     marked = subprocess.Popen(
         [sys.executable, "-c", ORPHANING_ROOT], env={**os.environ, ray_reaper.TOKEN_VAR: token}, stdout=subprocess.PIPE, text=True
     )
