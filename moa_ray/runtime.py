@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import ipaddress
 import logging
 import os
 import subprocess
@@ -44,7 +45,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        # A loopback address (a CLI-started Ray joined from this machine) stays loopback: see _loopback_node.
+        with _loopback_node() if is_loopback_address(address) else contextlib.nullcontext():
+            ray.init(address=address, **kwargs)
     else:
         check_local_extras(models)
         # Logical CPUs above the core count avoid actor-pool deadlocks on small machines;
@@ -56,6 +59,17 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         node_ip = ray.util.get_node_ip_address()
         if node_ip != LOCAL_RAY_HOST:  # a Ray whose node-IP rules changed: say so rather than expose it silently
             log.warning("the local Ray runs on %s, not %s: its ports may be reachable from other machines", node_ip, LOCAL_RAY_HOST)
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether a Ray address (``host:port``, ``[v6]:port``, ``ray://host:port``) names this machine's loopback."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "auto", a hostname
+        return False
 
 
 #: The node IP of a local Ray the CLI starts: every port of it (GCS, raylet, object manager, workers, agents) binds here.
@@ -73,7 +87,8 @@ def _loopback_node() -> Iterator[None]:
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` that gives macOS and Windows a loopback-only local Ray by default.
     The environment variable is read once at import (before this runs when Ray is already imported), and a
     process-wide change would also make a later ``ray.init(address=...)`` advertise loopback to a remote
-    cluster; so the switch is off only while this process starts its own node. (Ray Serve's replicas still bind
+    cluster; so the switch is off only while this process starts its own node, or joins one by a loopback address
+    (which Ray would swap the same way, and the loopback-only GCS would not answer). (Ray Serve's replicas still bind
     their inter-deployment gRPC server to ``[::]``, hardcoded; Ray's token authentication guards it: see README.)
     """
     from ray._private import ray_constants
