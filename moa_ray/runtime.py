@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import ipaddress
 import logging
 import os
+import subprocess
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -42,14 +45,107 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        # A loopback address (a CLI-started Ray joined from this machine) stays loopback: see _loopback_node.
+        with _loopback_node() if is_loopback_address(address) else contextlib.nullcontext():
+            ray.init(address=address, **kwargs)
     else:
         check_local_extras(models)
         # Logical CPUs above the core count avoid actor-pool deadlocks on small machines;
         # the embedded model's threads are set by its config, not by this number.
         cpus = num_cpus or max(8, os.cpu_count() or 1)
         # "local": never attach to the latest `ray start` cluster of this machine by surprise.
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **kwargs)
+        with _loopback_node(), _reaped_session():
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address=LOCAL_RAY_HOST, **kwargs)
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip != LOCAL_RAY_HOST:  # a Ray whose node-IP rules changed: say so rather than expose it silently
+            log.warning("the local Ray runs on %s, not %s: its ports may be reachable from other machines", node_ip, LOCAL_RAY_HOST)
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether a Ray address (``host:port``, ``[v6]:port``, ``ray://host:port``) names this machine's loopback."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "auto", a hostname
+        return False
+
+
+#: The node IP of a local Ray the CLI starts: every port of it (GCS, raylet, object manager, workers, agents) binds here.
+LOCAL_RAY_HOST = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Let ``ray.init`` keep a loopback node IP, which makes Ray bind every port of the node to loopback only.
+
+    Ray binds its gRPC servers to 127.0.0.1 exactly when the node IP is 127.0.0.1 (else to all interfaces),
+    and its agents follow the node IP too; but on Linux ``ray.init(_node_ip_address="127.0.0.1")`` swaps
+    loopback for the machine's routable IP unless ``ray_constants.ENABLE_RAY_CLUSTER`` is off
+    (``services.resolve_ip_for_localhost`` -> ``get_node_ip_address``), the switch behind
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` that gives macOS and Windows a loopback-only local Ray by default.
+    The environment variable is read once at import (before this runs when Ray is already imported), and a
+    process-wide change would also make a later ``ray.init(address=...)`` advertise loopback to a remote
+    cluster; so the switch is off only while this process starts its own node, or joins one by a loopback address
+    (which Ray would swap the same way, and the loopback-only GCS would not answer). (Ray Serve's replicas still bind
+    their inter-deployment gRPC server to ``[::]``, hardcoded; Ray's token authentication guards it: see README.)
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+#: The running reaper of this process's local Ray (its stdin is the pipe whose closing sets it off), or None.
+_reaper: subprocess.Popen[bytes] | None = None
+
+
+@contextlib.contextmanager
+def _reaped_session() -> Iterator[None]:
+    """Mark the processes the block starts (a local Ray's head; its raylet's workers and agents inherit the mark)
+    and start :mod:`moa_ray.ray_reaper`, which kills every marked process once this process is gone, even by
+    ``kill -9``. No-op where the reaper cannot see other processes' environments (not Linux).
+    """
+    global _reaper
+    from moa_ray import ray_reaper
+
+    if not ray_reaper.supported():
+        yield
+        return
+    stop_reaper()  # an earlier session of this process is over: sweep what it left
+    token = uuid.uuid4().hex
+    _reaper = ray_reaper.spawn(token)
+    saved = os.environ.get(ray_reaper.TOKEN_VAR)
+    os.environ[ray_reaper.TOKEN_VAR] = token
+    try:
+        yield
+    except BaseException:
+        stop_reaper()  # a half-started Ray: kill what it started
+        raise
+    finally:
+        if saved is None:
+            os.environ.pop(ray_reaper.TOKEN_VAR, None)
+        else:
+            os.environ[ray_reaper.TOKEN_VAR] = saved
+
+
+def stop_reaper(wait_s: float = 15.0) -> None:
+    """End this process's local Ray session for good: the reaper kills what is left of it, then exits."""
+    global _reaper
+    reaper, _reaper = _reaper, None
+    if reaper is None:
+        return
+    if reaper.stdin is not None:
+        reaper.stdin.close()
+    try:
+        reaper.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        log.warning("the Ray reaper (pid %d) did not finish in %.0f s", reaper.pid, wait_s)
 
 
 def is_shared_cluster(address: str | None = None) -> bool:
@@ -70,6 +166,8 @@ def release_ray(app_names: Iterable[str], *, shared: bool) -> None:
             serve.shutdown()
     finally:
         ray.shutdown()
+        if not shared:
+            stop_reaper()
 
 
 @contextlib.contextmanager

@@ -72,7 +72,8 @@ class ServerProcess:
 
     def attach(self, code: str, timeout_s: float = 120) -> str:
         """Run ``code`` in a fresh Python connected to this server's Ray; returns its stdout."""
-        env = {**self.env, "RAY_ADDRESS": self.ray_address, "RAY_AUTH_MODE": "token"}
+        # The server's Ray listens on loopback only: keep Ray from swapping 127.0.0.1 for this machine's routable IP.
+        env = {**self.env, "RAY_ADDRESS": self.ray_address, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0:
             raise RuntimeError(f"attached helper failed ({done.returncode}):\n{done.stderr[-4000:]}")

@@ -1,0 +1,314 @@
+"""The local Ray a CLI command starts: every port it opens is on loopback (only the HTTP proxy follows ``--host``),
+and nothing of it outlives the CLI, even a ``kill -9`` of it (Linux: the checks read /proc).
+
+Each test runs the CLI as a subprocess with its own Ray, and finds that Ray's processes without relying on
+the code under test: the CLI's descendants, plus every process whose environment carries a marker the test
+gave the CLI (which also finds those reparented once the raylet dies).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from serve_support import ROOT, ServerProcess
+
+from bench.simulator import Behaviour, SimulatorConfig, run_simulator
+from moa_ray import ray_reaper
+
+pytestmark = pytest.mark.skipif(not ray_reaper.supported(), reason="reads /proc (Linux)")
+
+MARK = "MOA_RAY_TEST_CLI_MARK"
+
+
+# --------------------------------------------------------------------------- finding a CLI's processes and ports
+
+
+def _table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, start time) of every live (not zombie) process."""
+    return {pid: (ppid, start) for (pid, start), ppid in ray_reaper.processes().items()}
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:400]
+    except OSError:
+        return "?"
+
+
+def session_processes(root: int, mark: str) -> dict[tuple[int, int], str]:
+    """(pid, start) -> command line of ``root``'s descendants and of every process with ``MARK=mark`` in its environment."""
+    table = _table()
+    found = {pid for pid in table if pid != os.getpid() and _has_mark(pid, mark)}
+    if root in table:
+        found.add(root)
+    grew = True
+    while grew:
+        new = {pid for pid, (ppid, _) in table.items() if ppid in found and pid not in found}
+        found |= new
+        grew = bool(new)
+    return {(pid, table[pid][1]): _comm(pid) for pid in found}
+
+
+def _has_mark(pid: int, mark: str) -> bool:
+    try:
+        return f"{MARK}={mark}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def _address(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as /proc/net/tcp{,6} writes it: 32-bit words in host (little-endian) order."""
+    raw = bytes.fromhex(hex_addr)
+    data = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return ipaddress.ip_address(data)
+
+
+def listening_sockets() -> dict[int, tuple[str, int]]:
+    """Socket inode -> (address, port) of every TCP socket in LISTEN state (/proc/net/tcp and tcp6)."""
+    out = {}
+    for name in ("tcp", "tcp6"):
+        path = Path("/proc/net") / name
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":
+                continue
+            addr, port = fields[1].split(":")
+            out[int(fields[9])] = (str(_address(addr)), int(port, 16))
+    return out
+
+
+def listening_by_process(pids: set[int]) -> list[tuple[int, str, str, int]]:
+    """(pid, command, address, port) of each listening socket held by one of ``pids``."""
+    sockets = listening_sockets()
+    found = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inode = int(target[8:-1])
+                if inode in sockets:
+                    found.append((pid, _comm(pid), *sockets[inode]))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def _sim_models(base_url: str) -> dict:
+    model = {"backend": "openai", "base_url": base_url, "max_retries": 0, "num_cpus": 0.05}
+    return {name: {**model, "model": name} for name in ("p1", "agg")}
+
+
+def _config(tmp_path: Path, base_url: str) -> Path:
+    path = tmp_path / "config.yaml"
+    config = {"models": _sim_models(base_url), "pipelines": {"tiny": {"kind": "moa", "layers": [["p1"]], "aggregator": "agg"}}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _kill_all(procs: dict[tuple[int, int], str]) -> None:
+    """Test cleanup: SIGKILL whatever of ``procs`` is still the same process."""
+    table = _table()
+    for pid, start in procs:
+        if table.get(pid, (0, -1))[1] == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------------------- (a) loopback only
+
+
+#: Ray Serve 2.60 binds each replica's inter-deployment gRPC server to every interface, with no option to change it
+#: (ray/serve/_private/replica.py, Replica._on_initialized: ``add_port_to_grpc_server(self._server, "[::]:0")``;
+#: ray-project/ray#64623 proposes a port range, not a host). Ray's token authentication guards it.
+SERVE_REPLICA = "ray::ServeReplica:"
+
+
+def unauthenticated_call_status(port: int) -> object:
+    """The gRPC status a call without Ray's token gets from a Serve replica's inter-deployment server."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest", request_serializer=None, response_deserializer=None)
+        try:
+            call(b"", timeout=10)
+        except grpc.RpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_a_local_ray_listens_on_loopback_only_and_the_proxy_on_the_chosen_host(tmp_path: Path) -> None:
+    """``moa-ray serve --host 0.0.0.0`` on a local Ray: the HTTP proxy takes 0.0.0.0 (the user's choice); every
+    other listening socket of that Ray (GCS, raylet, object manager, core workers, agents) is on loopback, except
+    the Serve replicas' inter-deployment gRPC servers that Ray Serve hardcodes, which refuse calls without Ray's token."""
+    import grpc
+
+    mark = uuid.uuid4().hex
+    with run_simulator(SimulatorConfig(latency_ms=5, output_tokens=4)) as sim:
+        server = ServerProcess(_config(tmp_path, sim.base_url), {MARK: mark}, extra_args=("--host", "0.0.0.0"))
+        procs: dict[tuple[int, int], str] = {}
+        try:
+            server.start()
+            assert server.proc is not None
+            procs = session_processes(server.proc.pid, mark)
+            sockets = listening_by_process({pid for pid, _ in procs})
+            replica_ports = [
+                port for _, command, address, port in sockets if command.startswith(SERVE_REPLICA) and not is_loopback(address)
+            ]
+            statuses = {port: unauthenticated_call_status(port) for port in replica_ports}
+        finally:
+            server.stop()
+            _kill_all(procs)
+            server.cleanup()
+    commands = " | ".join(sorted(procs.values()))
+    assert "gcs_server" in commands and "raylet" in commands, commands  # the scan sees the Ray it must check
+    owners = {command.split()[0].rsplit("/", 1)[-1] for _, command, _, _ in sockets}
+    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= owners, sockets
+    proxy = {(address, port) for _, _, address, port in sockets if port == server.port}
+    assert proxy == {("0.0.0.0", server.port)}, sockets
+    exposed = [s for s in sockets if s[3] != server.port and not is_loopback(s[2]) and not s[1].startswith(SERVE_REPLICA)]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+    assert statuses and set(statuses.values()) == {grpc.StatusCode.UNAUTHENTICATED}, statuses
+
+
+# --------------------------------------------------------------------------- (b) kill -9 leaves nothing
+
+
+def _start_hung_run(tmp_path: Path, base_url: str, mark: str) -> subprocess.Popen[bytes]:
+    """``moa-ray run`` against a provider that never answers: it holds its local Ray up until killed."""
+    ray_dir = tempfile.mkdtemp(prefix="mr-kill-")  # short: Ray's unix socket paths live under it
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "RAY_TMPDIR": ray_dir,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        MARK: mark,
+    }
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "moa_ray.cli", "run", "hello", "--config", str(_config(tmp_path, base_url)), "--pipeline", "tiny"]
+    with open(tmp_path / "cli.log", "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_b_kill_9_of_the_cli_leaves_no_process_of_its_ray(tmp_path: Path) -> None:
+    """Ray's agents used to outlive a SIGKILLed CLI for up to a minute (they report the raylet's death to a dead
+    GCS first); now nothing of the session is left within a few seconds."""
+    mark = uuid.uuid4().hex
+    with run_simulator(SimulatorConfig(models={"p1": Behaviour(hang=True)})) as sim:
+        proc = _start_hung_run(tmp_path, sim.base_url, mark)
+        procs: dict[tuple[int, int], str] = {}
+        try:
+            deadline = time.monotonic() + 300
+            while sim.stats.requests == 0:  # Ray, Serve and the agents are up, and a call is on its way
+                assert proc.poll() is None, (tmp_path / "cli.log").read_text(errors="replace")[-4000:]
+                assert time.monotonic() < deadline, "the CLI never called the provider"
+                time.sleep(0.5)
+            time.sleep(2)  # the agents a raylet starts are the ones that used to survive: let them all exist
+            procs = session_processes(proc.pid, mark)
+            commands = " | ".join(sorted(procs.values()))
+            assert "raylet" in commands and "DashboardAgent" in commands and "RuntimeEnvAgent" in commands, commands
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            deadline = time.monotonic() + 10
+            left = procs
+            while left and time.monotonic() < deadline:
+                time.sleep(0.25)
+                table = _table()
+                left = {p: c for p, c in {**procs, **session_processes(proc.pid, mark)}.items() if table.get(p[0], (0, -1))[1] == p[1]}
+            assert left == {}, f"outlived the CLI by 10 s: {sorted(left.values())}"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            _kill_all({**procs, **session_processes(proc.pid, mark)})
+
+
+# --------------------------------------------------------------------------- the reaper itself (no Ray)
+
+
+ORPHANING_ROOT = """
+import subprocess, sys, time
+# A child without the token (like a Ray agent whose title rewrite clobbered its environment); it is orphaned when this dies.
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env={"PATH": "/usr/bin:/bin"})
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _sleeper(env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env)
+
+
+@pytest.mark.timeout(60)
+def test_tracker_kills_the_marked_processes_and_their_orphaned_descendants_only() -> None:
+    token = uuid.uuid4().hex
+    tracker = ray_reaper.Tracker(token, os.getpid())
+    marked = subprocess.Popen(
+        [sys.executable, "-c", ORPHANING_ROOT], env={**os.environ, ray_reaper.TOKEN_VAR: token}, stdout=subprocess.PIPE, text=True
+    )
+    bystander = _sleeper()  # same parent, no token
+    child: int | None = None
+    try:
+        assert marked.stdout is not None
+        child = int(marked.stdout.readline())
+        tracker.scan()  # as the reaper does while its parent lives
+        marked.kill()  # the child is reparented and has no token: only the tracker's record knows it
+        marked.wait(10)
+        assert child in _table(), "the orphan must outlive its parent for the check to mean anything"
+        assert tracker.kill() >= 1
+        deadline = time.monotonic() + 10
+        while child in _table() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert child not in _table(), "the orphaned descendant of a marked process survived"
+        assert bystander.poll() is None, "a process without the token was killed"
+    finally:
+        for p in (marked, bystander):
+            if p.poll() is None:
+                p.kill()
+        if child is not None and child in _table():
+            os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_reaper_process_kills_its_session_when_its_stdin_closes_and_then_exits() -> None:
+    token = uuid.uuid4().hex
+    reaper = ray_reaper.spawn(token)
+    marked = _sleeper({**os.environ, ray_reaper.TOKEN_VAR: token})
+    other = _sleeper({**os.environ, ray_reaper.TOKEN_VAR: "another-session"})
+    try:
+        assert reaper.stdin is not None
+        reaper.stdin.close()  # as when its parent dies
+        assert reaper.wait(15) == 0
+        assert marked.wait(10) == -signal.SIGKILL
+        assert other.poll() is None, "another session's process was killed"
+    finally:
+        for p in (reaper, marked, other):
+            if p.poll() is None:
+                p.kill()
