@@ -117,7 +117,8 @@ def is_loopback(address: str) -> bool:
 
 
 def _sim_models(base_url: str) -> dict:
-    model = {"backend": "openai", "base_url": base_url, "max_retries": 0, "num_cpus": 0.05}
+    # deployments of their own, so the CLI starts a local Ray (remote models in process would need none)
+    model = {"backend": "openai", "base_url": base_url, "max_retries": 0, "num_cpus": 0.05, "hosting": "deployment"}
     return {name: {**model, "model": name} for name in ("p1", "agg")}
 
 
