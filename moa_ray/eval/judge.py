@@ -199,34 +199,16 @@ def plan_judging(
         first = turns.get(1)
         if first is None:
             continue
-        if mode == "alpaca-eval-official":
+        official = mode == "alpaca-eval-official"
+        if official or mode == "pairwise" or (mode == "auto" and first["dataset"] != MT_BENCH and first["reference"] is not None):
             if first["reference"] is None:
                 continue  # nothing to compare with
-            prev = (official_done or {}).get((prompt_id, pipeline, 1, judge))
+            prev = ((official_done or {}) if official else pairwise_done).get((prompt_id, pipeline, 1, judge))
             if prev is not None and prev["status"] == "ok":
                 continue
+            item_type = OfficialItem if official else PairwiseItem  # the same comparison, judged two ways
             items.append(
-                OfficialItem(
-                    prompt_id=prompt_id,
-                    pipeline=pipeline,
-                    instruction=first["instruction"],
-                    category=first["category"],
-                    reference=first["reference"],
-                    reference_generator=first["reference_generator"] or "reference",
-                    output=first["output"],
-                    attempt=prev["attempt"] + 1 if prev else 1,
-                )
-            )
-            continue
-        use_pairwise = mode == "pairwise" or (mode == "auto" and first["dataset"] != MT_BENCH and first["reference"] is not None)
-        if use_pairwise:
-            if first["reference"] is None:
-                continue  # nothing to compare with
-            prev = pairwise_done.get((prompt_id, pipeline, 1, judge))
-            if prev is not None and prev["status"] == "ok":
-                continue
-            items.append(
-                PairwiseItem(
+                item_type(
                     prompt_id=prompt_id,
                     pipeline=pipeline,
                     instruction=first["instruction"],
