@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion, TokenLogprob, TopLogprob
 from moa_ray.eval.datasets import data_file
+from moa_ray.eval.items import ReferenceComparison
 from moa_ray.eval.schema import OfficialAnnotationRow
 from moa_ray.eval.store import StoreError, join, resolve
 
@@ -237,18 +238,10 @@ def write_annotations(rows: Sequence[Mapping[str, Any]], out: str) -> dict[str, 
 # --------------------------------------------------------------------------- judging one item
 
 
-class OfficialItem(BaseModel):
+class OfficialItem(ReferenceComparison):
     """One AlpacaEval instruction of one pipeline, to annotate against its reference output."""
 
     kind: Literal["alpaca-eval-official"] = "alpaca-eval-official"
-    prompt_id: str
-    pipeline: str
-    instruction: str
-    category: str | None
-    reference: str
-    reference_generator: str
-    output: str
-    attempt: int = 1
 
 
 Ask = Callable[[list[ChatMessage], ChatParams], Awaitable[tuple[Completion, float]]]

@@ -36,6 +36,7 @@ from moa_ray.errors import ConfigError, MoARayError
 from moa_ray.eval.alpaca_eval_annotator import OfficialItem, annotate, official_row_base, write_annotations
 from moa_ray.eval.datasets import MT_BENCH
 from moa_ray.eval.exact import exact_table, is_exact_dataset
+from moa_ray.eval.items import ReferenceComparison
 from moa_ray.eval.judge_prompts import (
     PAIRWISE_PROMPT,
     pairwise_messages,
@@ -124,16 +125,8 @@ def check_mode_options(mode: str, baseline: str | None, repeats: int, pipelines:
         raise ConfigError(f"--judge-repeats takes the median of 1-10 grades: use it with mode single (or auto for MT-Bench), not {mode}")
 
 
-class PairwiseItem(BaseModel):
+class PairwiseItem(ReferenceComparison):
     kind: Literal["pairwise"] = "pairwise"
-    prompt_id: str
-    pipeline: str
-    instruction: str
-    category: str | None
-    reference: str
-    reference_generator: str
-    output: str
-    attempt: int = 1
 
 
 class GradeItem(BaseModel):
