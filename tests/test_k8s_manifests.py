@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from kuberay_schema import kuberay_errors
 from ray.serve.schema import ServeDeploySchema
 
 from moa_ray.cli import main
 from moa_ray.config import load_config, parse_config
 from moa_ray.errors import ConfigError
 from moa_ray.serve.app import serve_config
-from moa_ray.serve.manifests import POOL_CAPACITY, SECRET_NAME, pools_for
+from moa_ray.serve.manifests import POOL_CAPACITY, SECRET_NAME, config_map, pools_for, raycluster, rayjob, rayservice
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -74,6 +75,38 @@ def test_cluster_specs_have_a_head_and_one_worker_group_per_pool(name, spec):
             assert "MOA_RAY_API_KEYS" in secret_refs
             assert all(e["valueFrom"]["secretKeyRef"]["name"] == SECRET_NAME for e in c["env"] if "valueFrom" in e)
             assert all("value" not in e or e["name"] == "RAY_USAGE_STATS_ENABLED" for e in c["env"])
+
+
+@pytest.mark.parametrize("name", ["rayservice.yaml", "raycluster.yaml", "rayjob.yaml"])
+def test_committed_manifests_validate_against_the_kuberay_crds(name):
+    (doc,) = [d for kind, d in load(name).items() if kind != "ConfigMap"]
+    assert kuberay_errors(doc) == []
+
+
+@pytest.mark.parametrize("config", ["presets", "gpu-pools", "mixed"])
+def test_generated_manifests_validate_against_the_kuberay_crds(config):
+    cfg = {
+        "presets": lambda: load_config(None),  # llama.cpp, vLLM on CPU and remote HTTP models, every pipeline
+        "gpu-pools": lambda: load_config(EXAMPLE),
+        "mixed": lambda: _cfg({"big": {"pool": "pool_big", "num_gpus": 2}, "remote": {"pool": "pool_cpu", "num_cpus": 2}, "any": {}}),
+    }[config]()
+    for build in (raycluster, rayservice, rayjob):
+        assert kuberay_errors(build(cfg, None, IMAGE)) == [], build.__name__
+    assert config_map(cfg)["data"]["config.yaml"]
+
+
+def test_the_crd_validator_reports_misspelt_fields_and_wrong_types():
+    """The check above can fail: a misspelt field is reported (the API server would prune it), as is a wrong type."""
+    doc = load("raycluster.yaml")["RayCluster"]
+    group = doc["spec"]["workerGroupSpecs"][0]
+    group["replica"] = group.pop("replicas")
+    group["maxReplicas"] = "four"
+    doc["metadata"]["name"] = "MoA_Ray"
+    errors = kuberay_errors(doc)
+    assert any("'replica' was unexpected" in e for e in errors), errors
+    assert any(e.startswith("spec.workerGroupSpecs.0.maxReplicas: 'four'") for e in errors), errors
+    assert any(e.startswith("metadata.name") for e in errors), errors
+    assert kuberay_errors({"apiVersion": "ray.io/v1", "kind": "RayCron"}) != []
 
 
 def test_every_deployment_pool_exists_in_a_worker_group_with_its_gpus():
