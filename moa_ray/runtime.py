@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from moa_ray import loopback
 from moa_ray.config import MoARayConfig, ModelSpecBase
 from moa_ray.errors import ConfigError, missing_module_message
 from moa_ray.pipeline.agents import Agent, HandleAgent, in_process_agents
@@ -55,7 +56,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         cpus = num_cpus or max(8, os.cpu_count() or 1)
         # "local": never attach to the latest `ray start` cluster of this machine by surprise.
         with _loopback_node(), _reaped_session():
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address=LOCAL_RAY_HOST, **kwargs)
+            ray.init(
+                address="local",
+                num_cpus=cpus,
+                include_dashboard=False,
+                _node_ip_address=LOCAL_RAY_HOST,
+                runtime_env={"worker_process_setup_hook": loopback.HOOK},
+                **kwargs,
+            )
         node_ip = ray.util.get_node_ip_address()
         if node_ip != LOCAL_RAY_HOST:  # a Ray whose node-IP rules changed: say so rather than expose it silently
             log.warning("the local Ray runs on %s, not %s: its ports may be reachable from other machines", node_ip, LOCAL_RAY_HOST)
@@ -88,8 +96,8 @@ def _loopback_node() -> Iterator[None]:
     The environment variable is read once at import (before this runs when Ray is already imported), and a
     process-wide change would also make a later ``ray.init(address=...)`` advertise loopback to a remote
     cluster; so the switch is off only while this process starts its own node, or joins one by a loopback address
-    (which Ray would swap the same way, and the loopback-only GCS would not answer). (Ray Serve's replicas still bind
-    their inter-deployment gRPC server to ``[::]``, hardcoded; Ray's token authentication guards it: see README.)
+    (which Ray would swap the same way, and the loopback-only GCS would not answer). Ray Serve's replicas bind
+    their inter-deployment gRPC server to ``[::]``, hardcoded: :mod:`moa_ray.loopback` moves it to loopback.
     """
     from ray._private import ray_constants
 
