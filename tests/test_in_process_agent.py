@@ -153,3 +153,22 @@ async def test_the_ingress_calls_in_process_models_itself(simulator, monkeypatch
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_prepare_builds_the_loops_client_before_the_first_call(simulator):
+    """Eval workers ready their agents in setup, so the first burst of calls does not wait on the client's build."""
+    from moa_ray.pipeline.agents import LocalAgent, prepare_agents
+
+    sim = simulator(SimulatorConfig(latency_ms=1))
+    agent = InProcessAgent("m", OpenAIModelSpec.model_validate(remote(sim.base_url)))
+
+    async def prepared_then_called():
+        assert agent._backend is None
+        prepare_agents([agent, LocalAgent(object())])  # other agents are left as they are
+        built = agent._backend
+        assert built is not None and sim.stats.requests == 0  # ready, and nothing sent
+        await agent.chat(MESSAGES, ChatParams(max_tokens=4))
+        assert agent._backend is built  # the first call used it
+        await agent.aclose()
+
+    asyncio.run(prepared_then_called())

@@ -308,8 +308,10 @@ class GenerateHandler:
 
     async def setup(self) -> None:
         from moa_ray.pipeline import build_pipeline
+        from moa_ray.pipeline.agents import prepare_agents
 
         self.pipelines = {name: build_pipeline(self.config, name, self.agents) for name in self.pipeline_names}
+        prepare_agents(self.agents.values())
 
     def _row(self, item: WorkItem, turn: int, **fields: Any) -> GenerationRow:
         prompt = item.prompt

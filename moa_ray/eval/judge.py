@@ -272,7 +272,9 @@ class JudgeHandler:
         self.params = params
 
     async def setup(self) -> None:
-        return None
+        from moa_ray.pipeline.agents import prepare_agents
+
+        prepare_agents([self.agent])
 
     async def _ask(self, messages: list[ChatMessage], params: ChatParams | None = None) -> tuple[Completion, float]:
         start = time.perf_counter()
