@@ -25,6 +25,9 @@ class CpuMeter:
         self.exclude = set(exclude or ())
         self._start: dict[tuple[int, float], float] = {}
 
+        self._names: dict[tuple[int, float], str] = {}
+        self.last_by_process: dict[str, float] = {}
+
     def _snapshot(self) -> dict[tuple[int, float], float]:
         me = psutil.Process(os.getpid())
         out: dict[tuple[int, float], float] = {}
@@ -32,7 +35,10 @@ class CpuMeter:
             if proc.pid in self.exclude:
                 continue
             try:
-                out[(proc.pid, proc.create_time())] = _cpu(proc)
+                key = (proc.pid, proc.create_time())
+                out[key] = _cpu(proc)
+                if key not in self._names:
+                    self._names[key] = "benchmark" if proc.pid == me.pid else _label(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         return out
@@ -41,9 +47,33 @@ class CpuMeter:
         self._start = self._snapshot()
 
     def stop(self) -> float:
-        """Seconds since :meth:`start`; a process that started since counts from zero (one that ended is lost)."""
+        """Seconds since :meth:`start`; a process that started since counts from zero (one that ended is lost).
+
+        :attr:`last_by_process` keeps the same seconds by process (Ray's process titles: ``ServeReplica:app:name``,
+        ``ProxyActor``, ``raylet``...), to say which hop spends them."""
         end = self._snapshot()
-        return sum(cpu - self._start.get(key, 0.0) for key, cpu in end.items())
+        by: dict[str, float] = {}
+        for key, cpu in end.items():
+            name = self._names.get(key, "?")
+            by[name] = by.get(name, 0.0) + cpu - self._start.get(key, 0.0)
+        self.last_by_process = dict(sorted(by.items(), key=lambda kv: -kv[1]))
+        return sum(by.values())
+
+
+def _label(proc: psutil.Process) -> str:
+    """A process's role: Ray sets its workers' titles to ``ray::<actor class or task>``."""
+    cmdline = proc.cmdline()
+    first = cmdline[0] if cmdline else proc.name()
+    if first.startswith("ray::"):
+        return first.split()[0][5:]
+    return first.rsplit("/", 1)[-1]
+
+
+def breakdown(by_process: dict[str, float], calls: int, top: int = 6) -> str:
+    """``name ms/call`` of the processes that spent the most, for one line of a benchmark's output."""
+    if not calls:
+        return ""
+    return ", ".join(f"{name} {1000 * cpu / calls:.1f}" for name, cpu in list(by_process.items())[:top] if cpu > 0)
 
 
 def simulator_calls(base_url: str) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from bench.cpu import CpuMeter, simulator_calls
+from bench.cpu import CpuMeter, breakdown, simulator_calls
 from bench.simulator import free_port
 
 PIPELINE = "moa-bench"
@@ -107,6 +107,7 @@ class Results:
     samples: list[Sample] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)  # per mode: CPU seconds of this process tree
     calls: dict[str, int] = field(default_factory=dict)  # per mode: agent calls the simulator answered
+    cpu_by_process: dict[str, dict[str, float]] = field(default_factory=dict)  # per mode: the same seconds by process
 
     def of(self, mode: str) -> list[Sample]:
         return [s for s in self.samples if s.mode == mode]
@@ -240,6 +241,7 @@ def measured(results: Results, mode: str, meter: CpuMeter, sim_url: str, run: An
     meter.start()
     run()
     results.cpu_s[mode] = meter.stop()
+    results.cpu_by_process[mode] = meter.last_by_process
     results.calls[mode] = simulator_calls(sim_url) - calls_before
 
 
@@ -359,6 +361,9 @@ def main() -> int:
     )
     for line in summarize(results, ["direct", "http", "direct-stream", "http-stream"]):
         print(line)
+    print("cpu ms per agent call, by process:")
+    for mode in ["direct", "http", "direct-stream", "http-stream"]:
+        print(f"  {mode:<14} {breakdown(results.cpu_by_process.get(mode, {}), results.calls.get(mode, 0))}")
     http_all = results.of("http") + results.of("http-stream")
     print(f"http throughput: {sum(1 for s in http_all if s.status == 200) / http_wall:.1f} req/s over {http_wall:.1f} s")
     bad_5xx = [s for s in http_all if isinstance(s.status, int) and s.status >= 500 and not (killed and s.status == 502)]

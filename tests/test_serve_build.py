@@ -11,10 +11,10 @@ from moa_ray.cli import main
 from moa_ray.config import parse_config
 from moa_ray.errors import ConfigError
 from moa_ray.serve.app import APP_BUILDER_IMPORT_PATH, AppArgs, app_builder, build_app, serve_config
-from moa_ray.serve.builder import AGENT_ENV_VARS
+from moa_ray.serve.builder import AGENT_ENV_VARS, SINGLE_LOOP_ENV_VARS
 from moa_ray.serve.ingress import INGRESS_DEPLOYMENT
 
-AGENT_RUNTIME_ENV = {"env_vars": AGENT_ENV_VARS}
+AGENT_RUNTIME_ENV = {"env_vars": {**AGENT_ENV_VARS, **SINGLE_LOOP_ENV_VARS}}
 
 CONFIG = {
     "models": {
@@ -80,7 +80,7 @@ def test_autoscaling_and_placement_flow_into_serve(config):
     assert big.max_ongoing_requests == 32
     assert small.num_replicas == 3 and small._deployment_config.autoscaling_config is None
     assert small.ray_actor_options["resources"] == {"ssd": 1, "pool_small": 1.0} and small.ray_actor_options["num_gpus"] == 0.5
-    assert ingress.ray_actor_options == {"num_cpus": 0.5}
+    assert ingress.ray_actor_options == {"num_cpus": 0.5, "runtime_env": {"env_vars": SINGLE_LOOP_ENV_VARS}}
     assert ingress._deployment_config.autoscaling_config.max_replicas == 6
 
 
@@ -106,6 +106,17 @@ def test_serve_config_is_valid_and_carries_per_deployment_options(config):
     assert by_name["agent-big"].ray_actor_options.num_gpus == 2
     assert by_name["agent-small"].num_replicas == 3
     assert by_name[INGRESS_DEPLOYMENT].autoscaling_config["min_replicas"] == 2
+    # moa-ray's own replicas run on one event loop each (the Serve config carries it, as serve.run does)
+    for name in (INGRESS_DEPLOYMENT, "agent-big", "agent-small"):
+        assert SINGLE_LOOP_ENV_VARS.items() <= by_name[name].ray_actor_options.runtime_env["env_vars"].items()
+
+
+def test_vllm_replicas_keep_ray_serve_llms_threads():
+    from moa_ray.serve.builder import agent_deployment_options
+
+    cfg = parse_config({"models": {"v": {"backend": "vllm", "model": "org/v"}}, "pipelines": {"p": {"kind": "moa", "layers": [["v"]], "aggregator": "v"}}})
+    env = agent_deployment_options("v", cfg.models["v"])["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert not SINGLE_LOOP_ENV_VARS.keys() & env.keys()
 
 
 def test_serve_config_args_rebuild_the_same_app(config):

@@ -15,7 +15,7 @@ from ray.serve import Application
 
 from moa_ray.config import MoARayConfig, load_config, parse_config
 from moa_ray.errors import ConfigError
-from moa_ray.serve.builder import agent_deployment_name, agent_deployment_options, build_agent
+from moa_ray.serve.builder import agent_deployment_name, agent_deployment_options, build_agent, ingress_deployment_options
 from moa_ray.serve.ingress import INGRESS_DEPLOYMENT, MoAIngress
 
 DEFAULT_APP_NAME = "moa"
@@ -40,7 +40,7 @@ def build_app(config: MoARayConfig, pipelines: list[str] | None = None) -> Appli
     """The ingress bound to one agent deployment per model the served pipelines call."""
     names = served_pipelines(config, pipelines)
     agents = {model: build_agent(model, spec) for model, spec in config.models_for(names).items() if spec.deployed}
-    ingress = MoAIngress.options(**config.server.ingress.deployment_options())  # type: ignore[attr-defined]  # a serve.deployment
+    ingress = MoAIngress.options(**ingress_deployment_options(config))  # type: ignore[attr-defined]  # a serve.deployment
     return ingress.bind(config.model_dump(mode="json", exclude_none=True), names, **agents)
 
 
@@ -73,7 +73,7 @@ def app_builder(args: dict[str, Any]) -> Application:
 
 def deployment_options(config: MoARayConfig, pipelines: list[str]) -> list[dict[str, Any]]:
     """Per-deployment options of the app, as Serve config ``deployments`` entries."""
-    out = [{"name": INGRESS_DEPLOYMENT, **config.server.ingress.deployment_options()}]
+    out = [{"name": INGRESS_DEPLOYMENT, **ingress_deployment_options(config)}]
     for model, spec in config.models_for(pipelines).items():
         if spec.deployed:
             out.append({"name": agent_deployment_name(model), **agent_deployment_options(model, spec)})

@@ -24,6 +24,26 @@ def agent_deployment_name(model: str) -> str:
 #: it would be starved by any busy process; it runs at the normal priority of the driver instead.
 AGENT_ENV_VARS = {"RAY_worker_niceness": "0"}
 
+#: moa-ray's own replicas (the ingress, the agents) run their async code on the replica's main event loop, and route
+#: their handles' calls there too, instead of one thread for each: Ray Serve's knobs behind its
+#: ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` mode. Their code never blocks that loop (a llama.cpp model generates in a
+#: thread), and one Python thread per replica saves the GIL hand-offs and cross-loop hops of every request: at 20
+#: requests in flight the ingress's p50 fell ~35 ms (bench/serve_load.py). Ray Serve LLM's vLLM replicas keep Ray's defaults.
+SINGLE_LOOP_ENV_VARS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+def with_env_vars(options: dict[str, Any], env_vars: dict[str, str]) -> dict[str, Any]:
+    """Deployment ``options`` whose replicas get ``env_vars`` in their runtime environment."""
+    actor = dict(options.get("ray_actor_options") or {})
+    runtime_env = dict(actor.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env_vars}
+    return {**options, "ray_actor_options": {**actor, "runtime_env": runtime_env}}
+
+
+def ingress_deployment_options(config: MoARayConfig) -> dict[str, Any]:
+    """The ingress's Serve deployment options: its config's scaling, on one event loop per replica."""
+    return with_env_vars(config.server.ingress.deployment_options(), SINGLE_LOOP_ENV_VARS)
+
 
 def agent_deployment_options(name: str, spec: ModelSpecBase) -> dict[str, Any]:
     """A model's Serve deployment options: its spec's placement and scaling, plus the agents' runtime environment.
@@ -34,9 +54,7 @@ def agent_deployment_options(name: str, spec: ModelSpecBase) -> dict[str, Any]:
         from moa_ray.serve.llm import llm_deployment_options
 
         return llm_deployment_options(name, spec, AGENT_ENV_VARS)
-    options = spec.deployment_options()
-    options["ray_actor_options"] = {**options["ray_actor_options"], "runtime_env": {"env_vars": dict(AGENT_ENV_VARS)}}
-    return options
+    return with_env_vars(spec.deployment_options(), {**AGENT_ENV_VARS, **SINGLE_LOOP_ENV_VARS})
 
 
 def build_agent(name: str, spec: ModelSpecBase) -> Application:
