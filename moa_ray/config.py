@@ -170,6 +170,12 @@ class OpenAIModelSpec(ModelSpecBase):
     backoff_s: float = Field(default=0.5, gt=0, description="First backoff; grows exponentially with full jitter.")
     backoff_max_s: float = Field(default=20.0, gt=0)
     max_connections: int = Field(default=64, ge=1)
+    http_transport: Literal["aiohttp", "httpx"] = Field(
+        default="aiohttp",
+        description="The connection layer under the httpx client: aiohttp's (httpx-aiohttp, as the openai SDK's "
+        "DefaultAioHttpClient) spends about half of httpx's own CPU per call, a third when streaming; httpx: its own "
+        "transport (HTTP/1.1 only either way).",
+    )
     hosting: Literal["in_process", "deployment"] = Field(
         default="in_process",
         description="in_process: called from the process that runs the pipeline (the CLI, each eval worker, the "
@@ -187,6 +193,7 @@ class OpenAIModelSpec(ModelSpecBase):
         "backoff_s",
         "backoff_max_s",
         "max_connections",
+        "http_transport",
     }
 
     @field_validator("base_url")

@@ -27,6 +27,7 @@ from moa_ray.errors import (
     BadRequest,
     ContextLengthExceeded,
     RateLimited,
+    StreamInterrupted,
     UpstreamError,
 )
 from moa_ray.pipeline.agents import LocalAgent
@@ -216,9 +217,13 @@ def test_context_length_against_the_simulator_sends_one_request(simulator):
 # --------------------------------------------------------------------------- timeouts
 
 
-def test_read_timeout_raises_backend_timeout(simulator):
+TRANSPORTS = pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+
+
+@TRANSPORTS
+def test_read_timeout_raises_backend_timeout(simulator, transport):
     sim = simulator(SimulatorConfig(hang=True))
-    backend = OpenAIBackend(spec(sim.base_url, timeout={"read_s": 0.3, "connect_s": 1}, max_retries=1))
+    backend = OpenAIBackend(spec(sim.base_url, timeout={"read_s": 0.3, "connect_s": 1}, max_retries=1, http_transport=transport))
     start = time.perf_counter()
     with pytest.raises(BackendTimeout) as info:
         asyncio.run(backend.chat(MESSAGES, ChatParams()))
@@ -227,12 +232,47 @@ def test_read_timeout_raises_backend_timeout(simulator):
     assert 0.6 <= time.perf_counter() - start < 3
 
 
-def test_unreachable_provider_is_an_upstream_error():
+@TRANSPORTS
+def test_unreachable_provider_is_an_upstream_error(transport):
+    """A refused connection is a 502-class upstream error on both transports, never a timeout (httpx-aiohttp
+    reports it as ConnectTimeout; the backend takes it back to what it is)."""
     from bench.simulator import free_port
 
-    backend = OpenAIBackend(spec(f"http://127.0.0.1:{free_port()}/v1", max_retries=1))
-    with pytest.raises(UpstreamError, match="connection failed"):
+    backend = OpenAIBackend(spec(f"http://127.0.0.1:{free_port()}/v1", max_retries=1, http_transport=transport))
+    with pytest.raises(UpstreamError, match="connection failed") as info:
         asyncio.run(backend.chat(MESSAGES, ChatParams()))
+    assert not isinstance(info.value, BackendTimeout)
+
+
+@TRANSPORTS
+def test_a_stream_cut_mid_answer_is_interrupted_not_timed_out(transport):
+    """A provider that closes the connection after one delta: StreamInterrupted (not retried: text was sent)."""
+
+    async def cut_after_one_delta():
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            event = json.dumps({"choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]})
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            data = f"data: {event}\n\n".encode()
+            writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.transport.abort()  # no final chunk: the body breaks off
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        backend = OpenAIBackend(spec(f"http://127.0.0.1:{port}/v1", max_retries=2, http_transport=transport))
+        got = []
+        try:
+            with pytest.raises(StreamInterrupted):
+                async for chunk in backend.stream(MESSAGES, ChatParams()):
+                    got.append(chunk.delta)
+        finally:
+            await backend.aclose()
+            server.close()
+        return got
+
+    assert asyncio.run(cut_after_one_delta()) == ["Hel"]
 
 
 # --------------------------------------------------------------------------- API key

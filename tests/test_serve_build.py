@@ -114,7 +114,9 @@ def test_serve_config_is_valid_and_carries_per_deployment_options(config):
 def test_vllm_replicas_keep_ray_serve_llms_threads():
     from moa_ray.serve.builder import agent_deployment_options
 
-    cfg = parse_config({"models": {"v": {"backend": "vllm", "model": "org/v"}}, "pipelines": {"p": {"kind": "moa", "layers": [["v"]], "aggregator": "v"}}})
+    cfg = parse_config(
+        {"models": {"v": {"backend": "vllm", "model": "org/v"}}, "pipelines": {"p": {"kind": "moa", "layers": [["v"]], "aggregator": "v"}}}
+    )
     env = agent_deployment_options("v", cfg.models["v"])["ray_actor_options"]["runtime_env"]["env_vars"]
     assert not SINGLE_LOOP_ENV_VARS.keys() & env.keys()
 

@@ -92,6 +92,28 @@ def _with_attempts(err: BackendError, retries: list[str]) -> BackendError:
     return err
 
 
+def _client_class(transport: str) -> type[httpx.AsyncClient]:
+    """``httpx.AsyncClient``, or its subclass on aiohttp's connection pool (httpx-aiohttp): same API, same errors."""
+    if transport == "aiohttp":
+        from httpx_aiohttp import HttpxAiohttpClient
+
+        return HttpxAiohttpClient
+    return httpx.AsyncClient
+
+
+def _transport_error(err: httpx.TransportError) -> httpx.TransportError:
+    """The error as httpx's own transport would raise it.
+
+    httpx-aiohttp 0.2 maps every aiohttp connection error (refused, reset, closed) to ``ConnectTimeout``; only
+    aiohttp's timeouts are timeouts, so any other becomes the ``ConnectError`` it is (a 502, not a 504)."""
+    import aiohttp
+
+    cause = err.__cause__
+    if isinstance(err, httpx.ConnectTimeout) and isinstance(cause, aiohttp.ClientError) and not isinstance(cause, TimeoutError):
+        return httpx.ConnectError(str(err))
+    return err
+
+
 class OpenAIBackend:
     """Client for one model on an OpenAI-compatible endpoint."""
 
@@ -107,7 +129,7 @@ class OpenAIBackend:
                 raise ConfigError(f"the API key in {spec.api_key_env} holds spaces or control characters inside it")
             else:
                 headers["Authorization"] = f"Bearer {key}"
-        self._client = httpx.AsyncClient(
+        self._client = _client_class(spec.http_transport)(
             base_url=spec.base_url,
             headers=headers,
             timeout=httpx.Timeout(spec.timeout.read_s, connect=spec.timeout.connect_s),
@@ -180,9 +202,10 @@ class OpenAIBackend:
         timeout = self._attempt_timeout(deadline)
         try:
             response = await self._client.post("/chat/completions", json=payload, timeout=timeout)
-        except httpx.TimeoutException as err:
-            raise BackendTimeout(f"{self.spec.model}: {type(err).__name__} after {timeout}", model=self.spec.model) from None
-        except httpx.TransportError as err:
+        except httpx.TransportError as raised:
+            err = _transport_error(raised)
+            if isinstance(err, httpx.TimeoutException):
+                raise BackendTimeout(f"{self.spec.model}: {type(err).__name__} after {timeout}", model=self.spec.model) from None
             raise UpstreamError(f"{self.spec.model}: connection failed: {type(err).__name__}: {err}", model=self.spec.model) from None
         if response.status_code != 200:
             raise classify_response(response, self.spec.model)
@@ -238,11 +261,12 @@ class OpenAIBackend:
                                 raise httpx.ReadTimeout("the call's time budget ran out")
                             if delta := reader.feed(event.json()):
                                 yield StreamChunk(delta=delta)
-                except httpx.TimeoutException:
-                    if reader.parts:
-                        raise StreamInterrupted(f"{self.spec.model}: stream timed out mid-answer", model=self.spec.model) from None
-                    raise BackendTimeout(f"{self.spec.model}: stream timed out", model=self.spec.model) from None
-                except httpx.TransportError as err:
+                except httpx.TransportError as raised:
+                    err = _transport_error(raised)
+                    if isinstance(err, httpx.TimeoutException):
+                        if reader.parts:
+                            raise StreamInterrupted(f"{self.spec.model}: stream timed out mid-answer", model=self.spec.model) from None
+                        raise BackendTimeout(f"{self.spec.model}: stream timed out", model=self.spec.model) from None
                     if reader.parts:
                         raise StreamInterrupted(f"{self.spec.model}: stream broke mid-answer: {err}", model=self.spec.model) from None
                     raise UpstreamError(f"{self.spec.model}: connection failed: {err}", model=self.spec.model) from None
