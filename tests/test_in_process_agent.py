@@ -172,3 +172,14 @@ def test_prepare_builds_the_loops_client_before_the_first_call(simulator):
         await agent.aclose()
 
     asyncio.run(prepared_then_called())
+
+
+def test_the_client_closes_with_the_loop_that_opened_it(simulator):
+    """Each ``asyncio.run`` (the CLI, the benchmarks) ends its loop without telling the agent: the pool closes there."""
+    sim = simulator(SimulatorConfig(latency_ms=1))
+    agent = InProcessAgent("m", OpenAIModelSpec.model_validate(remote(sim.base_url)))
+    asyncio.run(agent.chat(MESSAGES, ChatParams(max_tokens=4)))
+    first = agent._backend
+    assert first is not None and first._client.is_closed
+    asyncio.run(agent.chat(MESSAGES, ChatParams(max_tokens=4)))  # a new loop gets a new client, closed in its turn
+    assert agent._backend is not first and agent._backend._client.is_closed

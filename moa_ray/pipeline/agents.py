@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any, Protocol
 
 from moa_ray.backends.base import ChatBackend
@@ -66,6 +66,8 @@ class InProcessAgent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._backend: ChatBackend | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._closer: AsyncGenerator[None, None] | None = None
+        self._closer_started: asyncio.Task[None] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (InProcessAgent, (self.name, self.spec))
@@ -87,6 +89,8 @@ class InProcessAgent:
             self._backend = create_backend(self.spec)
             self._slots = asyncio.Semaphore(self.spec.concurrency_cap())
             self._loop = loop
+            self._closer = _closed_with_the_loop(self._backend)
+            self._closer_started = loop.create_task(anext(self._closer))  # runs it to its yield
         return self._backend, self._slots
 
     def _redacted(self, err: BackendError) -> BackendError:
@@ -113,6 +117,20 @@ class InProcessAgent:
         if self._backend is not None:
             await self._backend.aclose()
             self._backend = None
+
+
+async def _closed_with_the_loop(backend: ChatBackend) -> AsyncGenerator[None, None]:
+    """Closes ``backend`` (its connection pool) in its own loop as that loop ends.
+
+    A client belongs to the loop that opened it, and the callers' loops end without telling the agent
+    (each ``asyncio.run`` of the CLI and the benchmarks); left open, aiohttp's pool complains at exit.
+    An async generator started in a loop is finalised by that loop's ``shutdown_asyncgens`` (which
+    ``asyncio.run`` calls): this one waits at its ``yield`` until then.
+    """
+    try:
+        yield
+    finally:
+        await backend.aclose()
 
 
 def prepare_agents(agents: Iterable[Agent]) -> None:
