@@ -468,3 +468,14 @@ def test_redactor_rewrites_nested_json_and_ignores_short_values():
     redactor = Redactor(["sk-abcdef123", "abc"])
     data = {"a": ["x sk-abcdef123 y", {"b": "sk-abcdef123"}], "n": 3, "abc": "abc"}
     assert redactor.json(data) == {"a": [f"x {REDACTED} y", {"b": REDACTED}], "n": 3, "abc": "abc"}
+
+
+@pytest.mark.parametrize("text", ["Hel", ' "quoted" \\ back', "line\nbreak\ttab", "naïve 日本 🙂", "\x00\x1f", "</script>"])
+def test_a_content_events_bytes_are_the_chunk_models(text):
+    """Deltas are sent through a per-stream template: byte for byte what the chunk model would have sent."""
+    from moa_ray.serve.openai_schema import ChatCompletionChunk, ChunkChoice, Delta
+    from moa_ray.serve.service import content_event_template, sse
+
+    head, tail = content_event_template("chatcmpl-x", 1700000000, 'moa "lite"')
+    built = ChatCompletionChunk(id="chatcmpl-x", created=1700000000, model='moa "lite"', choices=[ChunkChoice(delta=Delta(content=text))])
+    assert head + json.dumps(text) + tail == sse(built.wire())

@@ -58,6 +58,21 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+_MARK = "\x00moa-delta\x00"
+
+
+def content_event_template(rid: str, created: int, model: str) -> tuple[str, str]:
+    """The text around a content delta's JSON string in its stream's events.
+
+    A stream sends an event per delta that differs only in the text; the chunk model built once
+    (with a marker for the text) gives the bytes around it, so each delta costs one ``json.dumps``
+    of its text instead of building, dumping and encoding a model: the same bytes either way.
+    """
+    event = sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[ChunkChoice(delta=Delta(content=_MARK))]).wire())
+    head, tail = event.split(json.dumps(_MARK), 1)
+    return head, tail
+
+
 class ChatService:
     """Validates requests against the config's limits and runs them on the named pipeline."""
 
@@ -213,12 +228,13 @@ class ChatService:
             choices = [ChunkChoice(delta=delta, finish_reason=finish)] if delta is not None else []
             return sse(ChatCompletionChunk(id=rid, created=created, model=request.model, choices=choices, **extra).wire())
 
+        head, tail = content_event_template(rid, created, request.model)
         yield chunk(Delta(role="assistant", content=""))
         item, result = first, None
         try:
             while not isinstance(item, PipelineResult):
                 if item.delta:
-                    yield chunk(Delta(content=item.delta))
+                    yield head + json.dumps(item.delta) + tail
                 item = await asyncio.wait_for(items.__anext__(), max(deadline - loop.time(), 0.001))
             result = item
         except PipelineError as err:
