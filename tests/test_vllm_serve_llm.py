@@ -50,6 +50,9 @@ def config():
                     "layers": [[MODEL, {"model": MODEL, "temperature": 1.0}, {"model": MODEL, "temperature": 0.4}]],
                     "aggregator": MODEL,
                     "k": 2,
+                    # room for the whole schema: 200 characters of reasoning can be ~200 of SmolLM2's tokens, and a
+                    # verdict cut off before its picks would be repaired (the proposers' 192 tokens once were not enough)
+                    "judge": {"model": MODEL, "max_tokens": 512},
                     "moderator": False,
                 },
             },
