@@ -212,10 +212,6 @@ class OpenAIModelSpec(ModelSpecBase):
         return self
 
     @property
-    def in_process(self) -> bool:
-        return self.hosting == "in_process"
-
-    @property
     def deployed(self) -> bool:
         return self.hosting == "deployment"
 

@@ -14,13 +14,14 @@ from typing import Any
 
 #: The ``worker_process_setup_hook`` that a CLI-started local Ray gives its job (see moa_ray.runtime.init_ray).
 HOOK = f"{__name__}.bind_replica_grpc_to_loopback"
+#: The node IP of a local Ray the CLI starts (``moa_ray.runtime.LOCAL_RAY_HOST``): every port of it binds here.
+HOST = "127.0.0.1"
 ALL_INTERFACES = "[::]:"
-LOOPBACK = "127.0.0.1:"
 
 
 def loopback_address(address: str) -> str:
     """``[::]:PORT`` (every interface) becomes ``127.0.0.1:PORT``; any explicit address stays as it is."""
-    return LOOPBACK + address[len(ALL_INTERFACES) :] if address.startswith(ALL_INTERFACES) else address
+    return f"{HOST}:{address[len(ALL_INTERFACES) :]}" if address.startswith(ALL_INTERFACES) else address
 
 
 def bind_replica_grpc_to_loopback() -> None:
@@ -28,7 +29,7 @@ def bind_replica_grpc_to_loopback() -> None:
     import ray
     from ray._common import tls_utils
 
-    if ray.util.get_node_ip_address() != LOOPBACK.rstrip(":") or getattr(tls_utils.add_port_to_grpc_server, "_moa_loopback", False):
+    if ray.util.get_node_ip_address() != HOST or getattr(tls_utils.add_port_to_grpc_server, "_moa_loopback", False):
         return
     original = tls_utils.add_port_to_grpc_server
 

@@ -81,7 +81,7 @@ def is_loopback_address(address: str) -> bool:
 
 
 #: The node IP of a local Ray the CLI starts: every port of it (GCS, raylet, object manager, workers, agents) binds here.
-LOCAL_RAY_HOST = "127.0.0.1"
+LOCAL_RAY_HOST = loopback.HOST
 
 
 @contextlib.contextmanager

@@ -161,14 +161,7 @@ def fast_handle(handle: Any) -> Any:
     these options, and Ray Client sessions (no direct route to replicas), keep the
     default transport.
     """
-    import ray
-
-    if ray.util.client.ray.is_connected():
-        return handle
-    try:
-        return handle.options(_by_reference=False, request_serialization="pickle", response_serialization="pickle")
-    except (TypeError, ValueError):
-        return handle
+    return _transport_options(handle, _by_reference=False, request_serialization="pickle", response_serialization="pickle")
 
 
 def by_reference_handle(handle: Any) -> Any:
@@ -176,12 +169,17 @@ def by_reference_handle(handle: Any) -> Any:
 
     Asked for explicitly: a handle's default transport is gRPC where Serve runs throughput-optimized.
     """
+    return _transport_options(handle, _by_reference=True)
+
+
+def _transport_options(handle: Any, **options: Any) -> Any:
+    """``handle.options(**options)``, or the handle as it is under Ray Client or a Ray without those options."""
     import ray
 
     if ray.util.client.ray.is_connected():
         return handle
     try:
-        return handle.options(_by_reference=True)
+        return handle.options(**options)
     except (TypeError, ValueError):
         return handle
 
