@@ -152,19 +152,23 @@ def main() -> None:
     parser.add_argument(
         "--via", choices=["driver", "serve"], default="driver", help="Call the pipeline in this process, or through moa-ray serve's app."
     )
+    parser.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy", help="The HTTP proxy of --via serve (server.proxy).")
     args = parser.parse_args()
 
     from moa_ray.pipeline import build_pipeline
-    from moa_ray.runtime import deploy_agents, ray_session
+    from moa_ray.runtime import deploy_agents, is_shared_cluster, ray_session
+    from moa_ray.serve import proxy
 
     sim_config = SimulatorConfig(latency_ms=args.latency_ms, jitter_ms=0, output_tokens=args.output_tokens)
     with simulator(sim_config, args.simulator) as sim:
         config = overhead_config(
             sim.base_url, layers=args.layers, proposers=args.proposers, output_tokens=args.output_tokens, hosting=args.hosting
         )
+        config.server.proxy = args.proxy
+        env = proxy.local_env(config.server, "127.0.0.1") if args.via == "serve" else {}
         print(f"simulator ({args.simulator}) at {sim.base_url}: {args.latency_ms:g} ms per call, no jitter", flush=True)
         t = time.perf_counter()
-        with ray_session(args.address, apps=[APP_NAME]):
+        with ray_session(args.address, apps=[APP_NAME], env=env):
             print(f"ray up in {time.perf_counter() - t:.1f}s", flush=True)
             t = time.perf_counter()
             prompt = "Explain why the sky is blue in two sentences."
@@ -174,7 +178,7 @@ def main() -> None:
                 from moa_ray.serve.app import build_app
 
                 port = free_port()
-                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                serve.start(http_options=proxy.http_options(config.server, "127.0.0.1", port, local=not is_shared_cluster(args.address)))
                 serve.run(build_app(config, [PIPELINE]), name=APP_NAME, route_prefix="/")
                 print(f"served the app in {time.perf_counter() - t:.1f}s", flush=True)
                 _measure_http(f"http://127.0.0.1:{port}", prompt, args.warmup, "warm-up")
@@ -195,7 +199,8 @@ def main() -> None:
     median = statistics.median(walls)
     critical = statistics.median(c for _, c in measured)
     print(
-        f"shape: {args.layers - 1} proposer layers x {args.proposers} + aggregator, remote models {args.hosting}, via {args.via}; "
+        f"shape: {args.layers - 1} proposer layers x {args.proposers} + aggregator, remote models {args.hosting}, via {args.via}"
+        f"{f' ({args.proxy} proxy)' if args.via == 'serve' else ''}; "
         f"{sim.stats.get('requests')} simulator requests, at most {sim.stats.get('max_in_flight')} in flight; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )

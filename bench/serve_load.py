@@ -2,8 +2,8 @@
 
 Backed by the LLM simulator (a known latency per call), it runs the same MoA pipeline two ways on one
 local Ray: *direct* (``deploy_agents`` + ``build_pipeline`` in this process, as ``moa-ray run`` does)
-and *HTTP* (``moa-ray serve``'s app: Serve proxy -> ingress -> agent deployments), with half the HTTP
-requests streaming. The difference of the p50 latencies is the endpoint's overhead per request.
+and *HTTP* (``moa-ray serve``'s app: HTTP proxy -> ingress, which calls the models), with half the HTTP
+requests streaming. ``--proxy python`` puts Serve's Python proxy actor in front instead of HAProxy. The difference of the p50 latencies is the endpoint's overhead per request.
 
     python -m bench.serve_load --requests 200 --concurrency 50
     python -m bench.serve_load --requests 200 --concurrency 20 --hosting deployment --kill-replica p2   # reliability check
@@ -76,7 +76,7 @@ def simulator_process(latency_ms: float, output_tokens: int) -> Iterator[tuple[s
         proc.wait(10)
 
 
-def bench_config(base_url: str, proposers: int, layers: int, hosting: str = "in_process") -> dict[str, Any]:
+def bench_config(base_url: str, proposers: int, layers: int, hosting: str = "in_process", proxy: str = "haproxy") -> dict[str, Any]:
     model = {
         "backend": "openai",
         "base_url": base_url,
@@ -89,7 +89,7 @@ def bench_config(base_url: str, proposers: int, layers: int, hosting: str = "in_
     return {
         "models": {n: {**model, "model": n} for n in names},
         "pipelines": {PIPELINE: {"kind": "moa", "layers": [names] * layers, "aggregator": names[0]}},
-        "server": {"ingress": {"max_ongoing_requests": 1024, "num_cpus": 0.1}},
+        "server": {"proxy": proxy, "ingress": {"max_ongoing_requests": 1024, "num_cpus": 0.1}},
     }
 
 
@@ -282,6 +282,7 @@ def main() -> int:
         default="in_process",
         help="Remote models called from the driver / ingress process (default) or through deployments of their own.",
     )
+    parser.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy", help="The endpoint's HTTP proxy (server.proxy).")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -290,17 +291,18 @@ def main() -> int:
     from moa_ray.config import parse_config
     from moa_ray.pipeline import build_pipeline
     from moa_ray.runtime import deploy_agents, ray_session
+    from moa_ray.serve import proxy
     from moa_ray.serve.app import build_app
 
     results = Results()
     with simulator_process(args.latency_ms, args.output_tokens) as (sim_url, sim_pid):
-        config = parse_config(bench_config(sim_url, args.proposers, args.layers, args.hosting))
+        config = parse_config(bench_config(sim_url, args.proposers, args.layers, args.hosting, args.proxy))
         if args.kill_replica and args.hosting != "deployment":
             parser.error("--kill-replica needs --hosting deployment (in-process models have no replica)")
         meter = CpuMeter(exclude={sim_pid})
         port = free_port()
-        with ray_session(num_cpus=8):
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+        with ray_session(num_cpus=8, env=proxy.local_env(config.server, "127.0.0.1")):
+            serve.start(http_options=proxy.http_options(config.server, "127.0.0.1", port, local=True))
             t0 = time.perf_counter()
             agents = deploy_agents(config, [PIPELINE], app_name=APP_DIRECT, http=True)
             serve.run(build_app(config, [PIPELINE]), name=APP_HTTP, route_prefix="/")
@@ -356,7 +358,7 @@ def main() -> int:
 
     print(
         f"simulator: {args.latency_ms:g} ms per call, {args.output_tokens} tokens; pipeline: {args.layers} layer(s) x "
-        f"{args.proposers} proposers + aggregator, remote models {args.hosting}; {args.requests} requests per mode at "
+        f"{args.proposers} proposers + aggregator, remote models {args.hosting}, {args.proxy} proxy; {args.requests} requests per mode at "
         f"concurrency {args.concurrency}"
     )
     for line in summarize(results, ["direct", "http", "direct-stream", "http-stream"]):

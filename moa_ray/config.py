@@ -544,7 +544,15 @@ class IngressSpec(_Strict):
 
 
 class ServerSpec(_Strict):
-    """Limits of the OpenAI-compatible endpoint."""
+    """The OpenAI-compatible endpoint: its HTTP proxy and its limits."""
+
+    proxy: Literal["haproxy", "python"] = Field(
+        default="haproxy",
+        description="The HTTP proxy in front of the ingress on the Ray moa-ray starts and in the manifests it writes: "
+        "Ray Serve's HAProxy ingress (clients reach the ingress replicas' own HTTP servers through HAProxy, a C proxy) "
+        "or Serve's Python proxy actor (each request and each streamed event an extra Ray hop). A cluster you join "
+        "runs the proxy its nodes were started with (RAY_SERVE_ENABLE_HA_PROXY=1 on every node for HAProxy).",
+    )
 
     max_tokens_limit: int = Field(default=4096, ge=1)
     max_message_chars: int = Field(default=100_000, ge=1)

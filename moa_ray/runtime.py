@@ -9,7 +9,7 @@ import logging
 import os
 import subprocess
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from moa_ray import loopback
@@ -33,8 +33,19 @@ def check_local_extras(models: Iterable[ModelSpecBase]) -> None:
             raise ConfigError(f"backend {backend!r}: {missing_module_message(module)}")
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True, models: Iterable[ModelSpecBase] = ()) -> None:
-    """Join ``address`` (or RAY_ADDRESS), or start a local Ray, after checking that ``models`` can run here; idempotent."""
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    quiet: bool = True,
+    models: Iterable[ModelSpecBase] = (),
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Join ``address`` (or RAY_ADDRESS), or start a local Ray, after checking that ``models`` can run here; idempotent.
+
+    ``env``: environment variables for every process of a local Ray this starts (Ray Serve reads its proxy
+    from there: :mod:`moa_ray.serve.proxy`); a cluster that is joined keeps the environment it was started with.
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -55,7 +66,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         # the embedded model's threads are set by its config, not by this number.
         cpus = num_cpus or max(8, os.cpu_count() or 1)
         # "local": never attach to the latest `ray start` cluster of this machine by surprise.
-        with _loopback_node(), _reaped_session():
+        with _loopback_node(), _reaped_session(), _environment(env or {}):
             ray.init(
                 address="local",
                 num_cpus=cpus,
@@ -109,6 +120,21 @@ def _loopback_node() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
+@contextlib.contextmanager
+def _environment(env: Mapping[str, str]) -> Iterator[None]:
+    """``env`` in this process's environment while the block starts a local Ray (its processes inherit it)."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 #: The running reaper of this process's local Ray (its stdin is the pipe whose closing sets it off), or None.
 _reaper: subprocess.Popen[bytes] | None = None
 
@@ -128,18 +154,12 @@ def _reaped_session() -> Iterator[None]:
     stop_reaper()  # an earlier session of this process is over: sweep what it left
     token = uuid.uuid4().hex
     _reaper = ray_reaper.spawn(token)
-    saved = os.environ.get(ray_reaper.TOKEN_VAR)
-    os.environ[ray_reaper.TOKEN_VAR] = token
     try:
-        yield
+        with _environment({ray_reaper.TOKEN_VAR: token}):
+            yield
     except BaseException:
         stop_reaper()  # a half-started Ray: kill what it started
         raise
-    finally:
-        if saved is None:
-            os.environ.pop(ray_reaper.TOKEN_VAR, None)
-        else:
-            os.environ[ray_reaper.TOKEN_VAR] = saved
 
 
 def stop_reaper(wait_s: float = 15.0) -> None:
@@ -179,9 +199,12 @@ def release_ray(app_names: Iterable[str], *, shared: bool) -> None:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, *, num_cpus: int | None = None, apps: Iterable[str] = ()) -> Iterator[None]:
-    """Ray for one command (a benchmark, a script): joined or started on entry, released on exit (:func:`release_ray`)."""
-    init_ray(address, num_cpus=num_cpus)
+def ray_session(
+    address: str | None = None, *, num_cpus: int | None = None, apps: Iterable[str] = (), env: Mapping[str, str] | None = None
+) -> Iterator[None]:
+    """Ray for one command (a benchmark, a script): joined or started (with ``env``) on entry, released on exit
+    (:func:`release_ray`)."""
+    init_ray(address, num_cpus=num_cpus, env=env)
     try:
         yield
     finally:

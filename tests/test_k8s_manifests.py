@@ -16,7 +16,16 @@ from moa_ray.cli import main
 from moa_ray.config import load_config, parse_config
 from moa_ray.errors import ConfigError
 from moa_ray.serve.app import serve_config
-from moa_ray.serve.manifests import POOL_CAPACITY, SECRET_NAME, config_map, pools_for, raycluster, rayjob, rayservice
+from moa_ray.serve.manifests import (
+    POOL_CAPACITY,
+    SECRET_NAME,
+    config_map,
+    launcher_config,
+    pools_for,
+    raycluster,
+    rayjob,
+    rayservice,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -74,7 +83,22 @@ def test_cluster_specs_have_a_head_and_one_worker_group_per_pool(name, spec):
             secret_refs = {e["name"] for e in c["env"] if "valueFrom" in e}
             assert "MOA_RAY_API_KEYS" in secret_refs
             assert all(e["valueFrom"]["secretKeyRef"]["name"] == SECRET_NAME for e in c["env"] if "valueFrom" in e)
-            assert all("value" not in e or e["name"] == "RAY_USAGE_STATS_ENABLED" for e in c["env"])
+            plain = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+            assert plain == {"RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "1"}  # HAProxy on every node
+
+
+@pytest.mark.parametrize("proxy", ["haproxy", "python"])
+def test_the_endpoints_proxy_is_set_on_every_node_a_manifest_starts(proxy):
+    config = parse_config({**yaml.safe_load(EXAMPLE.read_text()), "server": {"proxy": proxy}})
+    spec = raycluster(config, None, IMAGE)["spec"]
+    pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    wanted = [{"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"}] if proxy == "haproxy" else []
+    for pod in pods:
+        env = pod["template"]["spec"]["containers"][0]["env"]
+        assert [e for e in env if e["name"].startswith("RAY_SERVE_")] == wanted
+    starts = launcher_config(config)
+    for command in [starts["head_start_ray_commands"][-1], starts["worker_start_ray_commands"][-1]]:
+        assert ("export RAY_SERVE_ENABLE_HA_PROXY=1; ray start" in command) == (proxy == "haproxy"), command
 
 
 @pytest.mark.parametrize("name", ["rayservice.yaml", "raycluster.yaml", "rayjob.yaml"])

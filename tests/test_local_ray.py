@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -123,9 +124,11 @@ def _sim_models(base_url: str) -> dict:
     return {name: {**model, "model": name} for name in ("p1", "agg")}
 
 
-def _config(tmp_path: Path, base_url: str) -> Path:
+def _config(tmp_path: Path, base_url: str, server: dict | None = None) -> Path:
     path = tmp_path / "config.yaml"
     config = {"models": _sim_models(base_url), "pipelines": {"tiny": {"kind": "moa", "layers": [["p1"]], "aggregator": "agg"}}}
+    if server:
+        config["server"] = server
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -149,13 +152,16 @@ SERVE_REPLICA = "ray::ServeReplica:"
 
 @pytest.mark.ray
 @pytest.mark.timeout(420)
-def test_a_local_ray_listens_on_loopback_only_and_the_proxy_on_the_chosen_host(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proxy", ["haproxy", "python"])
+def test_a_local_ray_listens_on_loopback_only_and_the_proxy_on_the_chosen_host(tmp_path: Path, proxy: str) -> None:
     """``moa-ray serve --host 0.0.0.0`` on a local Ray: the HTTP proxy takes 0.0.0.0 (the user's choice); every
-    other listening socket of that Ray (GCS, raylet, object manager, core workers, agents, and the Serve replicas'
-    inter-deployment gRPC servers, which Ray Serve hardcodes to ``[::]``: moa_ray/loopback.py) is on loopback."""
+    other listening socket of that Ray (GCS, raylet, object manager, core workers, agents, the Serve replicas'
+    inter-deployment gRPC servers, which Ray Serve hardcodes to ``[::]``, and in HAProxy mode the ingress replica's
+    own HTTP server, the fallback proxy and HAProxy's stats and metrics listeners: moa_ray/loopback.py) is on loopback."""
     mark = uuid.uuid4().hex
     with run_simulator(SimulatorConfig(latency_ms=5, output_tokens=4)) as sim:
-        server = ServerProcess(_config(tmp_path, sim.base_url), {MARK: mark}, extra_args=("--host", "0.0.0.0"))
+        config = _config(tmp_path, sim.base_url, {"proxy": proxy})
+        server = ServerProcess(config, {MARK: mark}, extra_args=("--host", "0.0.0.0"))
         procs: dict[tuple[int, int], str] = {}
         try:
             server.start()
@@ -177,8 +183,13 @@ def test_a_local_ray_listens_on_loopback_only_and_the_proxy_on_the_chosen_host(t
     owners = {command.split()[0].rsplit("/", 1)[-1] for _, command, _, _ in sockets}
     assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= owners, sockets
     assert any(command.startswith(SERVE_REPLICA) for _, command, _, _ in sockets), sockets  # the replicas' servers are seen
-    proxy = {(address, port) for _, _, address, port in sockets if port == server.port}
-    assert proxy == {("0.0.0.0", server.port)}, sockets
+    frontend = {(command.split()[0].rsplit("/", 1)[-1], address) for _, command, address, port in sockets if port == server.port}
+    assert frontend == {("haproxy" if proxy == "haproxy" else "ray::ProxyActor", "0.0.0.0")}, sockets
+    # HAProxy forwards to the ingress replica's own HTTP server, on a port of Ray's direct-ingress range
+    ingress = [port for _, command, _, port in sockets if command.startswith(f"{SERVE_REPLICA}moa:moa-ingress")]
+    assert any(30000 <= port <= 31000 for port in ingress) == (proxy == "haproxy"), sockets
+    if proxy == "haproxy":
+        assert len({port for _, command, _, port in sockets if "haproxy" in command.split()[0]}) >= 3, sockets
     exposed = [s for s in sockets if s[3] != server.port and not is_loopback(s[2])]
     assert exposed == [], f"listening beyond loopback: {exposed}"
 
@@ -188,6 +199,56 @@ def test_the_loopback_hook_moves_only_the_all_interfaces_address() -> None:
 
     assert loopback_address("[::]:0") == "127.0.0.1:0" and loopback_address("[::]:9000") == "127.0.0.1:9000"
     assert loopback_address("10.0.0.5:0") == "10.0.0.5:0" and loopback_address("127.0.0.1:7") == "127.0.0.1:7"
+
+
+def _binds(template: str) -> list[str]:
+    return sorted(line.strip() for line in template.splitlines() if line.strip().startswith("bind "))
+
+
+@pytest.mark.parametrize(("host", "frontend"), [("0.0.0.0", "*"), ("127.0.0.1", "127.0.0.1"), ("10.1.2.3", "10.1.2.3")])
+def test_haproxys_template_keeps_stats_and_metrics_on_loopback_and_the_frontend_on_the_chosen_host(host: str, frontend: str) -> None:
+    from ray.serve._private import haproxy_templates
+
+    from moa_ray.loopback import haproxy_template
+
+    original = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+    patched = haproxy_template(original, host)
+    assert _binds(patched) == sorted(
+        [
+            "bind 127.0.0.1:{{ config.metrics_port }}",
+            "bind 127.0.0.1:{{ config.stats_port }}",
+            f"bind {frontend}:{{{{ config.frontend_port }}}}",
+            "bind {{ config.grpc_frontend_host }}:{{ config.grpc_frontend_port }} proto h2",  # = http_options.host
+        ]
+    )
+    assert len(patched.splitlines()) == len(original.splitlines())  # nothing else changed
+    with pytest.raises(RuntimeError, match=re.escape("server: {proxy: python}")):
+        haproxy_template(original.replace("bind *:{{ config.stats_port }}", "bind *:{{ config.stats_port_v2 }}"), host)
+
+
+def test_a_module_is_patched_when_first_imported_and_not_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moa_ray.loopback import _AfterImport
+
+    (tmp_path / "moa_probe_pkg").mkdir()
+    (tmp_path / "moa_probe_pkg" / "__init__.py").write_text("")
+    (tmp_path / "moa_probe_pkg" / "templates.py").write_text("VALUE = 'as written'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen: list[str] = []
+
+    def patch(module: object) -> None:
+        seen.append(module.VALUE)  # type: ignore[attr-defined]
+        module.VALUE = "patched"  # type: ignore[attr-defined]
+
+    finder = _AfterImport("moa_probe_pkg.templates", patch)
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    import moa_probe_pkg  # noqa: F401 - the package alone does not set it off
+
+    assert seen == [] and finder in sys.meta_path
+    from moa_probe_pkg.templates import VALUE
+
+    assert VALUE == "patched" and seen == ["as written"] and finder not in sys.meta_path
+    for name in ("moa_probe_pkg.templates", "moa_probe_pkg"):
+        sys.modules.pop(name, None)
 
 
 # --------------------------------------------------------------------------- (b) kill -9 leaves nothing

@@ -90,14 +90,17 @@ def _run_server(config: MoARayConfig, names: list[str], *, host: str, port: int,
     from ray import serve
 
     from moa_ray.runtime import init_ray, is_shared_cluster, release_ray
+    from moa_ray.serve import proxy
     from moa_ray.serve.app import build_app
 
+    local = not is_shared_cluster(address)
+
     def stop_serving() -> None:
-        release_ray([app_name], shared=is_shared_cluster(address))
+        release_ray([app_name], shared=not local)
 
     with err_console.status(f"starting Ray and deploying {len(config.models_for(names))} models + the ingress..."):
-        init_ray(address, models=config.models_for(names).values())
-        serve.start(http_options={"host": host, "port": port})
+        init_ray(address, models=config.models_for(names).values(), env=proxy.local_env(config.server, host))
+        serve.start(http_options=proxy.http_options(config.server, host, port, local=local))
         try:
             serve.run(build_app(config, names), name=app_name, route_prefix="/")
         except RuntimeError as err:  # a replica failed to start (backend, model file, key file on the cluster...)

@@ -20,6 +20,7 @@ import yaml
 
 from moa_ray.config import MoARayConfig, ModelSpecBase, OpenAIModelSpec, VLLMModelSpec, dump_config
 from moa_ray.errors import ConfigError
+from moa_ray.serve import proxy
 from moa_ray.serve.app import serve_config, served_pipelines
 from moa_ray.serve.builder import agent_deployment_options
 
@@ -119,6 +120,7 @@ def launcher_config(
             "resources": {"GPU": pool.node_gpus, **pool.ray_resources},
             "node_config": {"InstanceType": AWS_INSTANCE_TYPES[pool.node_gpus], "ImageId": "latest_dlami"},
         }
+    start = "ulimit -n 65536; " + "".join(f"export {name}={value}; " for name, value in proxy.cluster_env(config.server).items())
     return {
         "cluster_name": cluster_name,
         "max_workers": sum(p.max_nodes for p in pools),
@@ -131,9 +133,9 @@ def launcher_config(
         "setup_commands": ["pip install -U 'moa-ray[vllm]'"],
         "head_start_ray_commands": [
             "ray stop",
-            "ulimit -n 65536; ray start --head --port=6379 --object-manager-port=8076 --autoscaling-config=~/ray_bootstrap_config.yaml",
+            start + "ray start --head --port=6379 --object-manager-port=8076 --autoscaling-config=~/ray_bootstrap_config.yaml",
         ],
-        "worker_start_ray_commands": ["ray stop", "ulimit -n 65536; ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076"],
+        "worker_start_ray_commands": ["ray stop", start + "ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076"],
     }
 
 
@@ -149,6 +151,7 @@ def _env(config: MoARayConfig, pipelines: list[str]) -> list[dict[str, Any]]:
     """Client keys and provider keys from one Secret; the ingress and the agents read them from their environment."""
     env: list[dict[str, Any]] = [
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        *({"name": name, "value": value} for name, value in proxy.cluster_env(config.server).items()),
         {"name": "MOA_RAY_API_KEYS", "valueFrom": {"secretKeyRef": {"name": SECRET_NAME, "key": "MOA_RAY_API_KEYS"}}},
     ]
     names = _provider_key_envs(config, pipelines)
