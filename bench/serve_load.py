@@ -324,9 +324,10 @@ def main() -> int:
                     watcher.start()
                     killed["watcher"] = watcher
 
-            http_wall = 0.0
+            http_wall = direct_wall = 0.0
             for stream in (False, True):
                 suffix = "-stream" if stream else ""
+                direct_start = time.perf_counter()
                 measured(
                     results,
                     "direct" + suffix,
@@ -334,6 +335,7 @@ def main() -> int:
                     sim_url,
                     lambda stream=stream: asyncio.run(run_direct(pipeline, args.requests, args.concurrency, results, stream=stream)),
                 )
+                direct_wall += time.perf_counter() - direct_start
                 http_start = time.perf_counter()
                 measured(
                     results,
@@ -367,7 +369,11 @@ def main() -> int:
     for mode in ["direct", "http", "direct-stream", "http-stream"]:
         print(f"  {mode:<14} {breakdown(results.cpu_by_process.get(mode, {}), results.calls.get(mode, 0))}")
     http_all = results.of("http") + results.of("http-stream")
-    print(f"http throughput: {sum(1 for s in http_all if s.status == 200) / http_wall:.1f} req/s over {http_wall:.1f} s")
+    direct_all = results.of("direct") + results.of("direct-stream")
+    print(
+        f"http throughput: {sum(1 for s in http_all if s.status == 200) / http_wall:.1f} req/s over {http_wall:.1f} s "
+        f"(direct: {sum(1 for s in direct_all if s.status == 200) / direct_wall:.1f} req/s)"
+    )
     bad_5xx = [s for s in http_all if isinstance(s.status, int) and s.status >= 500 and not (killed and s.status == 502)]
     hung = [s for s in http_all if s.status in ("timeout", "no-done")]
     if killed:

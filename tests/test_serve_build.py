@@ -11,10 +11,10 @@ from moa_ray.cli import main
 from moa_ray.config import parse_config
 from moa_ray.errors import ConfigError
 from moa_ray.serve.app import APP_BUILDER_IMPORT_PATH, AppArgs, app_builder, build_app, serve_config
-from moa_ray.serve.builder import AGENT_ENV_VARS, SINGLE_LOOP_ENV_VARS
+from moa_ray.serve.builder import PRIORITY_ENV_VARS, SINGLE_LOOP_ENV_VARS
 from moa_ray.serve.ingress import INGRESS_DEPLOYMENT
 
-AGENT_RUNTIME_ENV = {"env_vars": {**AGENT_ENV_VARS, **SINGLE_LOOP_ENV_VARS}}
+AGENT_RUNTIME_ENV = {"env_vars": {**PRIORITY_ENV_VARS, **SINGLE_LOOP_ENV_VARS}}
 
 CONFIG = {
     "models": {
@@ -80,7 +80,7 @@ def test_autoscaling_and_placement_flow_into_serve(config):
     assert big.max_ongoing_requests == 32
     assert small.num_replicas == 3 and small._deployment_config.autoscaling_config is None
     assert small.ray_actor_options["resources"] == {"ssd": 1, "pool_small": 1.0} and small.ray_actor_options["num_gpus"] == 0.5
-    assert ingress.ray_actor_options == {"num_cpus": 0.5, "runtime_env": {"env_vars": SINGLE_LOOP_ENV_VARS}}
+    assert ingress.ray_actor_options == {"num_cpus": 0.5, "runtime_env": AGENT_RUNTIME_ENV}  # the agents' priority and loop
     assert ingress._deployment_config.autoscaling_config.max_replicas == 6
 
 

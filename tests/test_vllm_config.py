@@ -16,7 +16,7 @@ from moa_ray.cli import main
 from moa_ray.config import load_config, parse_config
 from moa_ray.errors import ConfigError
 from moa_ray.packaged_models import hf_folder
-from moa_ray.serve.builder import AGENT_ENV_VARS, agent_deployment_options
+from moa_ray.serve.builder import PRIORITY_ENV_VARS, agent_deployment_options
 from moa_ray.serve.llm import engine_kwargs, llm_deployment_options
 from moa_ray.serve.manifests import pools_for
 
@@ -96,7 +96,7 @@ def test_engine_arguments_from_the_spec_then_engine_kwargs():
 
 
 def test_every_rank_gets_a_gpu_bundle_in_the_pool_and_the_replica_rides_on_the_first():
-    options = llm_deployment_options("big", cfg(big=BIG).models["big"], AGENT_ENV_VARS)
+    options = llm_deployment_options("big", cfg(big=BIG).models["big"], PRIORITY_ENV_VARS)
     bundles = options["placement_group_bundles"]
     assert len(bundles) == 4
     assert bundles[0] == {"GPU": 1.0, "accelerator_type:A100": 0.001, "pool_qwen": 1.001, "CPU": 1.0}
@@ -105,7 +105,7 @@ def test_every_rank_gets_a_gpu_bundle_in_the_pool_and_the_replica_rides_on_the_f
     assert options["ray_actor_options"] == {
         "num_cpus": 1.0,
         "resources": {"pool_qwen": 1.0},
-        "runtime_env": {"env_vars": {**AGENT_ENV_VARS, "VLLM_ATTENTION_BACKEND": "FLASH_ATTN"}},
+        "runtime_env": {"env_vars": {**PRIORITY_ENV_VARS, "VLLM_ATTENTION_BACKEND": "FLASH_ATTN"}},
     }
     assert options["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in options
     assert options["max_ongoing_requests"] == 48 and options["health_check_period_s"] == 10
@@ -113,7 +113,7 @@ def test_every_rank_gets_a_gpu_bundle_in_the_pool_and_the_replica_rides_on_the_f
 
 def test_a_cpu_replica_takes_its_engine_core_and_its_kv_cache_size():
     spec = load_config().models["smollm2-vllm"]
-    options = llm_deployment_options("smollm2-vllm", spec, AGENT_ENV_VARS)
+    options = llm_deployment_options("smollm2-vllm", spec, PRIORITY_ENV_VARS)
     assert options["placement_group_bundles"] == [{"CPU": 2.0}]  # the replica's CPU + one engine worker
     assert options["ray_actor_options"]["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert options["num_replicas"] == 1
@@ -144,7 +144,7 @@ def test_serve_build_with_vllm_models_is_a_valid_serve_config(tmp_path):
     deployments = {d.name: d for d in app.deployments}
     assert (
         deployments["agent-big"].placement_group_bundles
-        == llm_deployment_options("big", cfg(big=BIG).models["big"], AGENT_ENV_VARS)["placement_group_bundles"]
+        == llm_deployment_options("big", cfg(big=BIG).models["big"], PRIORITY_ENV_VARS)["placement_group_bundles"]
     )
     assert deployments["agent-smol"].placement_group_bundles == [{"CPU": 2.0}]
 
@@ -155,12 +155,12 @@ def test_the_llm_config_names_the_model_its_source_and_the_cpu():
     from moa_ray.serve.llm import llm_config
 
     spec = load_config().models["smollm2-vllm"]
-    llm = llm_config("smollm2-vllm", spec, AGENT_ENV_VARS)
+    llm = llm_config("smollm2-vllm", spec, PRIORITY_ENV_VARS)
     assert llm.model_id == "smollm2-vllm"
     assert llm.model_loading_config.model_source == str(hf_folder("smollm2-135m-instruct"))
     assert llm.accelerator_config.kind == "cpu" and llm.accelerator_type is None
     assert llm.engine_kwargs["dtype"] == "float32" and llm.runtime_env["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    big = llm_config("big", cfg(big=BIG).models["big"], AGENT_ENV_VARS)
+    big = llm_config("big", cfg(big=BIG).models["big"], PRIORITY_ENV_VARS)
     assert big.model_loading_config.model_source == "Qwen/Qwen2.5-72B-Instruct" and big.accelerator_type == "A100"
     assert big.placement_group_config["bundles"][1] == {"GPU": 1.0, "accelerator_type:A100": 0.001, "pool_qwen": 0.001}
 
@@ -175,7 +175,7 @@ def test_our_deployment_options_are_ray_serve_llms_own(ray_session):
 
     for name, spec in [("big", cfg(big=BIG).models["big"]), ("smollm2-vllm", load_config().models["smollm2-vllm"])]:
         ours = agent_deployment_options(name, spec)
-        theirs = MoALLMServer.get_deployment_options(llm_config(name, spec, AGENT_ENV_VARS))
+        theirs = MoALLMServer.get_deployment_options(llm_config(name, spec, PRIORITY_ENV_VARS))
         theirs["ray_actor_options"]["runtime_env"].pop("worker_process_setup_hook", None)  # a no-op hook
         theirs["placement_group_bundles"] = [{k: v for k, v in b.items() if v} for b in theirs["placement_group_bundles"]]
         for key in ("health_check_period_s", "health_check_timeout_s"):  # Ray Serve LLM's defaults, applied after this step

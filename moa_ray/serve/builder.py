@@ -19,10 +19,10 @@ def agent_deployment_name(model: str) -> str:
     return f"agent-{model}"
 
 
-#: Ray starts worker processes at niceness 15, below everything else on the machine. An agent
-#: serves latency-sensitive calls (the embedded model generates in it), so on a shared machine
-#: it would be starved by any busy process; it runs at the normal priority of the driver instead.
-AGENT_ENV_VARS = {"RAY_worker_niceness": "0"}
+#: Ray starts worker processes at niceness 15, below everything else on the machine. The ingress and the agents
+#: serve latency-sensitive calls (the embedded model generates in an agent), so on a shared machine they would be
+#: starved by any busy process; they run at the normal priority of the driver instead.
+PRIORITY_ENV_VARS = {"RAY_worker_niceness": "0"}
 
 #: moa-ray's own replicas (the ingress, the agents) run their async code on the replica's main event loop, and route
 #: their handles' calls there too, instead of one thread for each: Ray Serve's knobs behind its
@@ -41,8 +41,8 @@ def with_env_vars(options: dict[str, Any], env_vars: dict[str, str]) -> dict[str
 
 
 def ingress_deployment_options(config: MoARayConfig) -> dict[str, Any]:
-    """The ingress's Serve deployment options: its config's scaling, on one event loop per replica."""
-    return with_env_vars(config.server.ingress.deployment_options(), SINGLE_LOOP_ENV_VARS)
+    """The ingress's Serve deployment options: its config's scaling, at normal priority, on one event loop per replica."""
+    return with_env_vars(config.server.ingress.deployment_options(), {**PRIORITY_ENV_VARS, **SINGLE_LOOP_ENV_VARS})
 
 
 def agent_deployment_options(name: str, spec: ModelSpecBase) -> dict[str, Any]:
@@ -53,8 +53,8 @@ def agent_deployment_options(name: str, spec: ModelSpecBase) -> dict[str, Any]:
     if isinstance(spec, VLLMModelSpec):
         from moa_ray.serve.llm import llm_deployment_options
 
-        return llm_deployment_options(name, spec, AGENT_ENV_VARS)
-    return with_env_vars(spec.deployment_options(), {**AGENT_ENV_VARS, **SINGLE_LOOP_ENV_VARS})
+        return llm_deployment_options(name, spec, PRIORITY_ENV_VARS)
+    return with_env_vars(spec.deployment_options(), {**PRIORITY_ENV_VARS, **SINGLE_LOOP_ENV_VARS})
 
 
 def build_agent(name: str, spec: ModelSpecBase) -> Application:
@@ -66,7 +66,7 @@ def build_agent(name: str, spec: ModelSpecBase) -> Application:
     if isinstance(spec, VLLMModelSpec):
         from moa_ray.serve.llm import build_llm_agent
 
-        return build_llm_agent(name, spec, agent_deployment_name(name), AGENT_ENV_VARS)
+        return build_llm_agent(name, spec, agent_deployment_name(name), PRIORITY_ENV_VARS)
     # serve.deployment makes the class a Deployment; Ray's typing keeps the class type, hence the ignores
     return AgentDeployment.options(name=agent_deployment_name(name), **agent_deployment_options(name, spec)).bind(  # type: ignore[attr-defined]
         name, spec.model_dump(mode="json")
