@@ -168,3 +168,20 @@ def test_cli_serve_refuses_bad_input_before_starting_ray(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "MOA_RAY_API_KEYS_FILE" in result.output
     result = runner.invoke(main, ["serve", "build", "--config", str(tmp_path / "absent.yaml")])
     assert result.exit_code == 2 and "config file not found" in result.output
+
+
+def test_cli_serve_refuses_a_taken_port_before_starting_ray(tmp_path, monkeypatch):
+    import socket
+
+    import moa_ray.runtime
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(moa_ray.runtime, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", "--config", str(path), "--port", str(port)])
+    assert result.exit_code != 0 and f"cannot serve on 127.0.0.1:{port}: Address already in use" in result.output, result.output

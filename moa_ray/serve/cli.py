@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -94,13 +95,20 @@ def _run_server(config: MoARayConfig, names: list[str], *, host: str, port: int,
     from moa_ray.serve.app import build_app
 
     local = not is_shared_cluster(address)
+    if local:
+        _check_port_free(host, port)  # before Ray starts: a taken port would fail the proxy's start deep in Serve
 
     def stop_serving() -> None:
         release_ray([app_name], shared=not local)
 
     with err_console.status(f"starting Ray and deploying {len(config.models_for(names))} models + the ingress..."):
         init_ray(address, models=config.models_for(names).values(), env=proxy.local_env(config.server, host))
-        serve.start(http_options=proxy.http_options(config.server, host, port, local=local))
+        try:
+            serve.start(http_options=proxy.http_options(config.server, host, port, local=local))
+        except Exception as err:  # noqa: BLE001 - Ray raises its own task errors here; the last line says why
+            stop_serving()
+            last = [line for line in str(err).strip().splitlines() if line.strip()][-1:] or [type(err).__name__]
+            raise MoARayError(f"Serve's HTTP proxy did not start on {host}:{port}: {last[0].strip()}") from None
         try:
             serve.run(build_app(config, names), name=app_name, route_prefix="/")
         except RuntimeError as err:  # a replica failed to start (backend, model file, key file on the cluster...)
@@ -119,6 +127,17 @@ def _run_server(config: MoARayConfig, names: list[str], *, host: str, port: int,
     finally:
         err_console.print("stopping...")
         stop_serving()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A clear error, before anything starts, when ``host:port`` cannot be bound (taken, or not this machine's)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a port in TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise MoARayError(f"cannot serve on {host}:{port}: {err.strerror or err} (choose another --port or --host)") from None
 
 
 def _deployment_failures(app_name: str) -> str:
