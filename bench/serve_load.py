@@ -3,7 +3,8 @@
 Backed by the LLM simulator (a known latency per call), it runs the same MoA pipeline two ways on one
 local Ray: *direct* (``deploy_agents`` + ``build_pipeline`` in this process, as ``moa-ray run`` does)
 and *HTTP* (``moa-ray serve``'s app: HTTP proxy -> ingress, which calls the models), with half the HTTP
-requests streaming. ``--proxy python`` puts Serve's Python proxy actor in front instead of HAProxy. The difference of the p50 latencies is the endpoint's overhead per request.
+requests streaming. ``--proxy python`` puts Serve's Python proxy actor in front instead of HAProxy. The
+difference of the p50 latencies is the endpoint's overhead per request.
 
     python -m bench.serve_load --requests 200 --concurrency 50
     python -m bench.serve_load --requests 200 --concurrency 20 --hosting deployment --kill-replica p2   # reliability check

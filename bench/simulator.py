@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import random
-import socket
 import threading
 import time
 import uuid
@@ -34,6 +33,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from moa_ray.loopback import free_ports
 
 WORDS = (
     "the model considers each part of the question and answers with care so that the reply is "
@@ -208,9 +209,7 @@ def create_app(config: SimulatorConfig, stats: Stats | None = None) -> Starlette
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @dataclass

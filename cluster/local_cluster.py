@@ -22,15 +22,14 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from moa_ray.loopback import free_ports
 from moa_ray.serve.manifests import POOL_CAPACITY  # the same marker capacity as the production manifests
 
 STATE_FILE = "cluster.json"
@@ -72,15 +71,6 @@ class ClusterState:
     def env(self) -> dict[str, str]:
         """Environment for clients of this cluster (Ray 2.59+ clusters use token auth)."""
         return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that are free right now (held open together so they differ)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 def _node_ip() -> str:

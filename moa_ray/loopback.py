@@ -35,6 +35,8 @@ ALL_INTERFACES = "[::]:"
 #: The host HAProxy's frontend binds on a local Ray in HAProxy mode (set by moa_ray.serve.proxy.local_env).
 FRONTEND_HOST_VAR = "MOA_RAY_HTTP_HOST"
 HAPROXY_TEMPLATES = "ray.serve._private.haproxy_templates"
+#: Ray Serve's switch for its HAProxy ingress, read from every Ray process's environment.
+HAPROXY_VAR = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
 def loopback_address(address: str) -> str:
@@ -124,7 +126,7 @@ def keep_serve_on_loopback() -> None:
 
     if ray.util.get_node_ip_address() != HOST:
         return
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" and not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+    if os.environ.get(HAPROXY_VAR) == "1" and not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         if HAPROXY_TEMPLATES in sys.modules:
             _patch_haproxy_templates(sys.modules[HAPROXY_TEMPLATES])
         else:

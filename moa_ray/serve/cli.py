@@ -102,7 +102,7 @@ def _run_server(config: MoARayConfig, names: list[str], *, host: str, port: int,
         release_ray([app_name], shared=not local)
 
     with err_console.status(f"starting Ray and deploying {len(config.models_for(names))} models + the ingress..."):
-        init_ray(address, models=config.models_for(names).values(), env=proxy.local_env(config.server, host))
+        init_ray(address, models=config.models_for(names).values(), env=proxy.local_env(config.server, host) if local else None)
         try:
             serve.start(http_options=proxy.http_options(config.server, host, port, local=local))
         except Exception as err:  # noqa: BLE001 - Ray raises its own task errors here; the last line says why
