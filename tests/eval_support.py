@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from bench.simulator import Behaviour, SimulatorConfig
+from moa_ray.config import MoARayConfig, parse_config
+from moa_ray.eval.generate import GenerateOptions
+from moa_ray.eval.judge import JudgeOptions
+from moa_ray.eval.runner import PoolKind
 
 #: Provider model ids the simulator answers specially.
 JUDGE_POSITION_A = "judge-always-a"  # a judge with a pure position bias
@@ -58,3 +63,51 @@ def eval_config(base_url: str) -> dict[str, Any]:
             "bad": {"kind": "moa", "layers": [["a"]], "aggregator": "broken"},
         },
     }
+
+
+# --------------------------------------------------------------------------- generate / judge end to end
+
+#: A provider model failing half its calls (HTTP 503): the rows it fails are retried by the next run.
+FLAKY = "flaky-half"
+
+
+def flaky_simulator_config() -> SimulatorConfig:
+    """:func:`simulator_config` (seeded) plus the half-failing model."""
+    config = simulator_config(seed=3)
+    config.models[FLAKY] = Behaviour(latency_ms=30, failure_rate=0.5, failure_status=503)
+    return config
+
+
+def flaky_eval_config(base_url: str, **hosting: str) -> MoARayConfig:
+    """:func:`eval_config` plus the pipeline ``flaky`` (its aggregator fails half the time); ``hosting`` per model
+    name (``a="deployment"``) gives a model its own Serve deployment instead of in-process calls."""
+    raw = eval_config(base_url)
+    raw["models"]["flaky"] = model(base_url, FLAKY)
+    raw["pipelines"]["flaky"] = {"kind": "moa", "layers": [["a"]], "aggregator": "flaky"}
+    for name, where in hosting.items():
+        raw["models"][name]["hosting"] = where
+    return parse_config(raw)
+
+
+def generate_options(out: Path, pipelines: list[str], *, pool: PoolKind = "in_process", **kw: Any) -> GenerateOptions:
+    """Small, quiet generation options: 4 prompts in flight over 2 workers (Ray) or one loop (in process)."""
+    defaults = {"concurrency": 4, "workers": 2, "worker_cpus": 0.01, "progress": False}
+    return GenerateOptions.model_validate({**defaults, "pipelines": pipelines, "out": str(out), "pool": pool, **kw})
+
+
+def judge_options(generations: Path, out: Path, judge: str, mode: str, *, pool: PoolKind = "in_process", **kw: Any) -> JudgeOptions:
+    return JudgeOptions.model_validate(
+        {
+            "judge": judge,
+            "generations": str(generations),
+            "out": str(out),
+            "mode": mode,
+            "concurrency": 4,
+            "workers": 1,
+            "worker_cpus": 0.01,
+            "run_id": kw.pop("run_id", f"j-{judge}-{mode}"),
+            "progress": False,
+            "pool": pool,
+            **kw,
+        }
+    )

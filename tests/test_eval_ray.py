@@ -1,180 +1,82 @@
-"""Generate, judge and report on Ray: actor-sharded workers calling Serve-deployed agents (models are simulated)."""
+"""Eval on Ray: the worker pool's actors calling agents (one of them a Serve deployment; models are simulated),
+a failed start, routing, and a failed deploy. The same generate -> judge -> report logic without Ray, in
+every mode, is test_eval_end_to_end.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
-from eval_support import eval_config, model, simulator_config
+from eval_support import flaky_eval_config, flaky_simulator_config, generate_options, judge_options
 
-from bench.simulator import Behaviour, run_simulator
-from moa_ray.config import parse_config
+from bench.simulator import run_simulator
 from moa_ray.eval.datasets import load_dataset
-from moa_ray.eval.generate import GenerateOptions, run_generation
-from moa_ray.eval.judge import JudgeOptions, pairwise_table, read_generations, run_judging, single_table
-from moa_ray.eval.report import build_report, write_report
-from moa_ray.eval.schema import GenerationRow
-from moa_ray.eval.store import RowTable
+from moa_ray.eval.generate import run_generation
+from moa_ray.eval.judge import read_generations, run_judging, single_table
+from moa_ray.eval.report import build_report
 from moa_ray.runtime import deploy_models
 
 pytestmark = pytest.mark.ray
 APP = "t-eval"
-FLAKY = "flaky-half"
 
 
 @pytest.fixture(scope="module")
 def env(ray_session):
     from ray import serve
 
-    sim_cfg = simulator_config(seed=3)
-    sim_cfg.models[FLAKY] = Behaviour(latency_ms=30, failure_rate=0.5, failure_status=503)
-    with run_simulator(sim_cfg) as sim:
-        raw = eval_config(sim.base_url)
-        raw["models"]["flaky"] = model(sim.base_url, FLAKY)
-        raw["pipelines"]["flaky"] = {"kind": "moa", "layers": [["a"]], "aggregator": "flaky"}
-        config = parse_config(raw)
+    with run_simulator(flaky_simulator_config()) as sim:
+        config = flaky_eval_config(sim.base_url, agg="deployment")
         agents = deploy_models(config, list(config.models), app_name=APP)
         yield config, agents, sim
         serve.delete(APP)
 
 
-def options(out: Path, pipelines: list[str], **kw) -> GenerateOptions:
-    return GenerateOptions(pipelines=pipelines, out=str(out), concurrency=4, workers=2, worker_cpus=0.01, progress=False, **kw)
+def test_generate_judge_and_report_on_ray_actors(env, tmp_path: Path) -> None:
+    """The smoke test: items sharded over two actors, which call an in-process agent and a Serve handle."""
+    from moa_ray.pipeline.agents import HandleAgent, InProcessAgent
 
-
-def test_two_pipelines_share_models_and_rerun_skips(env, tmp_path: Path) -> None:
     config, agents, sim = env
-    ds = load_dataset("mt_bench", limit=3)
-    before = sim.stats.by_model.get("sim-a", 0)
-    summary = run_generation(config, ds, agents, options(tmp_path, ["one", "two"]))
-    errors = [r["error"] for r in pq.read_table(tmp_path).to_pylist() if r["error"]]
-    assert (summary.total_rows, summary.ok_rows, summary.failed_rows, summary.workers) == (12, 12, 0, 2), errors
-    assert summary.complete
-    # sim-a is a proposer of both pipelines: 1 call per turn for "one", 2 for "two" (two layers)
-    assert sim.stats.by_model["sim-a"] - before == 3 * 2 * (1 + 2)
-    rows = pq.read_table(tmp_path).to_pylist()
-    assert len(rows) == 12 and len({(r["prompt_id"], r["pipeline"], r["turn"]) for r in rows}) == 12
-    assert {r["layers_run"] for r in rows if r["pipeline"] == "two"} == {3}
-    again = run_generation(config, ds, agents, options(tmp_path, ["one", "two"]))
-    assert (again.skipped_rows, again.attempted_rows, again.items) == (12, 0, 0)
-    assert pq.read_table(tmp_path).num_rows == 12
-
-
-def test_failures_are_recorded_then_retried(env, tmp_path: Path) -> None:
-    config, agents, _ = env
-    ds = load_dataset("alpaca_eval", limit=8)
-    first = run_generation(config, ds, agents, options(tmp_path, ["flaky"]))
-    assert first.failed_rows > 0 and not first.complete
-    failed = {k for k, r in RowTable(str(tmp_path), GenerationRow).latest().items() if r["status"] == "error"}
-    assert all("503" in r["error"] for r in pq.read_table(tmp_path).to_pylist() if r["status"] == "error")
-    runs = 1
-    while runs < 12 and not run_generation(config, ds, agents, options(tmp_path, ["flaky"])).complete:
-        runs += 1
-    rows = pq.read_table(tmp_path).to_pylist()
-    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
-    assert {r["attempt"] for r in rows if (r["prompt_id"], r["pipeline"], r["turn"]) in failed} != {1}
-
-
-def test_judge_and_report(env, tmp_path: Path) -> None:
-    config, agents, _ = env
-    gen, judged, report = tmp_path / "gen", tmp_path / "judged", tmp_path / "report"
-    for dataset, limit in (("alpaca_eval", 4), ("mt_bench", 2)):  # one table can hold several datasets
-        run_generation(config, load_dataset(dataset, limit=limit), agents, options(gen, ["one", "two"]))
-    gens = read_generations(str(gen))
-
-    def judge(name: str, mode: str):
-        opts = JudgeOptions(
-            judge=name,
-            generations=str(gen),
-            out=str(judged),
-            mode=mode,
-            concurrency=4,
-            workers=1,
-            worker_cpus=0.01,
-            run_id=f"j-{name}",
-            progress=False,
-        )  # type: ignore[arg-type]
-        return run_judging(gens, agents[name], opts)
-
-    pair = judge("judge", "pairwise")
-    assert (pair.pairwise_items, pair.single_items, pair.failed_rows) == (8, 0, 0)  # mt_bench has no reference for writing
-    single = judge("grader", "single")  # grades every turn: mt_bench's 2 x 2 and alpaca_eval's 4 per pipeline
-    assert (single.single_items, single.failed_rows) == (2 * (2 * 2 + 4), 0)
-    assert judge("judge", "pairwise").pairwise_items == 0  # resumable: nothing left to judge
-
-    prefs = pairwise_table(str(judged)).read().to_pylist()
-    # the judge always answers [[A]]: asking in both orders cancels its position bias exactly
-    assert {(r["verdict_reference_first"], r["verdict_pipeline_first"], r["preference"]) for r in prefs} == {("A", "A", 1.5)}
-    grades = single_table(str(judged)).read().to_pylist()
-    assert {r["score"] for r in grades} == {7.0}
-    # alpaca_eval's reference outputs make its grading reference-guided; mt_bench writing has none
-    assert {(r["turn"], r["judge_prompt"]) for r in grades} == {
-        (1, "single-v1"),
-        (2, "single-v1-multi-turn"),
-        (1, "single-math-v1"),
-    }
-
-    rows = build_report(gens, prefs, grades)
-    by_name = {r.pipeline: r for r in rows}
-    assert set(by_name) == {"one", "two"}
-    assert by_name["one"].win_rate == pytest.approx(50.0) and by_name["one"].mt_bench == pytest.approx(7.0)
-    assert by_name["two"].mean_tokens > by_name["one"].mean_tokens
-    assert by_name["one"].latency_p95_s >= by_name["one"].latency_p50_s > 0
-    written = write_report(rows, str(report))
-    names = {Path(p).name for p in written}
-    assert names == {"report.md", "report.csv", "report.json", "quality_vs_cost.png", "quality_vs_latency.png"}
-    assert (report / "quality_vs_cost.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| one |" in (report / "report.md").read_text()
-
-
-def test_new_judge_modes_on_ray(env, tmp_path: Path) -> None:
-    """pairwise-baseline, single with repeats and the official annotator through the worker pool, resumable."""
-    import json
-    import math
-
-    from eval_support import LOGPROB_TOPS
-
-    from moa_ray.eval.judge import ALPACA_RESULTS_DIR, baseline_table, official_table
-
-    config, agents, _ = env
+    assert isinstance(agents["agg"], HandleAgent) and isinstance(agents["a"], InProcessAgent)
     gen, judged = tmp_path / "gen", tmp_path / "judged"
-    run_generation(config, load_dataset("mt_bench", limit=2), agents, options(gen, ["one", "two"]))
-    run_generation(config, load_dataset("alpaca_eval", limit=3), agents, options(gen, ["one"]))
+    before = sim.stats.by_model.get("sim-agg", 0)
+    summary = run_generation(config, load_dataset("mt_bench", limit=2), agents, generate_options(gen, ["one", "two"], pool="ray"))
+    assert (summary.total_rows, summary.ok_rows, summary.failed_rows, summary.workers) == (8, 8, 0, 2)
+    assert sim.stats.by_model["sim-agg"] - before == 8  # every answer's aggregator went through the deployment
     gens = read_generations(str(gen))
+    graded = run_judging(gens, agents["grader"], judge_options(gen, judged, "grader", "single", pool="ray"))
+    assert (graded.single_items, graded.failed_rows) == (8, 0)
+    grades = single_table(str(judged)).read().to_pylist()
+    rows = {r.pipeline: r for r in build_report(gens, [], grades)}
+    assert {name: r.mt_bench for name, r in rows.items()} == {"one": 7.0, "two": 7.0}
 
-    def judge(name: str, mode: str, **kw):
-        opts = JudgeOptions(
-            judge=name,
-            generations=str(gen),
-            out=str(judged),
-            mode=mode,
-            concurrency=4,
-            workers=1,
-            worker_cpus=0.01,
-            run_id=f"j-{name}-{mode}",
-            progress=False,
-            **kw,
-        )  # type: ignore[arg-type]
-        return run_judging(gens, agents[name], opts)
 
-    versus = judge("judge", "pairwise-baseline", baseline="two", pipelines=["one"])
-    assert (versus.baseline_items, versus.failed_rows) == (2 * 2, 0)  # 2 mt_bench prompts x 2 turns (alpaca: "two" has none)
-    rows = baseline_table(str(judged)).read().to_pylist()
-    assert {(r["g1_winner"], r["g2_winner"], r["outcome"]) for r in rows} == {("pipeline", "baseline", "tie")}  # always [[A]]
-    graded = judge("grader", "single", repeats=3, pipelines=["one"])
-    assert (graded.single_items, graded.failed_rows) == (2 * 2 + 3, 0)
-    assert {tuple(r["scores"]) for r in single_table(str(judged)).read().to_pylist()} == {(7.0, 7.0, 7.0)}
-    official = judge("official", "alpaca-eval-official")
-    assert (official.official_items, official.failed_rows) == (3, 0)
-    p_m = math.exp(LOGPROB_TOPS[0]["m"]) / (math.exp(LOGPROB_TOPS[0]["m"]) + math.exp(LOGPROB_TOPS[0]["M"]))
-    for r in official_table(str(judged)).read().to_pylist():
-        assert r["preference_source"] == "logprobs"
-        assert r["preference"] == pytest.approx(3 - (2 - p_m) if r["is_switched_outputs"] else 2 - p_m)
-    (path,) = official.annotation_files
-    assert path == str(judged / ALPACA_RESULTS_DIR / "one" / "weighted_alpaca_eval_gpt4_turbo" / "annotations.json")
-    assert len(json.loads(Path(path).read_text())) == 3
-    assert judge("official", "alpaca-eval-official").official_items == 0  # resumable
+def test_routed_items_with_one_key_go_to_one_actor(ray_session) -> None:
+    from moa_ray.chat import ChatMessage
+    from moa_ray.eval.runner import WorkerPool, route_index
+
+    class WhoAmI:  # defined here so that cloudpickle ships it by value to the actors
+        async def setup(self) -> None:
+            import uuid
+
+            self.actor = uuid.uuid4().hex
+
+        async def handle(self, item):
+            return [{"key": item.content, "actor": self.actor}]
+
+        def failed(self, item, error):  # pragma: no cover - never reached
+            return []
+
+    items = [ChatMessage(role="user", content=f"prompt-{i % 6}") for i in range(24)]
+    actor_of: dict[str, set[str]] = {}
+    with WorkerPool(WhoAmI(), concurrency=8, workers=3, worker_cpus=0.01) as pool:
+        stats = pool.run(
+            items, lambda item, rows: actor_of.setdefault(rows[0]["key"], set()).add(rows[0]["actor"]), route=lambda m: m.content
+        )
+    assert stats.items == 24 and all(len(actors) == 1 for actors in actor_of.values())  # a key never moves
+    slots = {key: route_index(key, 3) for key in actor_of}
+    for a in actor_of:  # keys share an actor exactly when they hash to the same slot
+        for b in actor_of:
+            assert (actor_of[a] == actor_of[b]) == (slots[a] == slots[b])
 
 
 def test_a_failed_pool_start_leaves_no_actor_alive(ray_session) -> None:

@@ -465,21 +465,19 @@ def test_report_refuses_rubric_rows_of_several_judges_without_choice(tmp_path: P
     assert "| a | 1.00 | 1.00 | 1 | 3 |" in (tmp_path / "r" / "rubric.md").read_text()
 
 
-# --------------------------------------------------------------------------- on Ray
+# --------------------------------------------------------------------------- through the worker pool
 
 
-@pytest.mark.ray
-def test_rubric_judging_on_ray_scores_good_judges_and_fails_malformed_ones(
-    ray_session, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+def test_rubric_judging_through_the_pool_scores_good_judges_and_fails_malformed_ones(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from eval_support import eval_config, model
-    from ray import serve
+    from eval_support import eval_config, judge_options, model
 
     import moa_ray.eval.rubric.plan as plan
     from bench.simulator import Behaviour, SimulatorConfig, run_simulator
     from moa_ray.config import parse_config
-    from moa_ray.eval.judge import JudgeOptions, read_generations, run_judging
-    from moa_ray.runtime import deploy_models
+    from moa_ray.eval.judge import read_generations, run_judging
+    from moa_ray.pipeline.agents import in_process_agents
 
     monkeypatch.setattr(plan, "dataset_prompts", PROMPTS.__getitem__)
     gen, judged = tmp_path / "gen", tmp_path / "judged"
@@ -494,32 +492,18 @@ def test_rubric_judging_on_ray_scores_good_judges_and_fails_malformed_ones(
     with run_simulator(sim_cfg) as sim:
         raw = eval_config(sim.base_url)
         raw["models"] |= {"ceb": model(sim.base_url, "ceb-judge"), "bad": model(sim.base_url, "bad-judge")}
-        config = parse_config(raw)
-        agents = deploy_models(config, ["ceb", "bad"], app_name="t-rubric")
-        try:
-            gens = read_generations(str(gen))
+        agents = in_process_agents(parse_config(raw), ["ceb", "bad"])
+        gens = read_generations(str(gen))
 
-            def judge(name: str):
-                opts = JudgeOptions(
-                    judge=name,
-                    generations=str(gen),
-                    out=str(judged),
-                    concurrency=2,
-                    workers=1,
-                    worker_cpus=0.01,
-                    run_id=f"j-{name}",
-                    progress=False,
-                )
-                return run_judging(gens, agents[name], opts)
+        def judge(name: str):
+            return run_judging(gens, agents[name], judge_options(gen, judged, name, "auto", concurrency=2, run_id=f"j-{name}"))
 
-            good = judge("ceb")
-            assert (good.rubric_items, good.pairwise_items, good.ok_rows, good.failed_rows) == (2, 0, 2, 0)
-            bad = judge("bad")
-            assert (bad.rubric_items, bad.failed_rows) == (2, 2)
-            assert sim.stats.by_model["bad-judge"] == 2 * 3  # every item asked three times, then given up
-            assert judge("ceb").rubric_items == 0  # resumable
-        finally:
-            serve.delete("t-rubric")
+        good = judge("ceb")
+        assert (good.rubric_items, good.pairwise_items, good.ok_rows, good.failed_rows) == (2, 0, 2, 0)
+        bad = judge("bad")
+        assert (bad.rubric_items, bad.failed_rows) == (2, 2)
+        assert sim.stats.by_model["bad-judge"] == 2 * 3  # every item asked three times, then given up
+        assert judge("ceb").rubric_items == 0  # resumable
     rows = {(r["prompt_id"], r["judge"]): r for r in rubric_table(str(judged)).read().to_pylist()}
     assert len(rows) == 4
     assert {r["scores"][0]["score"] for k, r in rows.items() if k[1] == "ceb"} == {25.0}

@@ -26,7 +26,7 @@ from moa_ray.eval.datasets import EvalDataset, EvalPrompt
 from moa_ray.eval.lease import WriterLease
 from moa_ray.eval.mt_bench import AnswerTemperature, answer_temperature
 from moa_ray.eval.progress import EvalProgress
-from moa_ray.eval.runner import WorkerPool, count_rows
+from moa_ray.eval.runner import PoolKind, count_rows, make_pool
 from moa_ray.eval.schema import GenerationRow, RoleTokens
 from moa_ray.eval.store import RowTable, StoreError, join, resolve, resolve_latest
 from moa_ray.pipeline.agents import Agent
@@ -135,6 +135,7 @@ class GenerateOptions(BaseModel):
     concurrency: int = Field(default=16, ge=1, description="Prompts in flight across all workers.")
     workers: int | None = Field(default=None, ge=1, description="Ray actors sharing the prompts.")
     worker_cpus: float = Field(default=0.25, ge=0)
+    pool: PoolKind = Field(default="ray", description="Where the workers run: Ray actors, or one asyncio loop in this process.")
     run_id: str = Field(default_factory=new_run_id)
     flush_rows: int = Field(default=256, ge=1, description="Most rows per part file.")
     flush_s: float = Field(default=0.0, ge=0, description="0: write each batch of results as it arrives.")
@@ -510,7 +511,9 @@ def _generate(
             failed += n_failed
             progress.advance(n_ok, n_failed + not_reached)
 
-        with WorkerPool(handler, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus) as pool:
+        with make_pool(
+            handler, kind=options.pool, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus
+        ) as pool:
             with writer, progress:
                 stats = pool.run(plan.items, on_rows, tick=writer.maybe_flush)
         elapsed, workers = stats.elapsed_s, stats.workers

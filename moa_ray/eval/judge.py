@@ -51,7 +51,7 @@ from moa_ray.eval.mt_bench import BaselinePairItem, baseline_row_base, judge_bas
 from moa_ray.eval.progress import EvalProgress
 from moa_ray.eval.rubric.base import RubricItem
 from moa_ray.eval.rubric.plan import judge_rubric, plan_rubric, rubric_failed, rubric_table, uses_rubric
-from moa_ray.eval.runner import WorkerPool, count_rows
+from moa_ray.eval.runner import PoolKind, count_rows, make_pool
 from moa_ray.eval.schema import BaselinePairRow, GenerationRow, GradeRow, OfficialAnnotationRow, PairwiseRow
 from moa_ray.eval.store import RowTable, join
 from moa_ray.pipeline.agents import Agent
@@ -92,6 +92,7 @@ class JudgeOptions(BaseModel):
     concurrency: int = Field(default=16, ge=1)
     workers: int | None = Field(default=None, ge=1)
     worker_cpus: float = Field(default=0.25, ge=0)
+    pool: PoolKind = Field(default="ray", description="Where the workers run: Ray actors, or one asyncio loop in this process.")
     max_tokens: int = Field(default=1024, ge=1)
     temperature: float = Field(default=0.0, ge=0, le=2)
     run_id: str
@@ -481,7 +482,9 @@ def _judge(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Agent, 
             for writer in writers.values():
                 writer.maybe_flush()
 
-        with WorkerPool(handler, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus) as pool:
+        with make_pool(
+            handler, kind=options.pool, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus
+        ) as pool:
             with contextlib.ExitStack() as stack:
                 for writer in writers.values():
                     stack.enter_context(writer)

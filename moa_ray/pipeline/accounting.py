@@ -11,7 +11,9 @@ tokens of an unpriced model has unknown cost.
 Estimates: TFLOPs = 2 x parameters x (prompt + completion tokens) / 1e12 (the
 usual forward-pass estimate; active parameters for MoE models); cost = prompt
 tokens x input price + completion tokens x output price (USD per million
-tokens). Failed or cut calls count the tokens their backend reported (none).
+tokens). Failed or cut calls count the tokens their backend reported (none). A call answered from the call
+store (``reused``) keeps the tokens the original call took but costs nothing: its would-be cost is counted as
+``saved_cost_usd`` instead.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class CallCost(BaseModel):
     completion_tokens: int
     tflops: float | None
     cost_usd: float | None
+    reused: bool = False
+    saved_cost_usd: float | None = Field(default=0.0, description="What a reused call would have cost (0 for a call made).")
 
 
 class CostBucket(BaseModel):
@@ -77,6 +81,8 @@ class Accounting(BaseModel):
     wall_s: float
     unknown_parameters: list[str] = Field(description="Models called without parameters_b: their TFLOPs are unknown.")
     unknown_pricing: list[str] = Field(description="Models called without pricing: their cost is unknown.")
+    reused_calls: int = Field(default=0, description="Calls answered from the call store (no model call, no cost).")
+    saved_cost_usd: float | None = Field(default=0.0, description="What the reused calls would have cost; None where a price is unknown.")
 
 
 def call_cost(call: CallRecord, spec: ModelSpecBase | None) -> CallCost:
@@ -95,6 +101,9 @@ def call_cost(call: CallRecord, spec: ModelSpecBase | None) -> CallCost:
             if pricing is None
             else (call.prompt_tokens * pricing.input_per_mtok + call.completion_tokens * pricing.output_per_mtok) / 1e6
         )
+    saved: float | None = 0.0
+    if call.reused:  # answered from the store: nothing was computed or paid this time
+        saved, tflops, cost = cost, 0.0, 0.0
     return CallCost(
         layer=call.layer,
         index=call.index,
@@ -104,6 +113,8 @@ def call_cost(call: CallRecord, spec: ModelSpecBase | None) -> CallCost:
         completion_tokens=call.completion_tokens,
         tflops=tflops,
         cost_usd=cost,
+        reused=call.reused,
+        saved_cost_usd=saved,
     )
 
 
@@ -140,6 +151,8 @@ def account(trace: Trace, models: Mapping[str, ModelSpecBase] | None = None) -> 
         wall_s=trace.wall_s,
         unknown_parameters=[m for m in called if m not in models or models[m].parameters_b is None],
         unknown_pricing=[m for m in called if m not in models or models[m].pricing is None],
+        reused_calls=sum(1 for c in costs if c.reused),
+        saved_cost_usd=None if any(c.saved_cost_usd is None for c in costs) else sum(c.saved_cost_usd or 0.0 for c in costs),
     )
 
 

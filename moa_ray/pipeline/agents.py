@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from moa_ray.backends.base import ChatBackend
 from moa_ray.chat import ChatMessage, ChatParams, ChatRequest, Completion, StreamChunk
 from moa_ray.errors import BackendError
+from moa_ray.redaction import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ class InProcessAgent:
     """
 
     def __init__(self, name: str, spec: Any) -> None:
-        from moa_ray.serve.auth import Redactor
-
         self.name = name
         self.spec = spec
         self._redactor = Redactor.for_models([spec])

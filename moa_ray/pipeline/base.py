@@ -23,8 +23,10 @@ from moa_ray.config import LayerSpec, ModelSpecBase, ProposerSpec
 from moa_ray.errors import AggregatorFailed, BackendError, BackendTimeout, LayerFailed, MoARayError
 from moa_ray.pipeline.accounting import fill_accounting
 from moa_ray.pipeline.agents import Agent
+from moa_ray.pipeline.reuse import CallReuse
 from moa_ray.pipeline.trace import CallRecord, CallRole, LayerRecord, Trace
 from moa_ray.prompts import with_role
+from moa_ray.redaction import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,13 @@ class PipelineResult(BaseModel):
     answer: str
     finish_reason: str | None = None
     trace: Trace
+
+
+@dataclass
+class CallEvent:
+    """A call of the request that just ended (proposer, judge, moderator...): what a live view shows of a layer."""
+
+    record: CallRecord
 
 
 @dataclass
@@ -105,11 +114,15 @@ class Pipeline:
         agents: Mapping[str, Agent],
         *,
         models: Mapping[str, ModelSpecBase] | None = None,
+        reuse: CallReuse | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
         self.agents = agents
         self.models = models  # parameters and prices for the trace's accounting (None: unknown)
+        self.reuse = reuse  # identical calls answered once (evaluations); None: every call is made
+        # every text the trace records passes this first: a model may echo what it was sent, a key included
+        self.redactor = Redactor.for_models(models.values()) if models else Redactor(())
         missing = sorted({s.model for _, s in spec.calls()} - set(agents))  # type: ignore[attr-defined]
         if missing:
             raise MoARayError(f"pipeline {name!r} needs agents for models {missing}")
@@ -142,32 +155,50 @@ class Pipeline:
         record = CallRecord(layer=layer, index=index, role=role, model=spec.model, label=spec.label, start_s=time.perf_counter() - t0)
         trace.calls.append(record)
         start = time.perf_counter()
-        left = trace.time_left_s()
-        try:
+        sent = with_role(messages, spec.system)
+        wanted = call_params(spec, params)
+        agent = self.agents[spec.model]
+
+        async def ask() -> Completion:
+            left = trace.time_left_s()
             if left is None:
-                completion = await self.agents[spec.model].chat(with_role(messages, spec.system), call_params(spec, params))
+                return await agent.chat(sent, wanted)
+            if left <= 0:
+                raise _deadline_passed(spec)
+            call = agent.chat(sent, wanted.model_copy(update={"timeout_s": left}))
+            try:  # the backend's own budget error (with its attempts) normally comes first
+                return await asyncio.wait_for(call, left + DEADLINE_GRACE_S)
+            except asyncio.TimeoutError:
+                raise _deadline_passed(spec) from None
+
+        try:
+            if self.reuse is None:
+                completion = await ask()
             else:
-                if left <= 0:
-                    raise _deadline_passed(spec)
-                budgeted = call_params(spec, params).model_copy(update={"timeout_s": left})
-                call = self.agents[spec.model].chat(with_role(messages, spec.system), budgeted)
-                try:  # the backend's own budget error (with its attempts) normally comes first
-                    completion = await asyncio.wait_for(call, left + DEADLINE_GRACE_S)
-                except asyncio.TimeoutError:
-                    raise _deadline_passed(spec) from None
+                record.key, reusable = self.reuse.key(spec.model, sent, wanted)
+                completion, record.reused_from = await self.reuse.call(spec.model, record.key, reusable, ask)
+                record.reused = record.reused_from is not None
         except asyncio.CancelledError:
             record.status, record.error, record.latency_s = "cut", "cut by the layer deadline", time.perf_counter() - start
+            trace.call_ended(record)
             raise
         except Exception as err:  # noqa: BLE001 - a failed agent is recorded, the layer decides what it means
             record.status, record.latency_s = "error", time.perf_counter() - start
             record_error(record, err)
+            trace.call_ended(record)
             return None
+        self._record_completion(record, completion, time.perf_counter() - start)
+        trace.call_ended(record)
+        return completion
+
+    def _record_completion(self, record: CallRecord, completion: Completion, elapsed_s: float) -> None:
+        """What a call answered, on its record: tokens, latency, attempts, and its text (redacted)."""
         record.prompt_tokens = completion.usage.prompt_tokens
         record.completion_tokens = completion.usage.completion_tokens
-        record.latency_s = completion.latency_s or (time.perf_counter() - start)
+        record.latency_s = elapsed_s if record.reused else (completion.latency_s or elapsed_s)
         record.finish_reason = completion.finish_reason
         record.attempts, record.retries = completion.attempts, completion.retries
-        return completion
+        record.text = self.redactor.text(completion.text)
 
     async def run_layer(
         self,
@@ -261,18 +292,52 @@ class Pipeline:
         finally:
             self._finish(trace, t0)
 
+    async def _plan_live(
+        self, messages: list[ChatMessage], trace: Trace, t0: float
+    ) -> AsyncGenerator[CallEvent | FinalCall | KnownAnswer, None]:
+        """:meth:`plan`, yielding a :class:`CallEvent` the moment each of its calls ends, then the plan's step."""
+        queue: asyncio.Queue[CallRecord | None] = asyncio.Queue()
+        trace.listen(queue.put_nowait)
+        task = asyncio.create_task(self.plan(messages, trace, t0))
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            while (record := await queue.get()) is not None:
+                yield CallEvent(record)
+            yield task.result()
+        finally:
+            trace.listen(None)
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
     async def stream(
-        self, messages: list[ChatMessage] | list[dict] | str, params: ChatParams | None = None, *, timeout_s: float | None = None
-    ) -> AsyncGenerator[StreamChunk | PipelineResult, None]:
+        self,
+        messages: list[ChatMessage] | list[dict] | str,
+        params: ChatParams | None = None,
+        *,
+        timeout_s: float | None = None,
+        call_events: bool = False,
+    ) -> AsyncGenerator[StreamChunk | CallEvent | PipelineResult, None]:
         """Run the layers, then stream the final call's deltas; the last item is the :class:`PipelineResult`.
-        The caller bounds the stream's own wait by the same ``timeout_s``; the final call gets what is left of it."""
+        The caller bounds the stream's own wait by the same ``timeout_s``; the final call gets what is left of it.
+        With ``call_events`` every earlier call (proposers, judge, moderator) comes as a :class:`CallEvent` the
+        moment it ends, before the final call's first delta."""
         t0 = time.perf_counter()
         trace = self._new_trace(timeout_s)
+        step: FinalCall | KnownAnswer | None = None
         try:
-            step = await self.plan(as_messages(messages), trace, t0)
+            if call_events:
+                async for item in self._plan_live(as_messages(messages), trace, t0):
+                    if isinstance(item, CallEvent):
+                        yield item
+                    else:
+                        step = item
+            else:
+                step = await self.plan(as_messages(messages), trace, t0)
         except BaseException:  # a failed layer's trace still says how long the request ran
             self._finish(trace, t0)
             raise
+        assert step is not None
         if isinstance(step, KnownAnswer):
             self._finish(trace, t0)
             yield StreamChunk(delta=step.text)
@@ -300,14 +365,12 @@ class Pipeline:
             record.latency_s = layer.wall_s = time.perf_counter() - final_start
             self._finish(trace, t0)
             raise AggregatorFailed(f"the {step.role} ({step.spec.model}) failed: {record.error}", trace) from None
-        record.latency_s = layer.wall_s = time.perf_counter() - final_start
+        layer.wall_s = time.perf_counter() - final_start
         if completion is None:
-            record.status, record.error = "error", "stream ended without a completion"
+            record.status, record.error, record.latency_s = "error", "stream ended without a completion", layer.wall_s
             self._finish(trace, t0)
             raise AggregatorFailed(f"the {step.role} ({step.spec.model}) stream ended without a completion", trace)
-        record.prompt_tokens = completion.usage.prompt_tokens
-        record.completion_tokens = completion.usage.completion_tokens
-        record.finish_reason = completion.finish_reason
-        record.attempts, record.retries = completion.attempts, completion.retries
+        self._record_completion(record, completion, layer.wall_s)
+        record.latency_s = layer.wall_s  # the stream's own wall time, first byte to last
         self._finish(trace, t0)
         yield PipelineResult(answer=completion.text, finish_reason=completion.finish_reason, trace=trace)

@@ -41,6 +41,7 @@ from moa_ray.pipeline.judge import (
     select,
     shown_order,
 )
+from moa_ray.pipeline.reuse import CallReuse
 from moa_ray.pipeline.roles import CallFn, RoleAssigner, RoleCache, assign_roles
 from moa_ray.pipeline.trace import LayerRecord, Trace
 from moa_ray.prompts import inject_references, judge_prompt, moderator_prompt, render_question
@@ -57,8 +58,9 @@ class SMoAPipeline(Pipeline):
         *,
         models: Mapping[str, ModelSpecBase] | None = None,
         role_cache: RoleCache | None = None,
+        reuse: CallReuse | None = None,
     ) -> None:
-        super().__init__(name, spec, agents, models=models)
+        super().__init__(name, spec, agents, models=models, reuse=reuse)
         self._roles: RoleAssigner | None = None
         if spec.roles is not None:
             role_model = spec.roles.model or ProposerSpec(model=spec.aggregator.model)

@@ -7,12 +7,17 @@ per-call, per-layer and per-role totals cannot disagree.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, computed_field
 
 CallRole = Literal["proposer", "aggregator", "judge", "moderator", "roles", "ranker"]
 CallStatus = Literal["ok", "error", "cut"]
+#: How much of a trace leaves the process: ``summary`` (facts and numbers, the default) or ``full`` (every call's text).
+TraceDetail = Literal["summary", "full"]
+#: The fields that only a ``full`` trace carries.
+FULL_ONLY_FIELDS = frozenset({"text"})
 #: Roles whose calls wait for their layer's proposers (a sequential step on the critical path).
 SEQUENTIAL_AFTER_LAYER = ("judge", "moderator")
 
@@ -37,6 +42,18 @@ class CallRecord(BaseModel):
     selected: bool | None = Field(default=None, description="Kept by the SMoA judge (None where no judge ran).")
     attempts: int = Field(default=1, ge=1, description="Attempts the call took: provider retries and replica retries included.")
     retries: list[str] = Field(default_factory=list, description="Why each attempt before the last failed (error class, status).")
+    text: str | None = Field(
+        default=None,
+        description="What the call answered, provider keys redacted (a judge's, moderator's or ranker's raw verdict too); "
+        "only a full trace shows it.",
+    )
+    key: str | None = Field(
+        default=None, description="Content key of the call (model settings, messages, parameters), where a call store ran."
+    )
+    reused: bool = Field(default=False, description="Answered from the call store, not by the model: it cost nothing this time.")
+    reused_from: Literal["store", "references"] | None = Field(
+        default=None, description="Where a reused answer came from: an earlier identical call, or imported references."
+    )
 
     @property
     def total_tokens(self) -> int:
@@ -85,6 +102,16 @@ class Trace(BaseModel):
     accounting: dict | None = Field(default=None, description="Cost and TFLOPs, filled by moa_ray.pipeline.accounting.")
     #: The request's deadline (``time.monotonic()``), None without one: every call of the request shares it.
     _deadline: float | None = PrivateAttr(default=None)
+    #: Told of every call the moment it ends (the endpoint's live layer events); None: nobody listens.
+    _listener: Callable[[CallRecord], None] | None = PrivateAttr(default=None)
+
+    def listen(self, listener: Callable[[CallRecord], None] | None) -> None:
+        self._listener = listener
+
+    def call_ended(self, record: CallRecord) -> None:
+        """Tell the listener, if any, that ``record`` is final."""
+        if self._listener is not None:
+            self._listener(record)
 
     def set_deadline(self, timeout_s: float | None) -> None:
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -155,8 +182,9 @@ class Trace(BaseModel):
             "tokens_by_layer": {str(k): v.model_dump() for k, v in self.tokens_by_layer().items()},
         }
 
-    def to_json_dict(self) -> dict:
-        """The ``trace`` object of ``moa-ray run --json``."""
-        data = self.model_dump(mode="json")
+    def to_json_dict(self, detail: TraceDetail = "summary") -> dict:
+        """The ``trace`` object of ``moa-ray run --json``; ``full`` adds each call's text."""
+        exclude = None if detail == "full" else {"calls": {"__all__": set(FULL_ONLY_FIELDS)}}
+        data = self.model_dump(mode="json", exclude=exclude)
         data.update(self.summary())
         return data
