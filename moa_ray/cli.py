@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from moa_ray.config import DEFAULT_PIPELINE, dump_config, load_config
-from moa_ray.errors import PipelineError
-from moa_ray.render import err_console, run_reporting_errors, trace_view
+from moa_ray.errors import MoARayError, PipelineError
+from moa_ray.pipeline.base import DEADLINE_GRACE_S, CallEvent, PipelineResult
+from moa_ray.render import call_view, calls_view, err_console, run_reporting_errors, trace_view
+
+if TYPE_CHECKING:
+    from moa_ray.chat import ChatParams
+    from moa_ray.pipeline.base import Pipeline
+    from moa_ray.pipeline.trace import TraceDetail
 
 
 class _Group(click.Group):
@@ -37,6 +43,20 @@ config_option = click.option(
 @click.option("--pipeline", "pipeline_name", default=DEFAULT_PIPELINE, show_default=True, help="Pipeline name.")
 @click.option("--address", default=None, help="Ray cluster address to join (default: start a local Ray).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answer, pipeline and trace.")
+@click.option(
+    "--trace",
+    "trace_detail",
+    type=click.Choice(["summary", "full"]),
+    default="summary",
+    show_default=True,
+    help="How much of the trace to show: summary (calls, tokens, seconds) or full (each call's text too: with --json, "
+    "in the JSON's trace; without, a panel per call before the final one, after the answer).",
+)
+@click.option(
+    "--show-layers",
+    is_flag=True,
+    help="Show each call's answer live, as it ends (proposers, judge and moderator verdicts), on stderr; the answer still goes to stdout.",
+)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Cap the final answer's tokens.")
 @click.option(
     "--timeout",
@@ -54,12 +74,20 @@ def run(
     pipeline_name: str,
     address: str | None,
     as_json: bool,
+    trace_detail: TraceDetail,
+    show_layers: bool,
     max_tokens: int | None,
     timeout_s: float,
     roles_dataset: str | None,
     roles_task: str | None,
 ) -> None:
-    """Answer PROMPT with a pipeline deployed on Ray Serve."""
+    """Answer PROMPT with a pipeline (its models deployed on Ray Serve, or called from this process).
+
+    \b
+    moa-ray run PROMPT --show-layers        each layer's answers live, then the answer
+    moa-ray run PROMPT --trace full --json  one JSON object whose trace holds every call's text
+    moa-ray run PROMPT --trace full         the answer, then each call's text, then the tables
+    """
     from moa_ray.chat import ChatParams
     from moa_ray.pipeline import build_pipeline
     from moa_ray.runtime import deploy_agents, init_ray
@@ -85,16 +113,38 @@ def run(
     params = ChatParams(max_tokens=max_tokens) if max_tokens else None
     with err_console.status(f"running {pipeline_name!r}..."):
         try:
-            result = asyncio.run(pipeline.run(prompt, params, timeout_s=timeout_s))
+            if show_layers:
+                result = asyncio.run(_run_live(pipeline, prompt, params, timeout_s))
+            else:
+                result = asyncio.run(pipeline.run(prompt, params, timeout_s=timeout_s))
         except PipelineError as err:
             if as_json and err.trace is not None:
-                click.echo(json.dumps({"error": str(err), "pipeline": pipeline_name, "trace": err.trace.to_json_dict()}))
+                click.echo(json.dumps({"error": str(err), "pipeline": pipeline_name, "trace": err.trace.to_json_dict(trace_detail)}))
             raise
     if as_json:
-        click.echo(json.dumps({"answer": result.answer, "pipeline": pipeline_name, "trace": result.trace.to_json_dict()}))
+        click.echo(json.dumps({"answer": result.answer, "pipeline": pipeline_name, "trace": result.trace.to_json_dict(trace_detail)}))
         return
     click.echo(result.answer)
+    if trace_detail == "full" and not show_layers:  # the live view showed them already
+        err_console.print(calls_view(result.trace))
     err_console.print(trace_view(result.trace))
+
+
+async def _run_live(pipeline: Pipeline, prompt: str, params: ChatParams | None, timeout_s: float) -> PipelineResult:
+    """Run ``pipeline``, printing each call before the final one to stderr the moment it ends."""
+
+    async def consume() -> PipelineResult:
+        async for item in pipeline.stream(prompt, params, timeout_s=timeout_s, call_events=True):
+            if isinstance(item, CallEvent):
+                err_console.print(call_view(item.record))
+            elif isinstance(item, PipelineResult):
+                return item
+        raise MoARayError(f"pipeline {pipeline.name!r} ended without a result")  # pragma: no cover - the stream ends with one
+
+    try:  # the calls share the deadline; the final call's stream is bounded here, as the endpoint bounds it
+        return await asyncio.wait_for(consume(), timeout_s + DEADLINE_GRACE_S)
+    except asyncio.TimeoutError:
+        raise MoARayError(f"{pipeline.name!r} did not finish within {timeout_s:g} s") from None
 
 
 @main.group()

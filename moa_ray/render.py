@@ -1,4 +1,4 @@
-"""Human-readable views of traces (rich tables)."""
+"""Human-readable views of traces: rich tables of the layers and costs, and a panel per call (what it said)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.markup import escape
+from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from moa_ray.errors import ConfigError, MoARayError, missing_module_message
 from moa_ray.pipeline.accounting import Accounting, account
-from moa_ray.pipeline.trace import Trace
+from moa_ray.pipeline.trace import CallRecord, Trace
 
 
 def _layer_notes(trace: Trace, layer_no: int) -> list[str]:
@@ -131,3 +132,56 @@ def trace_view(trace: Trace) -> RenderableType:
         parts.append(roles)
     parts += [layer_table(trace), accounting_table(trace)]
     return Group(*parts)
+
+
+# --------------------------------------------------------------------------- what each call said
+
+_STATUS_STYLE = {"ok": "green", "error": "red", "cut": "yellow"}
+
+
+def call_title(record: CallRecord) -> str:
+    """``layer 1 · proposer 2 · <label>``: proposers numbered from 1, as in the layer table's notes."""
+    who = f"{record.role} {record.index + 1}" if record.role in ("proposer", "roles") else record.role
+    return f"layer {record.layer} · {who} · {record.label or record.model}"
+
+
+def call_facts(record: CallRecord) -> str:
+    """Status, tokens, seconds, and what the judge or the call store made of it."""
+    facts = [record.status, f"{record.prompt_tokens} prompt + {record.completion_tokens} completion tok", f"{record.latency_s:.2f}s"]
+    if record.label and record.label != record.model:
+        facts.append(record.model)
+    if record.selected is not None:
+        facts.append("kept by the judge" if record.selected else "dropped by the judge")
+    if record.reused:
+        facts.append("reused from the call store")
+    return " · ".join(facts)
+
+
+def call_view(record: CallRecord) -> Panel:
+    """One call as a panel: its title, its text (a judge's or moderator's raw verdict too) or its error, its facts.
+
+    Texts are shown as they are (never read as rich markup): a model may write ``[bold]``.
+    """
+    if record.status == "ok":
+        body = Text(record.text) if record.text is not None else Text("(no text recorded)", style="dim")
+    else:
+        body = Text(record.error or record.status, style=_STATUS_STYLE[record.status])
+    return Panel(
+        body,
+        title=Text(call_title(record), style="bold"),
+        title_align="left",
+        subtitle=Text(call_facts(record), style=_STATUS_STYLE.get(record.status, "")),
+        subtitle_align="right",
+        border_style=_STATUS_STYLE.get(record.status, "white"),
+    )
+
+
+def earlier_calls(trace: Trace) -> list[CallRecord]:
+    """Every call but the final one (whose text is the answer): proposers, judges, moderators, rankers, roles."""
+    final = trace.layers[-1].layer if trace.layers and trace.layers[-1].role == "aggregator" else None
+    return [c for c in trace.calls if not (c.layer == final and c.role in ("aggregator", "proposer"))]
+
+
+def calls_view(trace: Trace) -> RenderableType:
+    """A panel per call before the final one, in the order they started (``moa-ray run --trace full``)."""
+    return Group(*(call_view(c) for c in earlier_calls(trace)))

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moa_ray.chat import ChatMessage, ChatParams
+from moa_ray.pipeline.trace import TraceDetail
 
 # --------------------------------------------------------------------------- request
 
@@ -67,7 +68,28 @@ class MoAOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    trace: bool = Field(default=False, description="Return the pipeline's trace (every call, layer and token count).")
+    trace: TraceDetail | None = Field(
+        default=None,
+        description='Return the pipeline\'s trace: true or "summary" (every call, layer and token count), "full" '
+        "(the same, plus each call's text: every proposer's answer, the judge's and moderator's raw verdicts).",
+    )
+    stream_layers: bool = Field(
+        default=False,
+        description="On a streamed request: send each call before the final one (proposers, judge, moderator) as an "
+        "event the moment it ends, before the answer's deltas (see ChatService.open_stream).",
+    )
+
+    @field_validator("trace", mode="before")
+    @classmethod
+    def _trace_detail(cls, v: Any) -> Any:
+        """``true`` keeps meaning the summary (as before detail levels existed); ``false`` or null: no trace."""
+        if v is True:
+            return "summary"
+        if v is False or v is None:
+            return None
+        if isinstance(v, str) and v in ("summary", "full"):
+            return v
+        raise ValueError('trace must be true, false, "summary" or "full"')
 
 
 class ChatCompletionRequest(BaseModel):

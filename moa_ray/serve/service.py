@@ -4,6 +4,11 @@ Transport-free, so the same code runs inside the Serve ingress replica and in
 unit tests with in-process agents. Every request is checked against the
 configured ``server`` limits before any model is called, and every string that
 leaves (answers aside) passes the :class:`~moa_ray.serve.auth.Redactor`.
+
+The ``moa`` request extension: ``"trace": true`` (or ``"summary"``) returns the trace without texts,
+``"trace": "full"`` with each call's text; ``"stream_layers": true`` on a streamed request sends each call
+before the final one as a ``chat.completion.chunk`` with no choices and a ``moa`` field the moment it ends
+(:func:`call_event`). Texts leave only when asked for, and never reach the log.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from pydantic import ValidationError
 
 from moa_ray.config import MoARayConfig
 from moa_ray.errors import PipelineError
-from moa_ray.pipeline.base import DEADLINE_GRACE_S, Pipeline, PipelineResult
-from moa_ray.pipeline.trace import Trace
+from moa_ray.pipeline.base import DEADLINE_GRACE_S, CallEvent, Pipeline, PipelineResult
+from moa_ray.pipeline.trace import CallRecord, Trace
 from moa_ray.serve.auth import Redactor
 from moa_ray.serve.http_errors import APIError, from_pipeline_error, from_validation_error
 from moa_ray.serve.openai_schema import (
@@ -59,6 +64,30 @@ def sse(data: dict[str, Any] | str) -> str:
 
 
 _MARK = "\x00moa-delta\x00"
+
+#: The fields of a call that a ``stream_layers`` event carries (the call's text among them).
+CALL_EVENT_FIELDS = (
+    "layer",
+    "index",
+    "role",
+    "model",
+    "label",
+    "status",
+    "text",
+    "error",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_s",
+    "start_s",
+    "selected",
+    "reused",
+)
+
+
+def call_event(record: CallRecord) -> dict[str, Any]:
+    """The ``moa`` field of a ``stream_layers`` event: ``{"event": "call", "call": {layer, index, role, ...}}``
+    (``index`` counts from 0 within the layer; the caller redacts it)."""
+    return {"event": "call", "call": record.model_dump(mode="json", include=set(CALL_EVENT_FIELDS))}
 
 
 def content_event_template(rid: str, created: int, model: str) -> tuple[str, str]:
@@ -123,6 +152,14 @@ class ChatService:
             raise from_validation_error(err) from None
         if request.model not in self.pipelines:
             raise self._unknown(request.model)
+        if request.moa.stream_layers and not request.stream:
+            raise APIError(
+                400,
+                "moa.stream_layers needs a streamed request (stream: true); a plain request gets every call's text "
+                'with "moa": {"trace": "full"}',
+                code="invalid_request",
+                param="moa.stream_layers",
+            )
         self._check_limits(request)
         return request
 
@@ -156,9 +193,10 @@ class ChatService:
     # ------------------------------------------------------------------ running
 
     def _moa_extension(self, request: ChatCompletionRequest, trace: Trace) -> dict[str, Any] | None:
-        if not request.moa.trace:
+        """The response's ``moa`` field: the trace at the detail asked for (texts only in a ``full`` one)."""
+        if request.moa.trace is None:
             return None
-        return {"trace": self.redactor.json(trace.to_json_dict())}
+        return {"trace": self.redactor.json(trace.to_json_dict(request.moa.trace))}
 
     def _pipeline_error(self, request: ChatCompletionRequest, err: PipelineError) -> APIError:
         if err.trace is not None and err.trace.time_left_s() is not None and err.trace.time_left_s() <= 0:
@@ -199,12 +237,17 @@ class ChatService:
 
         Waiting before the response starts means a pipeline that fails before answering
         still gets a proper HTTP status (502/504) instead of an error inside a 200 stream.
+        A request with ``"moa": {"stream_layers": true}`` starts (200) at its first call event instead: a
+        failure after that (every proposer failed, the aggregator failed) is an error event inside the stream.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.request_timeout_s + DEADLINE_GRACE_S
         # deltas coalesced by time and size: fewer events through the Serve proxy and to the client, same bytes
         items: AsyncGenerator[Any, None] = self.pipelines[request.model].stream(
-            request.chat_messages(), request.chat_params(), timeout_s=self.limits.request_timeout_s
+            request.chat_messages(),
+            request.chat_params(),
+            timeout_s=self.limits.request_timeout_s,
+            call_events=request.moa.stream_layers,
         )
         if self.limits.stream_coalesce_ms:
             items = coalesce(items, window_s=self.limits.stream_coalesce_ms / 1000)
@@ -233,7 +276,9 @@ class ChatService:
         item, result = first, None
         try:
             while not isinstance(item, PipelineResult):
-                if item.delta:
+                if isinstance(item, CallEvent):  # only asked for with stream_layers
+                    yield chunk(None, moa=self.redactor.json(call_event(item.record)))
+                elif item.delta:
                     yield head + json.dumps(item.delta) + tail
                 item = await asyncio.wait_for(items.__anext__(), max(deadline - loop.time(), 0.001))
             result = item
