@@ -115,7 +115,7 @@ def _gen(prompt_id: str, pipeline: str, turn: int, **extra: Any) -> GenerationRo
 
 
 def generations(rows: list[GenerationRow]) -> dict[tuple[Any, ...], dict[str, Any]]:
-    return {r.key(): r.model_dump() for r in rows}
+    return {r.row_key(): r.model_dump() for r in rows}
 
 
 def test_a_grade_with_other_repeats_is_made_again() -> None:

@@ -119,7 +119,7 @@ def test_plan_skips_done_retries_failed_and_resumes_turn_two() -> None:
         ],
     )
     latest = {
-        r.key(): r.model_dump()
+        r.row_key(): r.model_dump()
         for r in [
             row("x", turn=1, output="x-answer-1"),
             row("x", turn=2, status="error", attempt=2),
@@ -137,7 +137,7 @@ def test_plan_skips_done_retries_failed_and_resumes_turn_two() -> None:
 
 def test_plan_refuses_a_changed_config() -> None:
     ds = EvalDataset(name="d", kind="file", prompts=[EvalPrompt(prompt_id="x", turns=["q"])])
-    latest = {r.key(): r.model_dump() for r in [row("x", config_hash="old")]}
+    latest = {r.row_key(): r.model_dump() for r in [row("x", config_hash="old")]}
     with pytest.raises(ConfigError, match="different settings"):
         plan_generation(ds, ["p"], latest, {"p": "new"})
     assert plan_generation(ds, ["p"], latest, {"p": "new"}, allow_config_change=True).pending_rows == 0
@@ -265,7 +265,7 @@ def test_a_refused_resume_names_the_setting_that_changed(tmp_path) -> None:
     out = str(tmp_path / "run")
     save_settings(out, {"p": answer_settings(old, "p")})
     ds = load_dataset("alpaca_eval", limit=1)
-    latest = {r.key(): r.model_dump() for r in [row(ds.prompts[0].prompt_id, pipeline="p", config_hash=pipeline_fingerprint(old, "p"))]}
+    latest = {r.row_key(): r.model_dump() for r in [row(ds.prompts[0].prompt_id, pipeline="p", config_hash=pipeline_fingerprint(old, "p"))]}
     settings = {"p": answer_settings(new, "p")}
     with pytest.raises(ConfigError, match=r"models\.smol\.seed: -1 -> 7"):
         plan_generation(

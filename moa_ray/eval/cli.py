@@ -129,6 +129,26 @@ def eval_group() -> None:
 @click.option("--run-id", default=None, help="Id recorded in the rows of this run [default: random].")
 @click.option("--app-name", default="moa-eval", show_default=True, help="Ray Serve application of the agents.")
 @click.option("--allow-config-change", is_flag=True, help="Resume even if the pipeline's settings changed since the stored answers.")
+@click.option(
+    "--reuse-sampled",
+    is_flag=True,
+    help="Reuse sampled calls too (temperature > 0 and no seed): one stored sample per identical call, as the MoA paper's "
+    "evaluation did. Deterministic calls (temperature 0, or a seed) are always reused.",
+)
+@click.option(
+    "--calls-from",
+    "calls_from",
+    multiple=True,
+    help="Another generations directory whose stored calls (its _calls/) this run may reuse (repeatable).",
+)
+@click.option(
+    "--references-from",
+    "references_from",
+    multiple=True,
+    help="The original MoA code's round file (AlpacaEval model_outputs.json of one reference model; its generator names the "
+    "model) to reuse as that proposer's layer-1 answers (repeatable).",
+)
+@click.option("--no-call-store", is_flag=True, help="Keep no call texts in <out>/_calls/ and reuse no call.")
 @keep_option
 @flush_rows_option
 @flush_s_option
@@ -154,12 +174,19 @@ def generate_command(
     run_id: str | None,
     app_name: str,
     allow_config_change: bool,
+    reuse_sampled: bool,
+    calls_from: tuple[str, ...],
+    references_from: tuple[str, ...],
+    no_call_store: bool,
     keep_deployed: bool,
     flush_rows: int,
     flush_seconds: float,
     no_progress: bool,
 ) -> None:
-    """Answer every prompt of DATASET with each pipeline, into Parquet; rerun to resume."""
+    """Answer every prompt of DATASET with each pipeline, into Parquet; rerun to resume.
+
+    Every call's text is kept in OUT/_calls/, and a call already made (here, in --calls-from, or imported with
+    --references-from) is answered from there instead of again."""
     from moa_ray.config import load_config
     from moa_ray.eval.datasets import load_dataset
     from moa_ray.eval.generate import GenerateOptions, export_alpaca_eval, new_run_id, prepare_generation, run_generation
@@ -187,7 +214,13 @@ def generate_command(
         temperature=temperature,
         allow_config_change=allow_config_change,
         progress=not no_progress,
+        store_calls=not no_call_store,
+        reuse_sampled=reuse_sampled,
+        calls_from=list(calls_from),
+        references_from=list(references_from),
     )
+    if no_call_store and (reuse_sampled or calls_from or references_from):
+        raise click.UsageError("--reuse-sampled, --calls-from and --references-from need the call store (drop --no-call-store)")
     prepared = prepare_generation(config, data, options)
     plan = prepared.plan
     subset = f" (sample of {sample}, seed {seed or 0})" if sample is not None else ""
@@ -251,6 +284,12 @@ def _print_generate_summary(summary: Any) -> None:
             "-" if p.total_cost_usd is None else f"{p.total_cost_usd:.4f}",
         )
     err_console.print(table)
+    if summary.calls is not None:
+        c = summary.calls
+        saved = "unknown (a model has no pricing)" if c.saved_cost_usd is None else f"{c.saved_cost_usd:.4f} USD"
+        err_console.print(
+            f"calls: {c.made} made ({c.failed} failed), {c.reused} reused from the call store, cost saved {saved}", highlight=False
+        )
     if summary.failed_rows or any(p.failed for p in summary.pipelines):
         for message, n in summary.failures:
             err_console.print(f"  {n} x {message}", highlight=False)
@@ -295,6 +334,12 @@ def _print_generate_summary(summary: Any) -> None:
 @worker_cpus_option
 @address_option
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True, help="Judge output cap.")
+@click.option(
+    "--proposers",
+    is_flag=True,
+    help="Also judge each stored layer-1 answer (GENERATIONS/_calls) as an entry of its own, proposer:<label>: every "
+    "proposer beside the pipelines it fed, with no new generation call.",
+)
 @click.option("--run-id", default=None)
 @click.option("--app-name", default="moa-eval-judge", show_default=True)
 @keep_option
@@ -316,6 +361,7 @@ def judge_command(
     worker_cpus: float,
     address: str | None,
     max_tokens: int,
+    proposers: bool,
     run_id: str | None,
     app_name: str,
     keep_deployed: bool,
@@ -335,7 +381,7 @@ def judge_command(
     pipelines = _names(pipeline_names)
     if mode != "exact":  # exact match needs no judge model and has no options of its own
         check_mode_options(mode, baseline, judge_repeats, pipelines)
-    gens = read_generations(generations)
+    gens = read_generations(generations, proposers=proposers)
     if not gens:
         raise MoARayError(f"no generations in {generations}")
     run_id = run_id or new_run_id()
@@ -444,6 +490,13 @@ def _exact_match_judging(
     default=None,
     help="AlpacaEval win rates from pair-v2 preferences or the official annotator [default: the one judged].",
 )
+@click.option(
+    "--proposers/--no-proposers",
+    default=True,
+    show_default=True,
+    help="A row per stored layer-1 answer's proposer (proposer:<label>, from GENERATIONS/_calls) beside the pipelines; "
+    "its quality columns fill where `eval judge --proposers` judged it.",
+)
 def report_command(
     generations: str,
     judgments: str | None,
@@ -452,6 +505,7 @@ def report_command(
     pipeline_names: str | None,
     glm_data: str | None,
     annotator: str | None,
+    proposers: bool,
 ) -> None:
     """Per pipeline: win rates, LC win rate, MT-Bench, GSM8K, FLASK, Just-Eval, CEB, tokens, cost, latency, TFLOPs; tables and plots."""
     from moa_ray.eval.judge import Judgments, read_generations, read_judgments
@@ -460,7 +514,7 @@ def report_command(
     from moa_ray.eval.rubric.report import build_rubric_tables, rich_rubric_table, write_rubric_report
     from moa_ray.eval.store import join
 
-    gens = read_generations(generations)
+    gens = read_generations(generations, proposers=proposers)
     if not gens:
         raise MoARayError(f"no generations in {generations}")
     judged = read_judgments(judgments, judge_model, annotator) if judgments else Judgments()

@@ -22,14 +22,16 @@ from pydantic import BaseModel, Field
 from moa_ray.chat import ChatMessage, ChatParams
 from moa_ray.config import MoARayConfig
 from moa_ray.errors import ConfigError, PipelineError
+from moa_ray.eval.calls import CALLS_DIR, call_rows, calls_table, reference_calls, stored_calls
 from moa_ray.eval.datasets import EvalDataset, EvalPrompt
 from moa_ray.eval.lease import WriterLease
 from moa_ray.eval.mt_bench import AnswerTemperature, answer_temperature
 from moa_ray.eval.progress import EvalProgress
 from moa_ray.eval.runner import PoolKind, count_rows, make_pool
-from moa_ray.eval.schema import GenerationRow, RoleTokens
+from moa_ray.eval.schema import CallRow, GenerationRow, RoleTokens
 from moa_ray.eval.store import RowTable, StoreError, join, resolve, resolve_latest
 from moa_ray.pipeline.agents import Agent
+from moa_ray.pipeline.reuse import CallReuse, StoredCall
 from moa_ray.pipeline.trace import Trace
 
 
@@ -150,6 +152,14 @@ class GenerateOptions(BaseModel):
     )
     allow_config_change: bool = False
     progress: bool = True
+    store_calls: bool = Field(default=True, description=f"Keep every call's text in <out>/{CALLS_DIR}/ and reuse identical calls.")
+    reuse_sampled: bool = Field(
+        default=False, description="Reuse sampled calls too (temperature > 0, no seed): one stored sample per call key."
+    )
+    calls_from: list[str] = Field(default_factory=list, description="Generations directories whose stored calls this run may reuse.")
+    references_from: list[str] = Field(
+        default_factory=list, description="The original MoA code's round files (AlpacaEval model_outputs) to reuse as layer-1 answers."
+    )
 
 
 class WorkItem(BaseModel):
@@ -161,6 +171,7 @@ class WorkItem(BaseModel):
     start_turn: int = 1
     history: list[str] = Field(default_factory=list, description="The pipeline's stored answers to the turns before start_turn.")
     attempts: dict[int, int] = Field(default_factory=dict, description="Attempt number of each turn in this run.")
+    stored_calls: list[StoredCall] = Field(default_factory=list, description="Calls stored for this prompt that its calls may reuse.")
 
 
 class Plan(BaseModel):
@@ -284,8 +295,13 @@ class GenerateHandler:
         temperature: AnswerTemperature | None = None,
         *,
         timeout_s: float | None = None,
+        store_calls: bool = False,
+        reuse_sampled: bool = False,
     ) -> None:
         self.config = config
+        self.store_calls = store_calls
+        self.reuse_sampled = reuse_sampled
+        self.reuse: CallReuse | None = None
         self.timeout_s = timeout_s
         self.agents = dict(agents)
         self.pipeline_names = list(pipelines)
@@ -311,11 +327,17 @@ class GenerateHandler:
         from moa_ray.pipeline import build_pipeline
         from moa_ray.pipeline.agents import prepare_agents
 
-        self.pipelines = {name: build_pipeline(self.config, name, self.agents) for name in self.pipeline_names}
+        if self.store_calls:  # one memory per worker: the pipelines of a prompt (routed here together) share its calls
+            self.reuse = CallReuse(self.config.models, reuse_sampled=self.reuse_sampled)
+        self.pipelines = {name: build_pipeline(self.config, name, self.agents, reuse=self.reuse) for name in self.pipeline_names}
         prepare_agents(self.agents.values())
 
-    def _row(self, item: WorkItem, turn: int, **fields: Any) -> GenerationRow:
+    def _row(self, item: WorkItem, turn: int, trace: Trace | None = None, **fields: Any) -> GenerationRow:
         prompt = item.prompt
+        calls = []
+        if trace is not None and self.store_calls:
+            base = {"run_id": self.run_id, "prompt_id": prompt.prompt_id, "pipeline": item.pipeline, "turn": turn}
+            calls = call_rows(trace, {**base, "attempt": item.attempts.get(turn, 1)})
         return GenerationRow(
             run_id=self.run_id,
             prompt_id=prompt.prompt_id,
@@ -328,7 +350,9 @@ class GenerateHandler:
             reference_generator=prompt.reference_generator,
             config_hash=self.fingerprints[item.pipeline],
             attempt=item.attempts.get(turn, 1),
+            call_rows=calls,
             **fields,
+            **trace_columns(trace),
         )
 
     async def handle(self, item: WorkItem) -> list[GenerationRow]:
@@ -341,23 +365,43 @@ class GenerateHandler:
                     ChatMessage(role="assistant", content=item.history[turn - 1]),
                 ]
         rows = []
+        if self.reuse is not None:
+            self.reuse.add(item.stored_calls)
         params = self.params_for(item.prompt)
         for turn in range(item.start_turn, len(item.prompt.turns) + 1):
             messages.append(ChatMessage(role="user", content=item.prompt.turns[turn - 1]))
             try:
                 result = await pipeline.run(list(messages), params, timeout_s=self.timeout_s)
             except PipelineError as err:
-                rows.append(self._row(item, turn, status="error", error=str(err), **trace_columns(err.trace)))
+                rows.append(self._row(item, turn, err.trace, status="error", error=str(err)))
                 break  # later turns need this answer; the next run retries from here
             except Exception as err:  # noqa: BLE001 - recorded and retried next run, never lost
                 rows.append(self._row(item, turn, status="error", error=f"{type(err).__name__}: {err}"))
                 break
-            rows.append(self._row(item, turn, output=result.answer, finish_reason=result.finish_reason, **trace_columns(result.trace)))
+            rows.append(self._row(item, turn, result.trace, output=result.answer, finish_reason=result.finish_reason))
             messages.append(ChatMessage(role="assistant", content=result.answer))
         return rows
 
     def failed(self, item: WorkItem, error: str) -> list[GenerationRow]:
         return [self._row(item, item.start_turn, status="error", error=error)]
+
+
+class CallCounts(BaseModel):
+    """What the call store did in a run: calls made, calls answered from it, and what those would have cost."""
+
+    made: int = 0
+    reused: int = 0
+    failed: int = 0
+    saved_cost_usd: float | None = 0.0
+
+    def add(self, rows: list[CallRow]) -> None:
+        for row in rows:
+            if row.reused:
+                self.reused += 1
+                self.saved_cost_usd = None if self.saved_cost_usd is None or row.cost_usd is None else self.saved_cost_usd + row.cost_usd
+            else:
+                self.made += 1
+                self.failed += row.status != "ok"
 
 
 class PipelineSummary(BaseModel):
@@ -387,6 +431,7 @@ class GenerateSummary(BaseModel):
     workers: int
     pipelines: list[PipelineSummary]
     failures: list[tuple[str, int]] = Field(default_factory=list, description="The most common errors of the failed rows.")
+    calls: CallCounts | None = Field(default=None, description="The call store's counts (None when calls were not stored).")
     latest: dict[tuple[Any, ...], dict[str, Any]] = Field(default_factory=dict, exclude=True, repr=False)
 
     @property
@@ -464,7 +509,20 @@ def prepare_generation(config: MoARayConfig, dataset: EvalDataset, options: Gene
         stored_settings=lambda fp: load_settings(options.out, fp),
         base_fingerprints=chosen.base_fingerprints,
     )
+    if options.store_calls:
+        attach_stored_calls(config, plan, options)
     return PreparedRun(temperature=temperature, chosen=chosen, latest=latest, plan=plan)
+
+
+def attach_stored_calls(config: MoARayConfig, plan: Plan, options: GenerateOptions) -> None:
+    """Hand each pending item the calls stored for its prompt (this output's, ``calls_from``'s, imported references)."""
+    if not plan.items:
+        return
+    prompt_ids = {item.prompt.prompt_id for item in plan.items}
+    found = stored_calls([options.out, *options.calls_from], prompt_ids)
+    imported = reference_calls(config, options.pipelines, options.references_from) if options.references_from else {}
+    for item in plan.items:
+        item.stored_calls = [*imported.get(item.prompt.turns[0], []), *found.get(item.prompt.prompt_id, [])]
 
 
 def run_generation(
@@ -492,17 +550,34 @@ def _generate(
     save_settings(options.out, chosen.settings)
     params = ChatParams(max_tokens=options.max_tokens) if options.max_tokens else None
     handler = GenerateHandler(
-        config, agents, options.pipelines, options.run_id, chosen.fingerprints, params, prepared.temperature, timeout_s=options.timeout_s
+        config,
+        agents,
+        options.pipelines,
+        options.run_id,
+        chosen.fingerprints,
+        params,
+        prepared.temperature,
+        timeout_s=options.timeout_s,
+        store_calls=options.store_calls,
+        reuse_sampled=options.reuse_sampled,
     )
+    calls_store = calls_table(options.out)
+    counts = CallCounts() if options.store_calls else None
     ok = failed = 0
     elapsed, workers = 0.0, 0
     written: list[dict[str, Any]] = []
     if plan.items:
-        writer = table.writer(options.run_id, flush_rows=options.flush_rows, flush_s=options.flush_s)
+        calls_writer = calls_store.writer(options.run_id, flush_rows=max(options.flush_rows * 8, 1024), flush_s=options.flush_s)
+        # the calls of an answer land before the answer: a kill between the two only repeats a reused call
+        writer = table.writer(options.run_id, flush_rows=options.flush_rows, flush_s=options.flush_s, before_flush=calls_writer.flush)
         progress = EvalProgress(plan.pending_rows, "generate", enabled=options.progress)
 
         def on_rows(item: WorkItem, rows: list[GenerationRow]) -> None:
             nonlocal ok, failed
+            for row in rows:
+                calls_writer.add(row.call_rows)
+                if counts is not None:
+                    counts.add(row.call_rows)
             writer.add(rows)
             written.extend(r.model_dump(include=set(PLAN_COLUMNS)) for r in rows)
             n_ok, n_failed = count_rows(rows)
@@ -514,10 +589,12 @@ def _generate(
         with make_pool(
             handler, kind=options.pool, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus
         ) as pool:
-            with writer, progress:
-                stats = pool.run(plan.items, on_rows, tick=writer.maybe_flush)
+            with calls_writer, writer, progress:
+                stats = pool.run(plan.items, on_rows, tick=writer.maybe_flush, route=lambda item: item.prompt.prompt_id)
         elapsed, workers = stats.elapsed_s, stats.workers
     table.compact(options.run_id)
+    if options.store_calls:
+        calls_store.compact(options.run_id)
     latest = resolve_latest([*prepared.latest.values(), *written], table.key)  # the table now, without reading it
     return GenerateSummary(
         run_id=options.run_id,
@@ -533,6 +610,7 @@ def _generate(
         workers=workers,
         pipelines=summarize_table(latest, dataset, options.pipelines),
         failures=group_failures(latest),
+        calls=counts,
         latest=latest,
     )
 

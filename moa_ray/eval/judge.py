@@ -513,8 +513,15 @@ def _judge(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Agent, 
     )
 
 
-def read_generations(uri: str) -> dict[tuple[Any, ...], dict[str, Any]]:
-    return RowTable(uri, GenerationRow).latest()
+def read_generations(uri: str, *, proposers: bool = False) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The answers of a generations directory; with ``proposers``, each stored layer-1 answer too, as an entry of its
+    own (``proposer:<label>``, from the call table: no new generation call; see :func:`~moa_ray.eval.calls.proposer_entries`)."""
+    rows = RowTable(uri, GenerationRow).latest()
+    if proposers:
+        from moa_ray.eval.calls import proposer_entries
+
+        rows.update({r.row_key(): r.model_dump() for r in proposer_entries(uri, run_id="proposers")})
+    return rows
 
 
 class Judgments(BaseModel):

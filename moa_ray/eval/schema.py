@@ -28,6 +28,9 @@ class _Row(BaseModel):
     #: Columns that identify a row; a table holds at most one finished row per key.
     KEY: ClassVar[tuple[str, ...]]
     SCHEMA: ClassVar[pa.Schema]
+    #: Which of a key's rows stands: the first finished one (answers are never replaced), or the latest written
+    #: (records of what a run did: a rerun after a kill rewrote them).
+    RESOLVE: ClassVar[Literal["first_ok", "latest"]] = "first_ok"
 
     run_id: str = Field(min_length=1, description="The invocation that wrote this row.")
     status: RowStatus = "ok"
@@ -35,7 +38,8 @@ class _Row(BaseModel):
     attempt: int = Field(default=1, ge=1, description="How many runs have tried this key, this one included.")
     created_at: datetime = Field(default_factory=utc_now)
 
-    def key(self) -> tuple[Any, ...]:
+    def row_key(self) -> tuple[Any, ...]:
+        """The values of the :attr:`KEY` columns (not ``key``: the call table has a column of that name)."""
         return tuple(getattr(self, c) for c in self.KEY)
 
 
@@ -113,6 +117,8 @@ class GenerationRow(_Row):
     cost_usd: float | None = Field(default=None, description="From the trace's accounting; None when prices are unknown.")
     tflops: float | None = Field(default=None, description="From the trace's accounting; None when sizes are unknown.")
     trace: str | None = Field(default=None, description="The request's trace as JSON (moa-ray run --json format).")
+    #: The rows of this answer's calls, carried from the worker to the driver's call table (never a column here).
+    call_rows: list[CallRow] = Field(default_factory=list, exclude=True, repr=False)
 
     SCHEMA: ClassVar[pa.Schema] = pa.schema(
         [
@@ -430,10 +436,70 @@ class RubricRow(_Row):
     )
 
 
+class CallRow(_Row):
+    """One model call of one answer (the call store, ``<generations>/_calls/``): what was said, by whom, at what cost.
+
+    Every call of every pipeline has a row, a reused one too (``reused``: answered from the store, at no cost).
+    The rows of an answer are written before its generation row, and a key's latest row stands, so a run killed
+    between the two and run again leaves one row per call, the rerun's, which made the stored answer.
+    """
+
+    KEY: ClassVar[tuple[str, ...]] = ("prompt_id", "pipeline", "turn", "attempt", "layer", "role", "index")
+    RESOLVE: ClassVar[Literal["first_ok", "latest"]] = "latest"
+
+    prompt_id: str = Field(min_length=1)
+    pipeline: str = Field(min_length=1)
+    turn: int = Field(ge=1)
+    layer: int = Field(ge=0, description="1-based layer (0: SMoA role generation); the final call's layer is the last.")
+    index: int = Field(ge=0)
+    role: str
+    model: str = Field(description="Config name of the model.")
+    label: str = ""
+    key: str | None = Field(default=None, description="Content key: model settings, messages, parameters (moa_ray.pipeline.reuse).")
+    text: str | None = Field(default=None, description="What the call answered (a judge's raw verdict too), keys redacted.")
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    cost_usd: float | None = Field(default=None, description="What the call costs at the model's prices (paid only where not reused).")
+    finish_reason: str | None = None
+    selected: bool | None = Field(default=None, description="Kept by the SMoA judge or picked by the ranker.")
+    reused: bool = False
+    source: str = Field(default="model", description="model (made in this run), store (an earlier identical call), references (imported).")
+
+    SCHEMA: ClassVar[pa.Schema] = pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("pipeline", pa.string(), nullable=False),
+            pa.field("turn", pa.int32(), nullable=False),
+            pa.field("layer", pa.int32(), nullable=False),
+            pa.field("index", pa.int32(), nullable=False),
+            pa.field("role", pa.string(), nullable=False),
+            pa.field("model", pa.string(), nullable=False),
+            pa.field("label", pa.string(), nullable=False),
+            pa.field("key", pa.string()),
+            pa.field("text", pa.string()),
+            pa.field("prompt_tokens", pa.int64(), nullable=False),
+            pa.field("completion_tokens", pa.int64(), nullable=False),
+            pa.field("latency_s", pa.float64(), nullable=False),
+            pa.field("cost_usd", pa.float64()),
+            pa.field("finish_reason", pa.string()),
+            pa.field("selected", pa.bool_()),
+            pa.field("reused", pa.bool_(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            *_COMMON_TAIL,
+        ]
+    )
+
+
+GenerationRow.model_rebuild()
+
+
 def _check_schemas() -> None:
     """Every pydantic field has a column and vice versa (caught at import, not at write time)."""
-    for row in (GenerationRow, PairwiseRow, GradeRow, ExactRow, BaselinePairRow, OfficialAnnotationRow, RubricRow):
-        fields, columns = set(row.model_fields), set(row.SCHEMA.names)
+    for row in (GenerationRow, PairwiseRow, GradeRow, ExactRow, BaselinePairRow, OfficialAnnotationRow, RubricRow, CallRow):
+        fields = {name for name, f in row.model_fields.items() if not f.exclude}  # excluded fields never reach a table
+        columns = set(row.SCHEMA.names)
         if fields != columns:
             raise AssertionError(f"{row.__name__}: fields and schema differ: {sorted(fields ^ columns)}")
 

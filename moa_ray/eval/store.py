@@ -22,9 +22,9 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -61,15 +61,23 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-def resolve_latest(rows: Iterable[dict[str, Any]], key: tuple[str, ...]) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """One row per key: the first ``ok`` row written, else the most recent failed attempt."""
+def resolve_latest(
+    rows: Iterable[dict[str, Any]], key: tuple[str, ...], policy: Literal["first_ok", "latest"] = "first_ok"
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """One row per key: the first ``ok`` row written, else the most recent failed attempt (``first_ok``); or the
+    row written last (``latest``, for records such as the call table)."""
+    better = _better if policy == "first_ok" else _later
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
     for row in rows:
         k = tuple(row[c] for c in key)
         best = out.get(k)
-        if best is None or _better(row, best):
+        if best is None or better(row, best):
             out[k] = row
     return out
+
+
+def _later(row: dict[str, Any], best: dict[str, Any]) -> bool:
+    return bool(row["created_at"] >= best["created_at"])
 
 
 def _better(row: dict[str, Any], best: dict[str, Any]) -> bool:
@@ -135,7 +143,7 @@ class RowTable(Generic[R]):
         if columns is not None:
             needed = [*self.key, "status", "attempt", "created_at"]
             columns = list(dict.fromkeys([*needed, *columns]))
-        return resolve_latest(self.read(columns=columns).to_pylist(), self.key)
+        return resolve_latest(self.read(columns=columns).to_pylist(), self.key, self.row_type.RESOLVE)
 
     def done_keys(self) -> set[tuple[Any, ...]]:
         return {k for k, row in self.latest().items() if row["status"] == "ok"}
@@ -161,8 +169,10 @@ class RowTable(Generic[R]):
             raise StoreError(f"cannot write {final}: {err}") from None
         return final
 
-    def writer(self, run_id: str, *, flush_rows: int = 256, flush_s: float = 0.0) -> PartWriter[R]:
-        return PartWriter(self, run_id, flush_rows=flush_rows, flush_s=flush_s)
+    def writer(
+        self, run_id: str, *, flush_rows: int = 256, flush_s: float = 0.0, before_flush: Callable[[], None] | None = None
+    ) -> PartWriter[R]:
+        return PartWriter(self, run_id, flush_rows=flush_rows, flush_s=flush_s, before_flush=before_flush)
 
     def compact(self, run_id: str) -> CompactionResult:
         """Rewrite the part files as one row per key; old files are removed after the new ones exist."""
@@ -173,7 +183,7 @@ class RowTable(Generic[R]):
                 self._remove_stale_tmp()
                 return CompactionResult(len(files), len(files), keys.num_rows, keys.num_rows)
         table = self.read(files)
-        latest = resolve_latest(table.to_pylist(), self.key)
+        latest = resolve_latest(table.to_pylist(), self.key, self.row_type.RESOLVE)
         rows = sorted(latest.values(), key=lambda r: tuple(r[c] for c in self.key))
         written = []
         for i in range(0, len(rows), COMPACTED_ROWS_PER_FILE):
@@ -219,6 +229,8 @@ class PartWriter(Generic[R]):
     flush_s: float = 0.0
     written: int = 0
     files: list[str] = field(default_factory=list)
+    #: Runs before each part file is written: another table whose rows must land first (the calls before their answers).
+    before_flush: Callable[[], None] | None = None
     _buffer: list[R] = field(default_factory=list)
     _since: float = field(default_factory=time.monotonic)
 
@@ -233,6 +245,8 @@ class PartWriter(Generic[R]):
 
     def flush(self) -> None:
         if self._buffer:
+            if self.before_flush is not None:
+                self.before_flush()
             name = f"{_stamp()}-{self.run_id}-{len(self.files):05d}"
             self.files.append(self.table.write_part(self._buffer, name))
             self.written += len(self._buffer)
