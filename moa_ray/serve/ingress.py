@@ -3,7 +3,8 @@
 Routes (``model`` = a pipeline name):
 
 * ``POST /v1/chat/completions`` - plain or ``stream: true`` (server-sent events of the
-  final call's tokens, ending with ``data: [DONE]``); ``"moa": {"trace": true}`` adds the trace;
+  final call's tokens, ending with ``data: [DONE]``); ``"moa": {"trace": true}`` adds the trace
+  (``"full"``: with every call's text), ``"moa": {"stream_layers": true}`` streams each call as it ends;
 * ``GET /v1/models``, ``GET /v1/models/{id}`` - the served pipelines;
 * ``GET /health`` - liveness for load balancers and Kubernetes probes (no key needed).
 
