@@ -224,15 +224,35 @@ class RunningSimulator:
         return f"http://{self.host}:{self.port}/v1"
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, checking for exit every ``tick_s`` instead of its fixed 0.1 s."""
+
+    tick_s = 0.1
+
+    async def main_loop(self) -> None:
+        counter = 0
+        per_tick = max(1, round(0.1 / self.tick_s))  # uvicorn's own counter runs in 0.1 s ticks (the Date header)
+        should_exit = await self.on_tick(0)
+        while not should_exit:
+            await asyncio.sleep(self.tick_s)
+            counter += 1
+            should_exit = self.should_exit if counter % per_tick else await self.on_tick((counter // per_tick) % 864000)
+
+
 @contextlib.contextmanager
-def run_simulator(config: SimulatorConfig | None = None, *, host: str = "127.0.0.1", port: int | None = None) -> Iterator[RunningSimulator]:
-    """Serve the simulator from a background thread for the duration of the ``with`` block."""
+def run_simulator(
+    config: SimulatorConfig | None = None, *, host: str = "127.0.0.1", port: int | None = None, tick_s: float = 0.1
+) -> Iterator[RunningSimulator]:
+    """Serve the simulator from a background thread for the duration of the ``with`` block.
+
+    ``tick_s``: how often the server checks whether the block has ended (the tests, which start one per test,
+    use 0.01 s: each stop waits up to one tick, then uvicorn's own 0.1 s).
+    """
     config = config or SimulatorConfig()
     stats = Stats()
     port = port or free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(config, stats), host=host, port=port, log_level="warning", lifespan="off", backlog=4096)
-    )
+    server = _Server(uvicorn.Config(create_app(config, stats), host=host, port=port, log_level="warning", lifespan="off", backlog=4096))
+    server.tick_s = tick_s
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

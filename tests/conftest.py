@@ -1,5 +1,11 @@
 """Shared fixtures: one Ray instance per test session, and the LLM simulator (a test double
-for a remote OpenAI-compatible model service, from bench/simulator.py)."""
+for a remote OpenAI-compatible model service, from bench/simulator.py).
+
+The lanes (README, Development): a test that needs Ray is marked ``ray`` (a test using ``ray_session`` is marked
+so here), one that runs a real model ``slow``, one that needs vLLM ``vllm``. The fast lane,
+``python -m pytest -m "not ray and not slow and not vllm"``, runs the rest: no Ray, no model, no vLLM. A test
+without the ``ray`` marker that starts Ray fails (:func:`ray_only_where_marked`).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,27 @@ from bench.simulator import SimulatorConfig, run_simulator  # noqa: E402
 
 #: The driver logs a call that failed with anything but a backend error (a bug, not a model's answer) here.
 UNEXPECTED_CALL_ERRORS = "moa_ray.pipeline.base"
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ray") is None:
+            item.add_marker(pytest.mark.ray)
+
+
+def _ray_refused(*args, **kwargs):
+    pytest.fail("this test starts Ray without the `ray` marker: mark it @pytest.mark.ray (the fast lane runs without Ray)")
+
+
+@pytest.fixture(autouse=True)
+def ray_only_where_marked(request, monkeypatch):
+    """Keeps the fast lane honest: ``ray.init`` fails a test that is not marked ``ray``."""
+    if request.node.get_closest_marker("ray") is None:
+        import ray
+
+        monkeypatch.setattr(ray, "init", _ray_refused)
+    yield
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +82,7 @@ def simulator():
     stack = []
 
     def start(config: SimulatorConfig | None = None):
-        cm = run_simulator(config or SimulatorConfig(latency_ms=50))
+        cm = run_simulator(config or SimulatorConfig(latency_ms=50), tick_s=0.01)  # one per test: a quick stop
         stack.append(cm)
         return cm.__enter__()
 

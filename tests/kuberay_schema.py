@@ -34,7 +34,8 @@ def _closed(schema: Any) -> Any:
 
 @cache
 def _validator(kind: str, version: str) -> jsonschema.Draft4Validator:
-    crd = yaml.safe_load(gzip.decompress((CRDS / f"ray.io_{KINDS[kind]}.yaml.gz").read_bytes()))
+    text = gzip.decompress((CRDS / f"ray.io_{KINDS[kind]}.yaml.gz").read_bytes())
+    crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml: ~6x faster on these 1 MB files
     (entry,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
     return jsonschema.Draft4Validator(_closed(entry["schema"]["openAPIV3Schema"]))
 

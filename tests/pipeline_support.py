@@ -7,6 +7,8 @@ from typing import Any
 
 import httpx
 
+from moa_ray.pipeline.trace import CallRecord, Trace
+
 
 class Recorder(httpx.AsyncBaseTransport):
     """Real HTTP to the simulator, keeping each request's JSON body."""
@@ -22,3 +24,27 @@ class Recorder(httpx.AsyncBaseTransport):
     def to(self, model: str) -> list[dict[str, Any]]:
         """The bodies sent to ``model``."""
         return [b for b in self.bodies if b["model"] == model]
+
+
+def waves(trace: Trace) -> list[list[CallRecord]]:
+    """The trace's calls grouped into the waves that ran one after another, from the trace's own timings.
+
+    A call joins the current wave when it started before that wave's last call ended (``start_s`` +
+    ``latency_s``); otherwise it opens the next wave. Parallel layers are one wave each; calls made one
+    after another are a wave each. No wall-clock bound: only the order of starts and ends.
+    """
+    out: list[list[CallRecord]] = []
+    end = 0.0
+    for call in sorted(trace.calls, key=lambda c: c.start_s):
+        if out and call.start_s < end:
+            out[-1].append(call)
+            end = max(end, call.start_s + call.latency_s)
+        else:
+            out.append([call])
+            end = call.start_s + call.latency_s
+    return out
+
+
+def ended_s(call: CallRecord) -> float:
+    """When a call ended, in seconds from its request's start (as its trace records it)."""
+    return call.start_s + call.latency_s

@@ -8,6 +8,7 @@ import json
 
 import httpx
 import pytest
+from vllm_support import require_vllm
 
 from bench.simulator import Behaviour, SimulatorConfig
 from moa_ray.backends.base import chat_kwargs
@@ -144,8 +145,9 @@ def test_llamacpp_asks_for_logprobs_only_when_the_model_keeps_all_logits(logits_
     assert got == expected
 
 
+@pytest.mark.vllm  # serve/llm_server.py imports vLLM
 def test_vllm_request_body_carries_logprobs() -> None:
-    pytest.importorskip("ray.serve.llm")
+    require_vllm()
     from moa_ray.chat import ChatRequest
     from moa_ray.config import VLLMModelSpec
     from moa_ray.serve.llm_server import openai_request_body
