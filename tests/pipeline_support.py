@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
 
+from moa_ray.backends.openai_http import OpenAIBackend
+from moa_ray.config import MoARayConfig
+from moa_ray.pipeline.agents import Agent, LocalAgent
 from moa_ray.pipeline.trace import CallRecord, Trace
 
 
@@ -48,3 +52,15 @@ def waves(trace: Trace) -> list[list[CallRecord]]:
 def ended_s(call: CallRecord) -> float:
     """When a call ended, in seconds from its request's start (as its trace records it)."""
     return call.start_s + call.latency_s
+
+
+def sim_models(base_url: str, names: list[str], **extra: Any) -> dict[str, dict[str, Any]]:
+    """One simulated OpenAI-compatible model per name (the provider's model id is the name), without retries."""
+    return {m: {"backend": "openai", "model": m, "base_url": base_url, "max_retries": 0, **extra} for m in names}
+
+
+def local_agents(
+    config: MoARayConfig, names: Iterable[str] | None = None, *, transport: httpx.AsyncBaseTransport | None = None
+) -> dict[str, Agent]:
+    """An in-process agent per model of ``config`` (``names``, or all), over real HTTP or ``transport`` (a Recorder)."""
+    return {m: LocalAgent(OpenAIBackend(config.models[m], transport=transport)) for m in (config.models if names is None else names)}

@@ -6,13 +6,12 @@ import asyncio
 import json
 
 import pytest
+from pipeline_support import local_agents
 
 from bench.simulator import Behaviour, SimulatorConfig
-from moa_ray.backends.openai_http import OpenAIBackend
 from moa_ray.config import parse_config
 from moa_ray.pipeline import build_pipeline
 from moa_ray.pipeline.accounting import account
-from moa_ray.pipeline.agents import LocalAgent
 from moa_ray.pipeline.roles import RoleCache
 from moa_ray.pipeline.smoa import SMoAPipeline
 from moa_ray.pipeline.trace import CallRecord, LayerRecord, Trace
@@ -144,8 +143,7 @@ def test_sums_agree_across_calls_layers_roles_and_models(simulator, tmp_path):
             },
         }
     )
-    agents = {m: LocalAgent(OpenAIBackend(config.models[m])) for m in names}
-    pipe = SMoAPipeline("s", config.pipeline("s"), agents, models=config.models, role_cache=RoleCache(tmp_path))
+    pipe = SMoAPipeline("s", config.pipeline("s"), local_agents(config), models=config.models, role_cache=RoleCache(tmp_path))
     trace = asyncio.run(pipe.run("question?")).trace
     assert {c.role for c in trace.calls} == {"roles", "proposer", "judge", "aggregator"}
     acc = account(trace, config.models)
@@ -163,7 +161,7 @@ def test_moa_trace_is_accounted_too(simulator):
             "pipelines": {"moa": {"kind": "moa", "layers": [["m", "m"]], "aggregator": "m"}},
         }
     )
-    pipe = build_pipeline(config, "moa", {"m": LocalAgent(OpenAIBackend(config.models["m"]))})
+    pipe = build_pipeline(config, "moa", local_agents(config))
     trace = asyncio.run(pipe.run("q")).trace
     assert trace.accounting["totals"]["tflops"] > 0 and trace.accounting["totals"]["cost_usd"] is None
     assert trace.accounting["unknown_pricing"] == ["m"]

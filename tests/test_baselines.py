@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from pipeline_support import Recorder, ended_s
+from pipeline_support import Recorder, ended_s, local_agents, sim_models
 
 from bench.simulator import Behaviour, SimulatorConfig
-from moa_ray.backends.openai_http import OpenAIBackend
 from moa_ray.config import load_presets, parse_config
 from moa_ray.pipeline import build_pipeline
-from moa_ray.pipeline.agents import LocalAgent
 from moa_ray.prompts import aggregate_system_prompt
 
 REPLIES = {"p1": "first answer text", "p2": "second answer, longer text here", "p3": "third answer"}
@@ -21,12 +19,11 @@ def run(sim, pipeline: dict[str, Any], recorder: Recorder | None = None, stream:
     names = [*REPLIES, "agg"]
     config = parse_config(
         {
-            "models": {m: {"backend": "openai", "model": m, "base_url": sim.base_url, "max_retries": 0, "temperature": 0.8} for m in names},
+            "models": sim_models(sim.base_url, names, temperature=0.8),
             "pipelines": {"b": pipeline},
         }
     )
-    agents = {m: LocalAgent(OpenAIBackend(config.models[m], transport=recorder)) for m in names}
-    pipe = build_pipeline(config, "b", agents)
+    pipe = build_pipeline(config, "b", local_agents(config, transport=recorder))
 
     async def go():
         if not stream:

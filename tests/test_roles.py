@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-from pipeline_support import Recorder
+from pipeline_support import Recorder, local_agents
 
 from bench.simulator import Behaviour, SimulatorConfig
-from moa_ray.backends.openai_http import OpenAIBackend
 from moa_ray.config import LayerSpec, parse_config
-from moa_ray.pipeline.agents import LocalAgent
 from moa_ray.pipeline.roles import (
     RoleCache,
     RoleSet,
@@ -100,8 +98,9 @@ def _pipeline(sim, cache_dir, recorder: Recorder | None = None):
             },
         }
     )
-    agents = {m: LocalAgent(OpenAIBackend(config.models[m], transport=recorder)) for m in names}
-    return SMoAPipeline("s", config.pipeline("s"), agents, models=config.models, role_cache=RoleCache(cache_dir))
+    return SMoAPipeline(
+        "s", config.pipeline("s"), local_agents(config, transport=recorder), models=config.models, role_cache=RoleCache(cache_dir)
+    )
 
 
 def _sim_config(role_reply: str) -> SimulatorConfig:

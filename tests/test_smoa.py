@@ -11,13 +11,11 @@ import asyncio
 import json
 from typing import Any
 
-from pipeline_support import Recorder
+from pipeline_support import Recorder, local_agents, sim_models
 
 from bench.simulator import Behaviour, SimulatorConfig
-from moa_ray.backends.openai_http import OpenAIBackend
 from moa_ray.config import parse_config
 from moa_ray.pipeline import build_pipeline
-from moa_ray.pipeline.agents import LocalAgent
 from moa_ray.prompts import aggregate_system_prompt
 
 QUESTION = "Name three primary colours."
@@ -56,14 +54,11 @@ def build(sim, pipeline: dict[str, Any], recorder: Recorder, name: str = "p"):
     names = [*REPLIES, "agg", "judge", "mod"]
     config = parse_config(
         {
-            "models": {
-                m: {"backend": "openai", "model": m, "base_url": sim.base_url, "max_retries": 0, "parameters_b": 1.0} for m in names
-            },
+            "models": sim_models(sim.base_url, names, parameters_b=1.0),
             "pipelines": {name: pipeline},
         }
     )
-    agents = {m: LocalAgent(OpenAIBackend(config.models[m], transport=recorder)) for m in names}
-    return build_pipeline(config, name, agents)
+    return build_pipeline(config, name, local_agents(config, transport=recorder))
 
 
 def smoa(layers: int = 2, **kw: Any) -> dict[str, Any]:
