@@ -7,20 +7,122 @@ pickled classes.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
+#: OpenAI's ``reasoning_effort`` values, passed to the model that answers (reasoning models only).
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
+
+class FunctionCall(BaseModel):
+    """The function a tool call names, with its arguments as the JSON text the model wrote."""
+
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(BaseModel):
+    """One tool call of an assistant message (OpenAI's ``tool_calls[i]``)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed tool call: the first piece of a call carries its id and name, later ones its arguments."""
+
+    index: int = 0
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
+class FunctionDefinition(BaseModel):
+    """A function the answering model may call; ``parameters`` is its JSON schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-.:]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    """One entry of ``tools``: only function tools exist in chat completions' wire format that every provider speaks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` forcing one function: ``{"type": "function", "function": {"name": ...}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class ResponseSchema(BaseModel):
+    """A ``response_format: json_schema`` the answer must follow (OpenAI's ``json_schema`` object)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    json_schema: dict[str, Any] = Field(default_factory=dict, description="The schema itself (OpenAI's ``schema`` key).")
+    strict: bool | None = None
+    description: str | None = None
+
+    def openai(self) -> dict[str, Any]:
+        """OpenAI's ``response_format`` for this schema."""
+        inner: dict[str, Any] = {"name": self.name, "schema": self.json_schema}
+        if self.strict is not None:
+            inner["strict"] = self.strict
+        if self.description:
+            inner["description"] = self.description
+        return {"type": "json_schema", "json_schema": inner}
 
 
 class ChatMessage(BaseModel):
-    """One message of a chat conversation."""
+    """One message of a chat conversation: text, or an assistant's tool calls, or a tool's result."""
 
     model_config = ConfigDict(extra="forbid")
 
     role: Role
-    content: str
+    content: str = ""
+    tool_calls: list[ToolCall] | None = Field(default=None, description="An assistant message's tool calls.")
+    tool_call_id: str | None = Field(default=None, description="A tool message: the call it answers.")
+
+    def wire(self) -> dict[str, Any]:
+        """The message as OpenAI's API takes it (no tool fields on a plain message; null content beside tool calls)."""
+        data: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            data["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+            if not self.content:
+                data["content"] = None
+        if self.tool_call_id is not None:
+            data["tool_call_id"] = self.tool_call_id
+        return data
 
 
 class ChatParams(BaseModel):
@@ -50,6 +152,31 @@ class ChatParams(BaseModel):
     logprobs: bool = Field(default=False, description="Ask for the log probability of each generated token (OpenAI's logprobs).")
     top_logprobs: int | None = Field(
         default=None, ge=0, le=20, description="With logprobs: also the N most likely tokens at each position (OpenAI's top_logprobs)."
+    )
+    # The answering call's extras (an endpoint request's fields); None: not sent, and not part of a call's key.
+    tools: list[ToolDefinition] | None = Field(default=None, description="Functions the model may call (the final call only).")
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_schema: ResponseSchema | None = Field(
+        default=None, description="A JSON schema the answer must follow: passed to providers, a grammar or guided decoding locally."
+    )
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    reasoning_effort: ReasoningEffort | None = None
+
+    #: Fields added after call keys existed: a call's key includes them only when set, so stored keys stay valid.
+    KEYED_WHEN_SET: ClassVar[frozenset[str]] = frozenset(
+        {
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "response_schema",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "reasoning_effort",
+        }
     )
 
 
@@ -92,6 +219,9 @@ class Completion(BaseModel):
     logprobs: list[TokenLogprob] | None = Field(
         default=None, description="Per generated token, when the call asked for logprobs and the engine returned them."
     )
+    tool_calls: list[ToolCall] | None = Field(default=None, description="The tools the model called (text may then be empty).")
+    reasoning: str | None = Field(default=None, description="A reasoning model's thinking, apart from its answer.")
+    usage_estimated: bool = Field(default=False, description="The provider sent no usage: the counts are estimated here.")
 
 
 class ChatRequest(BaseModel):
@@ -105,7 +235,14 @@ class StreamChunk(BaseModel):
     """A piece of a streamed completion; the last chunk carries the full :class:`Completion`."""
 
     delta: str = ""
+    reasoning: str = Field(default="", description="A piece of a reasoning model's thinking.")
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, description="Pieces of tool calls, as OpenAI streams them.")
     completion: Completion | None = None
+
+    @property
+    def is_text(self) -> bool:
+        """Only answer text: what may be joined with its neighbours."""
+        return self.completion is None and not self.reasoning and not self.tool_calls
 
 
 def as_messages(messages: list[ChatMessage] | list[dict] | str) -> list[ChatMessage]:

@@ -543,6 +543,23 @@ class IngressSpec(_Strict):
         return serve_deployment_options({"num_cpus": self.num_cpus}, self.max_ongoing_requests, self.autoscaling, self.num_replicas)
 
 
+class CorsSpec(_Strict):
+    """Cross-origin access for browser clients (off unless configured): which origins may call the endpoint."""
+
+    allow_origins: list[str] = Field(min_length=1, description='Origins allowed, e.g. ["https://app.example.com"]; ["*"] for any.')
+    allow_headers: list[str] = Field(
+        default_factory=lambda: ["*"], description="Request headers allowed (the openai SDK sends several of its own)."
+    )
+    allow_credentials: bool = Field(default=False, description="Allow cookies and HTTP auth (never with the origin '*').")
+    max_age_s: int = Field(default=600, ge=0, description="How long browsers may cache a preflight's answer.")
+
+    @model_validator(mode="after")
+    def _no_credentials_for_everyone(self) -> CorsSpec:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError("allow_credentials needs explicit origins, not '*'")
+        return self
+
+
 class ServerSpec(_Strict):
     """The OpenAI-compatible endpoint: its HTTP proxy and its limits."""
 
@@ -568,6 +585,7 @@ class ServerSpec(_Strict):
         "is sent at once): fewer events through the Serve proxy and to the client, the same bytes. 0: one event per token.",
     )
     ingress: IngressSpec = Field(default_factory=IngressSpec)
+    cors: CorsSpec | None = Field(default=None, description="Cross-origin access for browser clients; off by default.")
 
 
 class MoARayConfig(_Strict):

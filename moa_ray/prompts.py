@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moa_ray.chat import ChatMessage
+from moa_ray.chat import ChatMessage, ToolDefinition
 
 #: MoA aggregate-and-synthesize system prompt (Wang et al. 2024, Table 1), verbatim.
 AGGREGATE_AND_SYNTHESIZE = (
@@ -28,11 +28,64 @@ def merge_system(messages: list[ChatMessage], system: str) -> list[ChatMessage]:
     return [ChatMessage(role="system", content=system), *messages]
 
 
-def inject_references(messages: list[ChatMessage], references: list[str]) -> list[ChatMessage]:
-    """Inject the previous layer's responses as the paper does (reference code ``inject_references_to_messages``)."""
+def inject_references(messages: list[ChatMessage], references: list[str], *, tools: bool = False) -> list[ChatMessage]:
+    """Inject the previous layer's responses as the paper does (reference code ``inject_references_to_messages``);
+    ``tools``: the call that reads them may call tools (the aggregator of a request with tools)."""
     if not references:
         return list(messages)
-    return merge_system(messages, aggregate_system_prompt(references))
+    return merge_system(messages, aggregate_system_prompt(references) + (AGGREGATE_WITH_TOOLS if tools else ""))
+
+
+# --------------------------------------------------------------------------- tools: proposers advise, the aggregator acts
+
+#: After the references, for an aggregator that has tools: the proposers could not call them.
+AGGREGATE_WITH_TOOLS = (
+    "\n\nThe responses above come from advisors who cannot call tools. You can: call the tools available to you "
+    "when the request needs them, or answer directly."
+)
+#: For proposers of a request with tools: they see the tools' names and purposes, never their schemas.
+ADVISE_ON_TOOLS = (
+    "You are advising an assistant that can call these tools:\n{tools}\nYou cannot call them yourself. Answer the "
+    "request as well as you can; where a tool is needed, say which one to call and with what arguments."
+)
+
+
+def _tool_line(tool: ToolDefinition) -> str:
+    description = (tool.function.description or "").strip()
+    return f"- {tool.function.name}" + (f": {description}" if description else "")
+
+
+def advisory_messages(messages: list[ChatMessage], tools: list[ToolDefinition] | None) -> list[ChatMessage]:
+    """The conversation as proposers see it: text only.
+
+    An assistant turn's tool calls are written out in its text, a tool's result becomes a user turn that says
+    which call it answers (turns of one role in a row are joined, as chat templates expect them to alternate),
+    and with ``tools`` a system note names the tools the answering model can call. A conversation of plain text
+    turns without tools comes back as it is.
+    """
+    names: dict[str, str] = {}
+    out: list[ChatMessage] = []
+    last_was_tool = False
+    for message in messages:
+        if message.role == "assistant" and message.tool_calls:
+            lines = [message.content] if message.content else []
+            for call in message.tool_calls:
+                names[call.id] = call.function.name
+                lines.append(f"[called the tool {call.function.name} with {call.function.arguments or '{}'}]")
+            turn = ChatMessage(role="assistant", content="\n".join(lines))
+        elif message.role == "tool":
+            name = names.get(message.tool_call_id or "", "a tool")
+            turn = ChatMessage(role="user", content=f"[result of {name}]\n{message.content}")
+        else:
+            turn = message
+        if out and out[-1].role == turn.role == "user" and (last_was_tool or message.role == "tool"):
+            out[-1] = ChatMessage(role="user", content=out[-1].content + "\n\n" + turn.content)
+        else:
+            out.append(turn)
+        last_was_tool = message.role == "tool"
+    if tools:
+        out = merge_system(out, ADVISE_ON_TOOLS.format(tools="\n".join(_tool_line(t) for t in tools)))
+    return out
 
 
 def with_role(messages: list[ChatMessage], system: str | None) -> list[ChatMessage]:

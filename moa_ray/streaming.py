@@ -22,8 +22,8 @@ _END: Any = object()
 
 
 def _delta(item: Any) -> str | None:
-    """The text of a plain delta chunk; None for anything else (a completion, a pipeline's result)."""
-    if isinstance(item, StreamChunk) and item.completion is None and item.delta:
+    """The text of a plain delta chunk; None for anything else (thinking, tool calls, a completion, a result)."""
+    if isinstance(item, StreamChunk) and item.is_text and item.delta:
         return item.delta
     return None
 

@@ -7,10 +7,12 @@ backend turns their dicts into :class:`~moa_ray.chat.Completion` / deltas here, 
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
-from moa_ray.chat import Completion, TokenLogprob, TopLogprob, Usage
+from moa_ray.chat import Completion, FunctionCall, FunctionCallDelta, StreamChunk, TokenLogprob, ToolCall, ToolCallDelta, TopLogprob, Usage
 
 
 class MalformedResponse(ValueError):
@@ -46,11 +48,39 @@ def parse_logprobs(choice: Any) -> list[TokenLogprob] | None:
     return tokens
 
 
+def _arguments(value: Any) -> str:
+    """A tool call's arguments as JSON text (some servers send an object instead of OpenAI's string)."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def tool_calls_of(raw: Any) -> list[ToolCall] | None:
+    """A message's ``tool_calls``; entries without a function name are dropped (None when there are none)."""
+    calls = []
+    for i, entry in enumerate(raw if isinstance(raw, list) else []):
+        function = entry.get("function") if isinstance(entry, dict) else None
+        if not isinstance(function, dict) or not function.get("name"):
+            continue
+        call_id = entry.get("id") or f"call_{i}"
+        calls.append(
+            ToolCall(id=str(call_id), function=FunctionCall(name=str(function["name"]), arguments=_arguments(function.get("arguments"))))
+        )
+    return calls or None
+
+
+def reasoning_of(message: Mapping[str, Any]) -> str:
+    """A reasoning model's thinking: ``reasoning_content`` (DeepSeek, vLLM) or ``reasoning`` (newer vLLM, OpenRouter)."""
+    value = message.get("reasoning_content") or message.get("reasoning") or ""
+    return value if isinstance(value, str) else ""
+
+
 def completion_of(body: Mapping[str, Any], *, model: str, latency_s: float, **extra: Any) -> Completion:
     """A non-streaming chat response as a Completion (``extra``: attempts, retries...)."""
     try:
         choice = body["choices"][0]
-        text = choice["message"].get("content") or ""
+        message = choice["message"]
+        text = message.get("content") or ""
     except (KeyError, IndexError, TypeError, AttributeError):
         raise MalformedResponse("malformed response without choices[0].message") from None
     return Completion(
@@ -60,30 +90,94 @@ def completion_of(body: Mapping[str, Any], *, model: str, latency_s: float, **ex
         finish_reason=choice.get("finish_reason"),
         model=model,
         logprobs=parse_logprobs(choice),
+        tool_calls=tool_calls_of(message.get("tool_calls")),
+        reasoning=reasoning_of(message) or None,
         **extra,
     )
 
 
+def tool_call_deltas(raw: Any) -> list[ToolCallDelta]:
+    """A stream delta's ``tool_calls`` pieces (a piece without an index is the next call)."""
+    out = []
+    for position, entry in enumerate(raw if isinstance(raw, list) else []):
+        if not isinstance(entry, dict):
+            continue
+        function = entry.get("function") if isinstance(entry.get("function"), dict) else None
+        out.append(
+            ToolCallDelta(
+                index=entry["index"] if isinstance(entry.get("index"), int) else position,
+                id=entry.get("id"),
+                type="function" if entry.get("type") == "function" or entry.get("id") else None,
+                function=FunctionCallDelta(
+                    name=function.get("name"), arguments=None if function.get("arguments") is None else _arguments(function["arguments"])
+                )
+                if function is not None
+                else None,
+            )
+        )
+    return out
+
+
+class ToolCallAssembler:
+    """Joins streamed tool call pieces, by index, into whole calls."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def add(self, pieces: list[ToolCallDelta]) -> None:
+        for piece in pieces:
+            call = self._calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
+            if piece.id:
+                call["id"] = piece.id
+            if piece.function is not None:
+                call["name"] += piece.function.name or ""
+                call["arguments"] += piece.function.arguments or ""
+
+    def calls(self) -> list[ToolCall] | None:
+        out = [
+            ToolCall(id=c["id"] or f"call_{i}", function=FunctionCall(name=c["name"], arguments=c["arguments"]))
+            for i, c in sorted(self._calls.items())
+            if c["name"]
+        ]
+        return out or None
+
+
 class StreamReader:
-    """Reads a chat stream's chunks (dicts) one by one: each gives its delta text; the last usage and finish
-    reason are kept for the completion."""
+    """Reads a chat stream's chunks (dicts) one by one into :class:`StreamChunk` pieces (text, reasoning, tool
+    calls); the whole answer, the last usage and finish reason are kept for the completion."""
 
     def __init__(self) -> None:
         self.parts: list[str] = []
+        self.thoughts: list[str] = []
+        self.tools = ToolCallAssembler()
+        self.pieces = 0
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
 
-    def feed(self, chunk: Mapping[str, Any]) -> str:
-        """The text this chunk adds ("" for a usage-only or role-only chunk)."""
+    def read(self, chunk: Mapping[str, Any]) -> StreamChunk:
+        """What this chunk adds (an empty piece for a usage-only or role-only chunk)."""
         if chunk.get("usage"):
             self.usage = usage_of(chunk["usage"])
-        delta = ""
+        delta, thought, pieces = "", "", list[ToolCallDelta]()
         for choice in chunk.get("choices") or []:
-            delta += (choice.get("delta") or {}).get("content") or ""
+            body = choice.get("delta") or {}
+            delta += body.get("content") or ""
+            thought += reasoning_of(body)
+            pieces += tool_call_deltas(body.get("tool_calls"))
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        if delta or thought or pieces:
+            self.pieces += 1
         if delta:
             self.parts.append(delta)
-        return delta
+        if thought:
+            self.thoughts.append(thought)
+        if pieces:
+            self.tools.add(pieces)
+        return StreamChunk(delta=delta, reasoning=thought, tool_calls=pieces or None)
+
+    def feed(self, chunk: Mapping[str, Any]) -> str:
+        """The text this chunk adds ("" for a usage-only or role-only chunk)."""
+        return self.read(chunk).delta
 
     @property
     def text(self) -> str:
@@ -97,5 +191,39 @@ class StreamReader:
             latency_s=latency_s,
             finish_reason=self.finish_reason,
             model=model,
+            tool_calls=self.tools.calls(),
+            reasoning="".join(self.thoughts) or None,
             **extra,
         )
+
+
+def has_content(piece: StreamChunk) -> bool:
+    """Whether a streamed piece carries anything for the caller (text, thinking or a tool call)."""
+    return bool(piece.delta or piece.reasoning or piece.tool_calls)
+
+
+def joined(pieces: list[StreamChunk]) -> StreamChunk:
+    """Several pieces as one: texts and thoughts joined, tool call pieces in order."""
+    calls = [c for p in pieces for c in p.tool_calls or []]
+    return StreamChunk(delta="".join(p.delta for p in pieces), reasoning="".join(p.reasoning for p in pieces), tool_calls=calls or None)
+
+
+#: Characters per token of an estimate (English text with BPE tokenizers), and the tokens OpenAI's chat format
+#: adds per message and to prime the reply: counts for a provider that streams no usage.
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+TOKENS_PER_REPLY = 3
+
+
+def estimated_usage(request: Mapping[str, Any], reader: StreamReader) -> Usage:
+    """Usage of a stream whose provider sent none: the prompt by its characters (the chat format's per-message
+    tokens added), the answer by its streamed pieces (providers send about one token per piece).
+
+    Not exact (the provider's tokenizer is not here), but of the right size: a prompt counted as 0 tokens would
+    make a streamed request look several times cheaper than the same request unstreamed.
+    """
+    messages = request.get("messages") or []
+    chars = sum(len(m.get("content") or "") + (len(json.dumps(m["tool_calls"])) if m.get("tool_calls") else 0) for m in messages)
+    chars += len(json.dumps(request["tools"])) if request.get("tools") else 0
+    prompt = math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages) + TOKENS_PER_REPLY
+    return Usage(prompt_tokens=prompt, completion_tokens=reader.pieces)

@@ -14,12 +14,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from moa_ray.backends.base import chat_kwargs
-from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
+from moa_ray.backends.base import chat_kwargs, tools_unsupported
+from moa_ray.chat import ChatMessage, ChatParams, Completion, NamedFunction, NamedToolChoice, StreamChunk, Usage
 from moa_ray.config import LlamaCppModelSpec
-from moa_ray.errors import BackendError, ConfigError, ContextLengthExceeded
+from moa_ray.errors import BackendError, BadRequest, ConfigError, ContextLengthExceeded
 from moa_ray.packaged_models import resolve_model_path
-from moa_ray.wire import StreamReader, completion_of
+from moa_ray.wire import StreamReader, completion_of, has_content
+
+#: OpenAI request fields llama-cpp-python's chat call does not take.
+_NOT_TAKEN = ("parallel_tool_calls", "reasoning_effort")
 
 
 class LlamaCppBackend:
@@ -50,13 +53,37 @@ class LlamaCppBackend:
         self._lock = asyncio.Lock()
 
     def _kwargs(self, messages: list[ChatMessage], params: ChatParams) -> dict[str, Any]:
+        if params.tools:
+            params = self._tool_params(params)
         kwargs = chat_kwargs(self.spec, messages, params)
-        if params.json_mode and params.json_schema:
+        for name in _NOT_TAKEN:
+            kwargs.pop(name, None)
+        if params.response_schema is not None:  # compiled to a grammar by llama.cpp, as the judge's schema is
+            kwargs["response_format"] = {"type": "json_object", "schema": params.response_schema.json_schema}
+        elif params.json_mode and params.json_schema:
             kwargs["response_format"]["schema"] = params.json_schema  # compiled to a grammar by llama.cpp
+        if params.logit_bias:  # token ids: strings on the wire, integers here
+            kwargs["logit_bias"] = {int(token): bias for token, bias in params.logit_bias.items()}
         if not self.spec.logits_all:  # llama.cpp refuses logprobs without logits_all: answer without them
             kwargs.pop("logprobs", None)
             kwargs.pop("top_logprobs", None)
         return kwargs
+
+    def _tool_params(self, params: ChatParams) -> ChatParams:
+        """``tools`` as llama.cpp's function-calling handler takes them: it knows ``auto`` and a named function
+        (``required`` with one tool names it; with several it is ``auto``), and ``none`` leaves the tools out."""
+        reason = tools_unsupported(self.spec.model, self.spec)
+        if reason is not None:
+            raise BadRequest(f"{self.spec.model}: {reason}", model=self.spec.model, status_code=400)
+        assert params.tools is not None
+        choice = params.tool_choice
+        if choice == "none":
+            return params.model_copy(update={"tools": None, "tool_choice": None})
+        if choice == "required" and len(params.tools) == 1:
+            choice = NamedToolChoice(function=NamedFunction(name=params.tools[0].function.name))
+        elif choice is None or choice == "required":
+            choice = "auto"
+        return params.model_copy(update={"tool_choice": choice})
 
     def _error(self, err: Exception) -> BackendError:
         """llama-cpp raises ValueError when the prompt overflows the context window."""
@@ -104,12 +131,14 @@ class LlamaCppBackend:
                         break
                     if kind == "error":
                         raise self._error(item)
-                    if delta := reader.feed(item):
-                        yield StreamChunk(delta=delta)
+                    piece = reader.read(item)
+                    if has_content(piece):
+                        yield piece
             finally:
                 stop.set()
                 await worker
-            text = reader.text
+            calls = reader.tools.calls() or []
+            text = reader.text + "".join(c.function.name + c.function.arguments for c in calls) + "".join(reader.thoughts)
             completion_tokens = len(self._llm.tokenize(text.encode(), add_bos=False)) if text else 0
             # llama.cpp streams no usage. After generation the context holds the prompt and the generated
             # tokens, except the last one when max_tokens stopped it (sampled, never evaluated)

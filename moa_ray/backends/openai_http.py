@@ -31,10 +31,10 @@ from tenacity import (
 )
 
 from moa_ray.backends.base import chat_kwargs
-from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, Usage
+from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk
 from moa_ray.config import OpenAIModelSpec
 from moa_ray.errors import BackendError, BackendTimeout, ConfigError, StreamInterrupted, UpstreamError, error_for_status
-from moa_ray.wire import MalformedResponse, StreamReader, completion_of
+from moa_ray.wire import MalformedResponse, StreamReader, completion_of, estimated_usage, has_content
 
 log = logging.getLogger(__name__)
 
@@ -259,24 +259,26 @@ class OpenAIBackend:
                                 break
                             if deadline is not None and time.monotonic() > deadline:
                                 raise httpx.ReadTimeout("the call's time budget ran out")
-                            if delta := reader.feed(event.json()):
-                                yield StreamChunk(delta=delta)
+                            piece = reader.read(event.json())
+                            if has_content(piece):
+                                yield piece
                 except httpx.TransportError as raised:
                     err = _transport_error(raised)
+                    started = bool(reader.parts or reader.thoughts or reader.tools.calls())
                     if isinstance(err, httpx.TimeoutException):
-                        if reader.parts:
+                        if started:
                             raise StreamInterrupted(f"{self.spec.model}: stream timed out mid-answer", model=self.spec.model) from None
                         raise BackendTimeout(f"{self.spec.model}: stream timed out", model=self.spec.model) from None
-                    if reader.parts:
+                    if started:
                         raise StreamInterrupted(f"{self.spec.model}: stream broke mid-answer: {err}", model=self.spec.model) from None
                     raise UpstreamError(f"{self.spec.model}: connection failed: {err}", model=self.spec.model) from None
-        # a provider that sends no usage: count the deltas, roughly one token each
-        fallback = None if reader.usage else Usage(completion_tokens=len(reader.parts))
-        yield StreamChunk(
-            completion=reader.completion(
-                model=self.spec.model, latency_s=time.perf_counter() - start, usage=fallback, attempts=len(retries) + 1, retries=retries
-            )
+        # a provider that ignores stream_options.include_usage: count here, and say so on the call's record
+        fallback = None if reader.usage else estimated_usage(payload, reader)
+        completion = reader.completion(
+            model=self.spec.model, latency_s=time.perf_counter() - start, usage=fallback, attempts=len(retries) + 1, retries=retries
         )
+        completion.usage_estimated = fallback is not None
+        yield StreamChunk(completion=completion)
 
     async def check_health(self) -> None:
         """Healthy while the client is open. A failing provider is not a dead replica: restarting this

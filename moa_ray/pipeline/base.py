@@ -11,21 +11,25 @@ one code path.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel
 
-from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, as_messages
+from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, ToolCall, as_messages
 from moa_ray.config import LayerSpec, ModelSpecBase, ProposerSpec
 from moa_ray.errors import AggregatorFailed, BackendError, BackendTimeout, LayerFailed, MoARayError
 from moa_ray.pipeline.accounting import fill_accounting
 from moa_ray.pipeline.agents import Agent
+from moa_ray.pipeline.reasoning import ThinkSplitter, without_thinking
 from moa_ray.pipeline.reuse import CallReuse
+from moa_ray.pipeline.structured import InvalidStructuredOutput, structure_error
 from moa_ray.pipeline.trace import CallRecord, CallRole, LayerRecord, Trace
-from moa_ray.prompts import with_role
+from moa_ray.prompts import advisory_messages, inject_references, with_role
 from moa_ray.redaction import Redactor
 
 log = logging.getLogger(__name__)
@@ -51,10 +55,12 @@ def _deadline_passed(spec: ProposerSpec) -> BackendTimeout:
 
 
 class PipelineResult(BaseModel):
-    """A pipeline's answer with its trace."""
+    """A pipeline's answer with its trace: text, or the tools the answering model called; its thinking apart."""
 
     answer: str
     finish_reason: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    reasoning: str | None = None
     trace: Trace
 
 
@@ -67,11 +73,12 @@ class CallEvent:
 
 @dataclass
 class FinalCall:
-    """The last call of a request, whose text is the answer."""
+    """The last call of a request, whose text is the answer: the conversation as the client sent it (tool calls
+    and results included), with ``references`` (the last layer's answers) injected where there are any."""
 
     spec: ProposerSpec
-    messages: list[ChatMessage]
     layer: int
+    references: list[str] = field(default_factory=list)
     role: CallRole = "aggregator"
 
 
@@ -99,9 +106,16 @@ class Response:
 def call_params(spec: ProposerSpec, override: ChatParams | None = None) -> ChatParams:
     """Per-call parameters: the request's override beats the proposer's, unset falls to the model."""
     params = ChatParams(temperature=spec.temperature, max_tokens=spec.max_tokens, top_p=spec.top_p, seed=spec.seed)
-    if override is not None:
-        params = params.model_copy(update=override.model_dump(exclude_unset=True, exclude_defaults=True))
+    if override is not None:  # the set fields' own values: nested ones (tools, a schema) stay models
+        params = params.model_copy(
+            update={name: getattr(override, name) for name in override.model_dump(exclude_unset=True, exclude_defaults=True)}
+        )
     return params
+
+
+def final_messages(conversation: list[ChatMessage], step: FinalCall, params: ChatParams | None) -> list[ChatMessage]:
+    """What the answering call reads: the real conversation, the references injected (and told of its tools)."""
+    return inject_references(conversation, step.references, tools=bool(params is not None and params.tools))
 
 
 class Pipeline:
@@ -121,11 +135,19 @@ class Pipeline:
         self.agents = agents
         self.models = models  # parameters and prices for the trace's accounting (None: unknown)
         self.reuse = reuse  # identical calls answered once (evaluations); None: every call is made
+        self.settings: dict[str, Any] | None = None  # a request's own settings, recorded in its trace (with_spec)
         # every text the trace records passes this first: a model may echo what it was sent, a key included
         self.redactor = Redactor.for_models(models.values()) if models else Redactor(())
         missing = sorted({s.model for _, s in spec.calls()} - set(agents))  # type: ignore[attr-defined]
         if missing:
             raise MoARayError(f"pipeline {name!r} needs agents for models {missing}")
+
+    def with_spec(self, spec: BaseModel, settings: dict[str, Any]) -> Pipeline:
+        """This pipeline for one request, with the spec its per-request ``settings`` made (same agents, same memory)."""
+        shaped = copy.copy(self)
+        shaped.spec = spec
+        shaped.settings = settings
+        return shaped
 
     # ------------------------------------------------------------------ to implement
 
@@ -187,6 +209,7 @@ class Pipeline:
             record_error(record, err)
             trace.call_ended(record)
             return None
+        completion = without_thinking(completion)  # the next layer reads the answer; the trace keeps the thinking
         self._record_completion(record, completion, time.perf_counter() - start)
         trace.call_ended(record)
         return completion
@@ -199,6 +222,10 @@ class Pipeline:
         record.finish_reason = completion.finish_reason
         record.attempts, record.retries = completion.attempts, completion.retries
         record.text = self.redactor.text(completion.text)
+        record.reasoning = self.redactor.text(completion.reasoning) if completion.reasoning else None
+        if completion.tool_calls:
+            record.tool_calls = [self.redactor.json(call.model_dump()) for call in completion.tool_calls]  # type: ignore[misc]
+        record.usage_estimated = completion.usage_estimated
 
     async def run_layer(
         self,
@@ -261,9 +288,19 @@ class Pipeline:
     # ------------------------------------------------------------------ entry points
 
     def _new_trace(self, timeout_s: float | None) -> Trace:
-        trace = Trace(pipeline=self.name, kind=self.spec.kind)  # type: ignore[attr-defined]
+        trace = Trace(pipeline=self.name, kind=self.spec.kind, settings=self.settings)  # type: ignore[attr-defined]
         trace.set_deadline(timeout_s)
         return trace
+
+    @staticmethod
+    def _check_structure(record: CallRecord, completion: Completion, params: ChatParams | None, trace: Trace) -> None:
+        """Raise :class:`InvalidStructuredOutput` when the answer breaks the format the request asked for."""
+        if completion.tool_calls:
+            return  # the model acted instead of answering: its tool calls are the response
+        problem = structure_error(completion.text, params)
+        if problem is not None:
+            record.status, record.error, record.error_type = "error", problem, InvalidStructuredOutput.__name__
+            raise InvalidStructuredOutput(f"the {record.role} ({record.model}): {problem}", trace)
 
     def _finish(self, trace: Trace, t0: float) -> None:
         trace.wall_s = time.perf_counter() - t0
@@ -276,19 +313,34 @@ class Pipeline:
         is the request's one deadline, which every call and every retry shares."""
         t0 = time.perf_counter()
         trace = self._new_trace(timeout_s)
+        conversation = as_messages(messages)
         try:
-            step = await self.plan(as_messages(messages), trace, t0)
+            step = await self.plan(advisory_messages(conversation, params.tools if params else None), trace, t0)
             if isinstance(step, KnownAnswer):
                 return PipelineResult(answer=step.text, finish_reason=step.finish_reason, trace=trace)
             final_start = time.perf_counter()
             trace.layers.append(LayerRecord(layer=step.layer, role="aggregator"))
             completion = await self.call(
-                step.spec, step.messages, layer=step.layer, index=0, role=step.role, trace=trace, t0=t0, params=params
+                step.spec,
+                final_messages(conversation, step, params),
+                layer=step.layer,
+                index=0,
+                role=step.role,
+                trace=trace,
+                t0=t0,
+                params=params,
             )
             trace.layers[-1].wall_s = time.perf_counter() - final_start
             if completion is None:
                 raise AggregatorFailed(f"the {step.role} ({step.spec.model}) failed: {trace.calls[-1].error}", trace)
-            return PipelineResult(answer=completion.text, finish_reason=completion.finish_reason, trace=trace)
+            self._check_structure(trace.calls[-1], completion, params, trace)
+            return PipelineResult(
+                answer=completion.text,
+                finish_reason=completion.finish_reason,
+                tool_calls=completion.tool_calls,
+                reasoning=completion.reasoning,
+                trace=trace,
+            )
         finally:
             self._finish(trace, t0)
 
@@ -324,16 +376,18 @@ class Pipeline:
         moment it ends, before the final call's first delta."""
         t0 = time.perf_counter()
         trace = self._new_trace(timeout_s)
+        conversation = as_messages(messages)
+        advisory = advisory_messages(conversation, params.tools if params else None)
         step: FinalCall | KnownAnswer | None = None
         try:
             if call_events:
-                async for item in self._plan_live(as_messages(messages), trace, t0):
+                async for item in self._plan_live(advisory, trace, t0):
                     if isinstance(item, CallEvent):
                         yield item
                     else:
                         step = item
             else:
-                step = await self.plan(as_messages(messages), trace, t0)
+                step = await self.plan(advisory, trace, t0)
         except BaseException:  # a failed layer's trace still says how long the request ran
             self._finish(trace, t0)
             raise
@@ -353,12 +407,20 @@ class Pipeline:
         left = trace.time_left_s()
         if left is not None:
             final_params = final_params.model_copy(update={"timeout_s": max(left, 0.001)})
+        thinking = ThinkSplitter()  # <think> text streams as reasoning, not as the answer
+        sent = with_role(final_messages(conversation, step, params), step.spec.system)
         try:
-            async for chunk in self.agents[step.spec.model].stream(with_role(step.messages, step.spec.system), final_params):
+            async for chunk in self.agents[step.spec.model].stream(sent, final_params):
                 if chunk.completion is not None:
                     completion = chunk.completion
-                elif chunk.delta:
-                    yield chunk
+                    continue
+                answer, thought = thinking.feed(chunk.delta) if chunk.delta else ("", "")
+                piece = StreamChunk(delta=answer, reasoning=chunk.reasoning + thought, tool_calls=chunk.tool_calls)
+                if piece.delta or piece.reasoning or piece.tool_calls:
+                    yield piece
+            answer, thought = thinking.flush()
+            if answer or thought:
+                yield StreamChunk(delta=answer, reasoning=thought)
         except Exception as err:  # noqa: BLE001 - recorded, then surfaced as AggregatorFailed
             record.status = "error"
             record_error(record, err)
@@ -370,7 +432,17 @@ class Pipeline:
             record.status, record.error, record.latency_s = "error", "stream ended without a completion", layer.wall_s
             self._finish(trace, t0)
             raise AggregatorFailed(f"the {step.role} ({step.spec.model}) stream ended without a completion", trace)
+        completion = without_thinking(completion)
         self._record_completion(record, completion, layer.wall_s)
         record.latency_s = layer.wall_s  # the stream's own wall time, first byte to last
-        self._finish(trace, t0)
-        yield PipelineResult(answer=completion.text, finish_reason=completion.finish_reason, trace=trace)
+        try:
+            self._check_structure(record, completion, params, trace)
+        finally:
+            self._finish(trace, t0)
+        yield PipelineResult(
+            answer=completion.text,
+            finish_reason=completion.finish_reason,
+            tool_calls=completion.tool_calls,
+            reasoning=completion.reasoning,
+            trace=trace,
+        )

@@ -21,7 +21,7 @@ from moa_ray.config import RankerPipelineSpec, SelfMoAPipelineSpec, SinglePipeli
 from moa_ray.pipeline.base import FinalCall, KnownAnswer, Pipeline
 from moa_ray.pipeline.judge import Selection, first_k, parse_verdict, pick_one, ranker_schema, seed_material
 from moa_ray.pipeline.trace import LayerRecord, Trace
-from moa_ray.prompts import inject_references, ranker_prompt, render_question
+from moa_ray.prompts import ranker_prompt, render_question
 
 #: Seed of the ranker's fallback draw (the ranker spec has no seed of its own).
 RANKER_SEED = 0
@@ -34,7 +34,7 @@ class SinglePipeline(Pipeline):
     spec: SinglePipelineSpec
 
     async def plan(self, messages: list[ChatMessage], trace: Trace, t0: float) -> FinalCall:
-        return FinalCall(spec=self.spec.model, messages=list(messages), layer=1, role="proposer")
+        return FinalCall(spec=self.spec.model, layer=1, role="proposer")
 
 
 class RankerPipeline(Pipeline):
@@ -86,7 +86,7 @@ class SelfMoAPipeline(Pipeline):
         base = sample_seed_base(self.spec.seed, messages)
         seeded = [p if p.seed is not None else p.model_copy(update={"seed": (base + i) % 2**31}) for i, p in enumerate(layer.proposers)]
         responses = await self.run_layer(1, layer.model_copy(update={"proposers": seeded}), messages, trace, t0)
-        return FinalCall(spec=self.spec.aggregator_spec, messages=inject_references(messages, [r.text for r in responses]), layer=2)
+        return FinalCall(spec=self.spec.aggregator_spec, references=[r.text for r in responses], layer=2)
 
 
 def sample_seed_base(seed: int, messages: list[ChatMessage]) -> int:

@@ -23,4 +23,4 @@ class MoAPipeline(Pipeline):
         for layer_no, layer in enumerate(layers, start=1):
             responses = await self.run_layer(layer_no, layer, inject_references(messages, references), trace, t0)
             references = [r.text for r in responses]
-        return FinalCall(spec=self.spec.aggregator, messages=inject_references(messages, references), layer=len(layers) + 1)
+        return FinalCall(spec=self.spec.aggregator, references=references, layer=len(layers) + 1)

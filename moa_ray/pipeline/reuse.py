@@ -74,10 +74,11 @@ def effective_params(model: ModelSpecBase, params: ChatParams) -> ChatParams:
 
 def call_key(model: ModelSpecBase, messages: list[ChatMessage], params: ChatParams) -> str:
     """The content key of a call: SHA-256 over the model's answer settings, the messages and the parameters."""
+    unset = {name for name in ChatParams.KEYED_WHEN_SET if getattr(params, name) is None}
     material = {
         "model": model.answer_settings(),
-        "messages": [m.model_dump() for m in messages],
-        "params": effective_params(model, params).model_dump(exclude=set(_NOT_ANSWER_PARAMS)),
+        "messages": [m.model_dump(exclude_none=True) for m in messages],  # a plain message: role and content, as always
+        "params": effective_params(model, params).model_dump(exclude=set(_NOT_ANSWER_PARAMS) | unset),
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
@@ -118,7 +119,8 @@ class CallReuse:
     def key(self, model: str, messages: list[ChatMessage], params: ChatParams) -> tuple[str, bool]:
         """The call's key and whether it may be answered by another call with that key."""
         spec = self.models[model]
-        reusable = not params.logprobs and (self.reuse_sampled or is_deterministic(spec, params))
+        # a stored call keeps text only: logprobs and tool calls are never answered from it
+        reusable = not params.logprobs and not params.tools and (self.reuse_sampled or is_deterministic(spec, params))
         return call_key(spec, messages, params), reusable
 
     def _known(self, key: str) -> StoredCall | None:

@@ -83,7 +83,7 @@ class SMoAPipeline(Pipeline):
             references = [r.text for r in kept]
             if stop:
                 break
-        return FinalCall(spec=self.spec.aggregator, messages=inject_references(messages, references), layer=layer_no + 1)
+        return FinalCall(spec=self.spec.aggregator, references=references, layer=layer_no + 1)
 
     async def _judge(
         self,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, computed_field
 
@@ -17,7 +17,7 @@ CallStatus = Literal["ok", "error", "cut"]
 #: How much of a trace leaves the process: ``summary`` (facts and numbers, the default) or ``full`` (every call's text).
 TraceDetail = Literal["summary", "full"]
 #: The fields that only a ``full`` trace carries.
-FULL_ONLY_FIELDS = frozenset({"text"})
+FULL_ONLY_FIELDS = frozenset({"text", "reasoning", "tool_calls"})
 #: Roles whose calls wait for their layer's proposers (a sequential step on the critical path).
 SEQUENTIAL_AFTER_LAYER = ("judge", "moderator")
 
@@ -47,6 +47,15 @@ class CallRecord(BaseModel):
         description="What the call answered, provider keys redacted (a judge's, moderator's or ranker's raw verdict too); "
         "only a full trace shows it.",
     )
+    reasoning: str | None = Field(
+        default=None,
+        description="A reasoning model's thinking (its reasoning_content, or <think> text moved out of the answer), redacted; "
+        "only a full trace shows it. The next layer never reads it.",
+    )
+    tool_calls: list[dict[str, Any]] | None = Field(
+        default=None, description="The tool calls the answering model made (name, arguments); only a full trace shows them."
+    )
+    usage_estimated: bool = Field(default=False, description="The provider streamed no usage: the token counts are estimated.")
     key: str | None = Field(
         default=None, description="Content key of the call (model settings, messages, parameters), where a call store ran."
     )
@@ -100,6 +109,9 @@ class Trace(BaseModel):
     roles: list[str] | None = Field(default=None, description="System roles given to the proposers (role-playing SMoA).")
     roles_source: str | None = Field(default=None, description="Where the roles came from: generated, cache, or why partial.")
     accounting: dict | None = Field(default=None, description="Cost and TFLOPs, filled by moa_ray.pipeline.accounting.")
+    settings: dict[str, Any] | None = Field(
+        default=None, description="The request's own pipeline settings (proposers, layers, k, aggregator sampling), where it set any."
+    )
     #: The request's deadline (``time.monotonic()``), None without one: every call of the request shares it.
     _deadline: float | None = PrivateAttr(default=None)
     #: Told of every call the moment it ends (the endpoint's live layer events); None: nobody listens.

@@ -10,6 +10,9 @@ Decisions (documented for clients):
   call was a context-length rejection the input is too long -> 400
   ``context_length_exceeded``; when every provider refused the request (their 4xx) -> 400
   ``invalid_request``; when every provider rate-limited it -> 429;
+* an answer that does not follow the request's ``response_format`` -> 502 ``invalid_structured_output``;
+* every error of a pipeline that ran carries ``x-should-retry: false``: its calls were retried already, and the
+  ``openai`` SDKs would otherwise rerun the whole pipeline (every layer) up to twice more;
 * anything else is a bug -> 500 with a generic message (details go to the log only).
 """
 
@@ -24,6 +27,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moa_ray.errors import PipelineError
+from moa_ray.pipeline.structured import InvalidStructuredOutput
 from moa_ray.serve.openai_schema import ErrorBody, ErrorDetail
 
 # A child of "ray.serve", so Serve writes these lines to the replica's log file.
@@ -35,20 +39,35 @@ _STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate
 class APIError(Exception):
     """An error response: HTTP status plus OpenAI's ``message``/``type``/``param``/``code``."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None, type: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str | None = None,
+        retry: bool | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
         self.type = type or _STATUS_TYPES.get(status) or ("invalid_request_error" if status < 500 else "server_error")
+        self.retry = retry  # False: tell clients not to retry (the x-should-retry header the openai SDKs honour)
 
     def body(self) -> ErrorBody:
         return ErrorBody(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
 
+    def headers(self) -> dict[str, str]:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.retry is not None:
+            headers["x-should-retry"] = "true" if self.retry else "false"
+        return headers
+
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers() or None)
 
 
 _UNION_BRANCHES = {"str", "int", "float", "bool", "none", "dict"}
@@ -60,8 +79,8 @@ def _loc(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in _UNION_BRANCHES or "[" in part or part.startswith("function-"):
-            continue
+        elif part in _UNION_BRANCHES or "[" in part or part.startswith("function-") or part[:1].isupper():
+            continue  # a union's branch (a type or a model's class name), not a field
         else:
             out += f".{part}" if out else part
     return out
@@ -99,14 +118,17 @@ _TIMEOUTS = {"BackendTimeout", "cut"}
 
 
 def from_pipeline_error(err: PipelineError) -> APIError:
-    """A pipeline that could not answer: the input did not fit or was refused (4xx), or the fault is upstream (502/504)."""
+    """A pipeline that could not answer: the input did not fit or was refused (4xx), or the fault is upstream (502/504).
+    Never to be retried by the client as it is: the pipeline's calls were retried already."""
+    if isinstance(err, InvalidStructuredOutput):
+        return APIError(502, str(err), code="invalid_structured_output", type="upstream_error", param="response_format", retry=False)
     failures = set(_failed_calls(err))
     if len(failures) == 1 and (only := next(iter(failures))) in _ALL_FAILED_ALIKE:
         status, code, text = _ALL_FAILED_ALIKE[only]
-        return APIError(status, f"{text}: {err}", code=code, param="messages" if status == 400 else None)
+        return APIError(status, f"{text}: {err}", code=code, param="messages" if status == 400 else None, retry=False)
     if failures and failures <= _TIMEOUTS:
-        return APIError(504, f"the pipeline's model services timed out: {err}", code="upstream_timeout", type="upstream_error")
-    return APIError(502, f"the pipeline's model services failed: {err}", code="upstream_error", type="upstream_error")
+        return APIError(504, f"the pipeline's model services timed out: {err}", code="upstream_timeout", type="upstream_error", retry=False)
+    return APIError(502, f"the pipeline's model services failed: {err}", code="upstream_error", type="upstream_error", retry=False)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -8,6 +8,9 @@ Routes (``model`` = a pipeline name):
 * ``GET /v1/models``, ``GET /v1/models/{id}`` - the served pipelines;
 * ``GET /health`` - liveness for load balancers and Kubernetes probes (no key needed).
 
+With ``server.cors`` set, browsers of the allowed origins may call it: preflights (``OPTIONS``) are answered
+before any key is checked, as browsers send them without one. Off by default.
+
 :func:`create_api` builds the app from a :class:`ChatService`, so it can be tested
 without Ray; :class:`MoAIngress` builds the service from the config and the agent
 deployments' handles inside its replica, where the API keys are read from the
@@ -21,6 +24,7 @@ import logging
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
@@ -67,6 +71,17 @@ def create_api(service: ChatService, verifier: KeyVerifier) -> FastAPI:
         openapi_url=None,
     )
     install_error_handlers(app)
+    cors = service.limits.cors
+    if cors is not None:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors.allow_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=cors.allow_headers,
+            allow_credentials=cors.allow_credentials,
+            expose_headers=["x-should-retry"],
+            max_age=cors.max_age_s,
+        )
 
     async def require_key(authorization: str | None = Header(default=None)) -> None:
         if not verifier.check(authorization):

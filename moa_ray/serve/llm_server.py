@@ -27,7 +27,7 @@ from moa_ray.config import ModelSpec, VLLMModelSpec
 from moa_ray.errors import BackendError, UpstreamError, error_for_status
 from moa_ray.packaged_models import is_packaged, prepare_hf_folder
 from moa_ray.serve.agent import replica_info
-from moa_ray.wire import StreamReader, completion_of
+from moa_ray.wire import StreamReader, completion_of, has_content, joined
 
 log = logging.getLogger("moa_ray.agent")
 _MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
@@ -40,9 +40,13 @@ def openai_request_body(model_id: str, spec: VLLMModelSpec, request: ChatRequest
     fills an array with newlines until ``max_tokens`` cuts it, which is valid-looking but never closed.
     """
     body = {"model": model_id, **chat_kwargs(spec, request.messages, request.params)}
-    if request.params.json_mode:
+    params = request.params
+    if params.response_schema is not None:  # the caller's schema: vLLM's guided decoding
         body.pop("response_format", None)
-        target = {"json": request.params.json_schema} if request.params.json_schema else {"json_object": True}
+        body["structured_outputs"] = {"json": params.response_schema.json_schema}
+    elif params.json_mode:
+        body.pop("response_format", None)
+        target = {"json": params.json_schema} if params.json_schema else {"json_object": True}
         body["structured_outputs"] = {**target, "disable_any_whitespace": True}
     if stream:
         body["stream"] = True
@@ -111,7 +115,7 @@ class MoALLMServer(LLMServer):
                     if not isinstance(item, str):  # an ErrorResponse before the first token
                         yield {"error": _error_from(item, self.spec.model).to_dict()}
                         return
-                    delta, done = "", False  # one message per batch: its chunks' text together
+                    pieces, done = [], False  # one message per batch: its chunks' pieces together
                     for line in item.splitlines():
                         if not line.startswith("data: "):
                             continue
@@ -123,9 +127,10 @@ class MoALLMServer(LLMServer):
                         if "error" in chunk:
                             yield {"error": _error_from(chunk, self.spec.model).to_dict()}
                             return
-                        delta += reader.feed(chunk)
-                    if delta:
-                        yield {"chunk": StreamChunk(delta=delta).model_dump()}
+                        pieces.append(reader.read(chunk))
+                    piece = joined(pieces)
+                    if has_content(piece):
+                        yield {"chunk": piece.model_dump()}
                     if done:
                         break
         except BackendError as err:

@@ -1,8 +1,16 @@
 """The OpenAI chat-completions wire format, as pydantic models.
 
-Requests are validated strictly (unknown fields are rejected, as OpenAI does) so
-a client that asks for something moa-ray cannot do (``n > 1``, tools, logprobs)
-gets a 400 naming the field instead of a silently different answer.
+Every field of OpenAI's chat-completions request is accepted (the official SDKs and agent frameworks send
+several by default); unknown fields are rejected, as OpenAI does, so a typo or a field of another API gets a
+400 naming it instead of a silently different answer. What a field does in a pipeline:
+
+* applied to the answering call (the aggregator; a ``single`` pipeline's model): ``temperature``, ``top_p``,
+  ``max_tokens`` / ``max_completion_tokens``, ``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty``,
+  ``logit_bias``, ``reasoning_effort``, ``response_format``, ``tools``, ``tool_choice``, ``parallel_tool_calls``;
+* refused with a 400 where a pipeline cannot do what is asked: ``n > 1``, ``logprobs: true``, the deprecated
+  ``functions`` / ``function_call`` (send ``tools``), content parts other than text;
+* accepted and ignored (:data:`IGNORED_FIELDS`): they steer OpenAI's own service (storage, tiers, caching,
+  moderation, web search, audio) or only ever shape the answer's style (``verbosity``).
 """
 
 from __future__ import annotations
@@ -11,9 +19,21 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from moa_ray.chat import ChatMessage, ChatParams
+from moa_ray.chat import (
+    ChatMessage,
+    ChatParams,
+    FunctionCall,
+    NamedToolChoice,
+    ReasoningEffort,
+    ResponseSchema,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    ToolDefinition,
+)
+from moa_ray.pipeline.overrides import PipelineOverrides
 from moa_ray.pipeline.trace import TraceDetail
 
 # --------------------------------------------------------------------------- request
@@ -21,6 +41,27 @@ from moa_ray.pipeline.trace import TraceDetail
 
 #: OpenAI accepts at most four stop sequences; more would pass here and be refused by the provider.
 MAX_STOP = 4
+
+#: Request fields accepted and ignored: what they ask for is OpenAI's service (storing completions, service
+#: tiers, prompt caching, moderation, web search, audio output) or a style hint no other provider takes.
+IGNORED_FIELDS = (
+    "audio",
+    "metadata",
+    "modalities",
+    "moderation",
+    "prediction",
+    "prompt_cache_key",
+    "prompt_cache_options",
+    "prompt_cache_retention",
+    "safety_identifier",
+    "service_tier",
+    "store",
+    "top_logprobs",
+    "user",
+    "verbosity",
+    "web_search_options",
+    "stream_options.include_obfuscation",
+)
 
 
 class TextPart(BaseModel):
@@ -32,41 +73,133 @@ class TextPart(BaseModel):
     text: str
 
 
-class RequestMessage(BaseModel):
-    """One message of the conversation; ``developer`` is OpenAI's newer name for ``system``."""
+class RefusalPart(BaseModel):
+    """An earlier assistant turn's refusal, as a content part."""
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    type: Literal["refusal"]
+    refusal: str
+
+
+class RequestFunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class RequestToolCall(BaseModel):
+    """A tool call of an earlier assistant turn, replayed by the client."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    type: Literal["function"]
+    function: RequestFunctionCall
+
+
+class RequestMessage(BaseModel):
+    """One message of the conversation; ``developer`` is OpenAI's newer name for ``system``.
+
+    An assistant turn may carry ``tool_calls`` (and then null content); a ``tool`` turn answers one of them by
+    ``tool_call_id``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[str | list[TextPart | RefusalPart] | None, Field(validate_default=True)] = None
     name: str | None = None
+    tool_calls: list[RequestToolCall] | None = None
+    tool_call_id: Annotated[str | None, Field(validate_default=True)] = None
+    refusal: str | None = None
+    audio: dict[str, Any] | None = Field(default=None, description="A reference to an earlier audio answer: ignored.")
+    function_call: dict[str, Any] | None = Field(default=None, description="Deprecated: refused (replay tool_calls).")
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if v is None and role != "assistant":
+            raise ValueError(f"a {role} message needs content")
+        if isinstance(v, list) and role != "assistant" and any(isinstance(part, RefusalPart) for part in v):
+            raise ValueError("refusal parts belong to assistant messages")
+        return v
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_call_id(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("role") == "tool" and not v:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return v
+
+    @field_validator("function_call")
+    @classmethod
+    def _no_function_call(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            raise ValueError("function_call is deprecated; replay the call as tool_calls")
+        return v
+
+    @model_validator(mode="after")
+    def _role_fields(self) -> RequestMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text if isinstance(part, TextPart) else part.refusal for part in self.content)
 
     def to_chat(self) -> ChatMessage:
-        return ChatMessage(role="system" if self.role == "developer" else self.role, content=self.text)
+        role = "system" if self.role == "developer" else self.role
+        calls = [
+            ToolCall(id=c.id, function=FunctionCall(name=c.function.name, arguments=c.function.arguments)) for c in self.tool_calls or []
+        ]
+        return ChatMessage(
+            role=role, content=self.text, tool_calls=calls or None, tool_call_id=self.tool_call_id if self.role == "tool" else None
+        )
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+    include_obfuscation: bool | None = Field(default=None, description="OpenAI's padding of streamed events: ignored.")
+
+
+class JSONSchemaFormat(BaseModel):
+    """The ``json_schema`` of a ``response_format``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text", "json_object"]
-
-
-class MoAOptions(BaseModel):
-    """The ``moa`` extension field: moa-ray specific switches."""
+    """``text`` (the default), ``json_object`` (any JSON object) or ``json_schema`` (an answer that follows it)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is required with type "json_schema", and only with it')
+        return self
+
+
+class MoAOptions(PipelineOverrides):
+    """The ``moa`` extension field: moa-ray specific switches, and the request's own pipeline settings."""
 
     trace: TraceDetail | None = Field(
         default=None,
@@ -91,6 +224,10 @@ class MoAOptions(BaseModel):
             return v
         raise ValueError('trace must be true, false, "summary" or "full"')
 
+    def overrides(self) -> PipelineOverrides:
+        """The pipeline settings among the options."""
+        return PipelineOverrides.model_validate(self.model_dump(include=set(PipelineOverrides.model_fields)))
+
 
 class ChatCompletionRequest(BaseModel):
     """``POST /v1/chat/completions``; ``model`` names a pipeline. Sampling fields apply to the final call."""
@@ -107,14 +244,36 @@ class ChatCompletionRequest(BaseModel):
         default=None, description=f"Up to {MAX_STOP} stop sequences, as OpenAI allows (a provider refuses more)."
     )
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="A 64-bit integer, as providers take.")
-    n: int = Field(default=1, description="Only one choice per request is supported.")
-    stream: bool = False
+    n: int | None = Field(default=1, description="Only one choice per request is supported.")
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    presence_penalty: float | None = Field(default=None, description="Not supported; only 0 is accepted.")
-    frequency_penalty: float | None = Field(default=None, description="Not supported; only 0 is accepted.")
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     logprobs: bool | None = Field(default=None, description="Not supported; only false is accepted.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="Ignored: logprobs are not returned.")
+    reasoning_effort: ReasoningEffort | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = Field(default=None, description="Deprecated: refused (send tools).")
+    function_call: str | dict[str, Any] | None = Field(default=None, description="Deprecated: refused (send tool_choice).")
+    # accepted and ignored (IGNORED_FIELDS)
+    audio: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    moderation: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+    service_tier: str | None = None
+    store: bool | None = None
     user: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    web_search_options: dict[str, Any] | None = None
     moa: MoAOptions = Field(default_factory=MoAOptions)
 
     @field_validator("messages")
@@ -126,16 +285,9 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
+    def _one_choice(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
             raise ValueError("only n=1 is supported: a pipeline returns one answer")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None) -> float | None:
-        if v:
-            raise ValueError("penalties are not supported by moa-ray pipelines; send 0 or leave it out")
         return v
 
     @field_validator("logprobs")
@@ -145,15 +297,41 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("logprobs are not supported by moa-ray pipelines")
         return v
 
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _no_functions(cls, v: Any) -> Any:
+        if v is not None:
+            raise ValueError("functions and function_call are deprecated; send tools and tool_choice")
+        return v
+
     @model_validator(mode="after")
     def _one_max_tokens(self) -> ChatCompletionRequest:
         if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
         return self
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, v: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        tools = info.data.get("tools") or []
+        if v == "required" and not tools:
+            raise ValueError('"required" needs tools to choose from')
+        if isinstance(v, NamedToolChoice) and v.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"names the function {v.function.name!r}, which is not among the tools")
+        return v
+
+    @property
+    def streamed(self) -> bool:
+        return bool(self.stream)
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def active_tools(self) -> list[ToolDefinition] | None:
+        """The tools the answering model gets: none when ``tool_choice`` is ``"none"`` (it would not call them)."""
+        return None if self.tool_choice == "none" else self.tools or None
 
     def chat_messages(self) -> list[ChatMessage]:
         return [m.to_chat() for m in self.messages]
@@ -171,18 +349,35 @@ class ChatCompletionRequest(BaseModel):
             fields["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if self.seed is not None:
             fields["seed"] = self.seed
+        for name in ("presence_penalty", "frequency_penalty", "logit_bias", "reasoning_effort"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
         if self.response_format is not None and self.response_format.type == "json_object":
             fields["json_mode"] = True
+        if self.response_format is not None and self.response_format.json_schema is not None:
+            spec = self.response_format.json_schema
+            fields["response_schema"] = ResponseSchema(
+                name=spec.name, json_schema=spec.schema_, strict=spec.strict, description=spec.description
+            )
+        if self.active_tools:
+            fields["tools"] = self.active_tools
+            if self.tool_choice is not None:
+                fields["tool_choice"] = self.tool_choice
+            if self.parallel_tool_calls is not None:
+                fields["parallel_tool_calls"] = self.parallel_tool_calls
         return ChatParams(**fields)
 
 
 # --------------------------------------------------------------------------- response
 
-FinishReason = Literal["stop", "length", "content_filter"]
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
 
 
-def finish_reason(value: str | None) -> FinishReason:
-    """Map a backend's finish reason onto OpenAI's values (unknown or missing means ``stop``)."""
+def finish_reason(value: str | None, tool_calls: bool = False) -> FinishReason:
+    """Map a backend's finish reason onto OpenAI's values (unknown or missing means ``stop``); an answer that
+    calls tools finishes with ``tool_calls``, whatever the backend said."""
+    if tool_calls:
+        return "tool_calls"
     return value if value in ("stop", "length", "content_filter") else "stop"  # type: ignore[return-value]
 
 
@@ -197,8 +392,14 @@ class UsageOut(BaseModel):
 
 
 class AssistantMessage(BaseModel):
+    """The answer: text, or the tools the answering model called (content null); a reasoning model's thinking
+    comes as ``reasoning_content`` (left out when there is none)."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None
 
 
 class Choice(BaseModel):
@@ -213,21 +414,28 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str | None = None
     choices: list[Choice]
     usage: UsageOut
     moa: dict[str, Any] | None = Field(default=None, description="Extension: the trace when the request asked for it.")
 
     def wire(self) -> dict[str, Any]:
-        """The JSON body; the ``moa`` extension only when there is one."""
+        """The JSON body; the ``moa`` extension, tool calls and reasoning only when there are any."""
         data = self.model_dump()
         if data["moa"] is None:
             del data["moa"]
+        for choice in data["choices"]:
+            for key in ("tool_calls", "reasoning_content"):
+                if choice["message"][key] is None:
+                    del choice["message"][key]
         return data
 
 
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
@@ -242,6 +450,7 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChunkChoice]
     usage: UsageOut | None = None
     moa: dict[str, Any] | None = None
@@ -252,8 +461,8 @@ class ChatCompletionChunk(BaseModel):
         for key in ("usage", "moa"):
             if data[key] is None:
                 del data[key]
-        for choice in data["choices"]:
-            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        for choice, wired in zip(self.choices, data["choices"], strict=True):
+            wired["delta"] = choice.delta.model_dump(exclude_none=True)
         return data
 
 

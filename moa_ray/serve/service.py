@@ -8,12 +8,18 @@ leaves (answers aside) passes the :class:`~moa_ray.serve.auth.Redactor`.
 The ``moa`` request extension: ``"trace": true`` (or ``"summary"``) returns the trace without texts,
 ``"trace": "full"`` with each call's text; ``"stream_layers": true`` on a streamed request sends each call
 before the final one as a ``chat.completion.chunk`` with no choices and a ``moa`` field the moment it ends
-(:func:`call_event`). Texts leave only when asked for, and never reach the log.
+(:func:`call_event`). Texts leave only when asked for, and never reach the log. ``proposers``, ``layers``,
+``k`` and ``aggregator`` shape the pipeline for the request (:mod:`moa_ray.pipeline.overrides`).
+
+A pipeline as an agent's model: ``tools`` and ``response_format`` reach the answering call only (proposers
+advise in text: :func:`~moa_ray.prompts.advisory_messages`), its tool calls are the response, streamed as
+OpenAI's deltas, and an answer that breaks the requested schema is an error, not a success.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -23,9 +29,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from moa_ray.backends.base import tools_unsupported
+from moa_ray.chat import StreamChunk
 from moa_ray.config import MoARayConfig
 from moa_ray.errors import PipelineError
 from moa_ray.pipeline.base import DEADLINE_GRACE_S, CallEvent, Pipeline, PipelineResult
+from moa_ray.pipeline.overrides import OverrideError, answering_call, apply_overrides
+from moa_ray.pipeline.structured import schema_problem
 from moa_ray.pipeline.trace import CallRecord, Trace
 from moa_ray.serve.auth import Redactor
 from moa_ray.serve.http_errors import APIError, from_pipeline_error, from_validation_error
@@ -81,6 +91,7 @@ CALL_EVENT_FIELDS = (
     "start_s",
     "selected",
     "reused",
+    "reasoning",
 )
 
 
@@ -90,16 +101,27 @@ def call_event(record: CallRecord) -> dict[str, Any]:
     return {"event": "call", "call": record.model_dump(mode="json", include=set(CALL_EVENT_FIELDS))}
 
 
-def content_event_template(rid: str, created: int, model: str) -> tuple[str, str]:
+def content_event_template(rid: str, created: int, model: str, fingerprint: str | None = None) -> tuple[str, str]:
     """The text around a content delta's JSON string in its stream's events.
 
     A stream sends an event per delta that differs only in the text; the chunk model built once
     (with a marker for the text) gives the bytes around it, so each delta costs one ``json.dumps``
     of its text instead of building, dumping and encoding a model: the same bytes either way.
     """
-    event = sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[ChunkChoice(delta=Delta(content=_MARK))]).wire())
-    head, tail = event.split(json.dumps(_MARK), 1)
+    chunk = ChatCompletionChunk(
+        id=rid, created=created, model=model, system_fingerprint=fingerprint, choices=[ChunkChoice(delta=Delta(content=_MARK))]
+    )
+    head, tail = sse(chunk.wire()).split(json.dumps(_MARK), 1)
     return head, tail
+
+
+def fingerprint(pipeline: Pipeline) -> str:
+    """``system_fingerprint``: a digest of what decides the pipeline's answers (its spec, its models' answer
+    settings), so a client sees when the configuration behind a pipeline name changed, as OpenAI's does."""
+    spec: Any = pipeline.spec
+    models = {m: pipeline.models[m].answer_settings() for _, c in spec.calls() if pipeline.models and (m := c.model) in pipeline.models}
+    material = json.dumps({"pipeline": spec.model_dump(mode="json"), "models": models}, sort_keys=True, default=str)
+    return "fp_" + hashlib.sha256(material.encode()).hexdigest()[:12]
 
 
 class ChatService:
@@ -111,6 +133,7 @@ class ChatService:
         self.pipelines = dict(pipelines)
         self.redactor = redactor
         self.created = int(time.time())
+        self.fingerprints = {name: fingerprint(p) for name, p in self.pipelines.items()}
 
     # ------------------------------------------------------------------ models
 
@@ -161,7 +184,66 @@ class ChatService:
                 param="moa.stream_layers",
             )
         self._check_limits(request)
+        self._check_conversation(request)
+        self._check_answerer(request, self.pipeline_for(request))
         return request
+
+    def pipeline_for(self, request: ChatCompletionRequest) -> Pipeline:
+        """The request's pipeline, shaped by its ``moa`` settings (proposers, layers, k, aggregator sampling)."""
+        pipeline = self.pipelines[request.model]
+        overrides = request.moa.overrides()
+        if overrides.empty:
+            return pipeline
+        try:
+            spec = apply_overrides(pipeline.spec, overrides, self.config.models)
+        except OverrideError as err:
+            raise APIError(400, str(err), code="invalid_request", param=err.param) from None
+        return pipeline.with_spec(spec, overrides.model_dump(exclude_none=True))
+
+    def _fingerprint(self, request: ChatCompletionRequest, pipeline: Pipeline) -> str:
+        return self.fingerprints[request.model] if pipeline is self.pipelines[request.model] else fingerprint(pipeline)
+
+    @staticmethod
+    def _check_conversation(request: ChatCompletionRequest) -> None:
+        """A tool message answers a call of the assistant message right before it (and its earlier tool messages)."""
+        calls: set[str] = set()
+        for i, message in enumerate(request.messages):
+            if message.role == "assistant":
+                calls = {c.id for c in message.tool_calls or []}
+            elif message.role == "tool":
+                if message.tool_call_id not in calls:
+                    raise APIError(
+                        400,
+                        f"messages[{i}] answers the tool call {message.tool_call_id!r}, which the assistant message before it did not make",
+                        code="invalid_request",
+                        param=f"messages[{i}].tool_call_id",
+                    )
+            else:
+                calls = set()
+
+    def _check_answerer(self, request: ChatCompletionRequest, pipeline: Pipeline) -> None:
+        """Tools and a response format need an answering call whose backend can honour them; 400 naming it."""
+        tools = request.active_tools
+        structured = request.response_format is not None and request.response_format.type != "text"
+        if not tools and not structured:
+            return
+        param = "tools" if tools else "response_format"
+        answerer = answering_call(pipeline.spec)
+        if answerer is None:
+            raise APIError(
+                400,
+                f"the pipeline {request.model!r} ({pipeline.spec.kind}) returns one proposer's answer verbatim: "  # type: ignore[attr-defined]
+                f"it cannot call tools or follow a response_format",
+                code="invalid_request",
+                param=param,
+            )
+        if tools and (reason := tools_unsupported(answerer.model, self.config.models[answerer.model])) is not None:
+            raise APIError(400, f"the pipeline {request.model!r} cannot call tools: {reason}", code="tools_unsupported", param="tools")
+        schema = request.response_format.json_schema if request.response_format is not None else None
+        if schema is not None and (problem := schema_problem(schema.schema_)) is not None:
+            raise APIError(
+                400, f"response_format.json_schema.schema is {problem}", code="invalid_request", param="response_format.json_schema.schema"
+            )
 
     def _check_limits(self, request: ChatCompletionRequest) -> None:
         limits = self.limits
@@ -173,10 +255,11 @@ class ChatService:
                 param="messages",
             )
         for i, message in enumerate(request.messages):
-            if len(message.text) > limits.max_message_chars:
+            size = len(message.text) + sum(len(c.function.arguments) for c in message.tool_calls or [])
+            if size > limits.max_message_chars:
                 raise APIError(
                     400,
-                    f"messages[{i}] has {len(message.text)} characters; this server's limit is {limits.max_message_chars}",
+                    f"messages[{i}] has {size} characters; this server's limit is {limits.max_message_chars}",
                     code="message_too_long",
                     param=f"messages[{i}].content",
                 )
@@ -209,12 +292,16 @@ class ChatService:
     def _timeout(self, request: ChatCompletionRequest) -> APIError:
         log.warning("%s: timed out after %.0f s", request.model, self.limits.request_timeout_s)
         return APIError(
-            504, f"the pipeline did not finish within {self.limits.request_timeout_s:g} s", code="timeout", type="upstream_error"
+            504,
+            f"the pipeline did not finish within {self.limits.request_timeout_s:g} s",
+            code="timeout",
+            type="upstream_error",
+            retry=False,
         )
 
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
         """Run the pipeline to the end and answer in one response."""
-        pipeline = self.pipelines[request.model]
+        pipeline = self.pipeline_for(request)
         try:
             result = await asyncio.wait_for(
                 pipeline.run(request.chat_messages(), request.chat_params(), timeout_s=self.limits.request_timeout_s),
@@ -225,9 +312,15 @@ class ChatService:
         except asyncio.TimeoutError:
             raise self._timeout(request) from None
         self._log_done(request, result)
+        message = AssistantMessage(
+            content=None if result.tool_calls and not result.answer else result.answer,
+            tool_calls=result.tool_calls,
+            reasoning_content=result.reasoning,
+        )
         return ChatCompletion(
             model=request.model,
-            choices=[Choice(message=AssistantMessage(content=result.answer), finish_reason=finish_reason(result.finish_reason))],
+            system_fingerprint=self._fingerprint(request, pipeline),
+            choices=[Choice(message=message, finish_reason=finish_reason(result.finish_reason, bool(result.tool_calls)))],
             usage=usage_of(result.trace),
             moa=self._moa_extension(request, result.trace),
         )
@@ -242,8 +335,9 @@ class ChatService:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.request_timeout_s + DEADLINE_GRACE_S
+        pipeline = self.pipeline_for(request)
         # deltas coalesced by time and size: fewer events through the Serve proxy and to the client, same bytes
-        items: AsyncGenerator[Any, None] = self.pipelines[request.model].stream(
+        items: AsyncGenerator[Any, None] = pipeline.stream(
             request.chat_messages(),
             request.chat_params(),
             timeout_s=self.limits.request_timeout_s,
@@ -259,27 +353,32 @@ class ChatService:
         except asyncio.TimeoutError:
             await items.aclose()
             raise self._timeout(request) from None
-        return self._events(request, items, first, deadline)
+        return self._events(request, items, first, deadline, self._fingerprint(request, pipeline))
 
     async def _events(
-        self, request: ChatCompletionRequest, items: AsyncGenerator[Any, None], first: Any, deadline: float
+        self, request: ChatCompletionRequest, items: AsyncGenerator[Any, None], first: Any, deadline: float, fp: str
     ) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         rid, created = completion_id(), int(time.time())
 
         def chunk(delta: Delta | None, finish: Any = None, **extra: Any) -> str:
             choices = [ChunkChoice(delta=delta, finish_reason=finish)] if delta is not None else []
-            return sse(ChatCompletionChunk(id=rid, created=created, model=request.model, choices=choices, **extra).wire())
+            return sse(
+                ChatCompletionChunk(id=rid, created=created, model=request.model, system_fingerprint=fp, choices=choices, **extra).wire()
+            )
 
-        head, tail = content_event_template(rid, created, request.model)
+        head, tail = content_event_template(rid, created, request.model, fp)
         yield chunk(Delta(role="assistant", content=""))
         item, result = first, None
         try:
             while not isinstance(item, PipelineResult):
                 if isinstance(item, CallEvent):  # only asked for with stream_layers
                     yield chunk(None, moa=self.redactor.json(call_event(item.record)))
-                elif item.delta:
-                    yield head + json.dumps(item.delta) + tail
+                elif isinstance(item, StreamChunk) and item.is_text:
+                    if item.delta:
+                        yield head + json.dumps(item.delta) + tail
+                else:  # thinking or tool calls: OpenAI's delta fields for them
+                    yield chunk(Delta(content=item.delta or None, reasoning_content=item.reasoning or None, tool_calls=item.tool_calls))
                 item = await asyncio.wait_for(items.__anext__(), max(deadline - loop.time(), 0.001))
             result = item
         except PipelineError as err:
@@ -291,7 +390,9 @@ class ChatService:
         if result is not None:
             self._log_done(request, result)
             usage = usage_of(result.trace)
-            yield chunk(Delta(), finish_reason(result.finish_reason), moa=self._moa_extension(request, result.trace))
+            yield chunk(
+                Delta(), finish_reason(result.finish_reason, bool(result.tool_calls)), moa=self._moa_extension(request, result.trace)
+            )
             if request.stream_options is not None and request.stream_options.include_usage:
                 yield chunk(None, usage=usage)
         yield sse("[DONE]")
