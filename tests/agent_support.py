@@ -59,6 +59,7 @@ class AgentProvider:
         self.think = think or {}
         self.structured = structured
         self.stream_usage = stream_usage
+        self.tool_arguments = TOOL_ARGUMENTS  # what a tool call passes
         self.requests: list[dict[str, Any]] = []
 
     def transport(self) -> httpx.MockTransport:
@@ -74,7 +75,11 @@ class AgentProvider:
         tools = body.get("tools") if body.get("tool_choice") != "none" else None
         format_type = (body.get("response_format") or {}).get("type")
         if tools and messages[-1]["role"] != "tool":
-            call = {"id": "call_w1", "type": "function", "function": {"name": tools[0]["function"]["name"], "arguments": TOOL_ARGUMENTS}}
+            call = {
+                "id": "call_w1",
+                "type": "function",
+                "function": {"name": tools[0]["function"]["name"], "arguments": self.tool_arguments},
+            }
             return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
         if messages[-1]["role"] == "tool":
             text = final_text(messages[-1]["content"])
