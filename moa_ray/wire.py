@@ -124,14 +124,27 @@ class ToolCallAssembler:
     def __init__(self) -> None:
         self._calls: dict[int, dict[str, str]] = {}
 
-    def add(self, pieces: list[ToolCallDelta]) -> None:
+    def add(self, pieces: list[ToolCallDelta]) -> list[ToolCallDelta]:
+        """Take ``pieces`` in; returns them as OpenAI streams them: a call's id, type and name in its first piece
+        only (llama.cpp repeats them in every piece, which a client that joins the pieces would repeat too)."""
+        out = []
         for piece in pieces:
-            call = self._calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
+            call = self._calls.get(piece.index)
+            if call is None:
+                call = self._calls[piece.index] = {"id": piece.id or "", "name": "", "arguments": ""}
+            elif piece.id == call["id"] or not piece.id:
+                piece = piece.model_copy(update={"id": None, "type": None})
+            name = piece.function.name if piece.function is not None else None
+            if name and name == call["name"]:  # a repeat, not a continuation
+                name = None
+                piece = piece.model_copy(update={"function": piece.function.model_copy(update={"name": None})})  # type: ignore[union-attr]
             if piece.id:
                 call["id"] = piece.id
             if piece.function is not None:
-                call["name"] += piece.function.name or ""
+                call["name"] += name or ""
                 call["arguments"] += piece.function.arguments or ""
+            out.append(piece)
+        return out
 
     def calls(self) -> list[ToolCall] | None:
         out = [
@@ -172,7 +185,7 @@ class StreamReader:
         if thought:
             self.thoughts.append(thought)
         if pieces:
-            self.tools.add(pieces)
+            pieces = self.tools.add(pieces)
         return StreamChunk(delta=delta, reasoning=thought, tool_calls=pieces or None)
 
     def feed(self, chunk: Mapping[str, Any]) -> str:
