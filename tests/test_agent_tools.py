@@ -184,3 +184,21 @@ async def test_a_ranker_cannot_call_tools():
         response = await client.post("/v1/chat/completions", json={"model": "rank", "messages": USER, "tools": [WEATHER_TOOL]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "tools"
     assert "verbatim" in response.json()["error"]["message"]
+
+
+@pytest.mark.vllm  # serve/llm_server.py imports vLLM
+def test_vllm_gets_the_tools_in_its_openai_request():
+    from vllm_support import require_vllm
+
+    require_vllm()
+    from moa_ray.chat import ChatMessage, ChatParams, ChatRequest, ToolDefinition
+    from moa_ray.config import parse_config
+    from moa_ray.serve.llm_server import openai_request_body
+
+    spec = parse_config({"models": {"big": {"backend": "vllm", "model": "v", "engine_kwargs": {"enable_auto_tool_choice": True}}}}).models[
+        "big"
+    ]
+    params = ChatParams(tools=[ToolDefinition.model_validate(WEATHER_TOOL)], tool_choice="auto", parallel_tool_calls=False)
+    body = openai_request_body("big", spec, ChatRequest(messages=[ChatMessage(role="user", content="q")], params=params), stream=True)
+    assert body["tools"] == [WEATHER_TOOL] and body["tool_choice"] == "auto" and body["parallel_tool_calls"] is False
+    assert body["stream_options"] == {"include_usage": True}
