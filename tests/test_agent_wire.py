@@ -52,6 +52,8 @@ def test_a_request_with_tools_crosses_a_handle_intact():
         params=ChatParams(tools=[TOOL], tool_choice="required", response_schema=ResponseSchema(name="w", json_schema={"type": "object"})),
     )
     assert ChatRequest.model_validate(request.model_dump()) == request
+    answer = Completion(text="", tool_calls=[call], reasoning="hm", finish_reason="tool_calls")
+    assert Completion.model_validate(answer.model_dump()) == answer  # what a replica sends back
     assert request.messages[0].wire() == {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]}
     assert ChatMessage(role="user", content="hi").wire() == {"role": "user", "content": "hi"}
 
