@@ -57,14 +57,24 @@ async def _tool_call_plain_and_streamed(app) -> tuple:
                 pass
             streamed = await stream.get_final_completion()
         parsed = await client.chat.completions.parse(model="moa", messages=USER, response_format=Weather)
-    return plain, streamed, parsed
+        auto = await client.chat.completions.create(model="moa", messages=USER, tools=[WEATHER_TOOL])
+        async with client.chat.completions.stream(model="moa", messages=USER, tools=[WEATHER_TOOL]) as stream:
+            async for _ in stream:
+                pass
+            streamed_auto = await stream.get_final_completion()
+    return plain, streamed, parsed, auto, streamed_auto
 
 
 def test_smollm2_calls_a_tool_and_follows_a_schema(app):
-    plain, streamed, parsed = asyncio.run(_tool_call_plain_and_streamed(app))
+    plain, streamed, parsed, auto, streamed_auto = asyncio.run(_tool_call_plain_and_streamed(app))
     for reply in (plain, streamed):
         assert reply.choices[0].finish_reason == "tool_calls"
         (call,) = reply.choices[0].message.tool_calls
         assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments).get("city"), str)
     assert streamed.choices[0].message.tool_calls[0].function.arguments == plain.choices[0].message.tool_calls[0].function.arguments
     assert isinstance(parsed.choices[0].message.parsed, Weather)
+    # tool_choice auto: llama.cpp's handler cannot stream a call it chose, so the stream carries the whole answer
+    assert streamed_auto.choices[0].finish_reason == auto.choices[0].finish_reason
+    assert (streamed_auto.choices[0].message.content or None) == auto.choices[0].message.content  # a stream starts with content ""
+    essence = [[(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls or []] for r in (auto, streamed_auto)]
+    assert essence[0] == essence[1]

@@ -15,7 +15,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from moa_ray.backends.base import chat_kwargs, tools_unsupported
-from moa_ray.chat import ChatMessage, ChatParams, Completion, NamedFunction, NamedToolChoice, StreamChunk, Usage
+from moa_ray.chat import (
+    ChatMessage,
+    ChatParams,
+    Completion,
+    FunctionCallDelta,
+    NamedFunction,
+    NamedToolChoice,
+    StreamChunk,
+    ToolCallDelta,
+    Usage,
+)
 from moa_ray.config import LlamaCppModelSpec
 from moa_ray.errors import BackendError, BadRequest, ConfigError, ContextLengthExceeded
 from moa_ray.packaged_models import resolve_model_path
@@ -106,6 +116,12 @@ class LlamaCppBackend:
     async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
         """Stream tokens from a worker thread; stops generating if the consumer goes away."""
         kwargs = self._kwargs(messages, params)
+        if kwargs.get("tools") and kwargs.get("tool_choice") == "auto":
+            # llama-cpp-python's handler cannot stream a call it chose itself ("Automatic streaming tool choice is
+            # not supported"): the answer is made whole, then sent as one text piece or one piece per tool call
+            async for chunk in self._whole_as_stream(messages, params):
+                yield chunk
+            return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         stop = threading.Event()
@@ -146,6 +162,15 @@ class LlamaCppBackend:
             prompt_tokens = max(self._llm.n_tokens - completion_tokens + unevaluated, 0)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
         yield StreamChunk(completion=reader.completion(model=self.spec.model, latency_s=time.perf_counter() - start, usage=usage))
+
+    async def _whole_as_stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
+        completion = await self.chat(messages, params)
+        if completion.text:
+            yield StreamChunk(delta=completion.text)
+        for index, call in enumerate(completion.tool_calls or []):
+            function = FunctionCallDelta(name=call.function.name, arguments=call.function.arguments)
+            yield StreamChunk(tool_calls=[ToolCallDelta(index=index, id=call.id, type="function", function=function)])
+        yield StreamChunk(completion=completion)
 
     async def check_health(self) -> None:
         """The model and its context are still loaded (closing a ``Llama`` frees both pointers)."""
