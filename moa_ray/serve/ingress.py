@@ -5,6 +5,8 @@ Routes (``model`` = a pipeline name):
 * ``POST /v1/chat/completions`` - plain or ``stream: true`` (server-sent events of the
   final call's tokens, ending with ``data: [DONE]``); ``"moa": {"trace": true}`` adds the trace
   (``"full"``: with every call's text), ``"moa": {"stream_layers": true}`` streams each call as it ends;
+* ``POST /v1/responses`` - OpenAI's Responses API, translated to and from chat completions
+  (:mod:`moa_ray.serve.responses`), plain or streamed;
 * ``GET /v1/models``, ``GET /v1/models/{id}`` - the served pipelines;
 * ``GET /health`` - liveness for load balancers and Kubernetes probes (no key needed).
 
@@ -20,6 +22,7 @@ environment.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -30,6 +33,8 @@ from ray import serve
 
 from moa_ray.serve.auth import KeyVerifier, Redactor, load_api_keys
 from moa_ray.serve.http_errors import APIError, install_error_handlers
+from moa_ray.serve.responses import ResponseShell, chat_body, response_events, response_of
+from moa_ray.serve.responses import parse_request as parse_responses_request
 from moa_ray.serve.service import ChatService
 
 # A child of "ray.serve", so Serve writes these lines to the replica's log file.
@@ -112,6 +117,19 @@ def create_api(service: ChatService, verifier: KeyVerifier) -> FastAPI:
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             )
         return JSONResponse((await service.complete(chat)).wire())
+
+    @app.post("/v1/responses", dependencies=authorized)
+    async def responses(request: Request) -> Any:
+        body = await read_body(request, service.limits.max_request_bytes, service.limits.body_timeout_s)
+        asked = parse_responses_request(body)
+        chat = service.parse(json.dumps(chat_body(asked)).encode())
+        shell = ResponseShell(asked)
+        if chat.stream:
+            events = response_events(shell, await service.open_stream(chat))
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            )
+        return JSONResponse(response_of(shell, (await service.complete(chat)).wire()))
 
     return app
 
