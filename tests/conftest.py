@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ is a top-level package beside moa_ray/
     sys.path.insert(0, str(ROOT))
 
-from bench.simulator import SimulatorConfig, run_simulator  # noqa: E402
+from bench.simulator import SimulatorConfig, join_stopped, run_simulator  # noqa: E402
 
 #: The driver logs a call that failed with anything but a backend error (a bug, not a model's answer) here.
 UNEXPECTED_CALL_ERRORS = "moa_ray.pipeline.base"
@@ -76,13 +76,23 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def _simulators_stopping():
+    yield
+    join_stopped()
+
+
 @pytest.fixture
-def simulator():
-    """A fresh simulator per test; call it with a SimulatorConfig (default: 50 ms latency)."""
+def simulator(_simulators_stopping):
+    """A fresh simulator per test; call it with a SimulatorConfig (default: 50 ms latency).
+
+    Each is told to stop as its test ends and finishes stopping in the background (uvicorn takes 0.1-0.2 s; the
+    session waits for them at its end): a test's stats are its own, and the next test starts at once.
+    """
     stack = []
 
     def start(config: SimulatorConfig | None = None):
-        cm = run_simulator(config or SimulatorConfig(latency_ms=50), tick_s=0.01)  # one per test: a quick stop
+        cm = run_simulator(config or SimulatorConfig(latency_ms=50), tick_s=0.01, wait=False)
         stack.append(cm)
         return cm.__enter__()
 
