@@ -75,13 +75,23 @@ def test_generate_with_nothing_left_runs_no_ray(config_file: Path, tmp_path: Pat
     )
     export = tmp_path / "model_outputs.json"
     reads: list[list[str] | None] = []
-    read = RowTable.read
+    read, batches, read_where = RowTable.read, RowTable.batches, RowTable.read_where
 
     def counting_read(self, files=None, *, columns=None):
         reads.append(columns)
         return read(self, files, columns=columns)
 
+    def counting_batches(self, columns, batch_rows=65_536):
+        reads.append(columns)
+        return batches(self, columns, batch_rows)
+
+    def counting_read_where(self, condition, columns):
+        reads.append(columns)
+        return read_where(self, condition, columns)
+
     monkeypatch.setattr(RowTable, "read", counting_read)
+    monkeypatch.setattr(RowTable, "batches", counting_batches)
+    monkeypatch.setattr(RowTable, "read_where", counting_read_where)
     result = invoke(
         "generate",
         "--config",
@@ -100,9 +110,8 @@ def test_generate_with_nothing_left_runs_no_ray(config_file: Path, tmp_path: Pat
     assert result.exit_code == 0, result.output
     assert "1 already done, 0 to generate" in result.output
     assert json.loads(export.read_text())[0]["generator"] == "one"
-    planned = [c for c in reads if c is not None and "output" in c]
-    assert len(planned) == 1 and "trace" not in planned[0]  # one planning read: summary and export reuse it
-    assert None not in reads  # nothing read every column (the compaction check reads only the key columns)
+    # planning, the summary and the export stream a few columns each: none reads every column, none the traces
+    assert reads and None not in reads and not any("trace" in c for c in reads if c is not None)
 
 
 def test_judge_rejects_unknown_judge_and_empty_generations(config_file: Path, tmp_path: Path) -> None:

@@ -188,7 +188,7 @@ def generate_command(
     Every call's text is kept in OUT/_calls/, and a call already made (here, in --calls-from, or imported with
     --references-from) is answered from there instead of again."""
     from moa_ray.config import load_config
-    from moa_ray.eval.datasets import load_dataset
+    from moa_ray.eval.datasets import open_dataset
     from moa_ray.eval.generate import GenerateOptions, export_alpaca_eval, new_run_id, prepare_generation, run_generation
 
     if limit is not None and sample is not None:
@@ -199,7 +199,7 @@ def generate_command(
     config = load_config(config_path)
     for name in pipelines:
         config.pipeline(name)
-    data = load_dataset(dataset, limit=limit, sample=sample, seed=seed or 0, id_column=id_column, prompt_column=prompt_column)
+    data = open_dataset(dataset, limit=limit, sample=sample, seed=seed or 0, id_column=id_column, prompt_column=prompt_column)
     options = GenerateOptions(
         pipelines=pipelines,
         out=out,
@@ -225,7 +225,7 @@ def generate_command(
     plan = prepared.plan
     subset = f" (sample of {sample}, seed {seed or 0})" if sample is not None else ""
     err_console.print(
-        f"{data.name}{subset}: {len(data.prompts)} prompts x {len(pipelines)} pipeline(s) = {plan.total_rows} rows, "
+        f"{data.name}{subset}: {data.count()} prompts x {len(pipelines)} pipeline(s) = {plan.total_rows} rows, "
         f"{plan.done_rows} already done, {plan.pending_rows} to generate -> {out}",
         highlight=False,
     )
@@ -248,7 +248,7 @@ def generate_command(
         summary = run_generation(config, data, {}, options, prepared)  # nothing to run: compacts and summarises
     _print_generate_summary(summary)
     if export_path:
-        for target, n in export_alpaca_eval(out, data, pipelines, export_path, summary.latest).items():
+        for target, n in export_alpaca_eval(out, data, pipelines, export_path).items():
             err_console.print(f"wrote {n} AlpacaEval outputs to {target}", highlight=False)
     if not summary.complete:
         err_console.print("[yellow]some rows failed or are missing; rerun the same command to retry them[/yellow]")

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import heapq
 import io
 import json
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Iterator
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field, model_validator
@@ -107,6 +110,25 @@ class EvalDataset(BaseModel):
 
     def by_id(self) -> dict[str, EvalPrompt]:
         return {p.prompt_id: p for p in self.prompts}
+
+    def iter_prompts(self) -> Iterator[EvalPrompt]:
+        return iter(self.prompts)
+
+    def count(self) -> int:
+        return len(self.prompts)
+
+
+class PromptSource(Protocol):
+    """What generation reads a dataset through: its name and kind, and its prompts one at a time (again on
+    every call), so a file of a million prompts is never held in memory. :class:`EvalDataset` is one (a list),
+    :class:`FileSource` streams a file."""
+
+    name: str
+    kind: str
+
+    def iter_prompts(self) -> Iterator[EvalPrompt]: ...
+
+    def count(self) -> int: ...
 
 
 def prompt_hash(text: str) -> str:
@@ -243,6 +265,44 @@ def _pick(columns: Iterable[str], wanted: str | None, candidates: tuple[str, ...
     return next((c for c in candidates if c in columns), None)
 
 
+class _Columns(BaseModel):
+    """The columns a dataset file's prompts are read from."""
+
+    id: str | None
+    prompt: str
+    reference: str | None
+    category: str | None
+
+    @classmethod
+    def pick(cls, columns: Iterable[str], path: str, id_column: str | None, prompt_column: str | None) -> _Columns:
+        columns = list(columns)
+        prompt = _pick(columns, prompt_column, PROMPT_COLUMNS, "prompt", path)
+        if prompt is None:
+            raise DatasetError(f"{path}: no prompt column (looked for {', '.join(PROMPT_COLUMNS)}; columns: {', '.join(columns)})")
+        return cls(
+            id=_pick(columns, id_column, ID_COLUMNS, "id", path),
+            prompt=prompt,
+            reference=_pick(columns, None, REFERENCE_COLUMNS, "reference", path),
+            category=_pick(columns, None, CATEGORY_COLUMNS, "category", path),
+        )
+
+    def prompt_of(self, row: dict[str, Any], n: int, path: str) -> EvalPrompt:
+        """Row ``n`` (1-based) as a prompt; its id is the id column's value, else a hash of its turns."""
+        value = row.get(self.prompt)
+        turns = [value] if isinstance(value, str) else value
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise DatasetError(f"{path}: row {n}: {self.prompt!r} must be a non-empty string or list of strings")
+        raw_id = row.get(self.id) if self.id else None
+        pid = str(raw_id) if raw_id not in (None, "") else prompt_hash("\n\n".join(turns))
+        ref = row.get(self.reference) if self.reference else None
+        refs = ref if isinstance(ref, list) else [ref]
+        cat = row.get(self.category) if self.category else None
+        try:
+            return EvalPrompt(prompt_id=pid, turns=turns, category=None if cat is None else str(cat), references=refs)
+        except ValueError as err:
+            raise DatasetError(f"{path}: row {n}: {err}") from None
+
+
 def load_file(path: str, *, id_column: str | None = None, prompt_column: str | None = None, name: str | None = None) -> EvalDataset:
     """Prompts from a jsonl / json / Parquet file with a prompt column and, ideally, an id column.
 
@@ -252,32 +312,132 @@ def load_file(path: str, *, id_column: str | None = None, prompt_column: str | N
     rows = _read_rows(path)
     if not rows:
         raise DatasetError(f"{path}: the dataset is empty")
-    columns = list(dict.fromkeys(k for row in rows for k in row))  # rows of a jsonl may differ
-    id_col = _pick(columns, id_column, ID_COLUMNS, "id", path)
-    prompt_col = _pick(columns, prompt_column, PROMPT_COLUMNS, "prompt", path)
-    if prompt_col is None:
-        raise DatasetError(f"{path}: no prompt column (looked for {', '.join(PROMPT_COLUMNS)}; columns: {', '.join(columns)})")
-    ref_col = _pick(columns, None, REFERENCE_COLUMNS, "reference", path)
-    cat_col = _pick(columns, None, CATEGORY_COLUMNS, "category", path)
-    prompts = []
-    for n, row in enumerate(rows, start=1):
-        value = row.get(prompt_col)
-        turns = [value] if isinstance(value, str) else value
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-            raise DatasetError(f"{path}: row {n}: {prompt_col!r} must be a non-empty string or list of strings")
-        raw_id = row.get(id_col) if id_col else None
-        pid = str(raw_id) if raw_id not in (None, "") else prompt_hash("\n\n".join(turns))
-        ref = row.get(ref_col) if ref_col else None
-        refs = ref if isinstance(ref, list) else [ref]
-        cat = row.get(cat_col) if cat_col else None
-        try:
-            prompts.append(EvalPrompt(prompt_id=pid, turns=turns, category=None if cat is None else str(cat), references=refs))
-        except ValueError as err:
-            raise DatasetError(f"{path}: row {n}: {err}") from None
+    columns = _Columns.pick(dict.fromkeys(k for row in rows for k in row), path, id_column, prompt_column)  # rows of a jsonl may differ
+    prompts = [columns.prompt_of(row, n, path) for n, row in enumerate(rows, start=1)]
     try:
         return EvalDataset(name=name or path, kind="file", prompts=prompts)
     except ValueError as err:
         raise DatasetError(str(err)) from None
+
+
+#: Rows of a JSON Lines file whose keys decide its columns (a file's rows may differ in their keys).
+SNIFF_ROWS = 1000
+#: Rows a streamed Parquet file is read in.
+STREAM_BATCH_ROWS = 4096
+
+
+class FileSource(BaseModel):
+    """A dataset file read as a stream (JSON Lines, optionally gzipped, or Parquet), for runs of any size.
+
+    :meth:`check` reads it once before any work: it validates every row, refuses duplicate ids (kept as 64-bit
+    hashes, not strings), counts the prompts, and draws ``sample``'s subset (the same subset as
+    :meth:`EvalDataset.sample`, ranked by a hash of seed and id, keeping only the ``n`` best ranks). A JSON
+    list (``.json``) cannot be streamed and is read whole.
+    """
+
+    path: str
+    name: str
+    kind: str = "file"
+    id_column: str | None = None
+    prompt_column: str | None = None
+    limit: int | None = None
+    sample: int | None = None
+    seed: int = 0
+    _count: int | None = None
+    _chosen: set[str] | None = None
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        from moa_ray.eval.store import StoreError, resolve
+
+        try:
+            fs, p = resolve(self.path)
+            lower = p.lower()
+            if lower.endswith((".parquet", ".pq")):
+                for batch in pq.ParquetFile(fs.open_input_file(p)).iter_batches(batch_size=STREAM_BATCH_ROWS):
+                    yield from batch.to_pylist()
+                return
+            if lower.removesuffix(".gz").endswith(".json"):
+                yield from _read_rows(self.path)
+                return
+            with fs.open_input_stream(p) as stream:  # pyarrow decompresses a .gz as it reads
+                for n, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DatasetError(f"{self.path}: line {n} is not JSON: {err}") from None
+                    if not isinstance(row, dict):
+                        raise DatasetError(f"{self.path}: line {n} is not a JSON object")
+                    yield row
+        except FileNotFoundError:
+            raise DatasetError(f"dataset file not found: {self.path}") from None
+        except (OSError, pa.ArrowException, StoreError, UnicodeDecodeError) as err:
+            raise DatasetError(f"cannot read dataset {self.path}: {err}") from None
+
+    def _columns(self) -> _Columns:
+        head: dict[str, None] = {}
+        for i, row in enumerate(self._rows()):
+            head.update(dict.fromkeys(row))
+            if i + 1 >= SNIFF_ROWS:
+                break
+        if not head:
+            raise DatasetError(f"{self.path}: the dataset is empty")
+        return _Columns.pick(head, self.path, self.id_column, self.prompt_column)
+
+    def _all_prompts(self) -> Iterator[EvalPrompt]:
+        columns = self._columns()
+        for n, row in enumerate(self._rows(), start=1):
+            yield columns.prompt_of(row, n, self.path)
+
+    def check(self) -> FileSource:
+        """Read the file once: every row valid, ids unique, the count known, the sample drawn."""
+        ids: array[int] = array("q")
+        ranked: list[tuple[bytes, str]] = []
+        for prompt in self._all_prompts():
+            ids.append(hash(prompt.prompt_id))
+            if self.sample is not None:
+                rank = hashlib.sha256(f"{self.seed}\0{prompt.prompt_id}".encode()).digest()
+                item = (_invert(rank), prompt.prompt_id)  # a bounded heap of the n smallest ranks: its root is the largest
+                if len(ranked) < self.sample:
+                    heapq.heappush(ranked, item)
+                elif item > ranked[0]:
+                    heapq.heapreplace(ranked, item)
+        hashes = np.frombuffer(ids, dtype=np.int64)
+        if len(np.unique(hashes)) != len(hashes):
+            seen: set[str] = set()
+            dupes = sorted({p.prompt_id for p in self._all_prompts() if p.prompt_id in seen or seen.add(p.prompt_id)})  # type: ignore[func-returns-value]
+            raise DatasetError(f"dataset {self.name!r} has duplicate prompt ids: {dupes[:5]}")
+        total = len(hashes)
+        if self.sample is not None and self.sample < total:
+            self._chosen = {pid for _, pid in ranked}
+            self._count = self.sample
+        else:
+            self._count = total if self.limit is None else min(self.limit, total)
+        return self
+
+    def iter_prompts(self) -> Iterator[EvalPrompt]:
+        if self._count is None:
+            self.check()
+        n = 0
+        for prompt in self._all_prompts():
+            if self._chosen is not None and prompt.prompt_id not in self._chosen:
+                continue
+            if self.limit is not None and n >= self.limit:
+                return
+            n += 1
+            yield prompt
+
+    def count(self) -> int:
+        if self._count is None:
+            self.check()
+        assert self._count is not None
+        return self._count
+
+
+def _invert(digest: bytes) -> bytes:
+    """A key that orders the other way round (heapq keeps the smallest at its root; the sample keeps the smallest ranks)."""
+    return bytes(255 - b for b in digest)
 
 
 def load_builtin(name: str) -> EvalDataset:
@@ -288,6 +448,35 @@ def load_builtin(name: str) -> EvalDataset:
     if name not in loaders:
         raise DatasetError(f"unknown dataset {name!r} (builtin: {', '.join(BUILTIN)})")
     return loaders[name]()
+
+
+def open_dataset(
+    spec: str,
+    *,
+    limit: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    id_column: str | None = None,
+    prompt_column: str | None = None,
+) -> PromptSource:
+    """Like :func:`load_dataset`, but a file is streamed (:class:`FileSource`, checked now) instead of loaded:
+    what ``eval generate`` reads, so its memory does not grow with the dataset."""
+    _check_subset(spec, limit, sample)
+    if spec in BUILTIN:
+        return load_dataset(spec, limit=limit, sample=sample, seed=seed)
+    if sample is not None and sample < 1:
+        raise DatasetError("the sample size must be at least 1")
+    source = FileSource(path=spec, name=spec, id_column=id_column, prompt_column=prompt_column, limit=limit, sample=sample, seed=seed)
+    return source.check()
+
+
+def _check_subset(spec: str, limit: int | None, sample: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise DatasetError("limit must be at least 1")
+    if limit is not None and sample is not None:
+        raise DatasetError("use either limit (the first N prompts) or sample (a seeded random N), not both")
+    if spec not in BUILTIN and not spec.lower().endswith(FILE_SUFFIXES):
+        raise DatasetError(f"unknown dataset {spec!r} (builtin: {', '.join(BUILTIN)}; or a file ending in {', '.join(FILE_SUFFIXES)})")
 
 
 def load_dataset(
@@ -304,11 +493,6 @@ def load_dataset(
     ``limit`` keeps the first N prompts, ``sample`` a seeded random N (:meth:`EvalDataset.sample`);
     they exclude each other, so a subset is always described one way.
     """
-    if limit is not None and limit < 1:
-        raise DatasetError("limit must be at least 1")
-    if limit is not None and sample is not None:
-        raise DatasetError("use either limit (the first N prompts) or sample (a seeded random N), not both")
-    if spec not in BUILTIN and not spec.lower().endswith(FILE_SUFFIXES):
-        raise DatasetError(f"unknown dataset {spec!r} (builtin: {', '.join(BUILTIN)}; or a file ending in {', '.join(FILE_SUFFIXES)})")
+    _check_subset(spec, limit, sample)
     dataset = load_builtin(spec) if spec in BUILTIN else load_file(spec, id_column=id_column, prompt_column=prompt_column)
     return dataset.sample(sample, seed) if sample is not None else dataset.head(limit)

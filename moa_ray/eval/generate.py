@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import textwrap
 import uuid
-from collections import defaultdict
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
 from moa_ray.chat import ChatMessage, ChatParams
 from moa_ray.config import MoARayConfig
-from moa_ray.errors import ConfigError, PipelineError
+from moa_ray.errors import PipelineError
 from moa_ray.eval.calls import CALLS_DIR, call_rows, calls_table, reference_calls, stored_calls
-from moa_ray.eval.datasets import EvalDataset, EvalPrompt
+from moa_ray.eval.datasets import EvalPrompt, PromptSource
 from moa_ray.eval.lease import WriterLease
 from moa_ray.eval.mt_bench import AnswerTemperature, answer_temperature
+from moa_ray.eval.planning import Plan, StreamPlan, TableState, WorkItem, check_settings
 from moa_ray.eval.progress import EvalProgress
 from moa_ray.eval.runner import PoolKind, count_rows, make_pool
 from moa_ray.eval.schema import CallRow, GenerationRow, RoleTokens
@@ -162,27 +166,8 @@ class GenerateOptions(BaseModel):
     )
 
 
-class WorkItem(BaseModel):
-    """One prompt for one pipeline, from the first turn that is not done yet."""
-
-    prompt: EvalPrompt
-    pipeline: str
-    dataset: str
-    start_turn: int = 1
-    history: list[str] = Field(default_factory=list, description="The pipeline's stored answers to the turns before start_turn.")
-    attempts: dict[int, int] = Field(default_factory=dict, description="Attempt number of each turn in this run.")
-    stored_calls: list[StoredCall] = Field(default_factory=list, description="Calls stored for this prompt that its calls may reuse.")
-
-
-class Plan(BaseModel):
-    items: list[WorkItem]
-    total_rows: int
-    done_rows: int
-    pending_rows: int
-
-
 def plan_generation(
-    dataset: EvalDataset,
+    dataset: PromptSource,
     pipelines: list[str],
     latest: Mapping[tuple[Any, ...], dict[str, Any]],
     fingerprints: Mapping[str, str],
@@ -192,57 +177,40 @@ def plan_generation(
     stored_settings: Callable[[str], dict[str, Any] | None] | None = None,
     base_fingerprints: Mapping[str, str] | None = None,
 ) -> Plan:
-    """Which (prompt, pipeline, turn) rows are still to do; refuses a directory made with another config.
+    """Which (prompt, pipeline, turn) rows of ``latest`` (resolved rows in memory) are still to do, as a list;
+    refuses rows made with another config (:func:`check_run_settings`). A run plans with :class:`StreamPlan`."""
+    state = TableState.of_rows(latest)
+    if not allow_config_change:
+        check_run_settings(state, dataset.name, fingerprints, settings, stored_settings, base_fingerprints)
+    return StreamPlan.count(dataset, pipelines, state).materialize()
+
+
+def check_run_settings(
+    state: TableState,
+    dataset: str,
+    fingerprints: Mapping[str, str],
+    settings: Mapping[str, dict[str, Any]] | None = None,
+    stored_settings: Callable[[str], dict[str, Any] | None] | None = None,
+    base_fingerprints: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse a directory whose answers of these pipelines were made with other settings.
 
     With ``settings`` (this run's, per pipeline) and ``stored_settings`` (fingerprint -> the settings kept
     in the directory), the refusal names the setting that changed. With ``base_fingerprints``, rows of
     *other* datasets in the table need only the same dataset-independent settings (:func:`base_settings`):
     MT-Bench's answer temperatures do not stop an AlpacaEval run into the same directory.
     """
-    if not allow_config_change:
-        for (_, pipeline, _), row in latest.items():
-            if pipeline not in fingerprints or row["status"] != "ok":
-                continue
-            other_dataset = base_fingerprints is not None and row["dataset"] != dataset.name
-            old = stored_settings(row["config_hash"]) if stored_settings else None
-            if other_dataset:
-                assert base_fingerprints is not None
-                stored_base = settings_fingerprint(base_settings(old)) if old is not None else row["config_hash"]
-                if stored_base == base_fingerprints[pipeline]:
-                    continue
-                new_settings = base_settings(settings[pipeline]) if settings else None
-                old = base_settings(old) if old is not None else None
-            elif row["config_hash"] == fingerprints[pipeline]:
-                continue
-            else:
-                new_settings = settings[pipeline] if settings else None
-            changed = first_difference(old, new_settings) if old is not None and new_settings is not None else None
-            what = f": {changed}" if changed else f" (config hash {row['config_hash']} != {fingerprints[pipeline]})"
-            raise ConfigError(
-                f"the output already holds answers of pipeline {pipeline!r} made with different settings{what}; "
-                "use another --out, or --allow-config-change to mix them"
-            )
-    items, total, done = [], 0, 0
-    for prompt in dataset.prompts:
-        for pipeline in pipelines:
-            rows = [latest.get((prompt.prompt_id, pipeline, t)) for t in range(1, len(prompt.turns) + 1)]
-            total += len(rows)
-            finished = [r is not None and r["status"] == "ok" for r in rows]
-            done += sum(finished)
-            if all(finished):
-                continue
-            start = finished.index(False) + 1
-            items.append(
-                WorkItem(
-                    prompt=prompt,
-                    pipeline=pipeline,
-                    dataset=dataset.name,
-                    start_turn=start,
-                    history=[rows[t]["output"] for t in range(start - 1)],  # type: ignore[index]
-                    attempts={t: (prev["attempt"] + 1 if (prev := rows[t - 1]) else 1) for t in range(start, len(rows) + 1)},
-                )
-            )
-    return Plan(items=items, total_rows=total, done_rows=done, pending_rows=total - done)
+    check_settings(
+        state,
+        dataset,
+        fingerprints,
+        settings=settings,
+        stored_settings=stored_settings,
+        base_fingerprints=base_fingerprints,
+        describe=first_difference,
+        base_of=base_settings,
+        fingerprint_of=settings_fingerprint,
+    )
 
 
 def _num(value: Any) -> float | None:
@@ -432,7 +400,6 @@ class GenerateSummary(BaseModel):
     pipelines: list[PipelineSummary]
     failures: list[tuple[str, int]] = Field(default_factory=list, description="The most common errors of the failed rows.")
     calls: CallCounts | None = Field(default=None, description="The call store's counts (None when calls were not stored).")
-    latest: dict[tuple[Any, ...], dict[str, Any]] = Field(default_factory=dict, exclude=True, repr=False)
 
     @property
     def rows_per_s(self) -> float:
@@ -447,87 +414,114 @@ class GenerateSummary(BaseModel):
         return all(p.failed == 0 and p.missing == 0 for p in self.pipelines)
 
 
-def summarize_table(latest: Mapping[tuple[Any, ...], dict[str, Any]], dataset: EvalDataset, pipelines: list[str]) -> list[PipelineSummary]:
-    """Per pipeline: finished, failed and missing rows of the dataset, latency, tokens and cost of the finished ones."""
+#: The columns a run's summary reads back (never the texts).
+SUMMARY_COLUMNS = ["prompt_id", "pipeline", "turn", "status", "error", "latency_s", "prompt_tokens", "completion_tokens", "cost_usd"]
+#: Distinct error messages a summary counts before it keeps only the most frequent.
+MAX_ERROR_KINDS = 1000
+
+
+@dataclass
+class _PipelineTally:
+    """A pipeline's running sums while a summary streams the table."""
+
+    done: int = 0
+    failed: int = 0
+    tokens: int = 0
+    cost: float | None = 0.0
+    latencies: list[np.ndarray] = field(default_factory=list)
+
+
+def summarize_run(
+    table: RowTable[GenerationRow], prompt_ids: np.ndarray, rows_per_pipeline: int, pipelines: list[str]
+) -> tuple[list[PipelineSummary], list[tuple[str, int]]]:
+    """Per pipeline: finished, failed and missing rows of the dataset (``prompt_ids``: the hashes of its ids, sorted),
+    latency, tokens and cost of the finished ones; and the most common errors. Streams the (compacted) table a few
+    columns at a time; latency quantiles are exact (a float per row)."""
+    tallies = {p: _PipelineTally() for p in pipelines}
+    errors: Counter[str] = Counter()
+    for batch in table.batches(SUMMARY_COLUMNS):
+        columns = {c: batch.column(c).to_pylist() for c in SUMMARY_COLUMNS}
+        mine = np.isin(np.fromiter((hash(p) for p in columns["prompt_id"]), dtype=np.int64, count=batch.num_rows), prompt_ids)
+        latencies: dict[str, list[float]] = defaultdict(list)
+        for i in np.nonzero(mine)[0].tolist():
+            tally = tallies.get(columns["pipeline"][i])
+            if tally is None:
+                continue
+            if columns["status"][i] != "ok":
+                tally.failed += 1
+                errors[(columns["error"][i] or "unknown error")[:160]] += 1
+                continue
+            tally.done += 1
+            tally.tokens += columns["prompt_tokens"][i] + columns["completion_tokens"][i]
+            cost = columns["cost_usd"][i]
+            tally.cost = None if tally.cost is None or cost is None else tally.cost + cost
+            if columns["latency_s"][i] is not None:
+                latencies[columns["pipeline"][i]].append(columns["latency_s"][i])
+        for pipeline, values in latencies.items():
+            tallies[pipeline].latencies.append(np.array(values))
+        if len(errors) > MAX_ERROR_KINDS:
+            errors = Counter(dict(errors.most_common(MAX_ERROR_KINDS // 2)))
     out = []
-    for pipeline in pipelines:
-        ok_rows, failed, missing = [], 0, 0
-        for prompt in dataset.prompts:
-            for turn in range(1, len(prompt.turns) + 1):
-                row = latest.get((prompt.prompt_id, pipeline, turn))
-                if row is None:
-                    missing += 1
-                elif row["status"] == "ok":
-                    ok_rows.append(row)
-                else:
-                    failed += 1
-        lat = [r["latency_s"] for r in ok_rows if r["latency_s"] is not None]
-        costs = [r["cost_usd"] for r in ok_rows]
+    for pipeline, t in tallies.items():
+        lat = np.concatenate(t.latencies) if t.latencies else np.empty(0)
         out.append(
             PipelineSummary(
                 pipeline=pipeline,
-                done=len(ok_rows),
-                failed=failed,
-                missing=missing,
-                mean_latency_s=float(np.mean(lat)) if lat else None,
-                p95_latency_s=float(np.percentile(lat, 95)) if lat else None,
-                mean_tokens=float(np.mean([r["prompt_tokens"] + r["completion_tokens"] for r in ok_rows])) if ok_rows else None,
-                total_cost_usd=float(sum(costs)) if ok_rows and all(c is not None for c in costs) else None,
+                done=t.done,
+                failed=t.failed,
+                missing=rows_per_pipeline - t.done - t.failed,
+                mean_latency_s=float(lat.mean()) if len(lat) else None,
+                p95_latency_s=float(np.percentile(lat, 95)) if len(lat) else None,
+                mean_tokens=t.tokens / t.done if t.done else None,
+                total_cost_usd=t.cost if t.done else None,
             )
         )
-    return out
-
-
-#: Every generation column but the trace (the largest by far): all that planning, summaries and exports read.
-PLAN_COLUMNS = [f.name for f in GenerationRow.SCHEMA if f.name != "trace"]
+    return out, errors.most_common(5)
 
 
 @dataclass
 class PreparedRun:
-    """What a run decided before answering anything: its settings, the table as it stood, and the plan."""
+    """What a run decided before answering anything: its settings, and the plan counted against the table."""
 
     temperature: AnswerTemperature
     chosen: RunSettings
-    latest: dict[tuple[Any, ...], dict[str, Any]]
-    plan: Plan
+    plan: StreamPlan
+    imported: dict[str, list[StoredCall]] = field(default_factory=dict)
 
 
-def prepare_generation(config: MoARayConfig, dataset: EvalDataset, options: GenerateOptions) -> PreparedRun:
-    """Read the table once (without traces) and plan the run against it; refuses a resume with changed settings."""
+def prepare_generation(config: MoARayConfig, dataset: PromptSource, options: GenerateOptions) -> PreparedRun:
+    """Read what planning needs of the table (keys and settings, never texts), refuse a resume with changed
+    settings, and count the rows to do in one pass over the dataset."""
     for name in options.pipelines:
         config.pipeline(name)
     temperature = answer_temperature(dataset.kind, options.temperature)
     chosen = run_settings(config, options.pipelines, temperature)
-    latest = RowTable(options.out, GenerationRow).latest(PLAN_COLUMNS)
-    plan = plan_generation(
-        dataset,
-        options.pipelines,
-        latest,
-        chosen.fingerprints,
-        allow_config_change=options.allow_config_change,
-        settings=chosen.settings,
-        stored_settings=lambda fp: load_settings(options.out, fp),
-        base_fingerprints=chosen.base_fingerprints,
-    )
-    if options.store_calls:
-        attach_stored_calls(config, plan, options)
-    return PreparedRun(temperature=temperature, chosen=chosen, latest=latest, plan=plan)
-
-
-def attach_stored_calls(config: MoARayConfig, plan: Plan, options: GenerateOptions) -> None:
-    """Hand each pending item the calls stored for its prompt (this output's, ``calls_from``'s, imported references)."""
-    if not plan.items:
-        return
-    prompt_ids = {item.prompt.prompt_id for item in plan.items}
-    found = stored_calls([options.out, *options.calls_from], prompt_ids)
+    state = TableState.read(RowTable(options.out, GenerationRow))
+    if not options.allow_config_change:
+        stored = partial(load_settings, options.out)
+        check_run_settings(state, dataset.name, chosen.fingerprints, chosen.settings, stored, chosen.base_fingerprints)
+    reuse = options.store_calls and (bool(calls_table(options.out).part_files()) or bool(options.calls_from))
+    plan = StreamPlan.count(dataset, options.pipelines, state, keep_pending_ids=reuse)
     imported = reference_calls(config, options.pipelines, options.references_from) if options.references_from else {}
-    for item in plan.items:
-        item.stored_calls = [*imported.get(item.prompt.turns[0], []), *found.get(item.prompt.prompt_id, [])]
+    return PreparedRun(temperature=temperature, chosen=chosen, plan=plan, imported=imported)
+
+
+def with_stored_calls(prepared: PreparedRun, options: GenerateOptions) -> Iterator[WorkItem]:
+    """The plan's items, each handed the calls stored for its prompt (this output's, ``calls_from``'s, and the
+    imported references), so a rerun or a new pipeline pays only for calls never made.
+
+    Stored calls are read only for the prompts with work left, and only when a store has any."""
+    plan, imported = prepared.plan, prepared.imported
+    found = stored_calls([options.out, *options.calls_from], plan.pending_prompts) if plan.pending_prompts else {}
+    for item in plan.items():
+        if found or imported:
+            item.stored_calls = [*imported.get(item.prompt.turns[0], []), *found.get(item.prompt.prompt_id, [])]
+        yield item
 
 
 def run_generation(
     config: MoARayConfig,
-    dataset: EvalDataset,
+    dataset: PromptSource,
     agents: Mapping[str, Agent],
     options: GenerateOptions,
     prepared: PreparedRun | None = None,
@@ -543,7 +537,7 @@ def run_generation(
 
 
 def _generate(
-    config: MoARayConfig, dataset: EvalDataset, agents: Mapping[str, Agent], options: GenerateOptions, prepared: PreparedRun
+    config: MoARayConfig, dataset: PromptSource, agents: Mapping[str, Agent], options: GenerateOptions, prepared: PreparedRun
 ) -> GenerateSummary:
     table: RowTable[GenerationRow] = RowTable(options.out, GenerationRow)
     plan, chosen = prepared.plan, prepared.chosen
@@ -563,39 +557,40 @@ def _generate(
     )
     calls_store = calls_table(options.out)
     counts = CallCounts() if options.store_calls else None
-    ok = failed = 0
+    ok = failed = items = 0
     elapsed, workers = 0.0, 0
-    written: list[dict[str, Any]] = []
-    if plan.items:
+    if plan.pending_rows:
         calls_writer = calls_store.writer(options.run_id, flush_rows=max(options.flush_rows * 8, 1024), flush_s=options.flush_s)
         # the calls of an answer land before the answer: a kill between the two only repeats a reused call
         writer = table.writer(options.run_id, flush_rows=options.flush_rows, flush_s=options.flush_s, before_flush=calls_writer.flush)
         progress = EvalProgress(plan.pending_rows, "generate", enabled=options.progress)
 
         def on_rows(item: WorkItem, rows: list[GenerationRow]) -> None:
-            nonlocal ok, failed
+            nonlocal ok, failed, items
             for row in rows:
                 calls_writer.add(row.call_rows)
                 if counts is not None:
                     counts.add(row.call_rows)
             writer.add(rows)
-            written.extend(r.model_dump(include=set(PLAN_COLUMNS)) for r in rows)
             n_ok, n_failed = count_rows(rows)
             not_reached = (len(item.prompt.turns) - item.start_turn + 1) - len(rows)  # turns after a failed one
             ok += n_ok
             failed += n_failed
+            items += 1
             progress.advance(n_ok, n_failed + not_reached)
 
         with make_pool(
             handler, kind=options.pool, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus
         ) as pool:
             with calls_writer, writer, progress:
-                stats = pool.run(plan.items, on_rows, tick=writer.maybe_flush, route=lambda item: item.prompt.prompt_id)
+                work = with_stored_calls(prepared, options)
+                stats = pool.run(work, on_rows, tick=writer.maybe_flush, route=lambda item: item.prompt.prompt_id)
         elapsed, workers = stats.elapsed_s, stats.workers
     table.compact(options.run_id)
     if options.store_calls:
         calls_store.compact(options.run_id)
-    latest = resolve_latest([*prepared.latest.values(), *written], table.key)  # the table now, without reading it
+    per_pipeline = plan.total_rows // max(len(options.pipelines), 1)
+    pipelines, failures = summarize_run(table, plan.prompt_ids, per_pipeline, options.pipelines)
     return GenerateSummary(
         run_id=options.run_id,
         out=options.out,
@@ -606,55 +601,78 @@ def _generate(
         ok_rows=ok,
         failed_rows=failed,
         elapsed_s=elapsed,
-        items=len(plan.items),
+        items=items,
         workers=workers,
-        pipelines=summarize_table(latest, dataset, options.pipelines),
-        failures=group_failures(latest),
+        pipelines=pipelines,
+        failures=failures,
         calls=counts,
-        latest=latest,
     )
 
 
 # --------------------------------------------------------------------------- AlpacaEval export
 
 
-def export_alpaca_eval(
-    out: str, dataset: EvalDataset, pipelines: list[str], path: str, latest: Mapping[tuple[Any, ...], dict[str, Any]] | None = None
-) -> dict[str, int]:
+#: Prompts of the dataset whose outputs the AlpacaEval export looks up in the table at a time.
+EXPORT_BATCH = 8192
+
+
+def export_alpaca_eval(out: str, dataset: PromptSource, pipelines: list[str], path: str) -> dict[str, int]:
     """Write AlpacaEval ``model_outputs.json`` (instruction, output, generator, dataset) per pipeline.
 
     With several pipelines, each gets its own file: ``{pipeline}`` in ``path`` is replaced by
     its name, or ``-<pipeline>`` is added before the extension. Returns rows written per file.
-    ``latest``: the table's rows when the caller has them (a run's summary), else read here.
+    Streamed in the dataset's order: a batch of its prompts at a time, their answers looked up in the table.
     """
-    if latest is None:
-        latest = RowTable(out, GenerationRow).latest(PLAN_COLUMNS)
+    table = RowTable(out, GenerationRow)
     written: dict[str, int] = {}
     for pipeline in pipelines:
-        records = []
-        for prompt in dataset.prompts:
-            row = latest.get((prompt.prompt_id, pipeline, 1))
-            if row is not None and row["status"] == "ok":
-                records.append(
-                    {
-                        "instruction": prompt.turns[0],
-                        "output": row["output"],
-                        "generator": pipeline,
-                        "dataset": prompt.category or dataset.name,
-                    }
-                )
         target = _export_path(path, pipeline, len(pipelines) > 1)
         fs, p = resolve(target)
         parent = p.rsplit("/", 1)[0]
+        n = 0
         try:
             if parent:
                 fs.create_dir(parent, recursive=True)
             with fs.open_output_stream(p) as stream:
-                stream.write(json.dumps(records, ensure_ascii=False, indent=2).encode("utf-8"))
+                stream.write(b"[")
+                for prompts in _batched(dataset.iter_prompts(), EXPORT_BATCH):
+                    answers = _first_turn_answers(table, pipeline, [q.prompt_id for q in prompts])
+                    for prompt in prompts:
+                        output = answers.get(prompt.prompt_id)
+                        if output is None:
+                            continue
+                        record = {
+                            "instruction": prompt.turns[0],
+                            "output": output,
+                            "generator": pipeline,
+                            "dataset": prompt.category or dataset.name,
+                        }
+                        text = textwrap.indent(json.dumps(record, ensure_ascii=False, indent=2), "  ")
+                        stream.write((("," if n else "") + "\n" + text).encode("utf-8"))
+                        n += 1
+                stream.write(b"\n]" if n else b"]")
         except OSError as err:
             raise StoreError(f"cannot write {target}: {err}") from None
-        written[target] = len(records)
+        written[target] = n
     return written
+
+
+def _batched(items: Iterator[EvalPrompt], n: int) -> Iterator[list[EvalPrompt]]:
+    batch: list[EvalPrompt] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _first_turn_answers(table: RowTable[GenerationRow], pipeline: str, prompt_ids: list[str]) -> dict[str, str]:
+    """The finished first-turn answers of ``pipeline`` to these prompts (one resolved row per key)."""
+    condition = (pc.field("pipeline") == pipeline) & (pc.field("turn") == 1) & pc.field("prompt_id").isin(prompt_ids)
+    rows = resolve_latest(table.read_where(condition, ["output"]).to_pylist(), table.key)
+    return {k[0]: r["output"] for k, r in rows.items() if r["status"] == "ok" and r["output"] is not None}
 
 
 def _export_path(path: str, pipeline: str, several: bool) -> str:
@@ -664,12 +682,3 @@ def _export_path(path: str, pipeline: str, several: bool) -> str:
         return path
     head, dot, ext = path.rpartition(".")
     return f"{head}-{pipeline}.{ext}" if dot and "/" not in ext else f"{path}-{pipeline}"
-
-
-def group_failures(latest: Mapping[tuple[Any, ...], dict[str, Any]], limit: int = 5) -> list[tuple[str, int]]:
-    """The most common error messages of failed rows (for the end-of-run summary)."""
-    counts: dict[str, int] = defaultdict(int)
-    for row in latest.values():
-        if row["status"] == "error":
-            counts[(row["error"] or "unknown error")[:160]] += 1
-    return sorted(counts.items(), key=lambda kv: -kv[1])[:limit]

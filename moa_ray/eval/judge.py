@@ -513,10 +513,14 @@ def _judge(generations: Mapping[tuple[Any, ...], dict[str, Any]], agent: Agent, 
     )
 
 
+#: Every generation column but the trace (the largest by far, and read by no judge or report).
+ANSWER_COLUMNS = [f.name for f in GenerationRow.SCHEMA if f.name != "trace"]
+
+
 def read_generations(uri: str, *, proposers: bool = False) -> dict[tuple[Any, ...], dict[str, Any]]:
     """The answers of a generations directory; with ``proposers``, each stored layer-1 answer too, as an entry of its
     own (``proposer:<label>``, from the call table: no new generation call; see :func:`~moa_ray.eval.calls.proposer_entries`)."""
-    rows = RowTable(uri, GenerationRow).latest()
+    rows = RowTable(uri, GenerationRow).latest(ANSWER_COLUMNS)  # never the traces: judging and reports read none
     if proposers:
         from moa_ray.eval.calls import proposer_entries
 

@@ -22,10 +22,11 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -39,6 +40,8 @@ R = TypeVar("R", bound=_Row)
 PART_PREFIX = "part-"
 TMP_PREFIX = ".tmp-"
 COMPACTED_ROWS_PER_FILE = 100_000
+#: Rows a compaction holds at once while it copies.
+COMPACT_BATCH_ROWS = 4096
 STALE_TMP_S = 600.0
 
 
@@ -137,6 +140,37 @@ class RowTable(Generic[R]):
             raise StoreError(f"{mismatch}: no values for {', '.join(missing)}")
         return table
 
+    def batches(self, columns: list[str], batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """Every row (unresolved), a few columns at a time: what a reader of a table of any size streams."""
+        for path in self.part_files():
+            yield from self.file_batches(path, columns, batch_rows)
+
+    def file_batches(self, path: str, columns: list[str] | None = None, batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """One part file's rows in batches of ``columns`` (default: all, in the table's order).
+
+        File by file, each footer read and dropped in turn: a dataset over thousands of small part files would hold
+        every footer at once (tens of kB each), which is what made memory grow with a run's length."""
+        wanted = list(self.schema.names) if columns is None else columns
+        try:
+            parquet = pq.ParquetFile(self.fs.open_input_file(path))
+            if parquet.schema_arrow.names == self.schema.names:  # written by this version: read directly
+                yield from parquet.iter_batches(columns=wanted, batch_size=batch_rows, use_threads=False)
+                return
+            # another version's columns: the dataset reader fills what is absent with nulls
+            dataset = pads.dataset([path], schema=self.schema, format="parquet", filesystem=self.fs)
+            yield from dataset.to_batches(columns=wanted, batch_size=batch_rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as err:
+            raise StoreError(f"{self.uri} holds files that do not match the {self.row_type.__name__} schema: {err}") from None
+
+    def read_where(self, condition: Any, columns: list[str]) -> pa.Table:
+        """The rows matching a pyarrow ``condition`` (unresolved), with the key and resolution columns and ``columns``."""
+        files = self.part_files()
+        wanted = list(dict.fromkeys([*self.key, "status", "attempt", "created_at", *columns]))
+        if not files:
+            return pa.schema([self.schema.field(c) for c in wanted]).empty_table()
+        dataset = pads.dataset(files, schema=self.schema, format="parquet", filesystem=self.fs)
+        return dataset.to_table(columns=wanted, filter=condition)
+
     def latest(self, columns: list[str] | None = None) -> dict[tuple[Any, ...], dict[str, Any]]:
         """One resolved row per key (see :func:`resolve_latest`); ``columns`` as in :meth:`read` (the key and
         resolution columns are always read)."""
@@ -175,25 +209,124 @@ class RowTable(Generic[R]):
         return PartWriter(self, run_id, flush_rows=flush_rows, flush_s=flush_s, before_flush=before_flush)
 
     def compact(self, run_id: str) -> CompactionResult:
-        """Rewrite the part files as one row per key; old files are removed after the new ones exist."""
+        """Merge the part files into few large ones holding one row per key; old files go after the new ones exist.
+
+        Streamed, so a table of any size compacts in bounded memory: the key columns are read once (a hash per
+        row) to find the keys written more than once; only those rows' resolution columns are read again to pick
+        the row that stands (:func:`resolve_latest`); then every small part file, and every large one holding
+        a row that lost, is copied batch by batch without the losers. Large files with nothing to drop stay.
+        Rows keep the order they were written in.
+        """
         files = self.part_files()
-        if len(files) <= 1:  # already compact unless a key repeats: decided from the key columns alone
-            keys = self.read(files, columns=list(self.key))
-            if len(set(zip(*(keys.column(c).to_pylist() for c in self.key), strict=True))) == keys.num_rows:
-                self._remove_stale_tmp()
-                return CompactionResult(len(files), len(files), keys.num_rows, keys.num_rows)
-        table = self.read(files)
-        latest = resolve_latest(table.to_pylist(), self.key, self.row_type.RESOLVE)
-        rows = sorted(latest.values(), key=lambda r: tuple(r[c] for c in self.key))
-        written = []
-        for i in range(0, len(rows), COMPACTED_ROWS_PER_FILE):
-            chunk = [self.row_type.model_validate(r) for r in rows[i : i + COMPACTED_ROWS_PER_FILE]]
-            written.append(self.write_part(chunk, f"{_stamp()}-{run_id}-compacted-{i // COMPACTED_ROWS_PER_FILE:04d}"))
-        for path in files:
+        hashes, counts = self._key_hashes(files)
+        rows_before = int(sum(counts))
+        losers = self._losers(files, hashes, counts)
+        rewrite = [f for i, f in enumerate(files) if losers.get(i) or not _is_compacted(f)]
+        if len(rewrite) <= 1 and not any(losers.values()):
+            self._remove_stale_tmp()
+            return CompactionResult(len(files), len(files), rows_before, rows_before)
+        written = self._copy_without(rewrite, {files.index(f): losers.get(files.index(f), set()) for f in rewrite}, run_id)
+        for path in rewrite:
             if path not in written:
                 self.fs.delete_file(path)
         self._remove_stale_tmp()
-        return CompactionResult(len(files), len(written), table.num_rows, len(rows))
+        dropped = sum(len(v) for v in losers.values())
+        return CompactionResult(len(files), len(files) - len(rewrite) + len(written), rows_before, rows_before - dropped)
+
+    def _key_hashes(self, files: list[str]) -> tuple[list[np.ndarray], list[int]]:
+        """Per file: a 64-bit hash of each row's key (in this process: Python's own string hash), and its row count."""
+        out = []
+        for path in files:
+            hashes = [
+                np.fromiter(
+                    (hash(k) for k in zip(*(b.column(c).to_pylist() for c in self.key), strict=True)), dtype=np.int64, count=b.num_rows
+                )
+                for b in self.file_batches(path, list(self.key))
+            ]
+            out.append(np.concatenate(hashes) if hashes else np.empty(0, dtype=np.int64))
+        return out, [len(h) for h in out]
+
+    def _losers(self, files: list[str], hashes: list[np.ndarray], counts: list[int]) -> dict[int, set[int]]:
+        """Per file index: the rows that another row of their key outranks."""
+        if not files:
+            return {}
+        every = np.concatenate(hashes) if hashes else np.empty(0, dtype=np.int64)
+        values, seen = np.unique(every, return_counts=True)
+        repeated = values[seen > 1]
+        if not len(repeated):
+            return {}
+        candidates: list[dict[str, Any]] = []
+        columns = list(dict.fromkeys([*self.key, "status", "attempt", "created_at"]))
+        for i, path in enumerate(files):
+            rows = np.nonzero(np.isin(hashes[i], repeated))[0]
+            if not len(rows):
+                continue
+            table = self.read([path], columns=columns).take(pa.array(rows))
+            for j, row in zip(rows.tolist(), table.to_pylist(), strict=True):
+                candidates.append({**row, "_at": (i, j)})
+        winners = {r["_at"] for r in resolve_latest(candidates, self.key, self.row_type.RESOLVE).values()}
+        losers: dict[int, set[int]] = {}
+        for row in candidates:
+            if row["_at"] not in winners:
+                losers.setdefault(row["_at"][0], set()).add(row["_at"][1])
+        return losers
+
+    def _copy_without(self, files: list[str], drop: dict[int, set[int]], run_id: str) -> list[str]:
+        """Copy ``files`` batch by batch into new compacted part files, leaving out the rows in ``drop``.
+
+        Rows are gathered into row groups of :data:`COMPACT_BATCH_ROWS` before they are written: a row group per
+        small part file would make a footer so large that every later read of the table pays for it."""
+        self._ensure_dir()
+        written: list[str] = []
+        writer: pq.ParquetWriter | None = None
+        tmp = final = ""
+        rows_in_file = 0
+        pending: list[pa.RecordBatch] = []
+
+        def write_group() -> None:
+            nonlocal writer, tmp, final, rows_in_file
+            if not pending:
+                return
+            if writer is None:
+                name = f"{_stamp()}-{run_id}-compacted-{len(written):04d}"
+                final = join(self.path, f"{PART_PREFIX}{name}.parquet")
+                tmp = join(self.path, f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}.parquet")
+                writer = pq.ParquetWriter(tmp, self.schema, filesystem=self.fs, compression="zstd")
+                rows_in_file = 0
+            group = pa.Table.from_batches(pending, schema=self.schema)
+            writer.write_table(group, row_group_size=group.num_rows)
+            rows_in_file += group.num_rows
+            pending.clear()
+            del group
+            pa.default_memory_pool().release_unused()  # the allocator would keep each group's pages as its high water
+            if rows_in_file >= COMPACTED_ROWS_PER_FILE:
+                close()
+
+        def close() -> None:
+            nonlocal writer
+            if writer is not None:
+                writer.close()
+                self.fs.move(tmp, final)
+                written.append(final)
+                writer = None
+
+        try:
+            for i, path in enumerate(files):
+                offset = 0
+                for batch in self.file_batches(path, batch_rows=COMPACT_BATCH_ROWS):
+                    keep = [j for j in range(batch.num_rows) if offset + j not in drop.get(i, ())] if drop.get(i) else None
+                    offset += batch.num_rows
+                    if keep is not None:
+                        batch = batch.take(pa.array(keep, type=pa.int64()))
+                    if batch.num_rows:
+                        pending.append(batch)
+                    if sum(b.num_rows for b in pending) >= COMPACT_BATCH_ROWS:
+                        write_group()
+            write_group()
+            close()
+        except (OSError, pa.ArrowException) as err:
+            raise StoreError(f"cannot compact {self.uri}: {err}") from None
+        return written
 
     def _remove_stale_tmp(self) -> None:
         """Delete temporary files left by killed runs (old enough not to belong to a live writer)."""
@@ -205,6 +338,10 @@ class RowTable(Generic[R]):
         for info in infos:
             if info.base_name.startswith(TMP_PREFIX) and info.mtime is not None and now - info.mtime.timestamp() > STALE_TMP_S:
                 self.fs.delete_file(info.path)
+
+
+def _is_compacted(path: str) -> bool:
+    return "-compacted-" in path.rsplit("/", 1)[-1]
 
 
 def _stamp() -> str:
