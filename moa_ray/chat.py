@@ -237,12 +237,13 @@ class StreamChunk(BaseModel):
     delta: str = ""
     reasoning: str = Field(default="", description="A piece of a reasoning model's thinking.")
     tool_calls: list[ToolCallDelta] | None = Field(default=None, description="Pieces of tool calls, as OpenAI streams them.")
+    logprobs: list[TokenLogprob] | None = Field(default=None, description="The piece's tokens, where the call asked for logprobs.")
     completion: Completion | None = None
 
     @property
     def is_text(self) -> bool:
         """Only answer text: what may be joined with its neighbours."""
-        return self.completion is None and not self.reasoning and not self.tool_calls
+        return self.completion is None and not self.reasoning and not self.tool_calls and self.logprobs is None
 
 
 def as_messages(messages: list[ChatMessage] | list[dict] | str) -> list[ChatMessage]:

@@ -164,6 +164,7 @@ class StreamReader:
         self.thoughts: list[str] = []
         self.tools = ToolCallAssembler()
         self.pieces = 0
+        self.logprobs: list[TokenLogprob] | None = None
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
 
@@ -172,12 +173,17 @@ class StreamReader:
         if chunk.get("usage"):
             self.usage = usage_of(chunk["usage"])
         delta, thought, pieces = "", "", list[ToolCallDelta]()
+        tokens: list[TokenLogprob] | None = None
         for choice in chunk.get("choices") or []:
             body = choice.get("delta") or {}
             delta += body.get("content") or ""
             thought += reasoning_of(body)
             pieces += tool_call_deltas(body.get("tool_calls"))
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            if (found := parse_logprobs(choice)) is not None:
+                tokens = (tokens or []) + found
+        if tokens is not None:
+            self.logprobs = (self.logprobs or []) + tokens
         if delta or thought or pieces:
             self.pieces += 1
         if delta:
@@ -186,7 +192,7 @@ class StreamReader:
             self.thoughts.append(thought)
         if pieces:
             pieces = self.tools.add(pieces)
-        return StreamChunk(delta=delta, reasoning=thought, tool_calls=pieces or None)
+        return StreamChunk(delta=delta, reasoning=thought, tool_calls=pieces or None, logprobs=tokens)
 
     def feed(self, chunk: Mapping[str, Any]) -> str:
         """The text this chunk adds ("" for a usage-only or role-only chunk)."""
@@ -206,6 +212,7 @@ class StreamReader:
             model=model,
             tool_calls=self.tools.calls(),
             reasoning="".join(self.thoughts) or None,
+            logprobs=self.logprobs,
             **extra,
         )
 
@@ -216,9 +223,11 @@ def has_content(piece: StreamChunk) -> bool:
 
 
 def joined(pieces: list[StreamChunk]) -> StreamChunk:
-    """Several pieces as one: texts and thoughts joined, tool call pieces in order."""
+    """Several pieces as one: texts and thoughts joined, tool call pieces and tokens in order."""
     calls = [c for p in pieces for c in p.tool_calls or []]
-    return StreamChunk(delta="".join(p.delta for p in pieces), reasoning="".join(p.reasoning for p in pieces), tool_calls=calls or None)
+    tokens = [t for p in pieces for t in p.logprobs or []] if any(p.logprobs is not None for p in pieces) else None
+    text, thought = "".join(p.delta for p in pieces), "".join(p.reasoning for p in pieces)
+    return StreamChunk(delta=text, reasoning=thought, tool_calls=calls or None, logprobs=tokens)
 
 
 #: Characters per token of an estimate (English text with BPE tokenizers), and the tokens OpenAI's chat format

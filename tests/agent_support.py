@@ -108,7 +108,9 @@ class AgentProvider:
         message, finish = self.answer(body)
         usage = self.usage(body, message)
         if not body.get("stream"):
-            choice = {"index": 0, "message": message, "finish_reason": finish}
+            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+            if body.get("logprobs"):
+                choice["logprobs"] = {"content": [token_logprob(p) for p in pieces_of(message.get("content") or "")]}
             return httpx.Response(
                 200, json={"id": "x", "object": "chat.completion", "model": body["model"], "choices": [choice], "usage": usage}
             )
@@ -116,11 +118,13 @@ class AgentProvider:
         return httpx.Response(
             200,
             headers={"content-type": "text/event-stream"},
-            content=self._events(body["model"], message, finish, usage if wants_usage else None),
+            content=self._events(body["model"], message, finish, usage if wants_usage else None, bool(body.get("logprobs"))),
         )
 
     @staticmethod
-    async def _events(model: str, message: dict[str, Any], finish: str, usage: dict[str, int] | None) -> AsyncIterator[bytes]:
+    async def _events(
+        model: str, message: dict[str, Any], finish: str, usage: dict[str, int] | None, logprobs: bool = False
+    ) -> AsyncIterator[bytes]:
         def event(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
             chunk = {
                 "id": "x",
@@ -134,9 +138,13 @@ class AgentProvider:
         thinking = message.get("reasoning_content") or ""
         for i in range(0, len(thinking), 7):
             yield event({"reasoning_content": thinking[i : i + 7]})
-        text = message.get("content") or ""
-        for i in range(0, len(text), 5):  # five characters a piece: tags arrive split
-            yield event({"content": text[i : i + 5]})
+        for piece in pieces_of(message.get("content") or ""):  # five characters a piece: tags arrive split
+            if logprobs:
+                chunk = {"id": "x", "object": "chat.completion.chunk", "model": model}
+                choice = {"index": 0, "delta": {"content": piece}, "finish_reason": None, "logprobs": {"content": [token_logprob(piece)]}}
+                yield f"data: {json.dumps({**chunk, 'choices': [choice]})}\n\n".encode()
+            else:
+                yield event({"content": piece})
             await asyncio.sleep(0)
         for index, call in enumerate(message.get("tool_calls") or []):
             yield event(
@@ -158,6 +166,21 @@ class AgentProvider:
         if usage is not None:
             yield f"data: {json.dumps({'id': 'x', 'object': 'chat.completion.chunk', 'model': model, 'choices': [], 'usage': usage})}\n\n".encode()
         yield b"data: [DONE]\n\n"
+
+
+def pieces_of(text: str) -> list[str]:
+    """The pieces a streamed answer arrives in (five characters each), also its "tokens" when logprobs are asked."""
+    return [text[i : i + 5] for i in range(0, len(text), 5)]
+
+
+def token_logprob(token: str) -> dict[str, Any]:
+    """A token's logprobs entry (OpenAI's shape), with one alternative."""
+    return {
+        "token": token,
+        "logprob": -0.25,
+        "bytes": list(token.encode()),
+        "top_logprobs": [{"token": token, "logprob": -0.25}, {"token": "x", "logprob": -3.0}],
+    }
 
 
 def model(name: str, **extra: Any) -> dict[str, Any]:

@@ -92,9 +92,7 @@ async def test_every_field_of_openais_request_is_accepted(stream):
         assert not {"presence_penalty", "logit_bias", "reasoning_effort", "tools"} & set(proposer)
 
 
-@pytest.mark.parametrize(
-    ("field", "value"), [("functions", [{"name": "get_weather"}]), ("function_call", "auto"), ("logprobs", True), ("n", 2)]
-)
+@pytest.mark.parametrize(("field", "value"), [("functions", [{"name": "get_weather"}]), ("function_call", "auto"), ("n", 2)])
 async def test_what_a_pipeline_cannot_do_is_a_400_that_says_so(field, value):
     async with asgi_client(agent_api(agent_config(), AgentProvider())) as client:
         response = await client.post("/v1/chat/completions", json={"model": "moa", "messages": USER, field: value})
@@ -123,6 +121,22 @@ async def test_a_tool_conversation_replays_as_sdks_send_it():
     sent = provider.sent_to("agg")[0]["messages"]
     assert [m["role"] for m in sent] == ["system", "user", "assistant", "tool", "assistant", "user"]
     assert sent[3] == {"role": "tool", "content": "18 C", "tool_call_id": "c9"} and sent[4]["content"] == "I cannot share that."
+
+
+async def test_logprobs_are_the_answering_calls_plain_and_streamed():
+    provider = AgentProvider()
+    async with client_for(agent_api(agent_config(server={"stream_coalesce_ms": 20}), provider), max_retries=0) as client:
+        plain = await client.chat.completions.create(model="moa", messages=USER, logprobs=True, top_logprobs=2)
+        stream = await client.chat.completions.create(model="moa", messages=USER, logprobs=True, top_logprobs=2, stream=True)
+        chunks = [c async for c in stream]
+    tokens = plain.choices[0].logprobs.content
+    assert "".join(t.token for t in tokens) == plain.choices[0].message.content and len(tokens) > 1
+    assert tokens[0].logprob == -0.25 and [c.token for c in tokens[0].top_logprobs] == [tokens[0].token, "x"]
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in tokens]
+    for body in provider.requests:
+        assert ("logprobs" in body) == (body["model"] == "agg"), body["model"]  # only the answering call is asked
+    assert provider.sent_to("agg")[0]["top_logprobs"] == 2
 
 
 # --------------------------------------------------------------------------- a failed pipeline is not rerun

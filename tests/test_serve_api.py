@@ -278,7 +278,13 @@ BAD_REQUESTS = [
     ("null content", {"model": "moa2", "messages": [{"role": "user", "content": None}]}, 400, "invalid_request", "messages[0].content"),
     ("stream not bool", {"model": "moa2", "messages": _msgs(), "stream": "maybe"}, 400, "invalid_request", "stream"),
     ("bad moa extension", {"model": "moa2", "messages": _msgs(), "moa": {"trace": True, "x": 1}}, 400, "invalid_request", "moa.x"),
-    ("logprobs", {"model": "moa2", "messages": _msgs(), "logprobs": True}, 400, "invalid_request", "logprobs"),
+    (
+        "logprobs beyond 20",
+        {"model": "moa2", "messages": _msgs(), "logprobs": True, "top_logprobs": 21},
+        400,
+        "invalid_request",
+        "top_logprobs",
+    ),
     ("body too large", {"model": "moa2", "messages": _msgs(1, 5000)}, 413, "request_too_large", None),
 ]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, ToolCall, as_messages
+from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, TokenLogprob, ToolCall, as_messages
 from moa_ray.config import LayerSpec, ModelSpecBase, ProposerSpec
 from moa_ray.errors import AggregatorFailed, BackendError, BackendTimeout, LayerFailed, MoARayError
 from moa_ray.pipeline.accounting import fill_accounting
@@ -61,6 +61,7 @@ class PipelineResult(BaseModel):
     finish_reason: str | None = None
     tool_calls: list[ToolCall] | None = None
     reasoning: str | None = None
+    logprobs: list[TokenLogprob] | None = None
     trace: Trace
 
 
@@ -339,6 +340,7 @@ class Pipeline:
                 finish_reason=completion.finish_reason,
                 tool_calls=completion.tool_calls,
                 reasoning=completion.reasoning,
+                logprobs=completion.logprobs,
                 trace=trace,
             )
         finally:
@@ -415,8 +417,8 @@ class Pipeline:
                     completion = chunk.completion
                     continue
                 answer, thought = thinking.feed(chunk.delta) if chunk.delta else ("", "")
-                piece = StreamChunk(delta=answer, reasoning=chunk.reasoning + thought, tool_calls=chunk.tool_calls)
-                if piece.delta or piece.reasoning or piece.tool_calls:
+                piece = StreamChunk(delta=answer, reasoning=chunk.reasoning + thought, tool_calls=chunk.tool_calls, logprobs=chunk.logprobs)
+                if piece.delta or piece.reasoning or piece.tool_calls or piece.logprobs:
                     yield piece
             answer, thought = thinking.flush()
             if answer or thought:
@@ -444,5 +446,6 @@ class Pipeline:
             finish_reason=completion.finish_reason,
             tool_calls=completion.tool_calls,
             reasoning=completion.reasoning,
+            logprobs=completion.logprobs,
             trace=trace,
         )

@@ -6,8 +6,9 @@ several by default); unknown fields are rejected, as OpenAI does, so a typo or a
 
 * applied to the answering call (the aggregator; a ``single`` pipeline's model): ``temperature``, ``top_p``,
   ``max_tokens`` / ``max_completion_tokens``, ``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty``,
-  ``logit_bias``, ``reasoning_effort``, ``response_format``, ``tools``, ``tool_choice``, ``parallel_tool_calls``;
-* refused with a 400 where a pipeline cannot do what is asked: ``n > 1``, ``logprobs: true``, the deprecated
+  ``logit_bias``, ``reasoning_effort``, ``response_format``, ``tools``, ``tool_choice``, ``parallel_tool_calls``,
+  ``logprobs`` / ``top_logprobs`` (the answering call's tokens, where its engine returns them);
+* refused with a 400 where a pipeline cannot do what is asked: ``n > 1``, the deprecated
   ``functions`` / ``function_call`` (send ``tools``), content parts other than text;
 * accepted and ignored (:data:`IGNORED_FIELDS`): they steer OpenAI's own service (storage, tiers, caching,
   moderation, web search, audio) or only ever shape the answer's style (``verbosity``).
@@ -28,6 +29,7 @@ from moa_ray.chat import (
     NamedToolChoice,
     ReasoningEffort,
     ResponseSchema,
+    TokenLogprob,
     ToolCall,
     ToolCallDelta,
     ToolChoice,
@@ -56,7 +58,6 @@ IGNORED_FIELDS = (
     "safety_identifier",
     "service_tier",
     "store",
-    "top_logprobs",
     "user",
     "verbosity",
     "web_search_options",
@@ -251,8 +252,8 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    logprobs: bool | None = Field(default=None, description="Not supported; only false is accepted.")
-    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="Ignored: logprobs are not returned.")
+    logprobs: bool | None = Field(default=None, description="The answering call's token log probabilities.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="With logprobs: the N most likely tokens at each position.")
     reasoning_effort: ReasoningEffort | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: ToolChoice | None = None
@@ -288,13 +289,6 @@ class ChatCompletionRequest(BaseModel):
     def _one_choice(cls, v: int | None) -> int | None:
         if v not in (None, 1):
             raise ValueError("only n=1 is supported: a pipeline returns one answer")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("logprobs are not supported by moa-ray pipelines")
         return v
 
     @field_validator("functions", "function_call")
@@ -352,6 +346,10 @@ class ChatCompletionRequest(BaseModel):
         for name in ("presence_penalty", "frequency_penalty", "logit_bias", "reasoning_effort"):
             if getattr(self, name) is not None:
                 fields[name] = getattr(self, name)
+        if self.logprobs:
+            fields["logprobs"] = True
+            if self.top_logprobs is not None:
+                fields["top_logprobs"] = self.top_logprobs
         if self.response_format is not None and self.response_format.type == "json_object":
             fields["json_mode"] = True
         if self.response_format is not None and self.response_format.json_schema is not None:
@@ -402,11 +400,44 @@ class AssistantMessage(BaseModel):
     reasoning_content: str | None = None
 
 
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class LogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    """OpenAI's ``logprobs`` of a choice: the answering call's tokens."""
+
+    content: list[LogprobOut] | None = None
+    refusal: None = None
+
+    @classmethod
+    def of(cls, tokens: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+        if tokens is None:
+            return None
+        return cls(
+            content=[
+                LogprobOut(
+                    token=t.token,
+                    logprob=t.logprob,
+                    bytes=list(t.token.encode()),
+                    top_logprobs=[TopLogprobOut(token=c.token, logprob=c.logprob, bytes=list(c.token.encode())) for c in t.top_logprobs],
+                )
+                for t in tokens
+            ]
+        )
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -442,7 +473,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -45,6 +45,7 @@ from moa_ray.serve.openai_schema import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     ModelCard,
@@ -320,7 +321,13 @@ class ChatService:
         return ChatCompletion(
             model=request.model,
             system_fingerprint=self._fingerprint(request, pipeline),
-            choices=[Choice(message=message, finish_reason=finish_reason(result.finish_reason, bool(result.tool_calls)))],
+            choices=[
+                Choice(
+                    message=message,
+                    finish_reason=finish_reason(result.finish_reason, bool(result.tool_calls)),
+                    logprobs=ChoiceLogprobs.of(result.logprobs),
+                )
+            ],
             usage=usage_of(result.trace),
             moa=self._moa_extension(request, result.trace),
         )
@@ -361,8 +368,8 @@ class ChatService:
         loop = asyncio.get_running_loop()
         rid, created = completion_id(), int(time.time())
 
-        def chunk(delta: Delta | None, finish: Any = None, **extra: Any) -> str:
-            choices = [ChunkChoice(delta=delta, finish_reason=finish)] if delta is not None else []
+        def chunk(delta: Delta | None, finish: Any = None, logprobs: ChoiceLogprobs | None = None, **extra: Any) -> str:
+            choices = [ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)] if delta is not None else []
             return sse(
                 ChatCompletionChunk(id=rid, created=created, model=request.model, system_fingerprint=fp, choices=choices, **extra).wire()
             )
@@ -377,8 +384,9 @@ class ChatService:
                 elif isinstance(item, StreamChunk) and item.is_text:
                     if item.delta:
                         yield head + json.dumps(item.delta) + tail
-                else:  # thinking or tool calls: OpenAI's delta fields for them
-                    yield chunk(Delta(content=item.delta or None, reasoning_content=item.reasoning or None, tool_calls=item.tool_calls))
+                else:  # thinking, tool calls, tokens' logprobs: OpenAI's fields for them
+                    delta = Delta(content=item.delta or None, reasoning_content=item.reasoning or None, tool_calls=item.tool_calls)
+                    yield chunk(delta, logprobs=ChoiceLogprobs.of(item.logprobs))
                 item = await asyncio.wait_for(items.__anext__(), max(deadline - loop.time(), 0.001))
             result = item
         except PipelineError as err:
