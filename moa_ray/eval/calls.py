@@ -75,28 +75,26 @@ def call_rows(trace: Trace, base: Mapping[str, Any]) -> list[CallRow]:
 def stored_calls(directories: Iterable[str], prompt_ids: set[str]) -> dict[str, list[StoredCall]]:
     """Per prompt id: the distinct answered calls stored in these call tables (missing tables hold none).
 
-    Only the planner's columns are read; the calls of other prompts are dropped as they are read.
+    Only the planner's columns are read, a batch at a time; the calls of other prompts are dropped as they are read,
+    so a resume of a large run holds only the calls of the prompts it still has to answer.
     """
     out: dict[str, dict[str, StoredCall]] = defaultdict(dict)
     for directory in directories:
-        table = calls_table(directory)
-        if not table.part_files():
-            continue
-        rows = table.read(columns=[*LOOKUP_COLUMNS, "status"])
-        for row in rows.to_pylist():
-            if row["status"] != "ok" or row["key"] is None or row["text"] is None or row["prompt_id"] not in prompt_ids:
-                continue
-            out[row["prompt_id"]].setdefault(
-                row["key"],
-                StoredCall(
-                    key=row["key"],
-                    text=row["text"],
-                    prompt_tokens=row["prompt_tokens"],
-                    completion_tokens=row["completion_tokens"],
-                    finish_reason=row["finish_reason"],
-                    source="references" if row["source"] == "references" else "store",
-                ),
-            )
+        for batch in calls_table(directory).batches([*LOOKUP_COLUMNS, "status"], batch_rows=16_384):  # a batch at a time
+            for row in batch.to_pylist():
+                if row["status"] != "ok" or row["key"] is None or row["text"] is None or row["prompt_id"] not in prompt_ids:
+                    continue
+                out[row["prompt_id"]].setdefault(
+                    row["key"],
+                    StoredCall(
+                        key=row["key"],
+                        text=row["text"],
+                        prompt_tokens=row["prompt_tokens"],
+                        completion_tokens=row["completion_tokens"],
+                        finish_reason=row["finish_reason"],
+                        source="references" if row["source"] == "references" else "store",
+                    ),
+                )
     return {pid: list(calls.values()) for pid, calls in out.items()}
 
 
