@@ -13,7 +13,6 @@ whose model id is its ``generator`` on its instruction, so the paper's published
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -21,8 +20,9 @@ from typing import Any
 from moa_ray.chat import ChatMessage
 from moa_ray.config import MoARayConfig, ProposerSpec
 from moa_ray.errors import ConfigError
+from moa_ray.eval.datasets import read_rows
 from moa_ray.eval.schema import CallRow, GenerationRow
-from moa_ray.eval.store import RowTable, StoreError, join, resolve
+from moa_ray.eval.store import RowTable, join
 from moa_ray.pipeline.base import call_params
 from moa_ray.pipeline.reuse import StoredCall, call_key
 from moa_ray.pipeline.trace import Trace
@@ -132,7 +132,7 @@ def reference_calls(config: MoARayConfig, pipelines: list[str], paths: Iterable[
     proposers = layer_one_proposers(config, pipelines)
     out: dict[str, list[StoredCall]] = defaultdict(list)
     for path in paths:
-        records = _read_records(path)
+        records = read_rows(path)
         for i, record in enumerate(records):
             if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) or not isinstance(record.get("output"), str):
                 raise ConfigError(f"{path}: record {i} needs string 'instruction' and 'output' fields (AlpacaEval model_outputs format)")
@@ -148,25 +148,6 @@ def reference_calls(config: MoARayConfig, pipelines: list[str], paths: Iterable[
                 key = call_key(config.models[model], with_role(messages, proposer.system), call_params(proposer))
                 out[record["instruction"]].append(StoredCall(key=key, text=record["output"], source="references"))
     return dict(out)
-
-
-def _read_records(path: str) -> list[Any]:
-    fs, p = resolve(path)
-    try:
-        with fs.open_input_stream(p) as f:
-            raw = f.read().decode("utf-8")
-    except (OSError, FileNotFoundError) as err:
-        raise StoreError(f"cannot read {path}: {err}") from None
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        try:
-            data = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        except ValueError as err:
-            raise ConfigError(f"{path} is neither a JSON list nor JSON lines: {err}") from None
-    if not isinstance(data, list):
-        raise ConfigError(f"{path} must hold a JSON list of records (AlpacaEval model_outputs format)")
-    return data
 
 
 # --------------------------------------------------------------------------- proposers as entries of their own

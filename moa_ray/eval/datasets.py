@@ -231,7 +231,8 @@ def load_mt_bench() -> EvalDataset:
 # --------------------------------------------------------------------------- user files
 
 
-def _read_rows(path: str) -> list[dict[str, Any]]:
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """Every row of a JSON list, JSON Lines or Parquet file (local or a pyarrow filesystem URI; ``.gz`` too)."""
     from moa_ray.eval.store import StoreError, resolve
 
     try:
@@ -309,7 +310,7 @@ def load_file(path: str, *, id_column: str | None = None, prompt_column: str | N
     The prompt column may hold a string or a list of strings (turns). Without an id
     column, ids are hashes of the prompt text, so reruns still find the same keys.
     """
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if not rows:
         raise DatasetError(f"{path}: the dataset is empty")
     columns = _Columns.pick(dict.fromkeys(k for row in rows for k in row), path, id_column, prompt_column)  # rows of a jsonl may differ
@@ -357,7 +358,7 @@ class FileSource(BaseModel):
                     yield from batch.to_pylist()
                 return
             if lower.removesuffix(".gz").endswith(".json"):
-                yield from _read_rows(self.path)
+                yield from read_rows(self.path)
                 return
             with fs.open_input_stream(p) as stream:  # pyarrow decompresses a .gz as it reads
                 for n, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), start=1):
