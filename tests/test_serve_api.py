@@ -210,6 +210,20 @@ BAD_REQUESTS = [
         "invalid_json",
         None,
     ),
+    (
+        "raw surrogate bytes in a message",  # ED A0 80: U+D800 as UTF-8-style bytes, which json.loads lets through
+        b'{"model": "moa2", "messages": [{"role": "user", "content": "a\xed\xa0\x80b"}]}',
+        400,
+        "invalid_json",
+        None,
+    ),
+    (
+        "raw surrogate bytes in stop",
+        b'{"model": "moa2", "messages": [{"role": "user", "content": "hi"}], "stop": ["\xed\xbf\xbf"]}',
+        400,
+        "invalid_json",
+        None,
+    ),
     ("not an object", b"[1, 2]", 400, "invalid_json", None),
     ("not UTF-8", b'{"model": "\xff"}', 400, "invalid_json", None),
     ("unknown pipeline", {"model": "gpt-4", "messages": _msgs()}, 404, "model_not_found", "model"),

@@ -56,8 +56,9 @@ from moa_ray.serve.openai_schema import (
 )
 from moa_ray.streaming import coalesce
 
-#: ``\\ud800``-``\\udfff`` escapes: only these can put a lone surrogate into a parsed JSON string.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+#: What can put a lone surrogate into a parsed JSON string: a ``\\ud800``-``\\udfff`` escape, or the raw UTF-8-style
+#: bytes of one (``ED A0 80``...), which ``json.loads`` of bytes lets through (it decodes with ``surrogatepass``).
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 # A child of "ray.serve", so Serve writes these lines to the replica's log file.
 log = logging.getLogger("ray.serve.moa_ray.ingress")
@@ -165,7 +166,7 @@ class ChatService:
             raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        if _SURROGATE_ESCAPE.search(body):  # JSON may escape a lone UTF-16 surrogate, which no model can encode
+        if _SURROGATE.search(body):  # a lone UTF-16 surrogate, escaped or raw, which no model can encode
             try:
                 json.dumps(data, ensure_ascii=False).encode("utf-8")
             except UnicodeEncodeError:
