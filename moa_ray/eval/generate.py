@@ -144,7 +144,7 @@ class GenerateOptions(BaseModel):
     pool: PoolKind = Field(default="ray", description="Where the workers run: Ray actors, or one asyncio loop in this process.")
     run_id: str = Field(default_factory=new_run_id)
     flush_rows: int = Field(default=256, ge=1, description="Most rows per part file.")
-    flush_s: float = Field(default=0.0, ge=0, description="0: write each batch of results as it arrives.")
+    flush_s: float = Field(default=1.0, ge=0, description="Seconds of results per part file (0: each batch as it arrives).")
     max_tokens: int | None = Field(default=None, ge=1, description="Cap of the final answer's tokens.")
     timeout_s: float = Field(default=600.0, gt=0, description="Each answer's one deadline: all its calls and retries.")
     temperature: float | None = Field(

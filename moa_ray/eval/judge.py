@@ -97,7 +97,7 @@ class JudgeOptions(BaseModel):
     temperature: float = Field(default=0.0, ge=0, le=2)
     run_id: str
     flush_rows: int = Field(default=256, ge=1, description="Most rows per part file.")
-    flush_s: float = Field(default=0.0, ge=0, description="0: write each batch of results as it arrives.")
+    flush_s: float = Field(default=1.0, ge=0, description="Seconds of results per part file (0: each batch as it arrives).")
     progress: bool = True
     baseline: str | None = Field(default=None, description="pairwise-baseline: the pipeline every other is compared with.")
     repeats: int = Field(default=1, ge=1, le=15, description="single: grade each turn this many times, keep the median.")
