@@ -68,8 +68,7 @@ class TableState:
     history: Callable[[list[tuple[str, str, int]]], dict[tuple[str, str, int], str]] | None = None
 
     def is_ok(self, key: int) -> bool:
-        i = int(np.searchsorted(self.ok, key))
-        return i < len(self.ok) and int(self.ok[i]) == key
+        return _contains(self.ok, key)
 
     @classmethod
     def of_rows(cls, latest: Mapping[tuple[Any, ...], dict[str, Any]]) -> TableState:
