@@ -104,7 +104,10 @@ class WorkerPool(Generic[I, R]):
         import ray
 
         per_worker = math.ceil(self.concurrency / self.n_workers)
-        cls = ray.remote(EvalWorker).options(num_cpus=self.worker_cpus, max_concurrency=per_worker, max_restarts=3, max_task_retries=0)
+        # SPREAD: on a cluster the workers (and the in-process model clients they hold) go to different nodes
+        cls = ray.remote(EvalWorker).options(
+            num_cpus=self.worker_cpus, max_concurrency=per_worker, max_restarts=3, max_task_retries=0, scheduling_strategy="SPREAD"
+        )
         self.actors = [cls.remote(self.handler) for _ in range(self.n_workers)]
         try:
             ray.get([a.ready.remote() for a in self.actors])
