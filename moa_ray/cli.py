@@ -10,7 +10,7 @@ import click
 
 from moa_ray.config import DEFAULT_PIPELINE, dump_config, load_config
 from moa_ray.errors import MoARayError, PipelineError
-from moa_ray.pipeline.base import DEADLINE_GRACE_S, CallEvent, PipelineResult
+from moa_ray.pipeline.base import CallEvent, PipelineResult
 from moa_ray.render import call_view, calls_view, err_console, run_reporting_errors, trace_view
 
 if TYPE_CHECKING:
@@ -89,8 +89,7 @@ def run(
     moa-ray run PROMPT --trace full         the answer, then each call's text, then the tables
     """
     from moa_ray.chat import ChatParams
-    from moa_ray.pipeline import build_pipeline
-    from moa_ray.runtime import deploy_agents, init_ray
+    from moa_ray.session import Session
 
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
@@ -100,51 +99,43 @@ def run(
         from moa_ray.pipeline.roles import override_roles
 
         config = override_roles(config, pipeline_name, roles_dataset, roles_task)
-    models = config.models_for([pipeline_name])
-    if config.deployed_models(models):
-        with err_console.status(f"starting Ray and deploying the models of {pipeline_name!r}..."):
-            init_ray(address, models=models.values())
-            agents = deploy_agents(config, [pipeline_name])
-    else:  # remote models called from this process: no Ray needed at all
-        from moa_ray.pipeline.agents import in_process_agents
-
-        agents = in_process_agents(config, list(models))
-    pipeline = build_pipeline(config, pipeline_name, agents)
     params = ChatParams(max_tokens=max_tokens) if max_tokens else None
-    with err_console.status(f"running {pipeline_name!r}..."):
-        try:
-            if show_layers:
-                result = asyncio.run(_run_live(pipeline, prompt, params, timeout_s))
-            else:
-                result = asyncio.run(pipeline.run(prompt, params, timeout_s=timeout_s))
-        except PipelineError as err:
-            if as_json and err.trace is not None:
-                click.echo(json.dumps({"error": str(err), "pipeline": pipeline_name, "trace": err.trace.to_json_dict(trace_detail)}))
-            raise
-    if as_json:
-        click.echo(json.dumps({"answer": result.answer, "pipeline": pipeline_name, "trace": result.trace.to_json_dict(trace_detail)}))
-        return
-    click.echo(result.answer)
-    if trace_detail == "full" and not show_layers:  # the live view showed them already
-        err_console.print(calls_view(result.trace))
-    err_console.print(trace_view(result.trace))
+    # Ray only for models that need a deployment (remote models are called from here); a local Ray ends with the run,
+    # a joined cluster keeps the agents application for the next run.
+    with Session(config, address=address) as session:
+        if config.deployed_models(config.models_for([pipeline_name])):
+            with err_console.status(f"starting Ray and deploying the models of {pipeline_name!r}..."):
+                session.prepare([pipeline_name])
+        with err_console.status(f"running {pipeline_name!r}..."):
+            try:
+                if show_layers:
+                    result = asyncio.run(_run_live(session.pipeline(pipeline_name), prompt, params, timeout_s))
+                else:
+                    result = session.run(pipeline_name, prompt, params, timeout_s=timeout_s)
+            except PipelineError as err:
+                if as_json and err.trace is not None:
+                    click.echo(json.dumps({"error": str(err), "pipeline": pipeline_name, "trace": err.trace.to_json_dict(trace_detail)}))
+                raise
+        if as_json:  # shown before the session releases its Ray
+            click.echo(json.dumps({"answer": result.answer, "pipeline": pipeline_name, "trace": result.trace.to_json_dict(trace_detail)}))
+            return
+        click.echo(result.answer)
+        if trace_detail == "full" and not show_layers:  # the live view showed them already
+            err_console.print(calls_view(result.trace))
+        err_console.print(trace_view(result.trace))
 
 
 async def _run_live(pipeline: Pipeline, prompt: str, params: ChatParams | None, timeout_s: float) -> PipelineResult:
-    """Run ``pipeline``, printing each call before the final one to stderr the moment it ends."""
+    """Run ``pipeline``, printing each call before the final one to stderr the moment it ends (the stream bounded by
+    the request's deadline: :func:`moa_ray.session.stream_within`)."""
+    from moa_ray.session import stream_within
 
-    async def consume() -> PipelineResult:
-        async for item in pipeline.stream(prompt, params, timeout_s=timeout_s, call_events=True):
-            if isinstance(item, CallEvent):
-                err_console.print(call_view(item.record))
-            elif isinstance(item, PipelineResult):
-                return item
-        raise MoARayError(f"pipeline {pipeline.name!r} ended without a result")  # pragma: no cover - the stream ends with one
-
-    try:  # the calls share the deadline; the final call's stream is bounded here, as the endpoint bounds it
-        return await asyncio.wait_for(consume(), timeout_s + DEADLINE_GRACE_S)
-    except asyncio.TimeoutError:
-        raise MoARayError(f"{pipeline.name!r} did not finish within {timeout_s:g} s") from None
+    async for item in stream_within(pipeline, prompt, params, timeout_s=timeout_s, call_events=True):
+        if isinstance(item, CallEvent):
+            err_console.print(call_view(item.record))
+        elif isinstance(item, PipelineResult):
+            return item
+    raise MoARayError(f"pipeline {pipeline.name!r} ended without a result")  # pragma: no cover - the stream ends with one
 
 
 @main.group()

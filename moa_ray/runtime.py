@@ -15,7 +15,7 @@ from typing import Any
 from moa_ray import loopback
 from moa_ray.config import MoARayConfig, ModelSpecBase
 from moa_ray.errors import ConfigError, missing_module_message
-from moa_ray.pipeline.agents import Agent, HandleAgent, in_process_agents
+from moa_ray.pipeline.agents import Agent, assemble_agents
 
 log = logging.getLogger(__name__)
 
@@ -181,21 +181,40 @@ def is_shared_cluster(address: str | None = None) -> bool:
     return bool(address or os.environ.get("RAY_ADDRESS"))
 
 
-def release_ray(app_names: Iterable[str], *, shared: bool) -> None:
-    """Leave Ray as found: delete our Serve apps from a shared cluster, or shut down Serve on our own; then disconnect."""
+def release_ray(app_names: Iterable[str], *, shared: bool, drain: bool = True) -> None:
+    """Leave Ray as found: delete our Serve apps from a shared cluster, or shut down Serve on our own; then disconnect.
+
+    ``drain=False``: our own Ray goes down at once, without Serve's graceful shutdown (~5 s on 2 cores), as a
+    process's exit takes it: for a run whose calls are all over (a session's agents), not for a server's requests.
+    """
     import ray
     from ray import serve
 
     try:
         if shared:
             for name in app_names:
-                serve.delete(name)
-        else:
+                try:
+                    serve.delete(name)
+                except Exception as err:  # noqa: BLE001 - cleanup must not hide the outcome of what ran
+                    log.warning("could not delete Serve app %r: %s", name, err)
+        elif drain:
             serve.shutdown()
+        else:
+            _forget_serve_client()
     finally:
         ray.shutdown()
         if not shared:
             stop_reaper()
+
+
+def _forget_serve_client() -> None:
+    """Drop this process's cached handle of a Serve controller that is about to go with its Ray, as ``serve.shutdown``
+    does, so that a later Ray of this process starts its own Serve without first probing the dead one."""
+    try:
+        from ray.serve.context import _disconnect
+    except ImportError:  # pragma: no cover - a Ray without it: Serve finds the handle stale on its own (a few seconds)
+        return
+    _disconnect()
 
 
 @contextlib.contextmanager
@@ -220,10 +239,9 @@ def deploy_models(config: MoARayConfig, models: list[str], *, app_name: str = "m
     (left by an earlier run: ``moa-ray run --address``, ``eval generate --keep-deployed``) is reused as
     it is, so no replica restarts and no weights reload; any difference redeploys.
     """
-    agents: dict[str, Agent] = dict(in_process_agents(config, models))
     deployed = config.deployed_models(models)
     if not deployed:
-        return agents
+        return assemble_agents(config, models, {})
     from ray import serve
 
     from moa_ray.serve.builder import agent_deployment_name, agents_fingerprint, build_agents_app
@@ -235,8 +253,7 @@ def deploy_models(config: MoARayConfig, models: list[str], *, app_name: str = "m
         log.info("reusing the running Serve application %r (same models and specs)", app_name)
     else:
         serve.run(build_agents_app(config, deployed, fingerprint), name=app_name, route_prefix=None)
-    agents.update({m: HandleAgent(serve.get_deployment_handle(agent_deployment_name(m), app_name), m) for m in deployed})
-    return {m: agents[m] for m in models}
+    return assemble_agents(config, models, {m: serve.get_deployment_handle(agent_deployment_name(m), app_name) for m in deployed})
 
 
 def running_fingerprint(app_name: str) -> str | None:

@@ -232,18 +232,16 @@ def generate_command(
     summary = None
     if plan.pending_rows:
         from moa_ray.eval.lease import WriterLease
-        from moa_ray.runtime import deploy_agents, init_ray
+        from moa_ray.session import Session
 
         WriterLease(out, options.run_id).check_free()  # refused before Ray starts and models deploy
 
-        init_ray(address, models=config.models_for(pipelines).values())
-        try:  # a deploy that fails half-way leaves no Serve app behind either
+        # Its agents app leaves a joined cluster on exit (unless kept), even after a deploy that failed half-way.
+        with Session(config, address=address, app_name=app_name, keep_deployed=keep_deployed) as session:
+            session.start_ray(config.models_for(pipelines))  # the workers are Ray actors, whatever the models
             with err_console.status(f"starting Ray and deploying the models of {', '.join(pipelines)}..."):
-                agents = deploy_agents(config, pipelines, app_name=app_name)
+                agents = session.agents(pipelines)
             summary = run_generation(config, data, agents, options, prepared)
-        finally:
-            if not keep_deployed and config.deployed_models(config.models_for(pipelines)):
-                _delete_app(app_name)
     else:
         summary = run_generation(config, data, {}, options, prepared)  # nothing to run: compacts and summarises
     _print_generate_summary(summary)
@@ -253,16 +251,6 @@ def generate_command(
     if not summary.complete:
         err_console.print("[yellow]some rows failed or are missing; rerun the same command to retry them[/yellow]")
         sys.exit(EXIT_PARTIAL)
-
-
-def _delete_app(app_name: str) -> None:
-    """Remove the run's agents app (only called when the run deployed models: in-process ones need none)."""
-    from ray import serve
-
-    try:
-        serve.delete(app_name)
-    except Exception as err:  # noqa: BLE001 - cleanup must not hide the run's outcome
-        err_console.print(f"[yellow]could not delete Serve app {app_name!r}: {err}[/yellow]")
 
 
 def _print_generate_summary(summary: Any) -> None:
@@ -411,19 +399,17 @@ def judge_command(
     agent = None
     if items:
         from moa_ray.eval.lease import WriterLease
-        from moa_ray.runtime import deploy_models, init_ray
 
         WriterLease(out, options.run_id).check_free()  # refused before Ray starts and the judge deploys
+    from moa_ray.session import Session
 
-        init_ray(address, models=[config.models[judge_model]])
-    try:  # a deploy that fails half-way leaves no Serve app behind either
+    # Its judge app leaves a joined cluster on exit (unless kept), even after a deploy that failed half-way.
+    with Session(config, address=address, app_name=app_name, keep_deployed=keep_deployed) as session:
         if items:
+            session.start_ray([judge_model])
             with err_console.status(f"starting Ray and deploying the judge {judge_model!r}..."):
-                agent = deploy_models(config, [judge_model], app_name=app_name)[judge_model]
+                agent = session.agents(models=[judge_model])[judge_model]
         summary = run_judging(gens, agent, options)  # type: ignore[arg-type]
-    finally:
-        if items and not keep_deployed and config.deployed_models([judge_model]):
-            _delete_app(app_name)
     err_console.print(
         f"run {summary.run_id}: {summary.ok_rows} judgments ok, {summary.failed_rows} failed "
         f"({summary.pairwise_items} pairwise, {summary.single_items} single, {summary.baseline_items} pairwise-baseline, "

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from typing import Any, Protocol
 
 from moa_ray.backends.base import ChatBackend
 from moa_ray.chat import ChatMessage, ChatParams, ChatRequest, Completion, StreamChunk
-from moa_ray.errors import BackendError
+from moa_ray.errors import BackendError, MoARayError
 from moa_ray.redaction import Redactor
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,20 @@ def prepare_agents(agents: Iterable[Agent]) -> None:
 def in_process_agents(config: Any, models: list[str]) -> dict[str, Agent]:
     """Agents for those of ``models`` called from this process (remote models without a deployment)."""
     return {m: InProcessAgent(m, config.models[m]) for m in models if not config.models[m].deployed}
+
+
+def assemble_agents(config: Any, models: Iterable[str], handles: Mapping[str, Any]) -> dict[str, Agent]:
+    """The agents of ``models``, in that order: a deployed model (weights, or ``hosting: deployment``) through its
+    Serve deployment's handle in ``handles``, a remote model hosted ``in_process`` through this process's own client.
+
+    The one assembly of agents: a session's (:mod:`moa_ray.session`, with the handles of the deployments it made, or
+    none when no model needs one) and the endpoint's ingress replicas' (the handles Serve binds to the ingress).
+    """
+    names = list(dict.fromkeys(models))
+    missing = [m for m in names if config.models[m].deployed and m not in handles]
+    if missing:
+        raise MoARayError(f"no Serve deployment handle for the deployed model(s) {', '.join(missing)}")
+    return {m: HandleAgent(handles[m], m) if config.models[m].deployed else InProcessAgent(m, config.models[m]) for m in names}
 
 
 def _unwrap(reply: dict[str, Any]) -> dict[str, Any]:

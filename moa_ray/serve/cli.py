@@ -90,43 +90,40 @@ def _run_server(config: MoARayConfig, names: list[str], *, host: str, port: int,
     import ray
     from ray import serve
 
-    from moa_ray.runtime import init_ray, is_shared_cluster, release_ray
+    from moa_ray.runtime import is_shared_cluster
     from moa_ray.serve import proxy
     from moa_ray.serve.app import build_app
+    from moa_ray.session import Session
 
     local = not is_shared_cluster(address)
     if local:
         _check_port_free(host, port)  # before Ray starts: a taken port would fail the proxy's start deep in Serve
 
-    def stop_serving() -> None:
-        release_ray([app_name], shared=not local)
-
-    with err_console.status(f"starting Ray and deploying {len(config.models_for(names))} models + the ingress..."):
-        init_ray(address, models=config.models_for(names).values(), env=proxy.local_env(config.server, host) if local else None)
+    # The session's Ray ends with the server (a local one is shut down; the app leaves a joined cluster), on errors too.
+    env = proxy.local_env(config.server, host) if local else None
+    with Session(config, address=address, env=env, apps=[app_name]) as session:
+        with err_console.status(f"starting Ray and deploying {len(config.models_for(names))} models + the ingress..."):
+            session.start_ray(config.models_for(names))
+            try:
+                serve.start(http_options=proxy.http_options(config.server, host, port, local=local))
+            except Exception as err:  # noqa: BLE001 - Ray raises its own task errors here; the last line says why
+                last = [line for line in str(err).strip().splitlines() if line.strip()][-1:] or [type(err).__name__]
+                raise MoARayError(f"Serve's HTTP proxy did not start on {host}:{port}: {last[0].strip()}") from None
+            try:
+                serve.run(build_app(config, names), name=app_name, route_prefix="/")
+            except RuntimeError as err:  # a replica failed to start (backend, model file, key file on the cluster...)
+                raise MoARayError(f"deploying {app_name!r} failed: {err}{_deployment_failures(app_name)}") from None
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        url = f"http://{host}:{port}/v1"
+        err_console.print(f"serving {', '.join(names)} at {url} (client API keys: {'required' if auth else 'off'})", highlight=False)
+        err_console.print(f"ray: {ray.get_runtime_context().gcs_address}; press Ctrl+C to stop", highlight=False)
         try:
-            serve.start(http_options=proxy.http_options(config.server, host, port, local=local))
-        except Exception as err:  # noqa: BLE001 - Ray raises its own task errors here; the last line says why
-            stop_serving()
-            last = [line for line in str(err).strip().splitlines() if line.strip()][-1:] or [type(err).__name__]
-            raise MoARayError(f"Serve's HTTP proxy did not start on {host}:{port}: {last[0].strip()}") from None
-        try:
-            serve.run(build_app(config, names), name=app_name, route_prefix="/")
-        except RuntimeError as err:  # a replica failed to start (backend, model file, key file on the cluster...)
-            reasons = _deployment_failures(app_name)
-            stop_serving()
-            raise MoARayError(f"deploying {app_name!r} failed: {err}{reasons}") from None
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    url = f"http://{host}:{port}/v1"
-    err_console.print(f"serving {', '.join(names)} at {url} (client API keys: {'required' if auth else 'off'})", highlight=False)
-    err_console.print(f"ray: {ray.get_runtime_context().gcs_address}; press Ctrl+C to stop", highlight=False)
-    try:
-        while not stop.wait(0.5):  # a timed wait lets the signal handlers run
-            pass
-    finally:
-        err_console.print("stopping...")
-        stop_serving()
+            while not stop.wait(0.5):  # a timed wait lets the signal handlers run
+                pass
+        finally:
+            err_console.print("stopping...")
 
 
 def _check_port_free(host: str, port: int) -> None:

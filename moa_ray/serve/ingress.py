@@ -139,12 +139,11 @@ def build_service(config: dict[str, Any], pipelines: list[str], handles: dict[st
     hosted in process, agents of this replica's own; client keys from the environment."""
     from moa_ray.config import parse_config
     from moa_ray.pipeline import build_pipeline
-    from moa_ray.pipeline.agents import HandleAgent, in_process_agents
+    from moa_ray.pipeline.agents import assemble_agents
 
     cfg = parse_config(config, "<serve application args>")
     keys = load_api_keys()
-    agents: dict[str, Any] = {model: HandleAgent(handle, model) for model, handle in handles.items()}
-    agents.update(in_process_agents(cfg, list(cfg.models_for(pipelines))))
+    agents = assemble_agents(cfg, cfg.models_for(pipelines), handles)  # as a session assembles them
     built = {name: build_pipeline(cfg, name, agents) for name in pipelines}
     log.info(
         "moa-ray ingress: pipelines %s; client API keys %s",
