@@ -227,3 +227,24 @@ def test_eval_report_cli_prints_a_row_per_proposer(sim, tmp_path: Path) -> None:
     for name in PROPOSERS:
         assert f"{PROPOSER_PREFIX}{name}" in result.output
     shutil.rmtree(tmp_path / "report")
+
+
+def test_each_proposer_against_its_aggregator_head_to_head_with_no_generation_call(sim, tmp_path: Path) -> None:
+    """Is MoA better than each of its proposers? pairwise-baseline judging of the proposer entries against the pipeline."""
+    from moa_ray.eval.judge import read_judgments
+
+    config = store_config(sim.base_url)
+    data = load_dataset("mt_bench", limit=2)
+    agents = in_process_agents(config, list(config.models))
+    gens = tmp_path / "gens"
+    run_generation(config, data, agents, generate_options(gens, ["moa-lite"]))
+    generated = made(sim)
+    entries = read_generations(str(gens), proposers=True)
+    options = judge_options(gens, tmp_path / "judged", "judge", "pairwise-baseline", baseline="moa-lite")
+    summary = run_judging(entries, agents["judge"], options)
+    assert summary.failed_rows == 0 and summary.baseline_items > 0
+    judged = read_judgments(str(tmp_path / "judged"))
+    rows = {r.pipeline: r for r in build_report(entries, baseline_pairs=judged.baseline_pairs)}
+    for name in PROPOSERS:  # every proposer has its win rate against the aggregator's answers
+        assert rows[f"{PROPOSER_PREFIX}{name}"].baseline == "moa-lite" and rows[f"{PROPOSER_PREFIX}{name}"].baseline_win_rate is not None
+    assert made(sim) - generated == sim.stats.by_model["judge-always-a"]  # only judge calls: no generation call
