@@ -77,7 +77,11 @@ def _ray_initialized() -> bool:
 # --------------------------------------------------------------------------- run, arun, stream, astream (no Ray)
 
 
-def test_run_answers_through_a_pipeline_of_remote_models_without_starting_ray(config_file: Path, sim) -> None:
+def test_run_answers_through_a_pipeline_of_remote_models_without_starting_ray(config_file: Path, sim, monkeypatch) -> None:
+    from moa_ray import runtime
+
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: pytest.fail("the session asked for Ray"))
+    ray_before = _ray_initialized()  # the Ray lane's shared cluster may be up in this process: it stays as it was
     with moa_ray.session(config_file) as s:
         result = s.run("tiny", "Why is the sky blue?")
         assert not s.started_ray
@@ -90,7 +94,7 @@ def test_run_answers_through_a_pipeline_of_remote_models_without_starting_ray(co
     assert sim.stats.requests == 3
     full = result.trace.to_json_dict("full")  # the record `moa-ray run --json --trace full` prints
     assert full["calls"][2]["text"] == ANSWER and result.trace.to_json_dict()["calls"][2].get("text") is None
-    assert s.closed and not _ray_initialized()
+    assert s.closed and _ray_initialized() == ray_before
 
 
 def test_run_takes_messages_params_and_max_tokens(config_file: Path, sim) -> None:
@@ -141,11 +145,13 @@ def test_a_failed_pipeline_raises_with_its_trace(config_file: Path) -> None:
 
 def test_a_second_session_in_the_same_process_works(config_file: Path, sim) -> None:
     config = moa_ray.load_config(config_file)
+    ray_before = _ray_initialized()
     for _ in range(2):
         with moa_ray.session(config) as s:  # a loaded config, each session with its own agents and loop
             assert s.run("tiny", "Why?").answer == ANSWER
             assert next(i for i in s.stream("tiny", "Why?") if isinstance(i, PipelineResult)).answer == ANSWER
-    assert sim.stats.requests == 12 and not _ray_initialized()
+            assert not s.started_ray
+    assert sim.stats.requests == 12 and _ray_initialized() == ray_before
 
 
 def test_a_mapping_or_no_config_and_bad_input_fail_before_any_ray(sim) -> None:
