@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import math
 import threading
 import time
@@ -176,13 +177,7 @@ class WorkerPool(Generic[I, R]):
             for ref in ready:
                 item, idx = in_flight.pop(ref)
                 load[idx] -= 1
-                stats.items += 1
-                try:
-                    rows = ray.get(ref)
-                except Exception as err:  # noqa: BLE001 - a lost item becomes error rows, retried next run
-                    stats.lost += 1
-                    rows = self.handler.failed(item, f"{type(err).__name__}: {_first_line(err)}")
-                on_rows(item, rows)
+                _deliver(self.handler, item, functools.partial(ray.get, ref), stats, on_rows)
             submit()
             if tick is not None:
                 tick()
@@ -295,14 +290,7 @@ class InProcessPool(Generic[I, R]):
             while in_flight:
                 ready, _ = concurrent.futures.wait(in_flight, timeout=TICK_S, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in ready:
-                    item = in_flight.pop(future)
-                    stats.items += 1
-                    try:
-                        rows = future.result()
-                    except Exception as err:  # noqa: BLE001 - a lost item becomes error rows, retried next run
-                        stats.lost += 1
-                        rows = self.handler.failed(item, f"{type(err).__name__}: {_first_line(err)}")
-                    on_rows(item, rows)
+                    _deliver(self.handler, in_flight.pop(future), future.result, stats, on_rows)
                 submit()
                 if tick is not None:
                     tick()
@@ -322,6 +310,20 @@ def make_pool(
     if kind == "in_process":
         return InProcessPool(handler, concurrency=concurrency, workers=workers, worker_cpus=worker_cpus)
     raise ValueError(f"unknown pool {kind!r} (pools: {', '.join(POOL_KINDS)})")
+
+
+def _deliver(
+    handler: Handler[I, R], item: I, result: Callable[[], list[R]], stats: PoolStats, on_rows: Callable[[I, list[R]], None]
+) -> None:
+    """Hand a finished item's rows to ``on_rows``; an item whose worker died or whose handler raised (``result``
+    raises) becomes the handler's error rows, which the next run retries. Both pools finish items this way."""
+    stats.items += 1
+    try:
+        rows = result()
+    except Exception as err:  # noqa: BLE001 - a lost item becomes error rows, retried next run
+        stats.lost += 1
+        rows = handler.failed(item, f"{type(err).__name__}: {_first_line(err)}")
+    on_rows(item, rows)
 
 
 def _first_line(err: BaseException) -> str:
