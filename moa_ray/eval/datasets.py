@@ -144,9 +144,9 @@ def data_file(*parts: str) -> Any:
     return resources.files("moa_ray").joinpath("data", *parts)
 
 
-def _read_jsonl_text(text: str, source: str) -> list[dict[str, Any]]:
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
+def _jsonl_rows(lines: Iterable[str], source: str) -> Iterator[dict[str, Any]]:
+    """The objects of JSON Lines, one per non-blank line; a line that is not a JSON object is a DatasetError naming it."""
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -155,8 +155,11 @@ def _read_jsonl_text(text: str, source: str) -> list[dict[str, Any]]:
             raise DatasetError(f"{source}: line {n} is not JSON: {err}") from None
         if not isinstance(row, dict):
             raise DatasetError(f"{source}: line {n} is not a JSON object")
-        rows.append(row)
-    return rows
+        yield row
+
+
+def _read_jsonl_text(text: str, source: str) -> list[dict[str, Any]]:
+    return list(_jsonl_rows(text.splitlines(), source))
 
 
 def parse_json_list(text: str, source: str, error: type[MoARayError] = DatasetError) -> list[dict[str, Any]]:
@@ -361,16 +364,7 @@ class FileSource(BaseModel):
                 yield from read_rows(self.path)
                 return
             with fs.open_input_stream(p) as stream:  # pyarrow decompresses a .gz as it reads
-                for n, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DatasetError(f"{self.path}: line {n} is not JSON: {err}") from None
-                    if not isinstance(row, dict):
-                        raise DatasetError(f"{self.path}: line {n} is not a JSON object")
-                    yield row
+                yield from _jsonl_rows(io.TextIOWrapper(stream, encoding="utf-8"), self.path)
         except FileNotFoundError:
             raise DatasetError(f"dataset file not found: {self.path}") from None
         except (OSError, pa.ArrowException, StoreError, UnicodeDecodeError) as err:
