@@ -24,12 +24,12 @@ from pydantic import BaseModel, Field
 
 from moa_ray.chat import ChatMessage, ChatParams
 from moa_ray.config import MoARayConfig
-from moa_ray.errors import PipelineError
+from moa_ray.errors import ConfigError, PipelineError
 from moa_ray.eval.calls import CALLS_DIR, call_rows, calls_table, reference_calls, stored_calls
 from moa_ray.eval.datasets import EvalPrompt, PromptSource
 from moa_ray.eval.lease import WriterLease
 from moa_ray.eval.mt_bench import AnswerTemperature, answer_temperature
-from moa_ray.eval.planning import Plan, StreamPlan, TableState, WorkItem, check_settings
+from moa_ray.eval.planning import Plan, StreamPlan, TableState, WorkItem
 from moa_ray.eval.progress import EvalProgress
 from moa_ray.eval.runner import PoolKind, count_rows, make_pool
 from moa_ray.eval.schema import CallRow, GenerationRow, RoleTokens
@@ -200,17 +200,28 @@ def check_run_settings(
     *other* datasets in the table need only the same dataset-independent settings (:func:`base_settings`):
     MT-Bench's answer temperatures do not stop an AlpacaEval run into the same directory.
     """
-    check_settings(
-        state,
-        dataset,
-        fingerprints,
-        settings=settings,
-        stored_settings=stored_settings,
-        base_fingerprints=base_fingerprints,
-        describe=first_difference,
-        base_of=base_settings,
-        fingerprint_of=settings_fingerprint,
-    )
+    for pipeline, config_hash, row_dataset in sorted(state.answered_with):
+        if pipeline not in fingerprints:
+            continue
+        other_dataset = base_fingerprints is not None and row_dataset != dataset
+        old = stored_settings(config_hash) if stored_settings else None
+        if other_dataset:
+            assert base_fingerprints is not None
+            stored_base = settings_fingerprint(base_settings(old)) if old is not None else config_hash
+            if stored_base == base_fingerprints[pipeline]:
+                continue
+            new_settings = base_settings(settings[pipeline]) if settings else None
+            old = base_settings(old) if old is not None else None
+        elif config_hash == fingerprints[pipeline]:
+            continue
+        else:
+            new_settings = settings[pipeline] if settings else None
+        changed = first_difference(old, new_settings) if old is not None and new_settings is not None else None
+        what = f": {changed}" if changed else f" (config hash {config_hash} != {fingerprints[pipeline]})"
+        raise ConfigError(
+            f"the output already holds answers of pipeline {pipeline!r} made with different settings{what}; "
+            "use another --out, or --allow-config-change to mix them"
+        )
 
 
 def _num(value: Any) -> float | None:

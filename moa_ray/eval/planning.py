@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
-from moa_ray.errors import ConfigError
 from moa_ray.eval.datasets import EvalPrompt, PromptSource
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import RowTable, resolve_latest
@@ -196,40 +195,3 @@ class StreamPlan:
 
     def materialize(self) -> Plan:
         return Plan(items=list(self.items()), total_rows=self.total_rows, done_rows=self.done_rows, pending_rows=self.pending_rows)
-
-
-def check_settings(
-    state: TableState,
-    dataset: str,
-    fingerprints: Mapping[str, str],
-    *,
-    settings: Mapping[str, dict[str, Any]] | None = None,
-    stored_settings: Callable[[str], dict[str, Any] | None] | None = None,
-    base_fingerprints: Mapping[str, str] | None = None,
-    describe: Callable[[Any, Any], str | None],
-    base_of: Callable[[dict[str, Any]], dict[str, Any]],
-    fingerprint_of: Callable[[dict[str, Any]], str],
-) -> None:
-    """Refuse a table whose answers of these pipelines were made with other settings (see ``plan_generation``)."""
-    for pipeline, config_hash, row_dataset in sorted(state.answered_with):
-        if pipeline not in fingerprints:
-            continue
-        other_dataset = base_fingerprints is not None and row_dataset != dataset
-        old = stored_settings(config_hash) if stored_settings else None
-        if other_dataset:
-            assert base_fingerprints is not None
-            stored_base = fingerprint_of(base_of(old)) if old is not None else config_hash
-            if stored_base == base_fingerprints[pipeline]:
-                continue
-            new_settings = base_of(settings[pipeline]) if settings else None
-            old = base_of(old) if old is not None else None
-        elif config_hash == fingerprints[pipeline]:
-            continue
-        else:
-            new_settings = settings[pipeline] if settings else None
-        changed = describe(old, new_settings) if old is not None and new_settings is not None else None
-        what = f": {changed}" if changed else f" (config hash {config_hash} != {fingerprints[pipeline]})"
-        raise ConfigError(
-            f"the output already holds answers of pipeline {pipeline!r} made with different settings{what}; "
-            "use another --out, or --allow-config-change to mix them"
-        )
