@@ -57,17 +57,10 @@ DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_APP_NAME = "moa-agents"
 
 
-def session(
-    config: str | os.PathLike[str] | MoARayConfig | Mapping[str, Any] | None = None,
-    *,
-    address: str | None = None,
-    num_cpus: int | None = None,
-    env: Mapping[str, str] | None = None,
-    app_name: str = DEFAULT_APP_NAME,
-    keep_deployed: bool = True,
-    apps: Iterable[str] = (),
-) -> Session:
-    """A :class:`Session` over ``config`` (a YAML path, a loaded :class:`~moa_ray.config.MoARayConfig`, a mapping, or
+class Session:
+    """Pipelines of one config, their agents assembled once, and the Ray they needed (see :mod:`moa_ray.session`).
+
+    A session over ``config`` (a YAML path, a loaded :class:`~moa_ray.config.MoARayConfig`, a mapping, or
     None: the shipped presets), validated now, before any Ray; use it as a context manager.
 
     ``address``: a Ray cluster to join when Ray is needed (default: ``RAY_ADDRESS``, else a local Ray on loopback,
@@ -76,11 +69,6 @@ def session(
     applications (deployed by the caller, such as an endpoint) that leave a joined cluster with the session, and that
     Serve drains before a local Ray the session started goes down (which otherwise goes at once, as at a process's exit).
     """
-    return Session(config, address=address, num_cpus=num_cpus, env=env, app_name=app_name, keep_deployed=keep_deployed, apps=apps)
-
-
-class Session:
-    """Pipelines of one config, their agents assembled once, and the Ray they needed (see :mod:`moa_ray.session`)."""
 
     def __init__(
         self,
@@ -348,6 +336,10 @@ class Session:
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
         return self._loop
+
+
+#: ``moa_ray.session(config, ...)``: a :class:`Session` (the lower-case name reads as the front door, like a function).
+session = Session
 
 
 async def stream_within(
