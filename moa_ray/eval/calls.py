@@ -31,7 +31,7 @@ from moa_ray.prompts import with_role
 #: The call table's folder inside a generations directory ("_": Parquet readers skip it).
 CALLS_DIR = "_calls"
 #: The columns a planner reads to hand items their stored calls (never the trace, never the instruction).
-LOOKUP_COLUMNS = ["prompt_id", "key", "text", "prompt_tokens", "completion_tokens", "finish_reason", "reused", "source"]
+LOOKUP_COLUMNS = ["prompt_id", "key", "text", "prompt_tokens", "completion_tokens", "finish_reason", "source"]
 #: A generator name's suffix in the original MoA code's outputs (``model + "-together"``).
 _MOA_SUFFIXES = ("-together",)
 
