@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import openai
+from pydantic import BaseModel
 
 from moa_ray.config import parse_config
 
@@ -244,3 +246,17 @@ def agent_api(config: Any, provider: AgentProvider) -> Any:
 
 def asgi_client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://moa.test", timeout=30)
+
+
+class Weather(BaseModel):
+    """The structured answer the agent tests ask for."""
+
+    city: str
+    celsius: int
+
+
+def client_for(app: Any, **options: Any) -> openai.AsyncOpenAI:
+    """The official SDK over the endpoint's app in process; no retries unless asked (a test counts its calls)."""
+    return openai.AsyncOpenAI(
+        base_url="http://moa.test/v1", api_key="unused", http_client=asgi_client(app), **{"max_retries": 0, **options}
+    )

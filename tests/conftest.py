@@ -99,3 +99,9 @@ def simulator(_simulators_stopping):
     yield start
     for cm in reversed(stack):
         cm.__exit__(None, None, None)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The async tests (``pytest.mark.anyio``) run on asyncio, the loop moa-ray runs on."""
+    return "asyncio"

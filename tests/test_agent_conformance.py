@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from agent_support import USER, WEATHER_TOOL, AgentProvider, agent_api, agent_config, asgi_client, model
+from agent_support import USER, WEATHER_TOOL, AgentProvider, agent_api, agent_config, asgi_client, client_for, model
 from openai.types.chat.completion_create_params import CompletionCreateParamsBase
 from serve_support import sse_events
 
@@ -16,15 +16,6 @@ from moa_ray.config import parse_config
 from moa_ray.serve.openai_schema import IGNORED_FIELDS, ChatCompletionRequest
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def client_for(app, **options) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url="http://moa.test/v1", api_key="unused", http_client=asgi_client(app), **options)
 
 
 #: A value for every field of the SDK's request type (``functions`` and ``function_call`` aside: refused, below).
@@ -125,7 +116,7 @@ async def test_a_tool_conversation_replays_as_sdks_send_it():
 
 async def test_logprobs_are_the_answering_calls_plain_and_streamed():
     provider = AgentProvider()
-    async with client_for(agent_api(agent_config(server={"stream_coalesce_ms": 20}), provider), max_retries=0) as client:
+    async with client_for(agent_api(agent_config(server={"stream_coalesce_ms": 20}), provider)) as client:
         plain = await client.chat.completions.create(model="moa", messages=USER, logprobs=True, top_logprobs=2)
         stream = await client.chat.completions.create(model="moa", messages=USER, logprobs=True, top_logprobs=2, stream=True)
         chunks = [c async for c in stream]
@@ -165,7 +156,7 @@ def failing_config() -> tuple:
 @pytest.mark.parametrize("stream", [False, True])
 async def test_the_sdk_does_not_rerun_a_failed_pipeline(stream):
     app, calls = failing_config()
-    async with client_for(app) as client:  # the SDK's default: two retries of a 5xx
+    async with client_for(app, max_retries=openai.DEFAULT_MAX_RETRIES) as client:  # the SDK's default: two retries of a 5xx
         with pytest.raises(openai.InternalServerError) as info:
             await client.chat.completions.create(model="single", messages=USER, stream=stream)
     assert info.value.status_code == 502 and info.value.response.headers["x-should-retry"] == "false"
@@ -177,7 +168,7 @@ async def test_the_sdk_does_not_rerun_a_failed_pipeline(stream):
 
 async def test_streamed_usage_equals_the_plain_usage_when_providers_stream_it():
     provider = AgentProvider()
-    async with client_for(agent_api(agent_config(), provider), max_retries=0) as client:
+    async with client_for(agent_api(agent_config(), provider)) as client:
         plain = await client.chat.completions.create(model="moa", messages=USER)
         stream = await client.chat.completions.create(model="moa", messages=USER, stream=True, stream_options={"include_usage": True})
         chunks = [c async for c in stream]
@@ -188,7 +179,7 @@ async def test_streamed_usage_equals_the_plain_usage_when_providers_stream_it():
 
 async def test_streamed_usage_is_counted_where_a_provider_streams_none():
     provider = AgentProvider(stream_usage=False)
-    async with client_for(agent_api(agent_config(), provider), max_retries=0) as client:
+    async with client_for(agent_api(agent_config(), provider)) as client:
         plain = await client.chat.completions.create(model="moa", messages=USER)
         stream = await client.chat.completions.create(
             model="moa", messages=USER, stream=True, stream_options={"include_usage": True}, extra_body={"moa": {"trace": True}}

@@ -10,14 +10,8 @@ import json
 import os
 
 import pytest
-from agent_support import TOOL_ARGUMENTS, USER, WEATHER_TOOL, AgentProvider, agent_api, agent_config, final_text
-from pydantic import BaseModel
+from agent_support import TOOL_ARGUMENTS, USER, WEATHER_TOOL, AgentProvider, Weather, agent_api, agent_config, final_text
 from serve_support import serve_app
-
-
-class Weather(BaseModel):
-    city: str
-    celsius: int
 
 
 @pytest.fixture

@@ -11,17 +11,11 @@ import json
 
 import openai
 import pytest
-from agent_support import USER, WEATHER_TOOL, asgi_client
-from pydantic import BaseModel
+from agent_support import USER, WEATHER_TOOL, Weather, asgi_client
 
 from moa_ray.config import parse_config
 
 pytestmark = pytest.mark.slow  # loads the real model
-
-
-class Weather(BaseModel):
-    city: str
-    celsius: int
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,8 @@ message and in stream deltas, and out of the answer. No Ray: the endpoint's app 
 
 from __future__ import annotations
 
-import openai
 import pytest
-from agent_support import USER, AgentProvider, advice, agent_api, agent_config, asgi_client
+from agent_support import USER, AgentProvider, advice, agent_api, agent_config, asgi_client, client_for
 
 from moa_ray.chat import Completion
 from moa_ray.pipeline.reasoning import ThinkSplitter, split_thinking, without_thinking
@@ -15,15 +14,6 @@ pytestmark = pytest.mark.anyio
 
 THINKING = "The user wants weather; maybe I should hedge about the forecast."
 INLINE = "Paris is in France, so Celsius it is."
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def client_for(app) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url="http://moa.test/v1", api_key="unused", http_client=asgi_client(app), max_retries=0)
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-import openai
 import pytest
-from agent_support import TOOL_ARGUMENTS, USER, AgentProvider, agent_api, agent_config, asgi_client, final_text
-from pydantic import BaseModel
+from agent_support import TOOL_ARGUMENTS, USER, AgentProvider, Weather, agent_api, agent_config, asgi_client, client_for, final_text
 from serve_support import serve_app
 
 pytestmark = pytest.mark.anyio
@@ -24,20 +22,6 @@ TOOL = {
     "strict": True,
 }
 QUESTION = USER[0]["content"]
-
-
-class Weather(BaseModel):
-    city: str
-    celsius: int
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def client_for(app) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url="http://moa.test/v1", api_key="unused", http_client=asgi_client(app), max_retries=0)
 
 
 async def test_a_tool_loop_through_the_responses_api():

@@ -12,11 +12,6 @@ from moa_ray.pipeline.overrides import OverrideError, PipelineOverrides, apply_o
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def ask(moa: dict, model: str = "deep", provider: AgentProvider | None = None, **extra) -> tuple[dict, AgentProvider]:
     provider = provider or AgentProvider()
     async with asgi_client(agent_api(agent_config(), provider)) as client:

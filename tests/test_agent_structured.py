@@ -8,8 +8,7 @@ import json
 
 import openai
 import pytest
-from agent_support import USER, AgentProvider, agent_api, agent_config, asgi_client
-from pydantic import BaseModel
+from agent_support import USER, AgentProvider, Weather, agent_api, agent_config, asgi_client, client_for
 from serve_support import sse_events
 
 from moa_ray.chat import ChatMessage, ChatParams, ChatRequest, ResponseSchema
@@ -17,20 +16,6 @@ from moa_ray.config import parse_config
 from moa_ray.pipeline.structured import structure_error
 
 pytestmark = pytest.mark.anyio
-
-
-class Weather(BaseModel):
-    city: str
-    celsius: int
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def client_for(app) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url="http://moa.test/v1", api_key="unused", http_client=asgi_client(app), max_retries=0)
 
 
 @pytest.mark.parametrize("pipeline", ["moa", "smoa", "single"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import openai
 import pytest
 from agent_support import (
     TOOL_ARGUMENTS,
@@ -18,19 +17,11 @@ from agent_support import (
     agent_api,
     agent_config,
     asgi_client,
+    client_for,
     final_text,
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def client_for(app) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url="http://moa.test/v1", api_key="unused", http_client=asgi_client(app), max_retries=0)
 
 
 async def run_tool(name: str, arguments: str) -> str:

@@ -178,11 +178,6 @@ def test_a_failed_calls_attempts_are_on_its_record():
 # --------------------------------------------------------------------------- the endpoint
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("stream", [False, True])
 async def test_endpoint_answers_504_at_its_deadline_with_a_hanging_provider(simulator, stream):

@@ -150,11 +150,6 @@ async def test_the_ingress_calls_in_process_models_itself(simulator, monkeypatch
     assert isinstance(service.pipelines["p"].agents["near"], InProcessAgent)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def test_prepare_builds_the_loops_client_before_the_first_call(simulator):
     """Eval workers ready their agents in setup, so the first burst of calls does not wait on the client's build."""
     from moa_ray.pipeline.agents import LocalAgent, prepare_agents

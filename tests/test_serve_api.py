@@ -74,11 +74,6 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def sim(simulator):
     return simulator(SimulatorConfig(latency_ms=20, output_tokens=OUTPUT_TOKENS))
 
