@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, TokenLogprob, ToolCall, as_messages
 from moa_ray.config import LayerSpec, ModelSpecBase, ProposerSpec
 from moa_ray.errors import AggregatorFailed, BackendError, BackendTimeout, LayerFailed, MoARayError
+from moa_ray.metrics import record_trace
 from moa_ray.pipeline.accounting import fill_accounting
 from moa_ray.pipeline.agents import Agent
 from moa_ray.pipeline.reasoning import ThinkSplitter, without_thinking
@@ -306,6 +307,7 @@ class Pipeline:
     def _finish(self, trace: Trace, t0: float) -> None:
         trace.wall_s = time.perf_counter() - t0
         fill_accounting(trace, self.models)
+        record_trace(trace)
 
     async def run(
         self, messages: list[ChatMessage] | list[dict] | str, params: ChatParams | None = None, *, timeout_s: float | None = None
@@ -427,16 +429,19 @@ class Pipeline:
             record.status = "error"
             record_error(record, err)
             record.latency_s = layer.wall_s = time.perf_counter() - final_start
+            trace.call_ended(record)
             self._finish(trace, t0)
             raise AggregatorFailed(f"the {step.role} ({step.spec.model}) failed: {record.error}", trace) from None
         layer.wall_s = time.perf_counter() - final_start
         if completion is None:
             record.status, record.error, record.latency_s = "error", "stream ended without a completion", layer.wall_s
+            trace.call_ended(record)
             self._finish(trace, t0)
             raise AggregatorFailed(f"the {step.role} ({step.spec.model}) stream ended without a completion", trace)
         completion = without_thinking(completion)
         self._record_completion(record, completion, layer.wall_s)
         record.latency_s = layer.wall_s  # the stream's own wall time, first byte to last
+        trace.call_ended(record)
         try:
             self._check_structure(record, completion, params, trace)
         finally:

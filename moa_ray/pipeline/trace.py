@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, computed_field
 
+from moa_ray.metrics import record_call
+
 CallRole = Literal["proposer", "aggregator", "judge", "moderator", "roles", "ranker"]
 CallStatus = Literal["ok", "error", "cut"]
 #: How much of a trace leaves the process: ``summary`` (facts and numbers, the default) or ``full`` (every call's text).
@@ -39,6 +41,12 @@ class CallRecord(BaseModel):
     error: str | None = None
     error_type: str | None = Field(default=None, description="The error's class (BadRequest, RateLimited, ...): decided on as data.")
     status_code: int | None = Field(default=None, description="The provider's HTTP status, where it answered one.")
+    retry_after_s: float | None = Field(
+        default=None, description="When a rate-limited call could be made again (the provider's Retry-After, or the model's rpm/tpm)."
+    )
+    fallback_of: str | None = Field(
+        default=None, description="The model this call stood in for, whose call (same layer, index and role, traced before it) failed."
+    )
     selected: bool | None = Field(default=None, description="Kept by the SMoA judge (None where no judge ran).")
     attempts: int = Field(default=1, ge=1, description="Attempts the call took: provider retries and replica retries included.")
     retries: list[str] = Field(default_factory=list, description="Why each attempt before the last failed (error class, status).")
@@ -121,7 +129,8 @@ class Trace(BaseModel):
         self._listener = listener
 
     def call_ended(self, record: CallRecord) -> None:
-        """Tell the listener, if any, that ``record`` is final."""
+        """Count ``record`` in the metrics, and tell the listener, if any, that it is final."""
+        record_call(record)
         if self._listener is not None:
             self._listener(record)
 
