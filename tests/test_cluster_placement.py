@@ -114,3 +114,25 @@ def test_replicas_land_on_their_pools_node(tmp_path):
         assert report["answered_from"][model] == [node], model
         assert set(report["replica_nodes"][model]) == {node}, model
     assert len(report["replica_nodes"]["alpha"]) == 2
+
+
+@pytest.mark.ray  # a head and two workers, on free ports
+def test_eval_workers_spread_over_the_clusters_nodes(tmp_path, simulator):
+    """Issue 22, on a cluster: ``eval generate``'s workers are SPREAD, one per node where there are as many nodes."""
+    sim = simulator()
+    config_path = tmp_path / "eval.yaml"
+    model = {"backend": "openai", "model": "sim", "base_url": sim.base_url, "max_retries": 0, "num_cpus": 0.01}
+    config_path.write_text(yaml.safe_dump({"models": {"sim": model}, "pipelines": {"one": {"kind": "single", "model": "sim"}}}))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n" for i in range(30)))
+    cluster = LocalCluster(workers=[WorkerSpec("pool_a", gpus=0), WorkerSpec("pool_b", gpus=0)])
+    try:
+        with cluster as state:
+            env = {**os.environ, **state.env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+            command = [sys.executable, "-m", "moa_ray.cli", "eval", "generate", "--config", str(config_path), "--pipeline", "one"]
+            command += ["--dataset", str(data), "--out", str(tmp_path / "out"), "--workers", "3", "--concurrency", "6", "--no-progress"]
+            run = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(cluster.dir, ignore_errors=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "30 rows ok" in run.stderr and "3 workers on 3 nodes" in run.stderr, run.stderr[-2000:]

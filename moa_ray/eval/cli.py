@@ -257,7 +257,8 @@ def generate_command(
 def _print_generate_summary(summary: Any) -> None:
     err_console.print(
         f"run {summary.run_id}: {summary.ok_rows} rows ok, {summary.failed_rows} failed, {summary.skipped_rows} skipped (done before) "
-        f"in {summary.elapsed_s:.1f}s ({summary.items_per_s:.2f} prompts/s, {summary.rows_per_s:.2f} rows/s, {summary.workers} workers)",
+        f"in {summary.elapsed_s:.1f}s ({summary.items_per_s:.2f} prompts/s, {summary.rows_per_s:.2f} rows/s, "
+        f"{summary.workers} workers on {summary.nodes} node{'' if summary.nodes == 1 else 's'})",
         highlight=False,
     )
     table = Table(title=f"{summary.dataset} -> {summary.out}")

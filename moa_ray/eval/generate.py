@@ -408,6 +408,7 @@ class GenerateSummary(BaseModel):
     elapsed_s: float
     items: int
     workers: int
+    nodes: int = Field(default=1, description="Ray nodes the workers ran on (SPREAD puts them on different nodes).")
     pipelines: list[PipelineSummary]
     failures: list[tuple[str, int]] = Field(default_factory=list, description="The most common errors of the failed rows.")
     calls: CallCounts | None = Field(default=None, description="The call store's counts (None when calls were not stored).")
@@ -569,7 +570,7 @@ def _generate(
     calls_store = calls_table(options.out)
     counts = CallCounts() if options.store_calls else None
     ok = failed = items = 0
-    elapsed, workers = 0.0, 0
+    elapsed, workers, nodes = 0.0, 0, 0
     if plan.pending_rows:
         calls_writer = calls_store.writer(options.run_id, flush_rows=max(options.flush_rows * 8, 1024), flush_s=options.flush_s)
         # the calls of an answer land before the answer: a kill between the two only repeats a reused call
@@ -596,7 +597,7 @@ def _generate(
             with calls_writer, writer, progress:
                 work = with_stored_calls(prepared, options)
                 stats = pool.run(work, on_rows, tick=writer.maybe_flush, route=lambda item: item.prompt.prompt_id)
-        elapsed, workers = stats.elapsed_s, stats.workers
+        elapsed, workers, nodes = stats.elapsed_s, stats.workers, stats.nodes
     table.compact(options.run_id)
     if options.store_calls:
         calls_store.compact(options.run_id)
@@ -614,6 +615,7 @@ def _generate(
         elapsed_s=elapsed,
         items=items,
         workers=workers,
+        nodes=nodes,
         pipelines=pipelines,
         failures=failures,
         calls=counts,

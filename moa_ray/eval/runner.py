@@ -59,11 +59,14 @@ class EvalWorker:
         self.handler = handler
         self._ready = False
 
-    async def ready(self) -> bool:
+    async def ready(self) -> str:
+        """Set the handler up (once); the node this actor runs on, so the driver can say where its workers went."""
+        import ray
+
         if not self._ready:
             await self.handler.setup()
             self._ready = True
-        return True
+        return str(ray.get_runtime_context().get_node_id())
 
     async def run(self, item: Any) -> list[Any]:
         if not self._ready:  # a restarted actor sets itself up again
@@ -77,6 +80,7 @@ class PoolStats:
     lost: int = 0
     elapsed_s: float = 0.0
     workers: int = 0
+    nodes: int = 1
 
 
 def route_index(key: str, workers: int) -> int:
@@ -100,6 +104,7 @@ class WorkerPool(Generic[I, R]):
         self.n_workers = min(workers or default_workers(concurrency), concurrency)
         self.worker_cpus = worker_cpus
         self.actors: list[Any] = []
+        self.nodes: list[str] = []
 
     def start(self) -> WorkerPool[I, R]:
         import ray
@@ -111,7 +116,7 @@ class WorkerPool(Generic[I, R]):
         )
         self.actors = [cls.remote(self.handler) for _ in range(self.n_workers)]
         try:
-            ray.get([a.ready.remote() for a in self.actors])
+            self.nodes = ray.get([a.ready.remote() for a in self.actors])
         except BaseException:  # a handler whose setup failed (or Ctrl+C): no actor outlives the failed start
             self.shutdown()
             raise
@@ -149,7 +154,7 @@ class WorkerPool(Generic[I, R]):
 
         if not self.actors:
             raise RuntimeError("start the pool first")
-        stats = PoolStats(workers=len(self.actors))
+        stats = PoolStats(workers=len(self.actors), nodes=len(set(self.nodes)))
         load = [0] * len(self.actors)
         in_flight: dict[Any, tuple[I, int]] = {}
         pending = iter(items)
