@@ -586,6 +586,11 @@ class ServerSpec(_Strict):
     )
     ingress: IngressSpec = Field(default_factory=IngressSpec)
     cors: CorsSpec | None = Field(default=None, description="Cross-origin access for browser clients; off by default.")
+    access_log: bool = Field(
+        default=True,
+        description="Write one JSON line per API request (request id, pipeline, status, latency, calls, tokens, cost; "
+        "never a prompt or a key) to the ingress replica's log (moa_ray.serve.access_log).",
+    )
 
 
 class MoARayConfig(_Strict):

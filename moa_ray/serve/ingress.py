@@ -31,6 +31,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from moa_ray.serve.access_log import REQUEST_ID_HEADER, AccessLog, outcome_of
 from moa_ray.serve.auth import KeyVerifier, Redactor, load_api_keys
 from moa_ray.serve.http_errors import APIError, install_error_handlers
 from moa_ray.serve.responses import ResponseShell, chat_body, response_events, response_of
@@ -76,6 +77,7 @@ def create_api(service: ChatService, verifier: KeyVerifier) -> FastAPI:
         openapi_url=None,
     )
     install_error_handlers(app)
+    app.add_middleware(AccessLog, enabled=service.limits.access_log)  # inside CORS: preflights are not requests
     cors = service.limits.cors
     if cors is not None:
         app.add_middleware(
@@ -84,7 +86,7 @@ def create_api(service: ChatService, verifier: KeyVerifier) -> FastAPI:
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=cors.allow_headers,
             allow_credentials=cors.allow_credentials,
-            expose_headers=["x-should-retry"],
+            expose_headers=["x-should-retry", REQUEST_ID_HEADER],
             max_age=cors.max_age_s,
         )
 
@@ -111,12 +113,13 @@ def create_api(service: ChatService, verifier: KeyVerifier) -> FastAPI:
     async def chat_completions(request: Request) -> Any:
         body = await read_body(request, service.limits.max_request_bytes, service.limits.body_timeout_s)
         chat = service.parse(body)
+        outcome = outcome_of(request)
         if chat.stream:
-            events = await service.open_stream(chat)
+            events = await service.open_stream(chat, outcome)
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             )
-        return JSONResponse((await service.complete(chat)).wire())
+        return JSONResponse((await service.complete(chat, outcome)).wire())
 
     @app.post("/v1/responses", dependencies=authorized)
     async def responses(request: Request) -> Any:
@@ -124,12 +127,13 @@ def create_api(service: ChatService, verifier: KeyVerifier) -> FastAPI:
         asked = parse_responses_request(body)
         chat = service.parse(json.dumps(chat_body(asked)).encode())
         shell = ResponseShell(asked)
+        outcome = outcome_of(request)
         if chat.stream:
-            events = response_events(shell, await service.open_stream(chat))
+            events = response_events(shell, await service.open_stream(chat, outcome))
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             )
-        return JSONResponse(response_of(shell, (await service.complete(chat)).wire()))
+        return JSONResponse(response_of(shell, (await service.complete(chat, outcome)).wire()))
 
     return app
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from moa_ray.backends.base import tools_unsupported
+from moa_ray.backends.registry import tools_unsupported
 from moa_ray.chat import StreamChunk
 from moa_ray.config import MoARayConfig
 from moa_ray.errors import PipelineError
@@ -37,6 +37,7 @@ from moa_ray.pipeline.base import DEADLINE_GRACE_S, CallEvent, Pipeline, Pipelin
 from moa_ray.pipeline.overrides import OverrideError, answering_call, apply_overrides
 from moa_ray.pipeline.structured import schema_problem
 from moa_ray.pipeline.trace import CallRecord, Trace
+from moa_ray.serve.access_log import CLIENT_CLOSED, RequestOutcome
 from moa_ray.serve.auth import Redactor
 from moa_ray.serve.http_errors import APIError, from_pipeline_error, from_validation_error
 from moa_ray.serve.openai_schema import (
@@ -68,6 +69,13 @@ def usage_of(trace: Trace) -> UsageOut:
     """Usage summed over every call the pipeline made (proposers, judges, aggregator...)."""
     totals = trace.totals()
     return UsageOut(prompt_tokens=totals.prompt_tokens, completion_tokens=totals.completion_tokens, total_tokens=totals.total_tokens)
+
+
+def _began(outcome: RequestOutcome | None, request: ChatCompletionRequest) -> RequestOutcome:
+    """The request's outcome (a fresh one where nobody logs it), now naming its pipeline."""
+    outcome = outcome or RequestOutcome(request_id="", started=time.perf_counter())
+    outcome.pipeline, outcome.stream = request.model, bool(request.stream)
+    return outcome
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -301,18 +309,21 @@ class ChatService:
             retry=False,
         )
 
-    async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
-        """Run the pipeline to the end and answer in one response."""
+    async def complete(self, request: ChatCompletionRequest, outcome: RequestOutcome | None = None) -> ChatCompletion:
+        """Run the pipeline to the end and answer in one response; ``outcome`` (the access log's) gets its trace."""
         pipeline = self.pipeline_for(request)
+        outcome = _began(outcome, request)
         try:
             result = await asyncio.wait_for(
                 pipeline.run(request.chat_messages(), request.chat_params(), timeout_s=self.limits.request_timeout_s),
                 self.limits.request_timeout_s + DEADLINE_GRACE_S,
             )
         except PipelineError as err:
+            outcome.trace = err.trace
             raise self._pipeline_error(request, err) from None
         except asyncio.TimeoutError:
             raise self._timeout(request) from None
+        outcome.trace = result.trace
         self._log_done(request, result)
         message = AssistantMessage(
             content=None if result.tool_calls and not result.answer else result.answer,
@@ -333,17 +344,19 @@ class ChatService:
             moa=self._moa_extension(request, result.trace),
         )
 
-    async def open_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def open_stream(self, request: ChatCompletionRequest, outcome: RequestOutcome | None = None) -> AsyncIterator[str]:
         """Run the layers and wait for the final call's first token, then return the SSE events.
 
         Waiting before the response starts means a pipeline that fails before answering
         still gets a proper HTTP status (502/504) instead of an error inside a 200 stream.
         A request with ``"moa": {"stream_layers": true}`` starts (200) at its first call event instead: a
         failure after that (every proposer failed, the aggregator failed) is an error event inside the stream.
+        ``outcome`` (the access log's) gets the first token's time, the trace, and such an error's status.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.request_timeout_s + DEADLINE_GRACE_S
         pipeline = self.pipeline_for(request)
+        outcome = _began(outcome, request)
         # deltas coalesced by time and size: fewer events through the Serve proxy and to the client, same bytes
         items: AsyncGenerator[Any, None] = pipeline.stream(
             request.chat_messages(),
@@ -357,14 +370,21 @@ class ChatService:
             first = await asyncio.wait_for(items.__anext__(), self.limits.request_timeout_s + DEADLINE_GRACE_S)
         except PipelineError as err:
             await items.aclose()
+            outcome.trace = err.trace
             raise self._pipeline_error(request, err) from None
         except asyncio.TimeoutError:
             await items.aclose()
             raise self._timeout(request) from None
-        return self._events(request, items, first, deadline, self._fingerprint(request, pipeline))
+        return self._events(request, items, first, deadline, self._fingerprint(request, pipeline), outcome)
 
     async def _events(
-        self, request: ChatCompletionRequest, items: AsyncGenerator[Any, None], first: Any, deadline: float, fp: str
+        self,
+        request: ChatCompletionRequest,
+        items: AsyncGenerator[Any, None],
+        first: Any,
+        deadline: float,
+        fp: str,
+        outcome: RequestOutcome,
     ) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         rid, created = completion_id(), int(time.time())
@@ -380,6 +400,8 @@ class ChatService:
         item, result = first, None
         try:
             while not isinstance(item, PipelineResult):
+                if isinstance(item, StreamChunk):
+                    outcome.first_token()
                 if isinstance(item, CallEvent):  # only asked for with stream_layers
                     yield chunk(None, moa=self.redactor.json(call_event(item.record)))
                 elif isinstance(item, StreamChunk) and item.is_text:
@@ -391,12 +413,20 @@ class ChatService:
                 item = await asyncio.wait_for(items.__anext__(), max(deadline - loop.time(), 0.001))
             result = item
         except PipelineError as err:
-            yield sse(self._pipeline_error(request, err).body().model_dump())
+            outcome.trace = err.trace
+            error = self._pipeline_error(request, err)
+            outcome.error_status = error.status
+            yield sse(error.body().model_dump())
         except asyncio.TimeoutError:
+            outcome.error_status = 504
             yield sse(self._timeout(request).body().model_dump())
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away mid-stream
+            outcome.error_status = CLIENT_CLOSED
+            raise
         finally:
             await items.aclose()
         if result is not None:
+            outcome.trace = result.trace
             self._log_done(request, result)
             usage = usage_of(result.trace)
             yield chunk(
