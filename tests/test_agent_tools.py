@@ -156,7 +156,7 @@ async def test_an_aggregator_that_cannot_call_tools_is_a_400_naming_it(models, p
 
 
 async def test_llamacpp_with_a_function_calling_handler_and_vllm_with_a_parser_are_accepted():
-    from moa_ray.backends.base import tools_unsupported
+    from moa_ray.backends.registry import tools_unsupported
     from moa_ray.config import parse_config
 
     config = parse_config(

@@ -1,17 +1,20 @@
-"""The backend protocol and the factory that picks a backend from a model spec.
+"""The backend protocol, and the OpenAI-style call arguments the backends share.
 
 A backend turns chat messages into a :class:`~moa_ray.chat.Completion`. It runs
 inside a Ray Serve replica in production and in-process in unit tests; the
-pipeline never sees the difference.
+pipeline never sees the difference. Which backends exist, and how one is made
+from a model spec, is :mod:`moa_ray.backends.registry`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk
-from moa_ray.config import LlamaCppModelSpec, ModelSpecBase, OpenAIModelSpec, VLLMModelSpec
+
+if TYPE_CHECKING:  # config.py assembles its spec union from the registry, which imports this module
+    from moa_ray.config import ModelSpecBase
 
 
 @runtime_checkable
@@ -72,58 +75,3 @@ def chat_kwargs(spec: ModelSpecBase, messages: list[ChatMessage], params: ChatPa
         if p.parallel_tool_calls is not None:
             kwargs["parallel_tool_calls"] = p.parallel_tool_calls
     return kwargs
-
-
-#: llama-cpp-python's chat handlers that call functions (the others ignore ``tools``).
-LLAMACPP_TOOL_FORMATS = frozenset({"chatml-function-calling", "functionary", "functionary-v1", "functionary-v2"})
-
-
-def tools_unsupported(name: str, spec: ModelSpecBase) -> str | None:
-    """Why model ``name`` cannot answer with tool calls, or None when it can.
-
-    OpenAI-compatible providers take ``tools`` as they are; llama.cpp calls functions through a function-calling
-    chat handler only; vLLM parses tool calls only with its auto tool choice and a parser set in the engine.
-    """
-    if isinstance(spec, LlamaCppModelSpec) and spec.chat_format not in LLAMACPP_TOOL_FORMATS:
-        return (
-            f"the model {name!r} (llama.cpp, chat_format {spec.chat_format or 'from the GGUF'}) has no function-calling chat "
-            f"handler; set its chat_format to one of {', '.join(sorted(LLAMACPP_TOOL_FORMATS))}"
-        )
-    if isinstance(spec, VLLMModelSpec) and not (
-        spec.engine_kwargs.get("enable_auto_tool_choice") and spec.engine_kwargs.get("tool_call_parser")
-    ):
-        return (
-            f"the model {name!r} (vLLM) parses no tool calls; set engine_kwargs enable_auto_tool_choice: true and "
-            "tool_call_parser (hermes, llama3_json, mistral...) for its model"
-        )
-    return None
-
-
-def create_backend(spec: ModelSpecBase) -> ChatBackend:
-    """Instantiate the in-process backend a model spec names (heavy imports happen lazily here).
-
-    vLLM models have no in-process backend: Ray Serve LLM hosts them (:mod:`moa_ray.serve.llm`).
-    """
-    factory = BACKENDS.get(type(spec).__name__)
-    if factory is None:
-        raise TypeError(f"no in-process backend for {type(spec).__name__} (backend {getattr(spec, 'backend', '?')!r})")
-    return factory(spec)
-
-
-def _openai(spec: ModelSpecBase) -> ChatBackend:
-    from moa_ray.backends.openai_http import OpenAIBackend
-
-    return OpenAIBackend(spec)  # type: ignore[arg-type]
-
-
-def _llamacpp(spec: ModelSpecBase) -> ChatBackend:
-    from moa_ray.backends.llamacpp import LlamaCppBackend
-
-    return LlamaCppBackend(spec)  # type: ignore[arg-type]
-
-
-#: Registered in-process backends, by spec class: the engine is imported only when one is made.
-BACKENDS: dict[str, Callable[[ModelSpecBase], ChatBackend]] = {
-    OpenAIModelSpec.__name__: _openai,
-    LlamaCppModelSpec.__name__: _llamacpp,
-}

@@ -14,7 +14,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from moa_ray.backends.base import chat_kwargs, tools_unsupported
+from moa_ray.backends.base import chat_kwargs
+from moa_ray.backends.builtins import llamacpp_tools_unsupported
 from moa_ray.chat import (
     ChatMessage,
     ChatParams,
@@ -82,7 +83,7 @@ class LlamaCppBackend:
     def _tool_params(self, params: ChatParams) -> ChatParams:
         """``tools`` as llama.cpp's function-calling handler takes them: it knows ``auto`` and a named function
         (``required`` with one tool names it; with several it is ``auto``), and ``none`` leaves the tools out."""
-        reason = tools_unsupported(self.spec.model, self.spec)
+        reason = llamacpp_tools_unsupported(self.spec.model, self.spec)
         if reason is not None:
             raise BadRequest(f"{self.spec.model}: {reason}", model=self.spec.model, status_code=400)
         assert params.tools is not None

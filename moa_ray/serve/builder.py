@@ -9,7 +9,8 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from moa_ray.config import MoARayConfig, ModelSpecBase, VLLMModelSpec
+from moa_ray.backends.registry import descriptor_for
+from moa_ray.config import MoARayConfig, ModelSpecBase
 from moa_ray.serve.agent import AgentDeployment
 
 AGENTS_APP = "moa-agents"
@@ -50,23 +51,21 @@ def agent_deployment_options(name: str, spec: ModelSpecBase) -> dict[str, Any]:
 
     The one source for the app builder and the Serve config / KubeRay manifests, so they deploy alike.
     """
-    if isinstance(spec, VLLMModelSpec):
-        from moa_ray.serve.llm import llm_deployment_options
-
-        return llm_deployment_options(name, spec, PRIORITY_ENV_VARS)
+    own_options = descriptor_for(spec).deployment_options
+    if own_options is not None:  # a deployment of the backend's own making (vLLM's LLMServer)
+        return own_options(name, spec, PRIORITY_ENV_VARS)
     return with_env_vars(spec.deployment_options(), {**PRIORITY_ENV_VARS, **SINGLE_LOOP_ENV_VARS})
 
 
 def build_agent(name: str, spec: ModelSpecBase) -> Application:
     """One model's deployment with the placement, replicas and concurrency of its spec.
 
-    vLLM models are Ray Serve LLM ``LLMServer`` deployments; every other backend runs in an
-    :class:`AgentDeployment`. Both answer the same agent protocol under ``agent-<name>``.
+    A backend that builds its own deployment does (vLLM models are Ray Serve LLM ``LLMServer`` deployments); every
+    other backend runs in an :class:`AgentDeployment`. Both answer the same agent protocol under ``agent-<name>``.
     """
-    if isinstance(spec, VLLMModelSpec):
-        from moa_ray.serve.llm import build_llm_agent
-
-        return build_llm_agent(name, spec, agent_deployment_name(name), PRIORITY_ENV_VARS)
+    build = descriptor_for(spec).build
+    if build is not None:
+        return build(name, spec, agent_deployment_name(name), PRIORITY_ENV_VARS)
     # serve.deployment makes the class a Deployment; Ray's typing keeps the class type, hence the ignores
     return AgentDeployment.options(name=agent_deployment_name(name), **agent_deployment_options(name, spec)).bind(  # type: ignore[attr-defined]
         name, spec.model_dump(mode="json")

@@ -19,7 +19,8 @@ from typing import Any
 import click
 import yaml
 
-from moa_ray.config import MoARayConfig, OpenAIModelSpec, load_config
+from moa_ray.backends.registry import required_secret_envs
+from moa_ray.config import MoARayConfig, load_config
 from moa_ray.errors import MoARayError
 from moa_ray.render import err_console
 
@@ -42,10 +43,9 @@ def _is_loopback(host: str) -> bool:
 
 def _warn_missing_provider_keys(config: MoARayConfig, pipelines: list[str]) -> None:
     for name, spec in config.models_for(pipelines).items():
-        if isinstance(spec, OpenAIModelSpec) and spec.api_key_env and not os.environ.get(spec.api_key_env):
-            err_console.print(
-                f"[yellow]warning:[/yellow] {spec.api_key_env} is not set; calls to model {name!r} will be refused by its provider"
-            )
+        for env in required_secret_envs([spec]):
+            if not os.environ.get(env):
+                err_console.print(f"[yellow]warning:[/yellow] {env} is not set; calls to model {name!r} will be refused by its provider")
 
 
 def _write_yaml(data: dict[str, Any], output: str, header: str) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from moa_ray.config import MoARayConfig, ModelSpecBase, OpenAIModelSpec, VLLMModelSpec, dump_config
+from moa_ray.backends.registry import required_secret_envs, secret_envs
+from moa_ray.config import MoARayConfig, ModelSpecBase, dump_config
 from moa_ray.errors import ConfigError
 from moa_ray.serve import proxy
 from moa_ray.serve.app import serve_config, served_pipelines
@@ -99,7 +100,7 @@ def pools_for(config: MoARayConfig, pipelines: list[str] | None = None) -> list[
 
 
 def _provider_key_envs(config: MoARayConfig, pipelines: list[str]) -> list[str]:
-    return sorted({s.api_key_env for s in config.models_for(pipelines).values() if isinstance(s, OpenAIModelSpec) and s.api_key_env})
+    return required_secret_envs(config.models_for(pipelines).values())
 
 
 # --------------------------------------------------------------------------- Ray cluster launcher
@@ -155,8 +156,7 @@ def _env(config: MoARayConfig, pipelines: list[str]) -> list[dict[str, Any]]:
         {"name": "MOA_RAY_API_KEYS", "valueFrom": {"secretKeyRef": {"name": SECRET_NAME, "key": "MOA_RAY_API_KEYS"}}},
     ]
     names = _provider_key_envs(config, pipelines)
-    if any(isinstance(s, VLLMModelSpec) for s in config.models_for(pipelines).values()):
-        names.append("HF_TOKEN")  # gated Hugging Face models (Llama, Gemma...) need it to download
+    names += [n for n in secret_envs(config.models_for(pipelines).values()) if n not in names]  # optional ones: HF_TOKEN
     for name in names:
         env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": SECRET_NAME, "key": name, "optional": True}}})
     return env
