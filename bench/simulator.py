@@ -80,6 +80,7 @@ class Stats:
     in_flight: int = 0
     max_in_flight: int = 0
     auth_headers: list[str] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each chat request, in order
 
 
 def _count_tokens(text: str) -> int:
@@ -117,6 +118,7 @@ def create_app(config: SimulatorConfig, stats: Stats | None = None) -> Starlette
             return JSONResponse({"error": {"message": "malformed request", "type": "invalid_request_error"}}, 400)
         behaviour = config.for_model(model)
         stats.requests += 1
+        stats.arrivals.append(time.monotonic())
         stats.by_model[model] = stats.by_model.get(model, 0) + 1
         stats.auth_headers.append(request.headers.get("authorization", ""))
         prompt_tokens = sum(_count_tokens(str(m.get("content", ""))) for m in messages)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -89,6 +89,25 @@ class ModelSpecBase(_Strict):
     # cost accounting
     parameters_b: float | None = Field(default=None, gt=0, description="Parameters in billions, for TFLOPs estimates.")
     pricing: Pricing | None = None
+    # operations
+    rpm: int | None = Field(
+        default=None,
+        ge=1,
+        description="Calls per minute this model may get, across every process of the application (ingress replicas, "
+        "eval workers): a call waits for room while its request's deadline allows (moa_ray.pipeline.limits).",
+    )
+    tpm: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens per minute (prompt + completion) this model may get, across every process: a call reserves "
+        "its prompt's estimated tokens plus its max_tokens, and keeps what the provider reports it used.",
+    )
+    fallbacks: list[str] = Field(
+        default_factory=list,
+        description="Models of this config that a failed call is made again on, in order (each falling back on its own "
+        "fallbacks first); both calls are traced.",
+    )
+
 
     default_num_cpus: ClassVar[float] = 1.0
     #: Fields that decide where and how fast a model runs, never what it answers; every other field of a
@@ -105,6 +124,9 @@ class ModelSpecBase(_Strict):
             "max_ongoing_requests",
             "parameters_b",
             "pricing",
+            "rpm",
+            "tpm",
+            "fallbacks",
         }
     )
 
@@ -112,6 +134,11 @@ class ModelSpecBase(_Strict):
     def deployed(self) -> bool:
         """Whether the model runs as its own Ray Serve deployment (every model that holds weights does)."""
         return True
+
+    @property
+    def rate_limited(self) -> bool:
+        """Whether calls to this model are held to an ``rpm`` or ``tpm``."""
+        return self.rpm is not None or self.tpm is not None
 
     def answer_settings(self) -> dict[str, Any]:
         """Every setting that can change this model's answers (what resuming an evaluation must keep)."""
@@ -619,6 +646,53 @@ class ServerSpec(_Strict):
     )
 
 
+def fallback_chain(models: Mapping[str, ModelSpecBase], name: str) -> list[str]:
+    """The models a failed call to ``name`` is made again on, in order: each fallback, then its own fallbacks
+    (depth first), no model twice and never ``name`` itself. The config forbids cycles, so the chain ends."""
+    chain: list[str] = []
+
+    def visit(model: str) -> None:
+        for other in models[model].fallbacks:
+            if other != name and other not in chain and other in models:
+                chain.append(other)
+                visit(other)
+
+    visit(name)
+    return chain
+
+
+def _fallback_problem(models: Mapping[str, ModelSpecBase]) -> str | None:
+    """What is wrong with the models' fallbacks (an unknown name, the model itself, a repeat, a cycle), or None."""
+    known = ", ".join(sorted(models))
+    for name, spec in models.items():
+        for i, other in enumerate(spec.fallbacks):
+            where = f"models.{name}.fallbacks[{i}]"
+            if other == name:
+                return f"{where}: a model cannot fall back on itself"
+            if other not in models:
+                return f"{where}: unknown model {other!r} (known models: {known})"
+            if other in spec.fallbacks[:i]:
+                return f"{where}: {other!r} is listed twice"
+
+    def cycle_from(path: list[str]) -> list[str] | None:
+        for other in models[path[-1]].fallbacks:
+            if other in path:
+                return [*path[path.index(other) :], other]
+            found = cycle_from([*path, other])
+            if found:
+                return found
+        return None
+
+    for name in models:
+        cycle = cycle_from([name])
+        if cycle:
+            return (
+                f"models.{cycle[0]}.fallbacks: the fallbacks form a cycle ({' -> '.join(cycle)}); a fallback's own "
+                "fallbacks are tried after it, so a cycle would never end"
+            )
+    return None
+
+
 class MoARayConfig(_Strict):
     """The root of a moa-ray YAML file."""
 
@@ -637,6 +711,13 @@ class MoARayConfig(_Strict):
                     raise ValueError(f"pipelines.{name}.{path}.model: unknown model {call.model!r} (known models: {known})")
         return self
 
+    @model_validator(mode="after")
+    def _fallbacks(self) -> MoARayConfig:
+        problem = _fallback_problem(self.models)
+        if problem:
+            raise ValueError(problem)
+        return self
+
     def pipeline(self, name: str) -> PipelineSpec:
         try:
             return self.pipelines[name]
@@ -644,8 +725,9 @@ class MoARayConfig(_Strict):
             raise ConfigError(f"unknown pipeline {name!r} (known pipelines: {', '.join(sorted(self.pipelines))})") from None
 
     def models_for(self, pipelines: list[str]) -> dict[str, ModelSpec]:
-        """The models the named pipelines call, in config order."""
+        """The models the named pipelines call, their fallbacks included, in config order."""
         needed = {call.model for p in pipelines for _, call in self.pipeline(p).calls()}
+        needed |= {other for model in list(needed) for other in fallback_chain(self.models, model)}
         return {name: spec for name, spec in self.models.items() if name in needed}
 
     def deployed_models(self, models: Iterable[str]) -> list[str]:

@@ -99,6 +99,11 @@ class AuthenticationFailed(BackendError):
     """The provider rejected the API key (401/403)."""
 
 
+class OverRateLimit(BackendError):
+    """The model's own configured ``rpm``/``tpm`` has no room for the call before its request's deadline: the call was
+    not made (unlike :class:`RateLimited`, the provider's own 429). ``retry_after_s``: when room opens."""
+
+
 _BACKEND_ERRORS: dict[str, type[BackendError]] = {
     cls.__name__: cls
     for cls in (
@@ -110,6 +115,7 @@ _BACKEND_ERRORS: dict[str, type[BackendError]] = {
         BadRequest,
         AuthenticationFailed,
         StreamInterrupted,
+        OverRateLimit,
     )
 }
 

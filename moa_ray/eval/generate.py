@@ -309,6 +309,8 @@ class GenerateHandler:
         if self.store_calls:  # one memory per worker: the pipelines of a prompt (routed here together) share its calls
             self.reuse = CallReuse(self.config.models, reuse_sampled=self.reuse_sampled)
         self.pipelines = {name: build_pipeline(self.config, name, self.agents, reuse=self.reuse) for name in self.pipeline_names}
+        for pipeline in self.pipelines.values():  # an answer's deadline bounds its work, not its wait for rpm/tpm room
+            pipeline.patient_limits = True
         prepare_agents(self.agents.values())
 
     def _row(self, item: WorkItem, turn: int, trace: Trace | None = None, **fields: Any) -> GenerationRow:

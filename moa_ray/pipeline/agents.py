@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from moa_ray.backends.base import ChatBackend
 from moa_ray.chat import ChatMessage, ChatParams, ChatRequest, Completion, StreamChunk
 from moa_ray.errors import BackendError, MoARayError
+from moa_ray.pipeline.limits import rate_limited
 from moa_ray.redaction import Redactor
 
 log = logging.getLogger(__name__)
@@ -135,13 +136,14 @@ async def _closed_with_the_loop(backend: ChatBackend) -> AsyncGenerator[None, No
 def prepare_agents(agents: Iterable[Agent]) -> None:
     """Ready the in-process agents among ``agents`` in the running loop (:meth:`InProcessAgent.prepare`)."""
     for agent in agents:
-        if isinstance(agent, InProcessAgent):
-            agent.prepare()
+        if isinstance(agent, InProcessAgent) or isinstance(getattr(agent, "inner", None), InProcessAgent):
+            agent.prepare()  # type: ignore[attr-defined]  # an in-process agent, or a rate limit around one
 
 
 def in_process_agents(config: Any, models: list[str]) -> dict[str, Agent]:
-    """Agents for those of ``models`` called from this process (remote models without a deployment)."""
-    return {m: InProcessAgent(m, config.models[m]) for m in models if not config.models[m].deployed}
+    """Agents for those of ``models`` called from this process (remote models without a deployment), each held to
+    its model's ``rpm``/``tpm`` (:mod:`moa_ray.pipeline.limits`)."""
+    return {m: rate_limited(InProcessAgent(m, config.models[m]), m, config.models[m]) for m in models if not config.models[m].deployed}
 
 
 def assemble_agents(config: Any, models: Iterable[str], handles: Mapping[str, Any]) -> dict[str, Agent]:
@@ -150,12 +152,19 @@ def assemble_agents(config: Any, models: Iterable[str], handles: Mapping[str, An
 
     The one assembly of agents: a session's (:mod:`moa_ray.session`, with the handles of the deployments it made, or
     none when no model needs one) and the endpoint's ingress replicas' (the handles Serve binds to the ingress).
+    Each is held to its model's ``rpm``/``tpm`` (:mod:`moa_ray.pipeline.limits`): every caller of a model assembles
+    its agent here, so every call of the application counts against the one window.
     """
     names = list(dict.fromkeys(models))
     missing = [m for m in names if config.models[m].deployed and m not in handles]
     if missing:
         raise MoARayError(f"no Serve deployment handle for the deployed model(s) {', '.join(missing)}")
-    return {m: HandleAgent(handles[m], m) if config.models[m].deployed else InProcessAgent(m, config.models[m]) for m in names}
+    agents: dict[str, Agent] = {}
+    for m in names:
+        spec = config.models[m]
+        agent: Agent = HandleAgent(handles[m], m) if spec.deployed else InProcessAgent(m, spec)
+        agents[m] = rate_limited(agent, m, spec)
+    return agents
 
 
 def _unwrap(reply: dict[str, Any]) -> dict[str, Any]:

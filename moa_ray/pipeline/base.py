@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
+import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk, TokenLogprob, ToolCall, as_messages
-from moa_ray.config import LayerSpec, ModelSpecBase, ProposerSpec
+from moa_ray.config import LayerSpec, ModelSpecBase, ProposerSpec, fallback_chain
 from moa_ray.errors import AggregatorFailed, BackendError, BackendTimeout, LayerFailed, MoARayError
 from moa_ray.metrics import record_trace
 from moa_ray.pipeline.accounting import fill_accounting
 from moa_ray.pipeline.agents import Agent
+from moa_ray.pipeline.limits import Admission, RateLimitedAgent
 from moa_ray.pipeline.reasoning import ThinkSplitter, without_thinking
 from moa_ray.pipeline.reuse import CallReuse
 from moa_ray.pipeline.structured import InvalidStructuredOutput, structure_error
@@ -43,6 +46,7 @@ def record_error(record: CallRecord, err: Exception) -> None:
     if isinstance(err, BackendError):
         record.status_code = err.status_code
         record.attempts, record.retries = err.attempts, err.retries
+        record.retry_after_s = err.retry_after_s
     else:  # a bug or a transport failure, not a model's answer: keep the layer going, but leave a trace of it
         log.error("%s call to %s failed unexpectedly", record.role, record.model, exc_info=err)
 
@@ -53,6 +57,12 @@ DEADLINE_GRACE_S = 0.25
 
 def _deadline_passed(spec: ProposerSpec) -> BackendTimeout:
     return BackendTimeout(f"{spec.model}: the request's deadline passed", model=spec.model)
+
+
+def failure_text(records: Sequence[CallRecord]) -> str:
+    """Why a call failed: its error, then each fallback's that was tried after it."""
+    first, *fallbacks = records
+    return "; ".join([first.error or first.status, *(f"its fallback {r.model} failed: {r.error or r.status}" for r in fallbacks)])
 
 
 class PipelineResult(BaseModel):
@@ -90,6 +100,14 @@ class KnownAnswer:
 
     text: str
     finish_reason: str | None = None
+
+
+@dataclass
+class _StreamedCall:
+    """What one streamed final call gave: its completion (the last chunk), and whether any piece left."""
+
+    completion: Completion | None = None
+    started: bool = False
 
 
 @dataclass
@@ -138,9 +156,13 @@ class Pipeline:
         self.models = models  # parameters and prices for the trace's accounting (None: unknown)
         self.reuse = reuse  # identical calls answered once (evaluations); None: every call is made
         self.settings: dict[str, Any] | None = None  # a request's own settings, recorded in its trace (with_spec)
+        # True: a wait for a model's rpm/tpm room moves the request's deadline back (an evaluation's deadline bounds
+        # work, not queueing); False: the wait counts, and a call that cannot get room in time fails (the endpoint)
+        self.patient_limits = False
         # every text the trace records passes this first: a model may echo what it was sent, a key included
         self.redactor = Redactor.for_models(models.values()) if models else Redactor(())
-        missing = sorted({s.model for _, s in spec.calls()} - set(agents))  # type: ignore[attr-defined]
+        called = {s.model for _, s in spec.calls()}  # type: ignore[attr-defined]
+        missing = sorted((called | {f for m in called if models and m in models for f in fallback_chain(models, m)}) - set(agents))
         if missing:
             raise MoARayError(f"pipeline {name!r} needs agents for models {missing}")
 
@@ -171,12 +193,59 @@ class Pipeline:
         t0: float,
         params: ChatParams | None = None,
     ) -> Completion | None:
-        """One traced call; returns None (and records why) when it fails, is cut, or outlives the request's deadline.
+        """One traced call, made again on its model's fallbacks (in order) when it fails with time left; returns None
+        (and records why) when every one fails, is cut, or outlives the request's deadline.
 
         With a deadline the call gets what is left of it as ``timeout_s`` (so the backend stops retrying in
-        time) and is cancelled, replica-side too, if it runs past it.
+        time) and is cancelled, replica-side too, if it runs past it. A cut call (cancelled) and a passed deadline
+        end it: no fallback is tried then. Each fallback is a record of its own, ``fallback_of`` the failed model.
         """
-        record = CallRecord(layer=layer, index=index, role=role, model=spec.model, label=spec.label, start_s=time.perf_counter() - t0)
+        completion = await self._call_once(spec, messages, layer=layer, index=index, role=role, trace=trace, t0=t0, params=params)
+        if completion is not None:
+            return completion
+        for other in self._fallbacks(spec.model, trace):
+            stand_in = spec.model_copy(update={"model": other})
+            completion = await self._call_once(
+                stand_in, messages, layer=layer, index=index, role=role, trace=trace, t0=t0, params=params, fallback_of=spec.model
+            )
+            if completion is not None:
+                return completion
+        return None
+
+    def _fallbacks(self, model: str, trace: Trace) -> Iterator[str]:
+        """The models a failed call to ``model`` is made again on, one by one while the request has time left."""
+        if not self.models or model not in self.models:
+            return
+        for other in fallback_chain(self.models, model):
+            left = trace.time_left_s()
+            if left is not None and left <= 0:
+                return
+            if other in self.agents:
+                yield other
+
+    async def _call_once(
+        self,
+        spec: ProposerSpec,
+        messages: list[ChatMessage],
+        *,
+        layer: int,
+        index: int,
+        role: CallRole,
+        trace: Trace,
+        t0: float,
+        params: ChatParams | None = None,
+        fallback_of: str | None = None,
+    ) -> Completion | None:
+        """One traced call to ``spec.model`` (see :meth:`call`)."""
+        record = CallRecord(
+            layer=layer,
+            index=index,
+            role=role,
+            model=spec.model,
+            label=spec.label,
+            start_s=time.perf_counter() - t0,
+            fallback_of=fallback_of,
+        )
         trace.calls.append(record)
         start = time.perf_counter()
         sent = with_role(messages, spec.system)
@@ -184,12 +253,16 @@ class Pipeline:
         agent = self.agents[spec.model]
 
         async def ask() -> Completion:
+            chat = agent.chat
+            if isinstance(agent, RateLimitedAgent):  # wait for room first: only the call itself runs against the clock
+                admission = await self._admit(agent, spec, sent, wanted, trace)
+                chat = functools.partial(agent.chat_admitted, admission)
             left = trace.time_left_s()
             if left is None:
-                return await agent.chat(sent, wanted)
+                return await chat(sent, wanted)
             if left <= 0:
                 raise _deadline_passed(spec)
-            call = agent.chat(sent, wanted.model_copy(update={"timeout_s": left}))
+            call = chat(sent, wanted.model_copy(update={"timeout_s": left}))
             try:  # the backend's own budget error (with its attempts) normally comes first
                 return await asyncio.wait_for(call, left + DEADLINE_GRACE_S)
             except asyncio.TimeoutError:
@@ -215,6 +288,21 @@ class Pipeline:
         self._record_completion(record, completion, time.perf_counter() - start)
         trace.call_ended(record)
         return completion
+
+    async def _admit(
+        self, agent: RateLimitedAgent, spec: ProposerSpec, sent: list[ChatMessage], wanted: ChatParams, trace: Trace
+    ) -> Admission:
+        """Room for a call in its model's rate limit: within what is left of the deadline, or, for a patient pipeline,
+        however long it takes, the deadline moved back by the wait."""
+        left = trace.time_left_s()
+        if left is not None and left <= 0:
+            raise _deadline_passed(spec)
+        timed = wanted if left is None else wanted.model_copy(update={"timeout_s": left})
+        deadline = trace.deadline
+        admission = await agent.admit(sent, timed, patient=self.patient_limits)
+        if self.patient_limits:
+            trace.excuse_wait(deadline, admission.waited_s)
+        return admission
 
     def _record_completion(self, record: CallRecord, completion: Completion, elapsed_s: float) -> None:
         """What a call answered, on its record: tokens, latency, attempts, and its text (redacted)."""
@@ -335,7 +423,8 @@ class Pipeline:
             )
             trace.layers[-1].wall_s = time.perf_counter() - final_start
             if completion is None:
-                raise AggregatorFailed(f"the {step.role} ({step.spec.model}) failed: {trace.calls[-1].error}", trace)
+                tried = [c for c in trace.calls if c.layer == step.layer and c.role == step.role]
+                raise AggregatorFailed(f"the {step.role} ({step.spec.model}) failed: {failure_text(tried)}", trace)
             self._check_structure(trace.calls[-1], completion, params, trace)
             return PipelineResult(
                 answer=completion.text,
@@ -347,6 +436,34 @@ class Pipeline:
             )
         finally:
             self._finish(trace, t0)
+
+    async def _stream_call(
+        self, model: str, sent: list[ChatMessage], wanted: ChatParams, trace: Trace, final: _StreamedCall
+    ) -> AsyncGenerator[StreamChunk, None]:
+        """The pieces of one streamed final call to ``model`` (its thinking apart); ``final`` gets its completion and
+        whether any piece reached the caller. The call gets what is left of the deadline, rate-limit room first."""
+        agent = self.agents[model]
+        spec = ProposerSpec(model=model)
+        chunks: Callable[[list[ChatMessage], ChatParams], AsyncIterator[StreamChunk]] = agent.stream
+        if isinstance(agent, RateLimitedAgent):
+            chunks = functools.partial(agent.stream_admitted, await self._admit(agent, spec, sent, wanted, trace))
+        left = trace.time_left_s()
+        if left is not None:
+            wanted = wanted.model_copy(update={"timeout_s": max(left, 0.001)})
+        thinking = ThinkSplitter()  # <think> text streams as reasoning, not as the answer
+        async for chunk in chunks(sent, wanted):
+            if chunk.completion is not None:
+                final.completion = chunk.completion
+                continue
+            answer, thought = thinking.feed(chunk.delta) if chunk.delta else ("", "")
+            piece = StreamChunk(delta=answer, reasoning=chunk.reasoning + thought, tool_calls=chunk.tool_calls, logprobs=chunk.logprobs)
+            if piece.delta or piece.reasoning or piece.tool_calls or piece.logprobs:
+                final.started = True
+                yield piece
+        answer, thought = thinking.flush()
+        if answer or thought:
+            final.started = True
+            yield StreamChunk(delta=answer, reasoning=thought)
 
     async def _plan_live(
         self, messages: list[ChatMessage], trace: Trace, t0: float
@@ -404,46 +521,47 @@ class Pipeline:
         final_start = time.perf_counter()
         layer = LayerRecord(layer=step.layer, role="aggregator")
         trace.layers.append(layer)
-        record = CallRecord(layer=step.layer, role=step.role, model=step.spec.model, label=step.spec.label, start_s=final_start - t0)
-        trace.calls.append(record)
-        completion: Completion | None = None
-        final_params = call_params(step.spec, params)
-        left = trace.time_left_s()
-        if left is not None:
-            final_params = final_params.model_copy(update={"timeout_s": max(left, 0.001)})
-        thinking = ThinkSplitter()  # <think> text streams as reasoning, not as the answer
         sent = with_role(final_messages(conversation, step, params), step.spec.system)
-        try:
-            async for chunk in self.agents[step.spec.model].stream(sent, final_params):
-                if chunk.completion is not None:
-                    completion = chunk.completion
-                    continue
-                answer, thought = thinking.feed(chunk.delta) if chunk.delta else ("", "")
-                piece = StreamChunk(delta=answer, reasoning=chunk.reasoning + thought, tool_calls=chunk.tool_calls, logprobs=chunk.logprobs)
-                if piece.delta or piece.reasoning or piece.tool_calls or piece.logprobs:
+        tried: list[CallRecord] = []
+        completion: Completion | None = None
+        for model in itertools.chain([step.spec.model], self._fallbacks(step.spec.model, trace)):  # fallbacks while time is left
+            record = CallRecord(
+                layer=step.layer,
+                role=step.role,
+                model=model,
+                label=step.spec.model_copy(update={"model": model}).label,
+                start_s=time.perf_counter() - t0,
+                fallback_of=step.spec.model if tried else None,
+            )
+            trace.calls.append(record)
+            tried.append(record)
+            final = _StreamedCall()
+            try:
+                async for piece in self._stream_call(model, sent, call_params(step.spec, params), trace, final):
                     yield piece
-            answer, thought = thinking.flush()
-            if answer or thought:
-                yield StreamChunk(delta=answer, reasoning=thought)
-        except Exception as err:  # noqa: BLE001 - recorded, then surfaced as AggregatorFailed
-            record.status = "error"
-            record_error(record, err)
-            record.latency_s = layer.wall_s = time.perf_counter() - final_start
-            trace.call_ended(record)
+            except Exception as err:  # noqa: BLE001 - recorded, then made again on a fallback or surfaced as AggregatorFailed
+                record.status = "error"
+                record_error(record, err)
+            else:
+                completion = final.completion
+                if completion is None:
+                    record.status, record.error = "error", "stream ended without a completion"
+            layer.wall_s = time.perf_counter() - final_start
+            record.latency_s = time.perf_counter() - t0 - record.start_s  # the stream's own wall time, first byte to last
+            if record.status != "ok":
+                trace.call_ended(record)  # final: counted in the metrics (the answered one below, once complete)
+            if record.status == "ok" or final.started:  # answered, or failed after pieces reached the client: no fallback
+                break
+        if completion is None or tried[-1].status != "ok":
             self._finish(trace, t0)
-            raise AggregatorFailed(f"the {step.role} ({step.spec.model}) failed: {record.error}", trace) from None
-        layer.wall_s = time.perf_counter() - final_start
-        if completion is None:
-            record.status, record.error, record.latency_s = "error", "stream ended without a completion", layer.wall_s
-            trace.call_ended(record)
-            self._finish(trace, t0)
-            raise AggregatorFailed(f"the {step.role} ({step.spec.model}) stream ended without a completion", trace)
-        completion = without_thinking(completion)
-        self._record_completion(record, completion, layer.wall_s)
-        record.latency_s = layer.wall_s  # the stream's own wall time, first byte to last
-        trace.call_ended(record)
+            raise AggregatorFailed(f"the {step.role} ({step.spec.model}) failed: {failure_text(tried)}", trace)
+        completion, answered = without_thinking(completion), tried[-1]
+        wall_s = answered.latency_s
+        self._record_completion(answered, completion, wall_s)
+        answered.latency_s = wall_s  # the stream's own wall time, first byte to last
+        trace.call_ended(answered)
         try:
-            self._check_structure(record, completion, params, trace)
+            self._check_structure(answered, completion, params, trace)
         finally:
             self._finish(trace, t0)
         yield PipelineResult(

@@ -141,6 +141,18 @@ class Trace(BaseModel):
         """Seconds until the request's deadline (negative once passed); None without a deadline."""
         return None if self._deadline is None else self._deadline - time.monotonic()
 
+    @property
+    def deadline(self) -> float | None:
+        """The request's deadline (``time.monotonic()``), None without one."""
+        return self._deadline
+
+    def excuse_wait(self, deadline_then: float | None, waited_s: float) -> None:
+        """Move the deadline back by a wait that does not count against it (an evaluation's wait for rate-limit
+        room): to ``deadline_then`` (the deadline when the wait began) + ``waited_s``, so calls that waited side by
+        side move it once, and waits one after another add up."""
+        if deadline_then is not None and self._deadline is not None and waited_s > 0:
+            self._deadline = max(self._deadline, deadline_then + waited_s)
+
     def calls_in(self, layer: int) -> list[CallRecord]:
         return [c for c in self.calls if c.layer == layer]
 

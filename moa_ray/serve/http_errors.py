@@ -10,6 +10,9 @@ Decisions (documented for clients):
   call was a context-length rejection the input is too long -> 400
   ``context_length_exceeded``; when every provider refused the request (their 4xx) -> 400
   ``invalid_request``; when every provider rate-limited it -> 429;
+* a pipeline whose deciding calls (the final call and its fallbacks, or the failed layer's proposers) could not get
+  room in their models' own ``rpm``/``tpm`` before the request's deadline, or were rate-limited by their providers
+  -> 429 ``rate_limit_exceeded`` with ``Retry-After`` (seconds, rounded up) where the wait is known, never a 5xx;
 * an answer that does not follow the request's ``response_format`` -> 502 ``invalid_structured_output``;
 * every error of a pipeline that ran carries ``x-should-retry: false``: its calls were retried already, and the
   ``openai`` SDKs would otherwise rerun the whole pipeline (every layer) up to twice more;
@@ -19,6 +22,7 @@ Decisions (documented for clients):
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moa_ray.errors import PipelineError
 from moa_ray.pipeline.structured import InvalidStructuredOutput
+from moa_ray.pipeline.trace import CallRecord
 from moa_ray.serve.openai_schema import ErrorBody, ErrorDetail
 
 # A child of "ray.serve", so Serve writes these lines to the replica's log file.
@@ -48,6 +53,7 @@ class APIError(Exception):
         param: str | None = None,
         type: str | None = None,
         retry: bool | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -56,6 +62,7 @@ class APIError(Exception):
         self.param = param
         self.type = type or _STATUS_TYPES.get(status) or ("invalid_request_error" if status < 500 else "server_error")
         self.retry = retry  # False: tell clients not to retry (the x-should-retry header the openai SDKs honour)
+        self.retry_after_s = retry_after_s  # when a retry could succeed (the Retry-After header)
 
     def body(self) -> ErrorBody:
         return ErrorBody(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
@@ -64,6 +71,8 @@ class APIError(Exception):
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
         if self.retry is not None:
             headers["x-should-retry"] = "true" if self.retry else "false"
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
         return headers
 
     def response(self) -> JSONResponse:
@@ -115,6 +124,31 @@ _ALL_FAILED_ALIKE: dict[str, tuple[int, str, str]] = {
     "RateLimited": (429, "rate_limit_exceeded", "the pipeline's model services are rate limited; retry later"),
 }
 _TIMEOUTS = {"BackendTimeout", "cut"}
+#: A model's own rpm/tpm had no room in time, or its provider answered 429.
+_RATE_LIMITS = {"OverRateLimit", "RateLimited"}
+
+
+def _deciding_calls(err: PipelineError) -> list[CallRecord]:
+    """The calls whose failure failed the request: the final call with its fallbacks, or the failed layer's proposers
+    (the last calls of the trace's last layer, by role)."""
+    calls = err.trace.calls if err.trace is not None else []
+    if not calls:
+        return []
+    last = calls[-1]
+    return [c for c in calls if c.layer == last.layer and c.role == last.role]
+
+
+def _rate_limited(err: PipelineError) -> APIError | None:
+    """429 (with Retry-After where the wait is known) when every deciding call failed for a rate limit."""
+    failed = [c for c in _deciding_calls(err) if c.status != "ok"]
+    if not failed or any(c.error_type not in _RATE_LIMITS for c in failed):
+        return None
+    own = any(c.error_type == "OverRateLimit" for c in failed)
+    text = "the pipeline's models are over their configured rate limits" if own else "the pipeline's model services are rate limited"
+    waits = [c.retry_after_s for c in failed if c.retry_after_s is not None]
+    return APIError(
+        429, f"{text}; retry later: {err}", code="rate_limit_exceeded", retry=False, retry_after_s=max(waits) if waits else None
+    )
 
 
 def from_pipeline_error(err: PipelineError) -> APIError:
@@ -122,6 +156,9 @@ def from_pipeline_error(err: PipelineError) -> APIError:
     Never to be retried by the client as it is: the pipeline's calls were retried already."""
     if isinstance(err, InvalidStructuredOutput):
         return APIError(502, str(err), code="invalid_structured_output", type="upstream_error", param="response_format", retry=False)
+    limited = _rate_limited(err)
+    if limited is not None:
+        return limited
     failures = set(_failed_calls(err))
     if len(failures) == 1 and (only := next(iter(failures))) in _ALL_FAILED_ALIKE:
         status, code, text = _ALL_FAILED_ALIKE[only]

@@ -1,0 +1,280 @@
+"""Rate limits (``rpm``, ``tpm``): the exact sliding window, the endpoint's 429 with Retry-After (never a 5xx), the
+``tpm`` rule (estimate before, reported usage after), an evaluation's patient wait, and (marked ``ray``) one limit
+held by the cluster's actor across two processes.
+
+Windows are shortened (``window_s``) so that a test takes seconds, not minutes; the semantics are the same."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from bench.simulator import Behaviour, SimulatorConfig, free_port
+from moa_ray.chat import ChatMessage, ChatParams
+from moa_ray.config import parse_config
+from moa_ray.errors import AggregatorFailed, OverRateLimit
+from moa_ray.pipeline import build_pipeline, limits
+from moa_ray.pipeline.agents import Agent, InProcessAgent, prepare_agents
+from moa_ray.pipeline.limits import LATE_START_S, RateLimit, RateLimitedAgent, SlidingWindow, rate_limited, reserved_tokens
+from moa_ray.serve.auth import KeyVerifier, Redactor
+from moa_ray.serve.ingress import create_api
+from moa_ray.serve.service import ChatService
+
+USER = [{"role": "user", "content": "What is a mixture of agents?"}]
+WINDOW_S = 2.0
+
+
+@pytest.fixture(autouse=True)
+def fresh_windows(monkeypatch):
+    """Each test starts with empty process-local windows."""
+    monkeypatch.setattr(limits, "_in_process", limits._InProcess())
+
+
+def remote(base_url: str, model_id: str, **extra: Any) -> dict[str, Any]:
+    return {"backend": "openai", "model": model_id, "base_url": base_url, "max_retries": 0, "max_tokens": 32, **extra}
+
+
+def limited_config(base_url: str, *, server: dict | None = None, **limit: Any) -> Any:
+    models = {"lim": remote(base_url, "sim-lim", **limit), "free": remote(base_url, "sim-free")}
+    pipelines = {"one": {"kind": "single", "model": "lim"}, "moa": {"kind": "moa", "layers": [["lim", "free"]], "aggregator": "free"}}
+    return parse_config({"models": models, "pipelines": pipelines, "server": server or {}})
+
+
+def agents_for(config: Any, window_s: float = WINDOW_S) -> dict[str, Agent]:
+    """The assembly's agents (in process, limited where the model says so), with a short window."""
+    return {m: rate_limited(InProcessAgent(m, spec), m, spec, window_s=window_s) for m, spec in config.models.items()}
+
+
+def api_for(config: Any) -> Any:
+    agents = agents_for(config)
+    pipelines = {name: build_pipeline(config, name, agents) for name in config.pipelines}
+    return create_api(ChatService(config, pipelines, Redactor.for_config(config)), KeyVerifier(()))
+
+
+def most_in_any_window(arrivals: list[float], window_s: float) -> int:
+    """The largest number of arrivals inside any half-open window of ``window_s`` seconds."""
+    times = sorted(arrivals)
+    return max((sum(1 for t in times[i:] if t < start + window_s) for i, start in enumerate(times)), default=0)
+
+
+# --------------------------------------------------------------------------- the window itself (no clock, no I/O)
+
+
+def test_a_window_lets_rpm_calls_through_then_reserves_the_moment_the_oldest_leaves():
+    window = SlidingWindow(RateLimit(rpm=3, window_s=10))
+    assert [window.reserve(0.0, 0, None)[1] for _ in range(3)] == [0.0, 0.0, 0.0]
+    entry, wait = window.reserve(1.0, 0, None)
+    assert entry is not None and wait == pytest.approx(10 + LATE_START_S - 1.0)
+    # a caller with less time than that is refused, told when room opens, and reserves nothing
+    assert window.reserve(1.0, 0, 5.0) == (None, pytest.approx(10 + LATE_START_S - 1.0 + 0.0))
+    assert window.reserve(1.0, 0, None)[1] == pytest.approx(10 + LATE_START_S - 1.0)  # first come, first served
+
+
+def test_any_window_holds_at_most_rpm_calls_and_tpm_tokens_whatever_the_arrivals():
+    rng = random.Random(7)
+    limit = RateLimit(rpm=5, tpm=300, window_s=4)
+    window = SlidingWindow(limit)
+    now, starts = 0.0, []
+    for _ in range(400):
+        now += rng.expovariate(3.0)
+        tokens = rng.randint(1, 120)
+        entry, wait = window.reserve(now, tokens, rng.choice([None, 2.0, 30.0]))
+        if entry is not None:
+            starts.append((now + wait, tokens))
+    assert len(starts) > 100
+    for moment, _ in starts:  # every window [moment, moment + window_s) that starts at a call
+        inside = [t for s, t in starts if moment <= s < moment + limit.window_s]
+        assert len(inside) <= 5 and sum(inside) <= 300
+
+
+def test_settling_frees_unused_tokens_and_charges_retried_attempts():
+    window = SlidingWindow(RateLimit(rpm=4, tpm=100, window_s=10))
+    first, _ = window.reserve(0.0, 80, None)
+    assert window.reserve(0.0, 80, 0.0)[0] is None  # 160 tokens do not fit 100
+    assert first is not None
+    window.settle(first, calls=1, tokens=20)  # the provider reported 20
+    assert window.reserve(0.0, 80, 0.0)[1] == 0.0
+    crowded = SlidingWindow(RateLimit(rpm=2, window_s=10))
+    retried, _ = crowded.reserve(0.0, 0, None)
+    assert retried is not None
+    crowded.settle(retried, calls=2, tokens=0)  # the backend retried once: two provider calls
+    assert crowded.reserve(0.0, 0, 0.0)[0] is None
+
+
+def test_a_released_reservation_gives_its_room_back():
+    window = SlidingWindow(RateLimit(rpm=1, window_s=10))
+    held, _ = window.reserve(0.0, 0, None)
+    assert held is not None
+    window.release(held)
+    assert window.reserve(0.0, 0, 0.0)[1] == 0.0
+
+
+def test_a_call_reserves_its_estimated_prompt_plus_its_max_tokens():
+    messages = [ChatMessage(role="user", content="x" * 400)]
+    assert reserved_tokens(messages, ChatParams(max_tokens=50), 512) == 100 + 4 + 3 + 50
+    assert reserved_tokens(messages, ChatParams(), 512) == 100 + 4 + 3 + 512  # unset: the model's max_tokens
+
+
+def test_only_limited_models_get_a_limiter():
+    config = limited_config("http://127.0.0.1:1/v1", rpm=6)
+    from moa_ray.pipeline.agents import assemble_agents
+
+    agents = assemble_agents(config, ["lim", "free"], {})
+    assert isinstance(agents["lim"], RateLimitedAgent) and isinstance(agents["lim"].inner, InProcessAgent)
+    assert isinstance(agents["free"], InProcessAgent)
+    assert agents["lim"].limit == RateLimit(rpm=6)
+
+
+# --------------------------------------------------------------------------- the endpoint
+
+
+async def _post_all(app: Any, n: int, body: dict[str, Any]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://moa.test", timeout=60) as client:
+        return list(await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(n))))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_rpm_6_and_10_concurrent_requests_are_200_or_429_with_retry_after_never_a_5xx(simulator, stream):
+    sim = simulator(SimulatorConfig(latency_ms=20, output_tokens=8))
+    # the request's deadline (2 s) leaves 1 s to wait for room; the next room opens 2 s + 1 s after the first six
+    app = api_for(limited_config(sim.base_url, rpm=6, server={"request_timeout_s": 2.0}))
+    responses = await _post_all(app, 10, {"model": "one", "messages": USER, "stream": stream})
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 6 + [429] * 4, [r.text for r in responses]
+    for refused in (r for r in responses if r.status_code == 429):
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(refused.headers["Retry-After"]) <= WINDOW_S + LATE_START_S + 1
+        assert refused.headers["x-should-retry"] == "false"
+    assert sim.stats.requests == 6
+
+
+@pytest.mark.anyio
+async def test_with_time_to_wait_every_request_is_answered_and_the_provider_never_sees_more_than_rpm_in_a_window(simulator):
+    sim = simulator(SimulatorConfig(latency_ms=20, output_tokens=8))
+    app = api_for(limited_config(sim.base_url, rpm=6, server={"request_timeout_s": 60.0}))
+    started = time.monotonic()
+    responses = await _post_all(app, 10, {"model": "one", "messages": USER})
+    assert [r.status_code for r in responses] == [200] * 10
+    assert sim.stats.requests == 10
+    assert most_in_any_window(sim.stats.arrivals, WINDOW_S) <= 6
+    assert time.monotonic() - started >= WINDOW_S  # the last four waited for the first six to leave the window
+
+
+@pytest.mark.anyio
+async def test_a_moa_whose_proposer_is_limited_answers_with_its_other_proposer(simulator):
+    """A proposer without room is a failed proposer (traced as OverRateLimit): the layer goes on with the rest."""
+    sim = simulator(SimulatorConfig(latency_ms=20, output_tokens=8))
+    config = limited_config(sim.base_url, rpm=1, server={"request_timeout_s": 2.0})
+    app = api_for(config)
+    body = {"model": "moa", "messages": USER, "moa": {"trace": True}}
+    responses = await _post_all(app, 2, body)
+    assert [r.status_code for r in responses] == [200, 200]
+    errors = [c["error_type"] for r in responses for c in r.json()["moa"]["trace"]["calls"] if c["status"] != "ok"]
+    assert errors == ["OverRateLimit"]
+
+
+@pytest.mark.anyio
+async def test_a_limited_call_falls_back_to_another_model(simulator):
+    sim = simulator(SimulatorConfig(latency_ms=20, output_tokens=8))
+    config = limited_config(sim.base_url, rpm=1, fallbacks=["free"], server={"request_timeout_s": 2.0})
+    responses = await _post_all(api_for(config), 3, {"model": "one", "messages": USER, "moa": {"trace": True}})
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    stand_ins = [c for r in responses for c in r.json()["moa"]["trace"]["calls"] if c["fallback_of"]]
+    assert [(c["model"], c["fallback_of"]) for c in stand_ins] == [("free", "lim"), ("free", "lim")]
+    assert sim.stats.by_model == {"sim-lim": 1, "sim-free": 2}
+
+
+# --------------------------------------------------------------------------- tpm
+
+
+@pytest.mark.anyio
+async def test_tpm_reserves_the_estimate_and_keeps_only_the_reported_tokens(simulator):
+    sim = simulator(SimulatorConfig(latency_ms=20, output_tokens=8))
+    config = limited_config(sim.base_url, tpm=150)  # a call reserves 13 (its prompt, estimated) + 32 (max_tokens) = 45
+    agent = agents_for(config)["lim"]
+    messages, params = [ChatMessage(role="user", content="hello " * 4)], ChatParams(timeout_s=1.0)
+    for _ in range(4):  # one after another: each keeps only what it used (12), so none waits (4 x 45 would not fit)
+        await agent.chat(messages, params)
+    assert sim.stats.requests == 4
+    # side by side, the third's 45 do not fit beside 48 used and 2 x 45 in flight: it would wait past its deadline
+    results = await asyncio.gather(*(agent.chat(messages, params) for _ in range(3)), return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["Completion", "Completion", "OverRateLimit"]
+
+
+# --------------------------------------------------------------------------- evaluations wait
+
+
+@pytest.mark.anyio
+async def test_an_evaluations_pipelines_wait_for_room_beyond_their_deadline(simulator):
+    from moa_ray.eval.generate import GenerateHandler
+
+    sim = simulator(SimulatorConfig(latency_ms=20, output_tokens=8))
+    config = limited_config(sim.base_url, rpm=2)
+    handler = GenerateHandler(config, agents_for(config, window_s=1.0), ["one"], "run", {"one": "fp"}, timeout_s=1.0)
+    await handler.setup()
+    pipeline = handler.pipelines["one"]
+    assert pipeline.patient_limits
+    results = await asyncio.gather(*(pipeline.run("hello", timeout_s=1.0) for _ in range(5)))
+    assert all(r.answer for r in results) and sim.stats.requests == 5
+    assert most_in_any_window(sim.stats.arrivals, 1.0) <= 2
+    impatient = build_pipeline(config, "one", agents_for(config, window_s=30.0))
+    await impatient.run("hello", timeout_s=1.0)
+    await impatient.run("hello", timeout_s=1.0)
+    with pytest.raises(AggregatorFailed) as refused:  # the endpoint's pipelines do not wait past half their deadline
+        await impatient.run("hello", timeout_s=1.0)
+    assert refused.value.trace.calls[-1].error_type == OverRateLimit.__name__
+
+
+@pytest.mark.anyio
+async def test_a_limited_agent_pickles_with_its_limit_for_ray_workers():
+    import pickle
+
+    config = limited_config("http://127.0.0.1:1/v1", rpm=6)
+    agent = agents_for(config, window_s=3.0)["lim"]
+    copy = pickle.loads(pickle.dumps(agent))
+    assert isinstance(copy, RateLimitedAgent) and copy.limit == RateLimit(rpm=6, window_s=3.0) and copy.key == agent.key
+    prepare_agents([copy])  # readies the inner in-process agent (needs a running loop)
+
+
+# --------------------------------------------------------------------------- across processes (the cluster's actor)
+
+
+@pytest.mark.ray
+def test_two_processes_share_one_limit_through_the_clusters_actor(ray_session, simulator):
+    ray = ray_session
+    sim = simulator(SimulatorConfig(latency_ms=20, output_tokens=8))
+    config = limited_config(sim.base_url, rpm=6)
+    name = f"lim-{free_port()}"  # a window of this test's own in the session's actor
+    spec = config.models["lim"]
+    agent = RateLimitedAgent(InProcessAgent(name, spec), name, spec, window_s=WINDOW_S)
+
+    def answer_five(agent: Any) -> list[str]:
+        import asyncio as aio
+
+        from moa_ray.chat import ChatMessage as Message
+        from moa_ray.chat import ChatParams as Params
+
+        async def five() -> list[str]:
+            calls = [agent.chat([Message(role="user", content="hi")], Params(timeout_s=60.0)) for _ in range(5)]
+            return [c.text for c in await aio.gather(*calls)]
+
+        return aio.run(five())
+
+    task = ray.remote(num_cpus=0.5)(answer_five)
+    answers = ray.get([task.remote(agent), task.remote(agent)], timeout=120)
+    assert [len(a) for a in answers] == [5, 5]
+    assert sim.stats.requests == 10
+    assert most_in_any_window(sim.stats.arrivals, WINDOW_S) <= 6
+    assert ray.get_actor(limits.ACTOR_NAME, namespace=limits.ACTOR_NAMESPACE) is not None
+
+
+def test_the_unlimited_model_pays_no_limiter(simulator):
+    config = limited_config("http://127.0.0.1:1/v1")
+    assert not isinstance(agents_for(config)["lim"], RateLimitedAgent)
+    assert Behaviour  # the simulator's behaviours stay importable for the tests above
