@@ -108,7 +108,6 @@ class ModelSpecBase(_Strict):
         "fallbacks first); both calls are traced.",
     )
 
-
     default_num_cpus: ClassVar[float] = 1.0
     #: Fields that decide where and how fast a model runs, never what it answers; every other field of a
     #: spec is an answer setting (see :meth:`answer_settings`), so a new field counts unless listed here.
