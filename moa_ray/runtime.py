@@ -42,6 +42,8 @@ def init_ray(
 
     ``env``: environment variables for every process of a local Ray this starts (Ray Serve reads its proxy
     from there: :mod:`moa_ray.serve.proxy`); a cluster that is joined keeps the environment it was started with.
+    A local Ray exports its metrics (:mod:`moa_ray.metrics`, Serve's, vLLM's) on loopback at the port that
+    :data:`METRICS_PORT_ENV` names in ``env`` or in this process's environment (else a port of Ray's choosing).
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -62,6 +64,7 @@ def init_ray(
         # Logical CPUs above the core count avoid actor-pool deadlocks on small machines;
         # the embedded model's threads are set by its config, not by this number.
         cpus = num_cpus or max(8, os.cpu_count() or 1)
+        export_port = metrics_port({**os.environ, **(env or {})})
         # "local": never attach to the latest `ray start` cluster of this machine by surprise.
         with _loopback_node(), _reaped_session(), _environment(env or {}):
             ray.init(
@@ -70,11 +73,26 @@ def init_ray(
                 include_dashboard=False,
                 _node_ip_address=LOCAL_RAY_HOST,
                 runtime_env={"worker_process_setup_hook": loopback.HOOK},
+                _metrics_export_port=export_port,
                 **kwargs,
             )
         node_ip = ray.util.get_node_ip_address()
         if node_ip != LOCAL_RAY_HOST:  # a Ray whose node-IP rules changed: say so rather than expose it silently
             log.warning("the local Ray runs on %s, not %s: its ports may be reachable from other machines", node_ip, LOCAL_RAY_HOST)
+
+
+#: The environment variable that fixes the port a local Ray exports its Prometheus metrics on (``/metrics``).
+METRICS_PORT_ENV = "MOA_RAY_METRICS_PORT"
+
+
+def metrics_port(env: Mapping[str, str]) -> int | None:
+    """The metrics port :data:`METRICS_PORT_ENV` names in ``env``, or None (Ray picks one)."""
+    value = env.get(METRICS_PORT_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ConfigError(f"{METRICS_PORT_ENV}={value!r} is not a port number")
+    return int(value)
 
 
 def is_loopback_address(address: str) -> bool:

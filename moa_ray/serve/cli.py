@@ -1,6 +1,6 @@
 """``moa-ray serve``: run the OpenAI-compatible endpoint, or write deployment files for it.
 
-moa-ray serve [--config FILE] [--host 127.0.0.1] [--port 8000] [--pipeline NAME ...]
+moa-ray serve [--config FILE] [--host 127.0.0.1] [--port 8000] [--pipeline NAME ...] [--metrics-port PORT]
 moa-ray serve build [--config FILE] -o serve.yaml
 moa-ray serve k8s [--config FILE] --image IMAGE -o k8s/
 moa-ray serve cluster-config [--config FILE] -o cluster.yaml
@@ -64,9 +64,22 @@ def _write_yaml(data: dict[str, Any], output: str, header: str) -> None:
 @pipelines_option
 @click.option("--address", default=None, help="Ray cluster to deploy on (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--app-name", default="moa", show_default=True, help="Serve application name.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Port on which the local Ray exports every metric (moa-ray's, Serve's, vLLM's) at http://127.0.0.1:PORT/metrics.",
+)
 @click.pass_context
 def serve_group(
-    ctx: click.Context, config_path: str | None, host: str, port: int, pipelines: tuple[str, ...], address: str | None, app_name: str
+    ctx: click.Context,
+    config_path: str | None,
+    host: str,
+    port: int,
+    pipelines: tuple[str, ...],
+    address: str | None,
+    app_name: str,
+    metrics_port: int | None,
 ) -> None:
     """Serve pipelines behind an OpenAI-compatible API (model = pipeline name) until interrupted."""
     if ctx.invoked_subcommand is not None:
@@ -83,14 +96,24 @@ def serve_group(
             "providers' tokens; set MOA_RAY_API_KEYS or MOA_RAY_API_KEYS_FILE"
         )
     _warn_missing_provider_keys(config, names)
-    _run_server(config, names, host=host, port=port, address=address, app_name=app_name, auth=bool(keys))
+    _run_server(config, names, host=host, port=port, address=address, app_name=app_name, auth=bool(keys), metrics_port=metrics_port)
 
 
-def _run_server(config: MoARayConfig, names: list[str], *, host: str, port: int, address: str | None, app_name: str, auth: bool) -> None:
+def _run_server(
+    config: MoARayConfig,
+    names: list[str],
+    *,
+    host: str,
+    port: int,
+    address: str | None,
+    app_name: str,
+    auth: bool,
+    metrics_port: int | None = None,
+) -> None:
     import ray
     from ray import serve
 
-    from moa_ray.runtime import is_shared_cluster
+    from moa_ray.runtime import METRICS_PORT_ENV, is_shared_cluster
     from moa_ray.serve import proxy
     from moa_ray.serve.app import build_app
     from moa_ray.session import Session
@@ -98,9 +121,18 @@ def _run_server(config: MoARayConfig, names: list[str], *, host: str, port: int,
     local = not is_shared_cluster(address)
     if local:
         _check_port_free(host, port)  # before Ray starts: a taken port would fail the proxy's start deep in Serve
+        if metrics_port is not None:
+            _check_port_free("127.0.0.1", metrics_port)  # else Ray's metrics agent would fail to start, quietly
+    elif metrics_port is not None:
+        err_console.print(
+            "[yellow]warning:[/yellow] --metrics-port applies to a local Ray; a joined cluster exports metrics on the "
+            "ports its nodes were started with (ray start --metrics-export-port)"
+        )
 
     # The session's Ray ends with the server (a local one is shut down; the app leaves a joined cluster), on errors too.
     env = proxy.local_env(config.server, host) if local else None
+    if env is not None and metrics_port is not None:
+        env[METRICS_PORT_ENV] = str(metrics_port)
     with Session(config, address=address, env=env, apps=[app_name]) as session:
         with err_console.status(f"starting Ray and deploying {len(config.models_for(names))} models + the ingress..."):
             session.start_ray(config.models_for(names))
@@ -118,6 +150,8 @@ def _run_server(config: MoARayConfig, names: list[str], *, host: str, port: int,
             signal.signal(sig, lambda *_: stop.set())
         url = f"http://{host}:{port}/v1"
         err_console.print(f"serving {', '.join(names)} at {url} (client API keys: {'required' if auth else 'off'})", highlight=False)
+        if local and metrics_port is not None:
+            err_console.print(f"metrics: http://127.0.0.1:{metrics_port}/metrics", highlight=False)
         err_console.print(f"ray: {ray.get_runtime_context().gcs_address}; press Ctrl+C to stop", highlight=False)
         try:
             while not stop.wait(0.5):  # a timed wait lets the signal handlers run
