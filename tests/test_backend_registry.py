@@ -255,8 +255,13 @@ def test_the_plugin_descriptor_speaks_for_its_models(sim_plugin):
             "from moa_ray.backends.builtins import OPENAI as BACKEND\n",
             "backend 'openai' is registered twice: by moa_ray.backends.builtins:OPENAI (built in) and by entry point 'openai'",
         ),
+        (
+            {"broken": "moa_sim_bad:BACKEND"},
+            "from moa_ray.backends import registry\nBACKEND = registry.backend('openai')\n",
+            "failed to load: ConfigError: a backend plugin reads the backend registry as it is imported",
+        ),
     ],
-    ids=["missing module", "import error", "not a descriptor", "no backend tag", "misnamed", "a built-in's name"],
+    ids=["missing module", "import error", "not a descriptor", "no backend tag", "misnamed", "a built-in's name", "reentrant"],
 )
 def test_a_bad_plugin_is_one_error_naming_its_entry_point(install_plugin, entry_points, source, expected):
     install_plugin(entry_points, {"moa_sim_bad": source} if source else {})

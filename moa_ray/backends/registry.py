@@ -101,8 +101,9 @@ class _Loaded:
     origins: dict[str, str]  # backend name -> where it came from, for error messages
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _loaded: _Loaded | None = None
+_loading = False  # in this module's lock: a plugin module that reads the registry as it is imported
 
 
 def _where(entry: EntryPoint) -> str:
@@ -137,10 +138,16 @@ def _load() -> _Loaded:
 
 
 def _registry() -> _Loaded:
-    global _loaded
+    global _loaded, _loading
     with _lock:
         if _loaded is None:
-            _loaded = _load()  # a failure is not kept: the next call tries again
+            if _loading:
+                raise ConfigError("a backend plugin reads the backend registry as it is imported: read it when it is used")
+            _loading = True
+            try:
+                _loaded = _load()  # a failure is not kept: the next call tries again
+            finally:
+                _loading = False
         return _loaded
 
 
