@@ -107,6 +107,8 @@ def expected_from(traces: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[tu
                     out["ray_moa_tokens_total"][(model, role, direction)] += call[f"{direction}_tokens"]
             if call["retries"]:
                 out["ray_moa_retries_total"][(model,)] += len(call["retries"])
+            if call["fallback_of"]:
+                out["ray_moa_fallbacks_total"][(model, role)] += 1
         for model, bucket in trace["accounting"]["by_model"].items():
             if bucket["cost_usd"]:
                 out["ray_moa_cost_usd_total"][(model,)] += bucket["cost_usd"]
@@ -123,6 +125,7 @@ LABELS = {
     "ray_moa_call_latency_seconds_count": ("model", "role"),
     "ray_moa_tokens_total": ("model", "role", "direction"),
     "ray_moa_retries_total": ("model",),
+    "ray_moa_fallbacks_total": ("model", "role"),
     "ray_moa_cost_usd_total": ("model",),
     "ray_moa_judge_fallbacks_total": ("pipeline",),
     "ray_moa_early_stops_total": ("pipeline",),
@@ -151,15 +154,19 @@ def test_twenty_requests_scrape_as_the_sums_of_their_traces(tmp_path):
         seed=21,
         models={
             "flaky": Behaviour(latency_ms=30, output_tokens=8, failure_rate=0.4, failure_status=503),
+            "dead": Behaviour(latency_ms=5, failure_rate=1.0, failure_status=500),
             "judge": Behaviour(latency_ms=30, reply=JUDGE_REPLY),
         },
     )
     with run_simulator(sim_config) as sim:
         model = {"backend": "openai", "base_url": sim.base_url, "max_retries": 3, "backoff_s": 0.02, "pricing": PRICING}
         config = {
-            "models": {name: {**model, "model": name} for name in ("p1", "p2", "flaky", "agg", "judge")},
+            "models": {
+                **{name: {**model, "model": name} for name in ("p1", "p2", "flaky", "agg", "judge")},
+                "dead": {**model, "model": "dead", "max_retries": 0, "fallbacks": ["p2"]},  # each call made again on p2
+            },
             "pipelines": {
-                "moa": {"kind": "moa", "layers": [["p1", "p2", "flaky"]], "aggregator": "agg"},
+                "moa": {"kind": "moa", "layers": [["p1", "flaky", "dead"]], "aggregator": "agg"},
                 "smoa": {"kind": "smoa", "layers": [["p1", "p2", "flaky"]] * 2, "aggregator": "agg", "judge": "judge", "k": 2},
             },
         }
@@ -191,6 +198,7 @@ def test_twenty_requests_scrape_as_the_sums_of_their_traces(tmp_path):
         else:
             assert got == sums, name
     assert expected["ray_moa_retries_total"][("flaky",)] > 0  # the scrape did see retries
+    assert expected["ray_moa_fallbacks_total"] == {("p2", "proposer"): 10}  # and fallbacks
     assert expected["ray_moa_judge_fallbacks_total"][("smoa",)] == 10 == expected["ray_moa_early_stops_total"][("smoa",)]
     assert sum(expected["ray_moa_calls_total"].values()) == sum(len(t["calls"]) for _, t in traces)
     # labels: the declared ones only (no prompt, key or request id), beside Ray's own
@@ -202,7 +210,7 @@ def test_twenty_requests_scrape_as_the_sums_of_their_traces(tmp_path):
     assert PROMPT not in json.dumps([s.labels for s in scrape.samples])
     # the dashboard may query only names a scrape showed: this one shows every moa-ray name recorded
     assert recorded_names("moa-ray") <= scrape.names, recorded_names("moa-ray") - scrape.names
-    assert recorded_names("moa-ray") == metrics.SCRAPED_NAMES - {"ray_moa_fallbacks_total"}
+    assert recorded_names("moa-ray") == metrics.SCRAPED_NAMES
 
 
 def _scrape_until(url: str, expected: dict[str, dict[tuple[str, ...], float]], deadline_s: float) -> Scrape:
