@@ -246,6 +246,14 @@ def test_the_plugin_descriptor_speaks_for_its_models(sim_plugin):
             "backend: Literal['broken']",
         ),
         (
+            {"broken": "moa_sim_bad:BACKEND"},
+            "from typing import Literal\nfrom moa_ray.backends.registry import BackendDescriptor\n"
+            "from moa_ray.config import RemoteModelSpec\n"
+            "class Spec(RemoteModelSpec):\n    backend: Literal['broken']\n"
+            "BACKEND = BackendDescriptor(name='broken', spec=Spec, build=print, deployment_options=print)\n",
+            "failed to load: TypeError: backend 'broken': its spec offers hosting: in_process, which needs create",
+        ),
+        (
             {"other": "moa_sim_bad:BACKEND"},
             "from moa_ray.backends.builtins import OPENAI as BACKEND\n",
             "gives the backend 'openai': name the entry point as its backend",
@@ -261,7 +269,16 @@ def test_the_plugin_descriptor_speaks_for_its_models(sim_plugin):
             "failed to load: ConfigError: a backend plugin reads the backend registry as it is imported",
         ),
     ],
-    ids=["missing module", "import error", "not a descriptor", "no backend tag", "misnamed", "a built-in's name", "reentrant"],
+    ids=[
+        "missing module",
+        "import error",
+        "not a descriptor",
+        "no backend tag",
+        "in process without create",
+        "misnamed",
+        "a built-in's name",
+        "reentrant",
+    ],
 )
 def test_a_bad_plugin_is_one_error_naming_its_entry_point(install_plugin, entry_points, source, expected):
     install_plugin(entry_points, {"moa_sim_bad": source} if source else {})

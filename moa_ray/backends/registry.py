@@ -87,6 +87,8 @@ class BackendDescriptor(Generic[SpecT]):
             raise TypeError(f"the spec class {self.spec!r} of backend {self.name!r} must declare backend: Literal[{self.name!r}]")
         if self.create is None and self.build is None:
             raise TypeError(f"backend {self.name!r} gives neither create (an in-process backend) nor build (a deployment)")
+        if self.create is None and "hosting" in self.spec.model_fields:
+            raise TypeError(f"backend {self.name!r}: its spec offers hosting: in_process, which needs create (an in-process backend)")
         if (self.build is None) != (self.deployment_options is None):
             raise TypeError(f"backend {self.name!r}: build and deployment_options go together")
 
