@@ -214,7 +214,8 @@ def test_the_plugin_descriptor_speaks_for_its_models(sim_plugin):
     assert config.deployed_models(["a"]) == ["a"]  # hosting: deployment, from RemoteModelSpec
     options = agent_deployment_options("a", spec)
     assert options["ray_actor_options"]["num_cpus"] == 0.05 and options["num_replicas"] == 1
-    assert build_agent("a", spec) is not None  # an agent deployment hosting the plugin's ChatBackend
+    deployment = build_agent("a", spec)._bound_deployment  # Ray Serve keeps what an application deploys there
+    assert (deployment.name, deployment.func_or_class.__name__) == ("agent-a", "AgentDeployment")  # hosting its ChatBackend
 
 
 @pytest.mark.parametrize(
