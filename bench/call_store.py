@@ -22,7 +22,7 @@ import yaml
 
 from bench.simulator import SimulatorConfig, run_simulator
 from moa_ray.config import MoARayConfig, parse_config
-from moa_ray.eval.datasets import load_dataset
+from moa_ray.eval.benchmarks.registry import load_dataset
 from moa_ray.eval.generate import GenerateOptions, run_generation
 from moa_ray.pipeline.agents import in_process_agents
 

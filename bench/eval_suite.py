@@ -55,8 +55,9 @@ class BenchmarkResult(BaseModel):
 
 def judge_calls(judged: str, run_id: str) -> int:
     """Judge calls a run made, from what it wrote: each judgment text of pairwise rows, each repeat of a grade, each attempt of a rubric row."""
-    from moa_ray.eval.judge import pairwise_table, single_table
-    from moa_ray.eval.rubric.plan import rubric_table
+    from moa_ray.eval.benchmarks.alpaca_eval import pairwise_table
+    from moa_ray.eval.benchmarks.mt_bench import single_table
+    from moa_ray.eval.benchmarks.rubric import rubric_table
 
     def mine(table: RowTable[Any]) -> list[dict[str, Any]]:
         return [r for r in table.latest().values() if r["run_id"] == run_id]
@@ -70,13 +71,13 @@ def judge_calls(judged: str, run_id: str) -> int:
 
 def judge_stage(name: str, gen: str, judged: str, judge: str, agent: Agent | None, *, judge_max_tokens: int) -> Stage:
     """Judge one benchmark's answers as ``eval judge`` does in auto mode: GSM8K by exact match (no calls), the rest by ``agent``."""
-    from moa_ray.eval.exact import is_exact_dataset, run_exact
-    from moa_ray.eval.judge import JudgeOptions, read_generations, run_judging
+    from moa_ray.eval.benchmarks.gsm8k import GSM8K
+    from moa_ray.eval.judging import JudgeOptions, read_generations, run_exact, run_judging
 
     start = time.perf_counter()
     gens = read_generations(gen)
     run_id = f"suite-{name}-{int(time.time())}"
-    if is_exact_dataset(name):
+    if name == GSM8K:
         exact = run_exact(gens, judged, run_id)
         return Stage(name="judge", wall_s=time.perf_counter() - start, calls=0, ok=exact.scored, failed=exact.failed)
     if agent is None:
@@ -100,9 +101,9 @@ def judge_stage(name: str, gen: str, judged: str, judge: str, agent: Agent | Non
 
 def report_stage(gen: str, judged: str, report: str) -> Stage:
     """``eval report`` over every judgment table: the main table and plots, and the rubric tables; ok = files written."""
-    from moa_ray.eval.judge import read_generations, read_judgments
-    from moa_ray.eval.report import build_report, write_report
-    from moa_ray.eval.rubric.report import build_rubric_tables, write_rubric_report
+    from moa_ray.eval.judging import read_generations, read_judgments
+    from moa_ray.eval.report import build_report, build_rubric_tables, write_report
+    from moa_ray.eval.tables import write_rubric_report
 
     start = time.perf_counter()
     gens = read_generations(gen)
@@ -124,9 +125,9 @@ def run_benchmark(
     judge_max_tokens: int,
 ) -> BenchmarkResult:
     """generate -> judge -> report for one benchmark under ``root/<name>``; a stage that raises ends the benchmark."""
-    from moa_ray.eval.datasets import load_dataset
+    from moa_ray.eval.benchmarks.registry import load_dataset
     from moa_ray.eval.generate import GenerateOptions, run_generation
-    from moa_ray.eval.judge import read_generations
+    from moa_ray.eval.judging import read_generations
 
     gen, judged, report = (str(root / name / part) for part in ("generations", "judgments", "report"))
     stages: list[Stage] = []

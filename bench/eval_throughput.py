@@ -33,7 +33,7 @@ import httpx
 from bench.cpu import CpuMeter, simulator_calls
 from bench.simulator import free_port
 from moa_ray.config import parse_config
-from moa_ray.eval.datasets import load_dataset
+from moa_ray.eval.benchmarks.registry import load_dataset
 from moa_ray.eval.generate import GenerateOptions, run_generation
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import RowTable

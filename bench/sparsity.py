@@ -97,7 +97,8 @@ def bench_config(model: dict[str, Any], judge_max_tokens: int, layers: int, k: i
 
 def load_prompts(dataset: str, n: int, offset: int) -> list[dict[str, str]]:
     """AlpacaEval instructions ``offset`` .. ``offset + n`` (the packaged copy, or any dataset file moa-ray reads)."""
-    from moa_ray.eval.datasets import DatasetError, load_dataset
+    from moa_ray.eval.benchmarks.registry import load_dataset
+    from moa_ray.eval.datasets import DatasetError
 
     try:
         prompts = load_dataset(dataset).prompts[offset : offset + n]

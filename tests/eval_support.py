@@ -8,7 +8,7 @@ from typing import Any
 from bench.simulator import Behaviour, SimulatorConfig
 from moa_ray.config import MoARayConfig, parse_config
 from moa_ray.eval.generate import GenerateOptions
-from moa_ray.eval.judge import JudgeOptions
+from moa_ray.eval.judging import JudgeOptions
 from moa_ray.eval.runner import PoolKind
 
 #: Provider model ids the simulator answers specially.

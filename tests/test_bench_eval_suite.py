@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from bench.eval_suite import BenchmarkResult, Stage, judge_calls
-from moa_ray.eval.judge import pairwise_table, single_table
-from moa_ray.eval.rubric import rubric_table
+from moa_ray.eval.benchmarks.alpaca_eval import pairwise_table
+from moa_ray.eval.benchmarks.mt_bench import single_table
+from moa_ray.eval.benchmarks.rubric import rubric_table
 from moa_ray.eval.schema import GradeRow, PairwiseRow, RubricRow
 
 
@@ -55,7 +56,7 @@ def test_a_benchmark_is_ok_only_when_every_stage_ran() -> None:
 
 def test_gsm8k_is_scored_by_exact_match_and_reported_without_a_judge(tmp_path: Path) -> None:
     from bench.eval_suite import judge_stage, report_stage
-    from moa_ray.eval.datasets import load_dataset
+    from moa_ray.eval.benchmarks.registry import load_dataset
     from moa_ray.eval.schema import GenerationRow
     from moa_ray.eval.store import RowTable
 

@@ -19,10 +19,10 @@ from eval_support import generate_options, judge_options, model, simulator_confi
 
 from bench.simulator import Behaviour, run_simulator
 from moa_ray.config import parse_config
+from moa_ray.eval.benchmarks.registry import load_dataset
 from moa_ray.eval.calls import PROPOSER_PREFIX, calls_table
-from moa_ray.eval.datasets import load_dataset
 from moa_ray.eval.generate import run_generation
-from moa_ray.eval.judge import read_generations, run_judging
+from moa_ray.eval.judging import read_generations, run_judging
 from moa_ray.eval.report import build_report
 from moa_ray.pipeline.agents import in_process_agents
 
@@ -204,7 +204,7 @@ def test_proposers_are_judged_and_reported_beside_their_pipelines_without_a_gene
     assert names == ["moa", "moa-lite", *(f"{PROPOSER_PREFIX}{p}" for p in PROPOSERS)]  # layer 1 shared: one entry per proposer
     judged = run_judging(entries, agents["judge"], judge_options(gens, tmp_path / "judged", "judge", "pairwise"))
     assert judged.failed_rows == 0
-    from moa_ray.eval.judge import read_judgments
+    from moa_ray.eval.judging import read_judgments
 
     rows = build_report(entries, read_judgments(str(tmp_path / "judged")).pairwise, [])
     by_name = {r.pipeline: r for r in rows}
@@ -231,7 +231,7 @@ def test_eval_report_cli_prints_a_row_per_proposer(sim, tmp_path: Path) -> None:
 
 def test_each_proposer_against_its_aggregator_head_to_head_with_no_generation_call(sim, tmp_path: Path) -> None:
     """Is MoA better than each of its proposers? pairwise-baseline judging of the proposer entries against the pipeline."""
-    from moa_ray.eval.judge import read_judgments
+    from moa_ray.eval.judging import read_judgments
 
     config = store_config(sim.base_url)
     data = load_dataset("mt_bench", limit=2)

@@ -12,21 +12,12 @@ from click.testing import CliRunner
 from eval_support import eval_config
 
 from moa_ray.cli import main
-from moa_ray.eval.benchmarks import gsm8k_final_answer
-from moa_ray.eval.datasets import (
-    BUILTIN,
-    CEB_S,
-    CEB_T,
-    FLASK,
-    FLASK_HARD,
-    GSM8K,
-    JUST_EVAL,
-    DatasetError,
-    EvalDataset,
-    EvalPrompt,
-    data_file,
-    load_dataset,
-)
+from moa_ray.eval.benchmarks.ceb import CEB_S, CEB_T
+from moa_ray.eval.benchmarks.flask import FLASK, FLASK_HARD
+from moa_ray.eval.benchmarks.gsm8k import GSM8K, gsm8k_final_answer
+from moa_ray.eval.benchmarks.just_eval import JUST_EVAL
+from moa_ray.eval.benchmarks.registry import BUILTIN, load_dataset
+from moa_ray.eval.datasets import DatasetError, EvalDataset, EvalPrompt, data_file
 from moa_ray.eval.generate import plan_generation
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import RowTable
@@ -149,7 +140,7 @@ def test_a_rerun_of_the_same_sample_resumes() -> None:
 
 
 def test_unknown_builtin_fails_clearly() -> None:
-    from moa_ray.eval.datasets import load_builtin
+    from moa_ray.eval.benchmarks.registry import load_builtin
 
     with pytest.raises(DatasetError, match="unknown dataset 'flask_hard'"):
         load_builtin("flask_hard")

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from eval_support import eval_config
 
 from moa_ray.cli import main
-from moa_ray.eval.judge import pairwise_table, single_table
+from moa_ray.eval.benchmarks.alpaca_eval import pairwise_table
+from moa_ray.eval.benchmarks.mt_bench import single_table
 from moa_ray.eval.report import pareto_frontier
 from moa_ray.eval.schema import GenerationRow, GradeRow, PairwiseRow, RoleTokens
 from moa_ray.eval.store import RowTable
@@ -216,15 +217,15 @@ def test_pareto_frontier() -> None:
 
 def test_dataset_help_names_every_builtin_dataset() -> None:
     """The help is written out (the CLI does not import pyarrow to build it), so it is checked against BUILTIN."""
+    from moa_ray.eval.benchmarks.registry import BUILTIN
     from moa_ray.eval.cli import DATASET_HELP
-    from moa_ray.eval.datasets import BUILTIN
 
     assert DATASET_HELP.startswith(", ".join(BUILTIN) + ", or a ")
 
 
 def test_report_of_several_benchmarks_gives_each_its_own_table_and_costs(tmp_path: Path) -> None:
     """AlpacaEval and GSM8K answers in one generations directory: one report per benchmark, tokens of its own answers."""
-    from moa_ray.eval.exact import exact_table
+    from moa_ray.eval.benchmarks.gsm8k import exact_table
     from moa_ray.eval.schema import ExactRow, GenerationRow, PairwiseRow
     from moa_ray.eval.store import RowTable
 

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from moa_ray.eval.datasets import DatasetError, load_dataset, prompt_hash
+from moa_ray.eval.benchmarks.registry import load_dataset
+from moa_ray.eval.datasets import DatasetError, prompt_hash
 from moa_ray.eval.judge_prompts import (
     judge_prompts,
     pairwise_messages,
@@ -136,9 +137,9 @@ def test_one_json_list_reader_for_outputs_and_judged_files(tmp_path: Path, conte
     from click.testing import CliRunner
 
     from moa_ray.cli import main
+    from moa_ray.eval.benchmarks.gsm8k import GSM8KError
+    from moa_ray.eval.benchmarks.just_eval import JustEvalError
     from moa_ray.eval.datasets import read_json_list
-    from moa_ray.eval.gsm8k import GSM8KError
-    from moa_ray.eval.just_eval import JustEvalError
 
     path = tmp_path / "f.json"
     if content is not None:

@@ -12,17 +12,11 @@ import pytest
 from eval_support import LOGPROB_TOPS, flaky_eval_config, flaky_simulator_config, generate_options, judge_options
 
 from bench.simulator import run_simulator
-from moa_ray.eval.datasets import load_dataset
+from moa_ray.eval.benchmarks.alpaca_eval import ALPACA_RESULTS_DIR, official_table, pairwise_table
+from moa_ray.eval.benchmarks.mt_bench import baseline_table, single_table
+from moa_ray.eval.benchmarks.registry import load_dataset
 from moa_ray.eval.generate import run_generation
-from moa_ray.eval.judge import (
-    ALPACA_RESULTS_DIR,
-    baseline_table,
-    official_table,
-    pairwise_table,
-    read_generations,
-    run_judging,
-    single_table,
-)
+from moa_ray.eval.judging import read_generations, run_judging
 from moa_ray.eval.report import build_report, write_report
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import RowTable

@@ -11,10 +11,19 @@ import pytest
 from click.testing import CliRunner
 
 from moa_ray.cli import main
-from moa_ray.eval.datasets import GSM8K, load_dataset
-from moa_ray.eval.exact import exact_table, plan_exact
-from moa_ray.eval.gsm8k import GSM8KError, accuracy, answers_match, extract_answer, is_correct, score_outputs
-from moa_ray.eval.judge import plan_judging
+from moa_ray.eval.benchmarks.gsm8k import (
+    GSM8K,
+    GSM8KError,
+    accuracy,
+    answers_match,
+    exact_table,
+    extract_answer,
+    is_correct,
+    plan_exact,
+    score_outputs,
+)
+from moa_ray.eval.benchmarks.registry import load_dataset
+from moa_ray.eval.judging import plan_judging
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import RowTable
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from bench.simulator import Behaviour, SimulatorConfig
 from moa_ray.chat import ChatMessage, ChatParams, Completion, TokenLogprob, TopLogprob, Usage
 from moa_ray.errors import ConfigError
-from moa_ray.eval.alpaca_eval_annotator import (
+from moa_ray.eval.benchmarks.alpaca_eval import (
     ANNOTATION_KEYS,
     OfficialItem,
     annotate,
@@ -30,9 +30,9 @@ from moa_ray.eval.alpaca_eval_annotator import (
     token_preference,
     write_annotations,
 )
-from moa_ray.eval.datasets import load_dataset
-from moa_ray.eval.judge import GradeItem, JudgeHandler, JudgeOptions, plan_judging
-from moa_ray.eval.mt_bench import BaselinePairItem, judge_baseline_pair
+from moa_ray.eval.benchmarks.mt_bench import BaselinePairItem, GradeItem, judge_baseline_pair
+from moa_ray.eval.benchmarks.registry import load_dataset
+from moa_ray.eval.judging import JudgeHandler, JudgeOptions, plan_judging
 from moa_ray.eval.report import build_report, markdown
 from moa_ray.eval.schema import GenerationRow
 
@@ -391,7 +391,7 @@ def test_annotations_round_trip_through_eval_metrics(tmp_path: Path) -> None:
 
 def test_metrics_reads_the_official_table_of_a_judge_output(tmp_path: Path) -> None:
     from moa_ray.cli import main
-    from moa_ray.eval.judge import official_table, pairwise_table
+    from moa_ray.eval.benchmarks.alpaca_eval import official_table, pairwise_table
     from moa_ray.eval.schema import OfficialAnnotationRow, PairwiseRow
 
     row, _ = run_annotate("M")
@@ -479,8 +479,8 @@ def test_judge_cli_refuses_bad_mode_options_before_ray(tmp_path: Path, args: lis
 
 def test_auto_mode_picks_each_benchmarks_own_scoring() -> None:
     """One generation table with the first prompt of every builtin dataset: what auto plans for each."""
-    from moa_ray.eval.datasets import BUILTIN, load_dataset
-    from moa_ray.eval.exact import plan_exact
+    from moa_ray.eval.benchmarks.gsm8k import plan_exact
+    from moa_ray.eval.benchmarks.registry import BUILTIN, load_dataset
 
     rows = []
     for name in BUILTIN:

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from moa_ray.cli import main
-from moa_ray.eval.just_eval import MULTI_ASPECTS, JustEvalError, aggregate, aggregate_file
+from moa_ray.eval.benchmarks.just_eval import MULTI_ASPECTS, JustEvalError, aggregate, aggregate_file
 
 DATA = Path(__file__).parent / "data" / "just_eval"
 EXAMPLES = ["1.score_multi.gpt-4", "1.safety.score_safety.chatgpt"]
@@ -67,7 +67,7 @@ def test_not_applicable_counts_as_five_and_items_without_result_are_skipped() ->
     parsed = [{"depth": {"score": "N/A"}, "clarity": {"score": "3"}}, {"depth": {"score": 1}, "clarity": {"score": "4"}}]
     assert aggregate(parsed) == {"total": 2, "depth_mean": 3.0, "clarity_mean": 3.5}
     assert aggregate(parsed, ["one two", "three"])["avg_lens"] == 1.5
-    from moa_ray.eval.just_eval import aggregate_records
+    from moa_ray.eval.benchmarks.just_eval import aggregate_records
 
     records = [{"parsed_result": parsed[0], "output_cand": "a b c"}, {"id": 9, "output_cand": "unjudged"}]
     assert aggregate_records(records) == {"total": 1, "depth_mean": 5.0, "clarity_mean": 3.0, "avg_lens": 3.0}

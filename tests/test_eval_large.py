@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
 import json, sys
 from moa_ray.config import parse_config
-from moa_ray.eval.datasets import open_dataset
+from moa_ray.eval.benchmarks.registry import open_dataset
 from moa_ray.eval.generate import GenerateOptions, run_generation
 from moa_ray.pipeline.agents import in_process_agents
 

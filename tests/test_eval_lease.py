@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from moa_ray.config import parse_config
-from moa_ray.eval.datasets import load_dataset
+from moa_ray.eval.benchmarks.registry import load_dataset
 from moa_ray.eval.generate import GenerateOptions, run_generation
 from moa_ray.eval.lease import LEASE_FILE, WriterLease
 from moa_ray.eval.store import StoreError

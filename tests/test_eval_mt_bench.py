@@ -14,7 +14,15 @@ import pytest
 from moa_ray.chat import ChatMessage, ChatParams, Completion, Usage
 from moa_ray.config import parse_config
 from moa_ray.errors import ConfigError
-from moa_ray.eval.datasets import load_dataset
+from moa_ray.eval.benchmarks.base import AnswerTemperature
+from moa_ray.eval.benchmarks.mt_bench import (
+    TEMPERATURE_CONFIG,
+    baseline_win_rates,
+    match_outcome,
+    median_of_repeats,
+    parse_fastchat_verdict,
+)
+from moa_ray.eval.benchmarks.registry import answer_temperature, load_dataset
 from moa_ray.eval.generate import (
     GenerateHandler,
     WorkItem,
@@ -22,15 +30,6 @@ from moa_ray.eval.generate import (
     plan_generation,
     run_settings,
     save_settings,
-)
-from moa_ray.eval.mt_bench import (
-    TEMPERATURE_CONFIG,
-    AnswerTemperature,
-    answer_temperature,
-    baseline_win_rates,
-    match_outcome,
-    median_of_repeats,
-    parse_fastchat_verdict,
 )
 from moa_ray.eval.schema import GenerationRow
 

@@ -10,9 +10,10 @@ import pytest
 from eval_support import flaky_eval_config, flaky_simulator_config, generate_options, judge_options
 
 from bench.simulator import run_simulator
-from moa_ray.eval.datasets import load_dataset
+from moa_ray.eval.benchmarks.mt_bench import single_table
+from moa_ray.eval.benchmarks.registry import load_dataset
 from moa_ray.eval.generate import run_generation
-from moa_ray.eval.judge import read_generations, run_judging, single_table
+from moa_ray.eval.judging import read_generations, run_judging
 from moa_ray.eval.report import build_report
 from moa_ray.runtime import deploy_models
 

@@ -14,13 +14,13 @@ from click.testing import CliRunner
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion, Usage
 from moa_ray.cli import main
-from moa_ray.eval.judge import JudgeHandler, PairwiseItem, plan_judging
-from moa_ray.eval.rubric import MalformedJudgment, RubricInputError, RubricItem, plan_rubric, rubric_table
-from moa_ray.eval.rubric.base import judge_item
-from moa_ray.eval.rubric.ceb import CebJudge, parse_bias
-from moa_ray.eval.rubric.flask import FlaskJudge, parse_flask, skill_key
-from moa_ray.eval.rubric.just_eval_judge import JustEvalJudge, aggregate, parse_just_eval, parsed_result, prompt
-from moa_ray.eval.rubric.report import build_rubric_tables
+from moa_ray.eval.benchmarks.alpaca_eval import PairwiseItem
+from moa_ray.eval.benchmarks.ceb import CebJudge, parse_bias
+from moa_ray.eval.benchmarks.flask import FlaskJudge, parse_flask, skill_key
+from moa_ray.eval.benchmarks.just_eval import JustEvalJudge, aggregate, parse_just_eval, parsed_result, prompt
+from moa_ray.eval.benchmarks.rubric import MalformedJudgment, RubricInputError, RubricItem, judge_item, rubric_table
+from moa_ray.eval.judging import JudgeHandler, plan_judging, plan_rubric
+from moa_ray.eval.report import build_rubric_tables
 from moa_ray.eval.schema import AspectScore, GenerationRow, RubricLabel, RubricRow
 from moa_ray.eval.store import RowTable
 
@@ -328,7 +328,7 @@ def test_plan_refuses_what_it_cannot_judge() -> None:
 
 
 def test_auto_mode_never_sends_rubric_datasets_to_pairwise(monkeypatch: pytest.MonkeyPatch) -> None:
-    import moa_ray.eval.rubric.plan as plan
+    import moa_ray.eval.benchmarks.registry as plan
 
     monkeypatch.setattr(plan, "dataset_prompts", PROMPTS.__getitem__)
     gens = _gens(_gen("f1", "flask", reference="REF"), _gen("ae-1", "alpaca_eval", reference="r"))
@@ -409,7 +409,7 @@ def _tables_fixture(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_report_tables_on_a_hand_written_rubric_table(tmp_path: Path) -> None:
-    from moa_ray.eval.judge import read_generations
+    from moa_ray.eval.judging import read_generations
 
     gen, judged = _tables_fixture(tmp_path)
     tables = {t.name: t for t in build_rubric_tables(read_generations(str(gen)), rubric_table(str(judged)).latest().values())}
@@ -473,10 +473,10 @@ def test_rubric_judging_through_the_pool_scores_good_judges_and_fails_malformed_
 ) -> None:
     from eval_support import eval_config, judge_options, model
 
-    import moa_ray.eval.rubric.plan as plan
+    import moa_ray.eval.benchmarks.registry as plan
     from bench.simulator import Behaviour, SimulatorConfig, run_simulator
     from moa_ray.config import parse_config
-    from moa_ray.eval.judge import read_generations, run_judging
+    from moa_ray.eval.judging import read_generations, run_judging
     from moa_ray.pipeline.agents import in_process_agents
 
     monkeypatch.setattr(plan, "dataset_prompts", PROMPTS.__getitem__)
@@ -513,7 +513,7 @@ def test_rubric_judging_through_the_pool_scores_good_judges_and_fails_malformed_
 
 def test_flask_items_planned_from_the_shipped_data_are_labelled_with_every_domain() -> None:
     """The loader keeps the first domain in ``domain`` and all of them in ``domains``; the report counts an item in each."""
-    from moa_ray.eval.datasets import load_dataset
+    from moa_ray.eval.benchmarks.registry import load_dataset
 
     prompt = next(p for p in load_dataset("flask").prompts if len(p.metadata["domains"]) > 1)
     gens = _gens(_gen(prompt.prompt_id, "flask"))

@@ -15,7 +15,8 @@ from eval_support import eval_config, simulator_config
 from moa_ray.backends import create_backend
 from moa_ray.config import parse_config
 from moa_ray.errors import ConfigError
-from moa_ray.eval.datasets import EvalDataset, EvalPrompt, load_dataset
+from moa_ray.eval.benchmarks.registry import load_dataset
+from moa_ray.eval.datasets import EvalDataset, EvalPrompt
 from moa_ray.eval.generate import GenerateHandler, WorkItem, export_alpaca_eval, pipeline_fingerprint, plan_generation
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import RowTable, StoreError

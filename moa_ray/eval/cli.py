@@ -189,7 +189,7 @@ def generate_command(
     Every call's text is kept in OUT/_calls/, and a call already made (here, in --calls-from, or imported with
     --references-from) is answered from there instead of again."""
     from moa_ray.config import load_config
-    from moa_ray.eval.datasets import open_dataset
+    from moa_ray.eval.benchmarks.registry import open_dataset
     from moa_ray.eval.generate import GenerateOptions, export_alpaca_eval, new_run_id, prepare_generation, run_generation
 
     if limit is not None and sample is not None:
@@ -363,7 +363,7 @@ def judge_command(
     MT-Bench grades, or AlpacaEval's official annotator; GSM8K by exact match, without a model."""
     from moa_ray.config import load_config
     from moa_ray.eval.generate import new_run_id
-    from moa_ray.eval.judge import JudgeOptions, check_mode_options, plan_for_options, read_generations, run_judging
+    from moa_ray.eval.judging import JudgeOptions, check_mode_options, plan_for_options, read_generations, run_judging
 
     config = load_config(config_path)
     if judge_model is not None and judge_model not in config.models:
@@ -435,13 +435,13 @@ def _exact_match_judging(
     limit: int | None,
 ) -> bool:
     """Score the exact-match answers (gsm8k) without a judge; True when nothing is left for a judge model."""
-    from moa_ray.eval.exact import is_exact_dataset, run_exact
+    from moa_ray.eval.judging import is_exact_answer, run_exact
 
-    if mode not in ("auto", "exact") or (mode == "auto" and not any(is_exact_dataset(r["dataset"]) for r in gens.values())):
+    if mode not in ("auto", "exact") or (mode == "auto" and not any(is_exact_answer(r) for r in gens.values())):
         if judge_model is None:
             raise click.UsageError(f"--judge is needed for --mode {mode}")
         return False
-    others = sorted({r["dataset"] for r in gens.values() if not is_exact_dataset(r["dataset"])}) if mode == "auto" else []
+    others = sorted({r["dataset"] for r in gens.values() if not is_exact_answer(r)}) if mode == "auto" else []
     if others and judge_model is None:
         raise click.UsageError(f"--judge is needed for the answers to {', '.join(others)} (only gsm8k is scored by exact match)")
     summary = run_exact(gens, out, run_id, pipelines=pipelines, limit=limit)
@@ -496,11 +496,12 @@ def report_command(
     proposers: bool,
 ) -> None:
     """Per pipeline: win rates, LC win rate, MT-Bench, GSM8K, FLASK, Just-Eval, CEB, tokens, cost, latency, TFLOPs; tables and plots."""
-    from moa_ray.eval.judge import Judgments, read_generations, read_judgments
+    from moa_ray.eval.benchmarks.rubric import RUBRIC_MODE
+    from moa_ray.eval.judging import Judgments, read_generations, read_judgments
     from moa_ray.eval.metrics import GLMData
-    from moa_ray.eval.report import build_report, report_groups, rich_table, write_report
-    from moa_ray.eval.rubric.report import build_rubric_tables, rich_rubric_table, write_rubric_report
+    from moa_ray.eval.report import benchmark_tables, build_report, report_groups, rich_table, write_report
     from moa_ray.eval.store import join
+    from moa_ray.eval.tables import rich_rubric_table, write_rubric_report
 
     gens = read_generations(generations, proposers=proposers)
     if not gens:
@@ -524,11 +525,12 @@ def report_command(
             glm_data=glm,
             exact=mine(judged.exact),
             baseline_pairs=mine(judged.baseline_pairs),
+            others={mode: mine(rows) for mode, rows in judged.others.items()},
         )
         make_console(stderr=False).print(rich_table(rows, title="moa-ray evaluation" + (f": {name}" if name else "")))
         for path in write_report(rows, target):
             err_console.print(f"wrote {path}", highlight=False)
-    rubric_tables = build_rubric_tables(gens, judged.rubric, pipelines=_names(pipeline_names))
+    rubric_tables = benchmark_tables(gens, {RUBRIC_MODE: judged.rubric, **judged.others}, pipelines=_names(pipeline_names))
     for table in rubric_tables:
         make_console(stderr=False).print(rich_rubric_table(table))
     for path in write_rubric_report(rubric_tables, out):
@@ -636,7 +638,7 @@ def metrics_command(
 
 
 def _just_eval_metrics(path: str, as_json: bool) -> None:
-    from moa_ray.eval.just_eval import aggregate_file
+    from moa_ray.eval.benchmarks.just_eval import aggregate_file
 
     result: dict[str, Any] = {**aggregate_file(path), "output_file": path}
     if as_json:
@@ -652,7 +654,7 @@ def _just_eval_metrics(path: str, as_json: bool) -> None:
 
 
 def _gsm8k_metrics(path: str, as_json: bool) -> None:
-    from moa_ray.eval.gsm8k import score_outputs_file
+    from moa_ray.eval.benchmarks.gsm8k import score_outputs_file
 
     score = score_outputs_file(path)
     if as_json:

@@ -1,9 +1,9 @@
-"""Evaluation datasets: the shipped benchmarks (``moa_ray/data``) or any jsonl / Parquet file.
+"""Evaluation datasets: prompts, dataset files (jsonl / json / Parquet, loaded or streamed), the shipped data.
 
-Shipped: AlpacaEval 2, MT-Bench, and (loaded by :mod:`moa_ray.eval.benchmarks`) FLASK, FLASK-Hard,
-Just-Eval, CEB Conversation-S / -T and GSM8K. Every prompt gets a deterministic id (the
-dataset's own id, else a hash of the prompt), which is what makes generation resumable:
-the same file always yields the same keys, and a seeded sample always the same subset.
+The benchmarks' own datasets are loaded by their modules (:mod:`moa_ray.eval.benchmarks`) from the files shipped in
+``moa_ray/data``, with the readers here; :mod:`moa_ray.eval.benchmarks.registry` resolves a ``--dataset`` name.
+Every prompt gets a deterministic id (the dataset's own id, else a hash of the prompt), which is what makes
+generation resumable: the same file always yields the same keys, and a seeded sample always the same subset.
 """
 
 from __future__ import annotations
@@ -26,19 +26,6 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field, model_validator
 
 from moa_ray.errors import MoARayError
-
-ALPACA_EVAL = "alpaca_eval"
-MT_BENCH = "mt_bench"
-FLASK = "flask"
-FLASK_HARD = "flask-hard"
-JUST_EVAL = "just-eval"
-CEB_S = "ceb-s"
-CEB_T = "ceb-t"
-GSM8K = "gsm8k"
-#: Names ``load_dataset`` (and ``moa-ray eval generate --dataset``) accepts besides a file.
-BUILTIN = (ALPACA_EVAL, MT_BENCH, FLASK, FLASK_HARD, JUST_EVAL, CEB_S, CEB_T, GSM8K)
-#: MT-Bench categories graded against a reference answer (FastChat's NEED_REF_CATS).
-MT_BENCH_REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
 
 #: What a dataset file's name may end with (``.gz``: gzipped JSON Lines or JSON).
 FILE_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".pq")
@@ -79,7 +66,7 @@ class EvalDataset(BaseModel):
     """A named list of prompts with unique ids."""
 
     name: str
-    kind: str = Field(description="A builtin dataset name (see BUILTIN) or 'file'.")
+    kind: str = Field(description="A registered benchmark's name (moa_ray.eval.benchmarks.registry) or 'file'.")
     prompts: list[EvalPrompt]
 
     @model_validator(mode="after")
@@ -185,50 +172,30 @@ def read_json_list(path: str | Path, error: type[MoARayError] = DatasetError) ->
 
 
 @cache
-def _shipped_jsonl(*parts: str) -> tuple[dict[str, Any], ...]:
+def shipped_jsonl(*parts: str) -> tuple[dict[str, Any], ...]:
+    """The rows of a JSON Lines file shipped in ``moa_ray/data`` (read once per process)."""
     return tuple(_read_jsonl_text(data_file(*parts).read_text(encoding="utf-8"), "/".join(parts)))
 
 
-def load_alpaca_eval() -> EvalDataset:
-    """The 805 AlpacaEval 2 instructions with the GPT-4-turbo reference outputs."""
-    prompts = [
-        EvalPrompt(
-            prompt_id=r["id"],
-            turns=[r["instruction"]],
-            category=r.get("dataset"),
-            references=[r.get("reference_output")],
-            reference_generator=r.get("reference_generator"),
-        )
-        for r in _shipped_jsonl("alpaca_eval", "alpaca_eval.jsonl")
-    ]
-    return EvalDataset(name=ALPACA_EVAL, kind=ALPACA_EVAL, prompts=prompts)
+@cache
+def shipped_json_list(*parts: str) -> tuple[dict[str, Any], ...]:
+    """The objects of a JSON list shipped in ``moa_ray/data`` (read once per process)."""
+    return tuple(parse_json_list(data_file(*parts).read_text(encoding="utf-8"), "shipped " + "/".join(parts)))
 
 
-def mt_bench_reference_answers() -> dict[int, list[str]]:
-    """GPT-4 reference answers (both turns) of the math, reasoning and coding questions."""
-    return {r["question_id"]: r["choices"][0]["turns"] for r in _shipped_jsonl("mt_bench", "reference_answer_gpt-4.jsonl")}
+def require_keys(row: dict[str, Any], keys: tuple[str, ...], source: str, n: int) -> None:
+    """A shipped dataset's item ``n`` has every key its loader reads, or a DatasetError names the missing ones."""
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise DatasetError(f"{source}: item {n} lacks {', '.join(missing)}")
 
 
-def mt_bench_id(question_id: int) -> str:
-    return f"mt-{question_id:03d}"
-
-
-def load_mt_bench() -> EvalDataset:
-    """The 80 two-turn MT-Bench questions; math/reasoning/coding carry GPT-4 reference answers."""
-    refs = mt_bench_reference_answers()
-    prompts = []
-    for q in _shipped_jsonl("mt_bench", "question.jsonl"):
-        use_ref = q["category"] in MT_BENCH_REFERENCE_CATEGORIES and q["question_id"] in refs
-        prompts.append(
-            EvalPrompt(
-                prompt_id=mt_bench_id(q["question_id"]),
-                turns=list(q["turns"]),
-                category=q["category"],
-                references=list(refs[q["question_id"]]) if use_ref else [],
-                reference_generator="gpt-4" if use_ref else None,
-            )
-        )
-    return EvalDataset(name=MT_BENCH, kind=MT_BENCH, prompts=prompts)
+def build_dataset(name: str, prompts: list[EvalPrompt]) -> EvalDataset:
+    """A benchmark's dataset (its ``kind`` is its name); duplicate ids are a DatasetError."""
+    try:
+        return EvalDataset(name=name, kind=name, prompts=prompts)
+    except ValueError as err:
+        raise DatasetError(str(err)) from None
 
 
 # --------------------------------------------------------------------------- user files
@@ -433,61 +400,3 @@ class FileSource(BaseModel):
 def _invert(digest: bytes) -> bytes:
     """A key that orders the other way round (heapq keeps the smallest at its root; the sample keeps the smallest ranks)."""
     return bytes(255 - b for b in digest)
-
-
-def load_builtin(name: str) -> EvalDataset:
-    """One of the shipped datasets (:data:`BUILTIN`) by name."""
-    from moa_ray.eval import benchmarks
-
-    loaders = {ALPACA_EVAL: load_alpaca_eval, MT_BENCH: load_mt_bench, **benchmarks.LOADERS}
-    if name not in loaders:
-        raise DatasetError(f"unknown dataset {name!r} (builtin: {', '.join(BUILTIN)})")
-    return loaders[name]()
-
-
-def open_dataset(
-    spec: str,
-    *,
-    limit: int | None = None,
-    sample: int | None = None,
-    seed: int = 0,
-    id_column: str | None = None,
-    prompt_column: str | None = None,
-) -> PromptSource:
-    """Like :func:`load_dataset`, but a file is streamed (:class:`FileSource`, checked now) instead of loaded:
-    what ``eval generate`` reads, so its memory does not grow with the dataset."""
-    _check_subset(spec, limit, sample)
-    if spec in BUILTIN:
-        return load_dataset(spec, limit=limit, sample=sample, seed=seed)
-    if sample is not None and sample < 1:
-        raise DatasetError("the sample size must be at least 1")
-    source = FileSource(path=spec, name=spec, id_column=id_column, prompt_column=prompt_column, limit=limit, sample=sample, seed=seed)
-    return source.check()
-
-
-def _check_subset(spec: str, limit: int | None, sample: int | None) -> None:
-    if limit is not None and limit < 1:
-        raise DatasetError("limit must be at least 1")
-    if limit is not None and sample is not None:
-        raise DatasetError("use either limit (the first N prompts) or sample (a seeded random N), not both")
-    if spec not in BUILTIN and not spec.lower().endswith(FILE_SUFFIXES):
-        raise DatasetError(f"unknown dataset {spec!r} (builtin: {', '.join(BUILTIN)}; or a file ending in {', '.join(FILE_SUFFIXES)})")
-
-
-def load_dataset(
-    spec: str,
-    *,
-    limit: int | None = None,
-    sample: int | None = None,
-    seed: int = 0,
-    id_column: str | None = None,
-    prompt_column: str | None = None,
-) -> EvalDataset:
-    """A builtin dataset (:data:`BUILTIN`) or the path/URI of a jsonl / json / Parquet file.
-
-    ``limit`` keeps the first N prompts, ``sample`` a seeded random N (:meth:`EvalDataset.sample`);
-    they exclude each other, so a subset is always described one way.
-    """
-    _check_subset(spec, limit, sample)
-    dataset = load_builtin(spec) if spec in BUILTIN else load_file(spec, id_column=id_column, prompt_column=prompt_column)
-    return dataset.sample(sample, seed) if sample is not None else dataset.head(limit)

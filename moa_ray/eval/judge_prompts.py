@@ -16,9 +16,11 @@ from typing import Literal
 from pydantic import BaseModel
 
 from moa_ray.chat import ChatMessage
-from moa_ray.eval.datasets import MT_BENCH_REFERENCE_CATEGORIES, _shipped_jsonl
+from moa_ray.eval.datasets import shipped_jsonl
 
 PAIRWISE_PROMPT = "pair-v2"
+#: MT-Bench categories graded against a reference answer (FastChat's NEED_REF_CATS).
+MT_BENCH_REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
 Verdict = Literal["A", "B", "C"]
 
 _RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
@@ -47,7 +49,7 @@ class JudgePrompt(BaseModel):
 
 @cache
 def judge_prompts() -> dict[str, JudgePrompt]:
-    return {p.name: p for p in (JudgePrompt.model_validate(r) for r in _shipped_jsonl("mt_bench", "judge_prompts.jsonl"))}
+    return {p.name: p for p in (JudgePrompt.model_validate(r) for r in shipped_jsonl("mt_bench", "judge_prompts.jsonl"))}
 
 
 def needs_reference(category: str | None) -> bool:

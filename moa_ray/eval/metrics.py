@@ -30,7 +30,7 @@ import io
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from scipy import stats
 from scipy.special import expit, log_expit
 
 from moa_ray.errors import MoARayError
+from moa_ray.eval.datasets import shipped_jsonl
 
 CS = np.logspace(-4, 4, 10)
 N_SPLITS = 5
@@ -339,9 +340,7 @@ def _resolve_own_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def alpaca_index() -> dict[str, int]:
     """AlpacaEval instruction -> its position in the dataset (the index AlpacaEval's GLM files use)."""
-    from moa_ray.eval.datasets import load_alpaca_eval
-
-    return {p.turns[0]: i for i, p in enumerate(load_alpaca_eval().prompts)}
+    return {r["instruction"]: i for i, r in enumerate(shipped_jsonl("alpaca_eval", "alpaca_eval.jsonl"))}
 
 
 def win_rates(records: list[dict[str, Any]], *, glm_data: GLMData | None = None, lc: bool = True) -> dict[str, WinRate]:
@@ -393,19 +392,19 @@ class MTBenchScore(BaseModel):
     n_graded: int
 
 
-def mt_bench_scores(grades: list[dict[str, Any]]) -> dict[str, MTBenchScore]:
+def mt_bench_scores(grades: Sequence[Mapping[str, Any]]) -> dict[str, MTBenchScore]:
     """MT-Bench means per pipeline: overall, per turn, per category (ungraded turns are left out)."""
-    by_pipeline: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_pipeline: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for g in grades:
         if g.get("score") is not None and g.get("status", "ok") == "ok":
             by_pipeline[g["pipeline"]].append(g)
     out = {}
     for pipeline, rows in by_pipeline.items():
 
-        def mean(sel: list[dict[str, Any]]) -> float | None:
+        def mean(sel: list[Mapping[str, Any]]) -> float | None:
             return float(np.mean([r["score"] for r in sel])) if sel else None
 
-        cats: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        cats: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
         for r in rows:
             cats[r.get("category") or "uncategorized"].append(r)
         out[pipeline] = MTBenchScore(

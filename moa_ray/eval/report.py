@@ -1,6 +1,7 @@
 """The report: per-pipeline quality, cost and latency as a terminal table, Markdown, CSV, JSON and plots.
 
-Quality comes from the judge tables (AlpacaEval win rates, MT-Bench grades, GSM8K exact match), cost and
+Quality comes from the judge tables, each aggregated by its judgment kind (AlpacaEval win rates, MT-Bench
+grades, GSM8K exact match as columns; FLASK, Just-Eval and CEB as tables of their own), cost and
 latency from the generation table (traces). The plots put quality against cost and
 against latency and draw the Pareto frontier, like Figure 5 of the MoA paper.
 """
@@ -11,17 +12,20 @@ import csv
 import io
 import json
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
 from rich.table import Table
 
-from moa_ray.eval.datasets import GSM8K
-from moa_ray.eval.gsm8k import accuracy
-from moa_ray.eval.metrics import GLMData, mt_bench_scores, win_rates
-from moa_ray.eval.mt_bench import baseline_win_rates
+from moa_ray.eval.benchmarks import registry
+from moa_ray.eval.benchmarks.alpaca_eval import PAIRWISE_MODE
+from moa_ray.eval.benchmarks.base import BenchmarkTable, Cell, ReportScope, Row, Rows
+from moa_ray.eval.benchmarks.gsm8k import EXACT_MODE
+from moa_ray.eval.benchmarks.mt_bench import BASELINE_MODE, SINGLE_MODE
+from moa_ray.eval.benchmarks.rubric import RUBRIC
+from moa_ray.eval.metrics import GLMData
 from moa_ray.eval.store import StoreError, join, resolve
 
 QUALITY_METRICS = {
@@ -101,32 +105,36 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def build_report(
-    generations: Mapping[tuple[Any, ...], dict[str, Any]],
-    pairwise: Sequence[dict[str, Any]] = (),
-    grades: Sequence[dict[str, Any]] = (),
+    generations: Rows,
+    pairwise: Sequence[Row] = (),
+    grades: Sequence[Row] = (),
     *,
     pipelines: list[str] | None = None,
     glm_data: GLMData | None = None,
-    exact: Sequence[dict[str, Any]] = (),
-    baseline_pairs: Sequence[dict[str, Any]] = (),
+    exact: Sequence[Row] = (),
+    baseline_pairs: Sequence[Row] = (),
+    others: Mapping[str, Sequence[Row]] | None = None,
 ) -> list[ReportRow]:
     """One row per pipeline; cost and TFLOPs only where every finished answer has them.
 
     ``pairwise`` are AlpacaEval-format annotations (pair-v2 or the official annotator's),
-    ``baseline_pairs`` MT-Bench pairwise-baseline matches, ``exact`` GSM8K exact-match scores.
+    ``baseline_pairs`` MT-Bench pairwise-baseline matches, ``exact`` GSM8K exact-match scores; ``others``
+    the rows of any other kind by mode. Each kind's :meth:`~moa_ray.eval.benchmarks.base.JudgmentKind.aggregate`
+    fills the columns it knows.
     """
-    by_pipeline: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    judged = {PAIRWISE_MODE: pairwise, SINGLE_MODE: grades, EXACT_MODE: exact, BASELINE_MODE: baseline_pairs, **(others or {})}
+    by_pipeline: dict[str, list[Row]] = defaultdict(list)
     for row in generations.values():
         if pipelines is None or row["pipeline"] in pipelines:
             by_pipeline[row["pipeline"]].append(row)
-    wanted = (lambda name: True) if pipelines is None else (lambda name: name in pipelines)
-    pair_ok = [r for r in pairwise if r["status"] == "ok" and r["preference"] is not None and wanted(r["pipeline"])]
-    rates = win_rates(pair_ok, glm_data=glm_data) if pair_ok else {}
-    mt = mt_bench_scores([g for g in grades if wanted(g["pipeline"])])
-    gsm8k = gsm8k_accuracies([r for r in exact if wanted(r["pipeline"])])
-    versus = baseline_win_rates(r for r in baseline_pairs if wanted(r["pipeline"]))
+    scope = ReportScope(answers=generations, pipelines=pipelines, glm_data=glm_data, catalog=registry.REGISTRY)
+    quality: dict[str, dict[str, Any]] = defaultdict(dict)
+    for mode, rows in judged.items():
+        if rows:
+            for pipeline, columns in registry.REGISTRY.kind(mode).aggregate(rows, scope).columns.items():
+                quality[pipeline].update(columns)
     out = []
-    for pipeline in sorted(set(by_pipeline) | set(rates) | set(mt) | set(gsm8k) | set(versus)):
+    for pipeline in sorted(set(by_pipeline) | set(quality)):
         rows = by_pipeline.get(pipeline, [])
         ok = [r for r in rows if r["status"] == "ok"]
         lat = [r["latency_s"] for r in ok if r["latency_s"] is not None]
@@ -145,76 +153,52 @@ def build_report(
             latency_p95_s=float(np.percentile(lat, 95)) if lat else None,
             mean_tflops=_mean([r["tflops"] for r in ok]) if ok else None,
         )
-        if pipeline in rates:
-            w = rates[pipeline]
-            report = report.model_copy(
-                update={
-                    "win_rate": w.win_rate,
-                    "standard_error": w.standard_error,
-                    "discrete_win_rate": w.discrete_win_rate,
-                    "lc_win_rate": w.lc_win_rate,
-                    "avg_length": w.avg_length,
-                    "n_judged": w.n_total,
-                }
-            )
-        if pipeline in mt:
-            s = mt[pipeline]
-            report = report.model_copy(
-                update={
-                    "mt_bench": s.score,
-                    "mt_bench_turn_1": s.turn_1,
-                    "mt_bench_turn_2": s.turn_2,
-                    "mt_bench_categories": s.by_category,
-                }
-            )
-        if pipeline in gsm8k:
-            acc = gsm8k[pipeline]
-            report = report.model_copy(
-                update={"gsm8k_accuracy": acc.accuracy, "gsm8k_standard_error": acc.standard_error, "gsm8k_n": acc.n}
-            )
-        if pipeline in versus:
-            v = versus[pipeline]
-            report = report.model_copy(
-                update={
-                    "baseline": v.baseline,
-                    "baseline_win": v.win,
-                    "baseline_loss": v.loss,
-                    "baseline_tie": v.tie,
-                    "baseline_win_rate": 100 * v.win_rate_adjusted,
-                }
-            )
-        out.append(report)
+        out.append(report.model_copy(update=quality.get(pipeline, {})))
     return out
 
 
-def report_groups(generations: Mapping[tuple[Any, ...], dict[str, Any]]) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
+def benchmark_tables(generations: Rows, judged: Mapping[str, Sequence[Row]], *, pipelines: list[str] | None = None) -> list[BenchmarkTable]:
+    """The tables of the kinds that report tables of their own (FLASK, Just-Eval, CEB...), with each benchmark's
+    answers, tokens, cost and latency beside, as the main report computes them."""
+
+    def costs(benchmark: str) -> dict[str, dict[str, Cell]]:
+        of_benchmark = {k: r for k, r in generations.items() if r["dataset"] == benchmark}
+        return {
+            r.pipeline: {"answers": r.answers, "tokens/answer": r.mean_tokens, "$/answer": r.mean_cost_usd, "p50 s": r.latency_p50_s}
+            for r in build_report(of_benchmark)
+        }
+
+    scope = ReportScope(answers=generations, pipelines=pipelines, catalog=registry.REGISTRY, costs=costs)
+    tables: list[BenchmarkTable] = []
+    for mode, rows in judged.items():
+        if rows:
+            tables += registry.REGISTRY.kind(mode).aggregate(rows, scope).tables
+    return tables
+
+
+def build_rubric_tables(generations: Rows, rubric_rows: Iterable[Row], *, pipelines: list[str] | None = None) -> list[BenchmarkTable]:
+    """Every table the judged rubric rows (status ok) support, benchmark by benchmark."""
+    return benchmark_tables(generations, {RUBRIC.mode: list(rubric_rows)}, pipelines=pipelines)
+
+
+def report_groups(generations: Rows) -> dict[str, dict[tuple[Any, ...], Row]]:
     """The generations of each benchmark the main report scores (every dataset but the rubric ones, which get
     their own tables), keyed by a directory name for it: the dataset's name, a file dataset's file name."""
     import re
     from pathlib import PurePosixPath
 
-    from moa_ray.eval.rubric.plan import uses_rubric
-
-    groups: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = defaultdict(dict)
+    groups: dict[str, dict[tuple[Any, ...], Row]] = defaultdict(dict)
     names: dict[str, str] = {}
     for key, row in generations.items():
         dataset = str(row["dataset"])
-        if uses_rubric(dataset):
+        found = registry.REGISTRY.find(dataset)
+        if found is not None and found.rubric is not None:
             continue
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", PurePosixPath(dataset).name) or "dataset"
         if names.setdefault(name, dataset) != dataset:
             raise StoreError(f"datasets {names[name]!r} and {dataset!r} would share the report folder {name!r}")
         groups[name][key] = row
     return dict(sorted(groups.items()))
-
-
-def gsm8k_accuracies(exact: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per pipeline: GSM8K accuracy of the scored rows of the exact-match table."""
-    correct: dict[str, list[bool]] = defaultdict(list)
-    for row in exact:
-        if row["status"] == "ok" and row["dataset"] == GSM8K and row["correct"] is not None:
-            correct[row["pipeline"]].append(bool(row["correct"]))
-    return {pipeline: accuracy(flags) for pipeline, flags in correct.items()}
 
 
 def mt_bench_markdown(rows: Sequence[ReportRow]) -> list[str]:
@@ -471,9 +455,10 @@ def write_report(rows: Sequence[ReportRow], out: str) -> list[str]:
 
 __all__ = [
     "ReportRow",
+    "benchmark_tables",
     "build_report",
+    "build_rubric_tables",
     "grouped_bars",
-    "gsm8k_accuracies",
     "markdown",
     "mt_bench_markdown",
     "pareto_frontier",

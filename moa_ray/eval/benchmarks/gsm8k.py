@@ -1,4 +1,4 @@
-"""GSM8K exact-match scoring: the final number of a free-form answer against the reference, no LLM judge.
+"""GSM8K: the dataset and its exact-match scoring, the final number of a free-form answer against the reference, no LLM judge.
 
 Where the answer is, in order of trust: after the last ``####`` (GSM8K's own format), inside the
 last ``\\boxed{...}``, after the last "answer is" / "answer:" marker (first number on that line),
@@ -6,20 +6,45 @@ else the last number of the text. Numbers are read as written by people and mode
 commas, ``$``, ``%``, units and trailing sentences are ignored, negatives, decimals and fractions
 (``3/4``, ``\\frac{3}{4}``) are understood. Two answers match when they are the same number
 (``12`` == ``12.0`` == ``12.00``), compared exactly as fractions, never as floats.
+
+``eval judge`` scores a generation table's GSM8K answers in this process, without a judge model (the ``exact``
+kind), into ``OUT/exact``, one row per (prompt, pipeline, turn); keys already scored are skipped, so a rerun only
+scores new answers. Each prompt keeps the final answer (after ``####``, commas removed) in its metadata as
+``answer``; the whole reference solution is ``references[0]``.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
 from moa_ray.errors import MoARayError
+from moa_ray.eval.benchmarks.base import (
+    Aggregate,
+    Benchmark,
+    JudgeContext,
+    JudgmentKind,
+    PlanRequest,
+    ReportScope,
+    Row,
+    Rows,
+    is_done,
+    next_attempt,
+)
+from moa_ray.eval.datasets import DatasetError, EvalDataset, EvalPrompt, build_dataset, read_json_list, require_keys, shipped_jsonl
+from moa_ray.eval.schema import ExactRow
+from moa_ray.eval.store import RowTable, join
+
+GSM8K = "gsm8k"
+EXACT_MODE = "exact"
+EXACT_DIR = "exact"
 
 
 class GSM8KError(MoARayError):
@@ -146,9 +171,7 @@ class OutputsScore(BaseModel):
 
 def reference_answers() -> dict[str, str]:
     """The shipped GSM8K problems: question text (stripped) -> final answer."""
-    from moa_ray.eval.datasets import GSM8K, load_dataset
-
-    return {p.turns[0].strip(): p.metadata["answer"] for p in load_dataset(GSM8K).prompts}
+    return {p.turns[0].strip(): p.metadata["answer"] for p in load_gsm8k().prompts}
 
 
 def score_outputs(records: Sequence[Any], answers: Mapping[str, str] | None = None) -> OutputsScore:
@@ -178,6 +201,132 @@ def score_outputs(records: Sequence[Any], answers: Mapping[str, str] | None = No
 
 def score_outputs_file(path: str | Path) -> OutputsScore:
     """:func:`score_outputs` of an AlpacaEval-style outputs file (a JSON list of ``{"instruction", "output"}``)."""
-    from moa_ray.eval.datasets import read_json_list
-
     return score_outputs(read_json_list(path, GSM8KError))
+
+
+# --------------------------------------------------------------------------- the exact kind
+
+
+class ExactItem(BaseModel):
+    """One finished answer of an exact-match dataset to score (no model involved)."""
+
+    kind: Literal["exact"] = "exact"
+    prompt_id: str
+    pipeline: str
+    turn: int
+    dataset: str
+    category: str | None
+    output: str | None
+    reference: str | None
+    attempt: int = 1
+
+
+class ExactKind(JudgmentKind[ExactItem, ExactRow]):
+    """GSM8K's exact match: the final number of the answer against the reference's, in this process."""
+
+    mode: ClassVar[str] = EXACT_MODE
+    table_dir: ClassVar[str] = EXACT_DIR
+    item_type: ClassVar[type[BaseModel]] = ExactItem
+    row_type: ClassVar[type[ExactRow]] = ExactRow
+    needs_judge: ClassVar[bool] = False
+
+    def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[ExactItem]:
+        fields = ("prompt_id", "pipeline", "turn", "dataset", "category", "output", "reference")
+        return [
+            ExactItem(**{k: row[k] for k in fields}, attempt=next_attempt(done.get(_key(row))))
+            for row in plan_exact(answers, done, pipelines=request.pipelines, limit=request.limit)
+        ]
+
+    async def judge(self, item: ExactItem, ctx: JudgeContext) -> ExactRow:
+        return score_answer(item, ctx.run_id)
+
+    def failed(self, item: ExactItem, error: str, ctx: JudgeContext) -> ExactRow:
+        return ExactRow(**_base(item, ctx.run_id), status="error", error=error)
+
+    def aggregate(self, rows: Sequence[Row], scope: ReportScope) -> Aggregate:
+        """Per pipeline: GSM8K accuracy of the scored rows."""
+        correct: dict[str, list[bool]] = defaultdict(list)
+        for row in rows:
+            if row["status"] == "ok" and row["dataset"] == GSM8K and row["correct"] is not None and scope.wants(row["pipeline"]):
+                correct[row["pipeline"]].append(bool(row["correct"]))
+        columns = {}
+        for pipeline, flags in correct.items():
+            acc = accuracy(flags)
+            columns[pipeline] = {"gsm8k_accuracy": acc.accuracy, "gsm8k_standard_error": acc.standard_error, "gsm8k_n": acc.n}
+        return Aggregate(columns=columns)
+
+
+def _base(item: ExactItem, run_id: str) -> dict[str, Any]:
+    fields = ("prompt_id", "pipeline", "turn", "dataset", "category", "attempt")
+    return {"run_id": run_id, **{k: getattr(item, k) for k in fields}}
+
+
+def score_answer(item: ExactItem, run_id: str) -> ExactRow:
+    """Score one answer; one without a usable reference is a failed score, never a silent zero."""
+    prediction = extract_answer(item.output)
+    try:
+        answer = gsm8k_final_answer(item.reference or "")
+    except DatasetError as err:
+        return ExactRow(**_base(item, run_id), prediction=prediction, status="error", error=str(err))
+    return ExactRow(**_base(item, run_id), prediction=prediction, answer=answer, correct=answers_match(prediction, answer))
+
+
+EXACT = ExactKind()
+
+
+def plan_exact(generations: Rows, done: Rows, *, pipelines: list[str] | None = None, limit: int | None = None) -> list[Row]:
+    """The finished GSM8K answers not scored yet (at most ``limit`` prompts per pipeline)."""
+    per_pipeline: dict[str, int] = defaultdict(int)
+    todo = []
+    for key in sorted(generations):
+        row = generations[key]
+        if row["status"] != "ok" or row["dataset"] != GSM8K or (pipelines is not None and row["pipeline"] not in pipelines):
+            continue
+        if limit is not None and per_pipeline[row["pipeline"]] >= limit:
+            continue
+        per_pipeline[row["pipeline"]] += 1
+        if not is_done(done.get(key)):
+            todo.append(row)
+    return todo
+
+
+def _key(row: Row) -> tuple[Any, ...]:
+    return tuple(row[c] for c in ExactRow.KEY)
+
+
+def exact_table(out: str) -> RowTable[ExactRow]:
+    return RowTable(join(out, EXACT_DIR), ExactRow)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def gsm8k_final_answer(solution: str) -> str:
+    """The final answer of a GSM8K reference solution: what follows ``####``, thousands commas removed."""
+    _, sep, tail = solution.rpartition("####")
+    answer = tail.strip().replace(",", "")
+    if not sep or not answer:
+        raise DatasetError(f"a GSM8K solution has no final answer after '####': {solution[-80:]!r}")
+    return answer
+
+
+def load_gsm8k() -> EvalDataset:
+    """The 1,319 GSM8K test problems, scored by exact match of the final number (no judge)."""
+    source = "gsm8k/test.jsonl"
+    prompts = []
+    for n, row in enumerate(shipped_jsonl("gsm8k", "test.jsonl")):
+        require_keys(row, ("question", "answer"), source, n + 1)
+        prompts.append(
+            EvalPrompt(
+                prompt_id=f"gsm8k-{n:04d}",
+                turns=[row["question"]],
+                category=GSM8K,
+                references=[row["answer"]],
+                reference_generator="gsm8k",
+                metadata={"answer": gsm8k_final_answer(row["answer"])},
+            )
+        )
+    return build_dataset(GSM8K, prompts)
+
+
+BENCHMARKS = (Benchmark(name=GSM8K, load=load_gsm8k, auto_kind=EXACT_MODE),)

@@ -1,4 +1,6 @@
-"""FLASK's judge (kaistAI/FLASK ``gpt_review/gpt4_eval.py``): 1-5 per annotated skill against the reference answer.
+"""FLASK and FLASK-Hard: the dataset, its judge (kaistAI/FLASK ``gpt_review/gpt4_eval.py``), its report tables.
+
+The judge scores 1-5 per annotated skill against the reference answer.
 
 The prompt is FLASK's review prompt 2 ("with sample answer", the one ``gpt4_eval.py``
 sends; prompt 1 only for an item without a reference), filled with the item's skills
@@ -9,6 +11,12 @@ lower-cased, ``ast.literal_eval``; "na" / "n/a" / "not applicable" = N/A), and a
 is matched to its key the way FLASK's ``aggregate_skill.py`` does (the word after
 "logical", else the first word). Stricter than FLASK, which silently logs a broken
 dict: a missing annotated skill or a score outside 1-5 makes the judgment malformed.
+
+The report (``aggregate_skill.py``, ``aggregate_domain.py``, ``aggregate_difficulty_skill.py``): mean score per
+skill, per domain (an item counts once for each of its domains) and per difficulty, N/A left out.
+
+Each prompt keeps FLASK's annotations in its metadata: ``skills``, ``domain`` (the first annotated domain;
+``domains`` has all), ``difficulty``, ``task``, ``idx``; the reference answer is ``references[0]``.
 """
 
 from __future__ import annotations
@@ -16,15 +24,35 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections import defaultdict
+from collections.abc import Sequence
 from functools import cache
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import BaseModel
 
 from moa_ray.chat import ChatMessage
-from moa_ray.eval.datasets import FLASK, FLASK_HARD, data_file
-from moa_ray.eval.rubric.base import MalformedJudgment, RubricInputError, RubricItem, RubricJudge
+from moa_ray.eval.benchmarks.base import Benchmark, BenchmarkTable, Cell, Row
+from moa_ray.eval.benchmarks.rubric import (
+    COST_COLUMNS,
+    RUBRIC_MODE,
+    MalformedJudgment,
+    RubricInputError,
+    RubricItem,
+    RubricJudge,
+    by_pipeline,
+    mean,
+    ordered,
+    pipeline_rows,
+    row_labels,
+    row_scores,
+    with_cost,
+)
+from moa_ray.eval.datasets import DatasetError, EvalDataset, EvalPrompt, build_dataset, data_file, require_keys, shipped_jsonl
 from moa_ray.eval.schema import AspectScore, RubricLabel
+
+FLASK = "flask"
+FLASK_HARD = "flask-hard"
 
 #: FLASK's own spellings of a judge's "not applicable" (after lower-casing).
 NA_VALUES = ("na", "n/a", "not applicable")
@@ -145,8 +173,6 @@ def _skills(item: RubricItem) -> list[str]:
 class FlaskJudge(RubricJudge):
     """FLASK and FLASK-Hard (same prompt, same rubric)."""
 
-    benchmarks: ClassVar[tuple[str, ...]] = (FLASK, FLASK_HARD)
-
     def _prompt(self, item: RubricItem) -> ReviewPrompt:
         return review_prompts()[2 if item.reference is not None else 1]
 
@@ -178,3 +204,123 @@ class FlaskJudge(RubricJudge):
             if value is not None:
                 labels.append(RubricLabel(name=name, value=str(value)))
         return labels
+
+    def tables(self, benchmark: str, rows: Sequence[Row], costs: dict[str, dict[str, Cell]]) -> list[BenchmarkTable]:
+        return flask_tables(benchmark, rows, costs)
+
+
+# --------------------------------------------------------------------------- report
+
+#: FLASK's orders (aggregate_domain.py, aggregate_difficulty_skill.py); unknown values follow, sorted.
+FLASK_DOMAINS = (
+    "Humanities",
+    "Language",
+    "Social Science",
+    "History",
+    "Culture",
+    "Technology",
+    "Coding",
+    "Math",
+    "Natural Science",
+    "Health",
+)
+FLASK_DIFFICULTIES = (
+    "simple lifestyle knowledge",
+    "advanced lifestyle knowledge",
+    "formal education knowledge",
+    "major level knowledge",
+    "expert level knowledge",
+)
+
+
+def flask_tables(benchmark: str, rows: Sequence[Row], costs: dict[str, dict[str, Cell]]) -> list[BenchmarkTable]:
+    """Per skill (with the overall mean), per domain and per difficulty, for FLASK or FLASK-Hard."""
+    skills = ordered({s.aspect for r in rows for s in row_scores(r)}, [s.Skill for s in skillset()])
+    domains = ordered({d for r in rows for d in row_labels(r, "domain")}, FLASK_DOMAINS)
+    levels = ordered({d for r in rows for d in row_labels(r, "difficulty")}, FLASK_DIFFICULTIES)
+    per_skill: dict[str, dict[str, Cell]] = {}
+    per_domain: dict[str, dict[str, Cell]] = {}
+    per_level: dict[str, dict[str, Cell]] = {}
+    for pipeline, prows in by_pipeline(rows).items():
+        by_skill: dict[str, list[float]] = defaultdict(list)
+        by_domain: dict[str, list[float]] = defaultdict(list)
+        by_level: dict[str, list[float]] = defaultdict(list)
+        for row in prows:
+            numbers = []
+            for s in row_scores(row):
+                if s.score is not None:  # N/A is left out, as FLASK's aggregation does
+                    by_skill[s.aspect].append(s.score)
+                    numbers.append(s.score)
+            for domain in row_labels(row, "domain"):
+                by_domain[domain].extend(numbers)
+            for level in row_labels(row, "difficulty"):
+                by_level[level].extend(numbers)
+        every = [v for vs in by_skill.values() for v in vs]
+        per_skill[pipeline] = {**{k: mean(by_skill[k]) for k in skills}, "overall": mean(every), "n": len(prows)}
+        per_domain[pipeline] = {d: mean(by_domain[d]) for d in domains}
+        per_level[pipeline] = {d: mean(by_level[d]) for d in levels}
+    title = "FLASK-Hard" if benchmark == FLASK_HARD else "FLASK"
+    return [
+        BenchmarkTable(
+            name=f"{benchmark}_skills",
+            title=f"{title}: mean score per skill (1-5)",
+            columns=[*skills, "overall", "n", *COST_COLUMNS],
+            rows=with_cost(per_skill, costs),
+            plot_columns=skills,
+            ylabel="mean score (1-5)",
+        ),
+        BenchmarkTable(
+            name=f"{benchmark}_domains", title=f"{title}: mean score per domain", columns=domains, rows=pipeline_rows(per_domain)
+        ),
+        BenchmarkTable(
+            name=f"{benchmark}_difficulty", title=f"{title}: mean score per difficulty", columns=levels, rows=pipeline_rows(per_level)
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def _flask(name: str, filename: str, prefix: str) -> EvalDataset:
+    source = f"flask/{filename}"
+    prompts = []
+    for n, row in enumerate(shipped_jsonl("flask", filename), start=1):
+        require_keys(row, ("idx", "instruction", "answer", "task", "skill", "domain", "difficulty"), source, n)
+        domains = row["domain"] if isinstance(row["domain"], list) else [row["domain"]]
+        if not domains or not isinstance(row["skill"], list) or not row["skill"]:
+            raise DatasetError(f"{source}: item {n} has no domain or no skills")
+        prompts.append(
+            EvalPrompt(
+                prompt_id=f"{prefix}-{int(row['idx']):04d}",
+                turns=[row["instruction"]],
+                category=str(domains[0]),
+                references=[row["answer"]],
+                reference_generator="flask",
+                metadata={
+                    "skills": [str(s) for s in row["skill"]],
+                    "domain": str(domains[0]),
+                    "domains": [str(d) for d in domains],
+                    "difficulty": row["difficulty"],
+                    "task": row["task"],
+                    "idx": int(row["idx"]),
+                },
+            )
+        )
+    return build_dataset(name, prompts)
+
+
+def load_flask() -> EvalDataset:
+    """The 1,740 FLASK items: 1-5 per annotated skill against the reference answer (MoA paper, Figure 3)."""
+    return _flask(FLASK, "flask_evaluation.jsonl", "flask")
+
+
+def load_flask_hard() -> EvalDataset:
+    """FLASK-Hard: the 89 expert-level FLASK items."""
+    return _flask(FLASK_HARD, "flask_hard_evaluation.jsonl", "flask-hard")
+
+
+JUDGE = FlaskJudge()
+BENCHMARKS = (
+    Benchmark(name=FLASK, load=load_flask, auto_kind=RUBRIC_MODE, rubric=JUDGE),
+    Benchmark(name=FLASK_HARD, load=load_flask_hard, auto_kind=RUBRIC_MODE, rubric=JUDGE),
+)

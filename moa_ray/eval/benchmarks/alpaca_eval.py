@@ -1,4 +1,14 @@
-"""AlpacaEval 2's leaderboard annotator, ``weighted_alpaca_eval_gpt4_turbo``, reproduced step by step.
+"""AlpacaEval 2: the dataset and its two judgment kinds, pair-v2 preferences and the leaderboard's annotator.
+
+* **pairwise** (``--mode auto`` for AlpacaEval, and for any dataset file with reference answers): the judge compares
+  the pipeline's answer with the reference twice, once in each position (MT-Bench's ``pair-v2``), and the
+  preference is the mean of the two verdicts (1 = reference wins, 2 = pipeline wins), which cancels the judge's
+  position bias. Rows go to ``OUT/pairwise``.
+* **alpaca-eval-official**: AlpacaEval 2's ``weighted_alpaca_eval_gpt4_turbo`` annotator, reproduced step by step
+  (below). Rows go to ``OUT/alpaca_eval_official``, and AlpacaEval's own files to
+  ``OUT/alpaca_eval_results/<pipeline>/``.
+
+Both report AlpacaEval's win rates (:mod:`moa_ray.eval.metrics`), whichever ``eval report --annotator`` picks.
 
 What AlpacaEval does, and where this module does it:
 
@@ -22,22 +32,46 @@ and the row says so (``preference_source``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import cache
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, Field
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion, TokenLogprob, TopLogprob
-from moa_ray.eval.datasets import data_file
-from moa_ray.eval.items import ReferenceComparison
-from moa_ray.eval.schema import OfficialAnnotationRow
-from moa_ray.eval.store import StoreError, join, resolve
+from moa_ray.eval.benchmarks.base import (
+    Aggregate,
+    Benchmark,
+    JudgeContext,
+    JudgmentKind,
+    PlanRequest,
+    ReportScope,
+    Row,
+    Rows,
+    conversations,
+    is_done,
+    limited,
+    next_attempt,
+)
+from moa_ray.eval.datasets import EvalDataset, EvalPrompt, data_file, shipped_jsonl
+from moa_ray.eval.judge_prompts import PAIRWISE_PROMPT, pairwise_messages, parse_verdict, verdict_preference
+from moa_ray.eval.metrics import win_rates
+from moa_ray.eval.schema import OfficialAnnotationRow, PairwiseRow
+from moa_ray.eval.store import RowTable, StoreError, join, resolve
+
+ALPACA_EVAL = "alpaca_eval"
+PAIRWISE_MODE = "pairwise"
+OFFICIAL_MODE = "alpaca-eval-official"
+PAIRWISE_DIR = "pairwise"
+OFFICIAL_DIR = "alpaca_eval_official"
+#: AlpacaEval's results layout (<pipeline>/model_outputs.json, <pipeline>/<annotator>/annotations.json).
+ALPACA_RESULTS_DIR = "alpaca_eval_results"
 
 ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 _DIR = ("alpaca_eval", ANNOTATOR)
@@ -238,6 +272,139 @@ def write_annotations(rows: Sequence[Mapping[str, Any]], out: str) -> dict[str, 
 # --------------------------------------------------------------------------- judging one item
 
 
+class ReferenceComparison(BaseModel):
+    """One pipeline's first-turn answer to compare with the prompt's reference answer (pairwise or AlpacaEval's
+    official annotator: the same comparison, judged two ways)."""
+
+    prompt_id: str
+    pipeline: str
+    instruction: str
+    category: str | None
+    reference: str
+    reference_generator: str
+    output: str
+    attempt: int = 1
+
+
+def plan_comparisons(answers: Rows, done: Rows, request: PlanRequest) -> list[dict[str, Any]]:
+    """The first-turn answers with a reference not yet compared ok with it by ``request.judge`` (failed ones again),
+    at most ``request.limit`` prompts per pipeline: the fields of a :class:`ReferenceComparison` each."""
+    convo = conversations(answers, request)
+    comparisons = []
+    for prompt_id, pipeline in limited(convo, request.limit):
+        first = convo[(prompt_id, pipeline)].get(1)
+        if first is None or first["reference"] is None:
+            continue  # nothing to compare with
+        prev = done.get((prompt_id, pipeline, 1, request.judge))
+        if is_done(prev):
+            continue
+        comparisons.append(
+            {
+                "prompt_id": prompt_id,
+                "pipeline": pipeline,
+                "instruction": first["instruction"],
+                "category": first["category"],
+                "reference": first["reference"],
+                "reference_generator": first["reference_generator"] or "reference",
+                "output": first["output"],
+                "attempt": next_attempt(prev),
+            }
+        )
+    return comparisons
+
+
+def win_rate_columns(rows: Sequence[Row], scope: ReportScope) -> Aggregate:
+    """AlpacaEval's win rates per pipeline, of pair-v2 or official annotations alike."""
+    annotated = [dict(r) for r in rows if r["status"] == "ok" and r["preference"] is not None and scope.wants(r["pipeline"])]
+    rates = win_rates(annotated, glm_data=scope.glm_data) if annotated else {}
+    return Aggregate(
+        columns={
+            p: {
+                "win_rate": w.win_rate,
+                "standard_error": w.standard_error,
+                "discrete_win_rate": w.discrete_win_rate,
+                "lc_win_rate": w.lc_win_rate,
+                "avg_length": w.avg_length,
+                "n_judged": w.n_total,
+            }
+            for p, w in rates.items()
+        }
+    )
+
+
+# --------------------------------------------------------------------------- pair-v2
+
+
+class PairwiseItem(ReferenceComparison):
+    kind: Literal["pairwise"] = "pairwise"
+
+
+class PairwiseKind(JudgmentKind[PairwiseItem, PairwiseRow]):
+    """pair-v2 against the reference, asked in both orders; the preference is the mean of the two verdicts."""
+
+    mode: ClassVar[str] = PAIRWISE_MODE
+    table_dir: ClassVar[str] = PAIRWISE_DIR
+    item_type: ClassVar[type[BaseModel]] = PairwiseItem
+    row_type: ClassVar[type[PairwiseRow]] = PairwiseRow
+
+    def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[PairwiseItem]:
+        return [PairwiseItem(**c) for c in plan_comparisons(answers, done, request)]
+
+    async def judge(self, item: PairwiseItem, ctx: JudgeContext) -> PairwiseRow:
+        (ref_first, t1), (pipe_first, t2) = await asyncio.gather(
+            ctx.ask(pairwise_messages(item.instruction, item.reference, item.output)),
+            ctx.ask(pairwise_messages(item.instruction, item.output, item.reference)),
+        )
+        v1, v2 = parse_verdict(ref_first.text), parse_verdict(pipe_first.text)
+        error = None
+        preference = None
+        if v1 is None or v2 is None:
+            which = " and ".join(n for n, v in (("reference-first", v1), ("pipeline-first", v2)) if v is None)
+            error = f"no [[A]]/[[B]]/[[C]] verdict in the {which} judgment"
+        else:
+            preference = (verdict_preference(v1, pipeline_is_a=False) + verdict_preference(v2, pipeline_is_a=True)) / 2
+        return PairwiseRow(
+            **_pairwise_base(item, ctx),
+            preference=preference,
+            verdict_reference_first=v1,
+            verdict_pipeline_first=v2,
+            judgment_reference_first=ref_first.text,
+            judgment_pipeline_first=pipe_first.text,
+            judge_prompt_tokens=ref_first.usage.prompt_tokens + pipe_first.usage.prompt_tokens,
+            judge_completion_tokens=ref_first.usage.completion_tokens + pipe_first.usage.completion_tokens,
+            latency_s=max(t1, t2),
+            status="error" if error else "ok",
+            error=error,
+        )
+
+    def failed(self, item: PairwiseItem, error: str, ctx: JudgeContext) -> PairwiseRow:
+        return PairwiseRow(**_pairwise_base(item, ctx), status="error", error=error)
+
+    def aggregate(self, rows: Sequence[Row], scope: ReportScope) -> Aggregate:
+        return win_rate_columns(rows, scope)
+
+
+def _pairwise_base(item: PairwiseItem, ctx: JudgeContext) -> dict[str, Any]:
+    return {
+        "run_id": ctx.run_id,
+        "prompt_id": item.prompt_id,
+        "pipeline": item.pipeline,
+        "turn": 1,
+        "judge": ctx.judge,
+        "judge_prompt": PAIRWISE_PROMPT,
+        "instruction": item.instruction,
+        "dataset": item.category,
+        "output_1": item.reference,
+        "generator_1": item.reference_generator,
+        "output_2": item.output,
+        "generator_2": item.pipeline,
+        "attempt": item.attempt,
+    }
+
+
+# --------------------------------------------------------------------------- the official annotator
+
+
 class OfficialItem(ReferenceComparison):
     """One AlpacaEval instruction of one pipeline, to annotate against its reference output."""
 
@@ -291,3 +458,61 @@ async def annotate(item: OfficialItem, ask: Ask, *, run_id: str, judge: str) -> 
         status="error" if error else "ok",
         error=error,
     )
+
+
+class OfficialKind(JudgmentKind[OfficialItem, OfficialAnnotationRow]):
+    """AlpacaEval 2's ``weighted_alpaca_eval_gpt4_turbo``; its annotations.json files are written after each run."""
+
+    mode: ClassVar[str] = OFFICIAL_MODE
+    table_dir: ClassVar[str] = OFFICIAL_DIR
+    item_type: ClassVar[type[BaseModel]] = OfficialItem
+    row_type: ClassVar[type[OfficialAnnotationRow]] = OfficialAnnotationRow
+
+    def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[OfficialItem]:
+        return [OfficialItem(**c) for c in plan_comparisons(answers, done, request)]
+
+    async def judge(self, item: OfficialItem, ctx: JudgeContext) -> OfficialAnnotationRow:
+        return await annotate(item, ctx.ask, run_id=ctx.run_id, judge=ctx.judge)
+
+    def failed(self, item: OfficialItem, error: str, ctx: JudgeContext) -> OfficialAnnotationRow:
+        return OfficialAnnotationRow(**official_row_base(item, run_id=ctx.run_id, judge=ctx.judge), status="error", error=error)
+
+    def aggregate(self, rows: Sequence[Row], scope: ReportScope) -> Aggregate:
+        return win_rate_columns(rows, scope)
+
+    def write_files(self, out: str, judge: str) -> dict[str, int]:
+        rows = [r for r in self.table(out).latest().values() if r["judge"] == judge]
+        return write_annotations(rows, join(out, ALPACA_RESULTS_DIR))
+
+
+PAIRWISE = PairwiseKind()
+OFFICIAL = OfficialKind()
+
+
+def pairwise_table(out: str) -> RowTable[PairwiseRow]:
+    return RowTable(join(out, PAIRWISE_DIR), PairwiseRow)
+
+
+def official_table(out: str) -> RowTable[OfficialAnnotationRow]:
+    return RowTable(join(out, OFFICIAL_DIR), OfficialAnnotationRow)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def load_alpaca_eval() -> EvalDataset:
+    """The 805 AlpacaEval 2 instructions with the GPT-4-turbo reference outputs."""
+    prompts = [
+        EvalPrompt(
+            prompt_id=r["id"],
+            turns=[r["instruction"]],
+            category=r.get("dataset"),
+            references=[r.get("reference_output")],
+            reference_generator=r.get("reference_generator"),
+        )
+        for r in shipped_jsonl("alpaca_eval", "alpaca_eval.jsonl")
+    ]
+    return EvalDataset(name=ALPACA_EVAL, kind=ALPACA_EVAL, prompts=prompts)
+
+
+BENCHMARKS = (Benchmark(name=ALPACA_EVAL, load=load_alpaca_eval, auto_kind=PAIRWISE_MODE),)

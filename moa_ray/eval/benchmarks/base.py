@@ -1,0 +1,253 @@
+"""What every benchmark module provides, and what the generic stages hand it.
+
+A benchmark is a dataset (:class:`Benchmark`: its name, its loader, the judgment kind ``eval judge --mode auto``
+gives its answers) and the judgment kinds that score answers (:class:`JudgmentKind`: ``plan`` the items still to
+judge, ``judge`` one, the ``failed`` row of one that could not be judged, ``aggregate`` the finished rows into the
+report). The stages in :mod:`moa_ray.eval.judging` and :mod:`moa_ray.eval.report` only ever talk to these two, through
+:mod:`moa_ray.eval.benchmarks.registry`; nothing here imports a benchmark, so every benchmark module can import it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from moa_ray.chat import ChatMessage, ChatParams, Completion
+from moa_ray.eval.datasets import EvalDataset
+from moa_ray.eval.schema import _Row
+from moa_ray.eval.store import RowTable, join
+
+if TYPE_CHECKING:
+    from moa_ray.eval.benchmarks.rubric import RubricJudge
+    from moa_ray.eval.metrics import GLMData
+    from moa_ray.pipeline.agents import Agent
+
+#: A table's key values (:attr:`~moa_ray.eval.schema._Row.KEY`), and one stored row as read back.
+Key = tuple[Any, ...]
+Row = Mapping[str, Any]
+#: A table's resolved rows by key (:meth:`~moa_ray.eval.store.RowTable.latest`): generations, or a kind's judgments.
+Rows = Mapping[Key, Row]
+
+ItemT = TypeVar("ItemT", bound=BaseModel)
+RowT = TypeVar("RowT", bound=_Row, covariant=True)
+
+
+class AnswerTemperature(BaseModel):
+    """The temperature of the call that writes each answer, by prompt category.
+
+    All unset: the models' configured temperatures apply (AlpacaEval and files). It is part of a
+    pipeline's answer settings, so a resumed run with another temperature is refused.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    forced: float | None = Field(default=None, ge=0.0, le=2.0, description="One temperature for every prompt.")
+    by_category: dict[str, float] = Field(default_factory=dict)
+    default: float | None = Field(default=None, ge=0.0, le=2.0, description="For a category not in by_category.")
+
+    @property
+    def is_set(self) -> bool:
+        return self.forced is not None or bool(self.by_category) or self.default is not None
+
+    def for_category(self, category: str | None) -> float | None:
+        """The temperature of a prompt of this category; None: the model's own."""
+        if self.forced is not None:
+            return self.forced
+        if category is not None and category in self.by_category:
+            return self.by_category[category]
+        return self.default
+
+    def settings(self) -> dict[str, Any] | None:
+        """What goes into the answer settings (None when nothing overrides the models)."""
+        return self.model_dump(mode="json") if self.is_set else None
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A dataset ``eval generate --dataset`` accepts by name, and how ``eval judge --mode auto`` scores its answers."""
+
+    name: str
+    load: Callable[[], EvalDataset]
+    #: The judgment kind (its mode) of this benchmark's answers under ``--mode auto``.
+    auto_kind: str
+    #: The benchmark's own judge, for the ``rubric`` kind (FLASK, Just-Eval, CEB).
+    rubric: RubricJudge | None = None
+    #: The answering call's temperature by category (MT-Bench's FastChat values); None: the models' own.
+    answer_temperature: AnswerTemperature | None = None
+
+
+class Catalog(Protocol):
+    """The benchmarks known (the registry): what the stages hand the kinds, so no kind imports the registry."""
+
+    def find(self, name: str) -> Benchmark | None:
+        """The benchmark of a dataset name; None for a dataset that is not one (a file)."""
+        ...
+
+    def benchmarks(self) -> list[Benchmark]:
+        """Every benchmark, in the order they were registered."""
+        ...
+
+
+class _NoBenchmarks:
+    def find(self, name: str) -> Benchmark | None:
+        return None
+
+    def benchmarks(self) -> list[Benchmark]:
+        return []
+
+
+NO_BENCHMARKS: Catalog = _NoBenchmarks()
+#: dataset name -> {prompt id: the prompt as a dict (EvalPrompt.model_dump(): metadata, references...)}
+PromptLookup = Callable[[str], Mapping[str, Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What ``eval judge`` asked for, as every kind's :meth:`JudgmentKind.plan` reads it."""
+
+    judge: str
+    mode: str = "auto"
+    pipelines: list[str] | None = None
+    limit: int | None = None
+    baseline: str | None = None
+    repeats: int = 1
+    catalog: Catalog = NO_BENCHMARKS
+    prompts: PromptLookup | None = None
+
+    def wants(self, pipeline: str) -> bool:
+        return self.pipelines is None or pipeline in self.pipelines
+
+
+Ask = Callable[..., Any]
+
+
+@dataclass
+class JudgeContext:
+    """One worker's judge: the model to ask, and what every row it writes records."""
+
+    agent: Agent
+    judge: str
+    run_id: str
+    params: ChatParams
+    catalog: Catalog = NO_BENCHMARKS
+
+    async def ask(self, messages: list[ChatMessage], params: ChatParams | None = None) -> tuple[Completion, float]:
+        """The judge's completion of ``messages`` and how long it took."""
+        start = time.perf_counter()
+        completion = await self.agent.chat(messages, params or self.params)
+        return completion, time.perf_counter() - start
+
+
+Cell = float | int | str | None
+
+
+class BenchmarkTable(BaseModel):
+    """A benchmark's own report table (FLASK skills, Just-Eval aspects, CEB axes...): a row per pipeline."""
+
+    name: str = Field(description="File stem: flask_skills, just-eval_aspects, ceb-s_axes...")
+    title: str
+    columns: list[str]
+    rows: list[dict[str, Cell]]
+    plot_columns: list[str] = Field(default_factory=list, description="Columns drawn as bars (none: no plot).")
+    ylabel: str = ""
+
+
+@dataclass
+class ReportScope:
+    """What a kind's :meth:`JudgmentKind.aggregate` may read besides its own rows."""
+
+    answers: Rows
+    pipelines: list[str] | None = None
+    glm_data: GLMData | None = None
+    catalog: Catalog = NO_BENCHMARKS
+    #: Answers, tokens, cost and p50 latency per pipeline of one dataset's generations (the main report's numbers).
+    costs: Callable[[str], dict[str, dict[str, Cell]]] = field(default=lambda name: {})
+
+    def wants(self, pipeline: str) -> bool:
+        return self.pipelines is None or pipeline in self.pipelines
+
+
+@dataclass
+class Aggregate:
+    """A kind's part of the report: columns of the main report's rows (ReportRow fields, per pipeline), and tables."""
+
+    columns: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tables: list[BenchmarkTable] = field(default_factory=list)
+
+
+class JudgmentKind(Protocol, Generic[ItemT, RowT]):
+    """One way of scoring answers: its ``--mode`` name, its table (``OUT/<table_dir>``), its items and rows.
+
+    Subclass it to get the defaults (:meth:`table`, :meth:`write_files`); the stages use nothing else.
+    """
+
+    mode: ClassVar[str]
+    table_dir: ClassVar[str]
+    item_type: ClassVar[type[BaseModel]]
+    row_type: ClassVar[type[_Row]]
+    #: False: scored in this process without a judge model (GSM8K's exact match).
+    needs_judge: ClassVar[bool] = True
+
+    def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> Sequence[ItemT]:
+        """The items of ``answers`` (finished or not, every dataset the mode covers) not yet judged ok in ``done``."""
+        ...
+
+    async def judge(self, item: ItemT, ctx: JudgeContext) -> RowT:
+        """The row of one item; a malformed judgment is an error row, a failed call an exception."""
+        ...
+
+    def failed(self, item: ItemT, error: str, ctx: JudgeContext) -> RowT:
+        """The error row of an item whose judging raised (retried on the next run)."""
+        ...
+
+    def aggregate(self, rows: Sequence[Row], scope: ReportScope) -> Aggregate:
+        """The report's numbers from finished (status ok) rows of this kind."""
+        ...
+
+    def table(self, out: str) -> RowTable[Any]:
+        return RowTable(join(out, self.table_dir), self.row_type)
+
+    def write_files(self, out: str, judge: str) -> dict[str, int]:
+        """Files a benchmark's own tools read, written after a run from the table in ``out`` (rows per file)."""
+        return {}
+
+
+def next_attempt(prev: Row | None) -> int:
+    """The attempt number of a key planned again after ``prev`` (none: the first)."""
+    return int(prev["attempt"]) + 1 if prev else 1
+
+
+def is_done(prev: Row | None) -> bool:
+    return prev is not None and prev["status"] == "ok"
+
+
+#: Finished answers by (prompt id, pipeline), then by turn.
+Conversations = dict[tuple[str, str], dict[int, Row]]
+
+
+def conversations(answers: Rows, request: PlanRequest, *, with_baseline: bool = False) -> Conversations:
+    """Finished answers by (prompt id, pipeline), then turn; of the wanted pipelines (and the baseline's)."""
+    convo: Conversations = defaultdict(dict)
+    for (prompt_id, pipeline, turn), row in answers.items():
+        if row["status"] == "ok" and (request.wants(pipeline) or (with_baseline and pipeline == request.baseline)):
+            convo[(prompt_id, pipeline)][turn] = row
+    return convo
+
+
+def limited(convo: Mapping[tuple[str, str], Any], limit: int | None, skip: str | None = None) -> list[tuple[str, str]]:
+    """(prompt id, pipeline) pairs in order, at most ``limit`` prompts per pipeline (``skip``: the baseline, unlimited)."""
+    per_pipeline: dict[str, int] = defaultdict(int)
+    kept = []
+    for prompt_id, pipeline in sorted(convo):
+        if pipeline == skip:
+            continue
+        if limit is not None and per_pipeline[pipeline] >= limit:
+            continue
+        per_pipeline[pipeline] += 1
+        kept.append((prompt_id, pipeline))
+    return kept

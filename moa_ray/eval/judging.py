@@ -1,0 +1,427 @@
+"""``eval judge``: the stages that score a generation table, generic over the registered judgment kinds.
+
+Each benchmark's kind (:mod:`moa_ray.eval.benchmarks`) plans its items, judges one, and says what a failed one
+writes; here the items of every kind the mode asks for are planned together, judged by one worker pool (Ray actors,
+or one loop in this process), and written to each kind's table (``OUT/<kind's table>``) as the output's only
+writer. ``--mode auto`` gives each dataset's answers to its benchmark's kind (a dataset file's: pairwise against its
+references, else single grades); another mode gives every answer to that kind. A kind that needs no judge model
+(GSM8K's exact match) is scored in this process by :func:`run_exact`, before Ray starts.
+
+The judge is any model of the config, deployed on Ray Serve like the agents; work is
+sharded across the same kind of actor pool as generation and is resumable the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+
+from moa_ray.chat import ChatMessage, ChatParams, Completion
+from moa_ray.errors import ConfigError, MoARayError
+from moa_ray.eval.benchmarks import registry
+from moa_ray.eval.benchmarks.alpaca_eval import OFFICIAL_MODE, PAIRWISE_MODE
+from moa_ray.eval.benchmarks.base import JudgeContext, JudgmentKind, PlanRequest, PromptLookup, Row, Rows
+from moa_ray.eval.benchmarks.gsm8k import EXACT
+from moa_ray.eval.benchmarks.mt_bench import BASELINE_MODE, SINGLE_MODE
+from moa_ray.eval.benchmarks.rubric import RUBRIC, RUBRIC_MODE, RubricItem
+from moa_ray.eval.lease import WriterLease
+from moa_ray.eval.progress import EvalProgress
+from moa_ray.eval.runner import PoolKind, count_rows, make_pool
+from moa_ray.eval.schema import GenerationRow
+from moa_ray.eval.store import RowTable
+from moa_ray.pipeline.agents import Agent
+
+AUTO = "auto"
+
+
+def judge_modes() -> tuple[str, ...]:
+    """``auto`` and the mode of every registered kind that needs a judge model."""
+    return (AUTO, *(k.mode for k in registry.REGISTRY.kinds() if k.needs_judge))
+
+
+class JudgeOptions(BaseModel):
+    judge: str = Field(min_length=1, description="Config name of the judge model.")
+    generations: str = Field(min_length=1)
+    out: str = Field(min_length=1)
+    mode: str = Field(default="auto", description="auto, or the mode of a registered judgment kind.")
+    pipelines: list[str] | None = None
+    limit: int | None = Field(default=None, ge=1, description="Judge at most this many prompts per pipeline.")
+    concurrency: int = Field(default=16, ge=1)
+    workers: int | None = Field(default=None, ge=1)
+    worker_cpus: float = Field(default=0.25, ge=0)
+    pool: PoolKind = Field(default="ray", description="Where the workers run: Ray actors, or one asyncio loop in this process.")
+    max_tokens: int = Field(default=1024, ge=1)
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    run_id: str
+    flush_rows: int = Field(default=256, ge=1, description="Most rows per part file.")
+    flush_s: float = Field(default=1.0, ge=0, description="Seconds of results per part file (0: each batch as it arrives).")
+    progress: bool = True
+    baseline: str | None = Field(default=None, description="pairwise-baseline: the pipeline every other is compared with.")
+    repeats: int = Field(default=1, ge=1, le=15, description="single: grade each turn this many times, keep the median.")
+
+    @model_validator(mode="after")
+    def _mode_options(self) -> JudgeOptions:
+        try:
+            check_mode_options(self.mode, self.baseline, self.repeats, self.pipelines)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
+def check_mode_options(mode: str, baseline: str | None, repeats: int, pipelines: list[str] | None) -> None:
+    """The options each mode needs or allows; a ConfigError names the flag."""
+    if mode not in judge_modes():
+        raise ConfigError(f"unknown judge mode {mode!r} (modes: {', '.join(judge_modes())})")
+    if mode == BASELINE_MODE:
+        if not baseline:
+            raise ConfigError("mode pairwise-baseline needs --baseline PIPELINE")
+        if pipelines is not None and set(pipelines) <= {baseline}:
+            raise ConfigError(f"--pipeline names only the baseline {baseline!r}: nothing to compare with it")
+    elif baseline is not None:
+        raise ConfigError(f"--baseline is for mode pairwise-baseline, not {mode}")
+    if repeats > 1 and mode not in (SINGLE_MODE, AUTO):
+        raise ConfigError(f"--judge-repeats takes the median of 1-10 grades: use it with mode single (or auto for MT-Bench), not {mode}")
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def auto_kind(answer: Row) -> str:
+    """The kind ``--mode auto`` gives an answer: its benchmark's; a file's, pairwise with a reference, else single."""
+    found = registry.REGISTRY.find(str(answer["dataset"]))
+    if found is not None:
+        return found.auto_kind
+    return PAIRWISE_MODE if answer["reference"] is not None else SINGLE_MODE
+
+
+def answers_by_kind(generations: Rows, mode: str) -> Mapping[str, Rows]:
+    """The answers each kind plans from: under ``auto`` by dataset (a conversation goes by its first turn's), else all
+    of them to the mode's kind."""
+    if mode != AUTO:
+        return {mode: generations}
+    first = {(k[0], k[1]): auto_kind(r) for k, r in generations.items()}
+    for (prompt_id, pipeline, turn), row in generations.items():
+        if turn == 1:
+            first[(prompt_id, pipeline)] = auto_kind(row)
+    split: dict[str, dict[tuple[Any, ...], Row]] = {}
+    for key, row in generations.items():
+        split.setdefault(first[(key[0], key[1])], {})[key] = row
+    return split
+
+
+def plan_items(generations: Rows, request: PlanRequest, done: Mapping[str, Rows]) -> list[Any]:
+    """The items still to judge by a model, kind by kind in registry order; ``done``: each kind's stored rows by mode."""
+    check_mode_options(request.mode, request.baseline, request.repeats, request.pipelines)
+    split = answers_by_kind(generations, request.mode)
+    items: list[Any] = []
+    for kind in registry.REGISTRY.kinds():
+        if kind.needs_judge and kind.mode in split:
+            items += kind.plan(split[kind.mode], done.get(kind.mode, {}), request)
+    return items
+
+
+def plan_request(options: JudgeOptions | None = None, /, **fields: Any) -> PlanRequest:
+    """A plan request over the registry; the rubric prompts from :func:`registry.dataset_prompts` (looked up at call time)."""
+    if options is not None:
+        fields = {
+            "judge": options.judge,
+            "mode": options.mode,
+            "pipelines": options.pipelines,
+            "limit": options.limit,
+            "baseline": options.baseline,
+            "repeats": options.repeats,
+            **fields,
+        }
+    fields.setdefault("prompts", lambda name: registry.dataset_prompts(name))
+    return PlanRequest(catalog=registry.REGISTRY, **fields)
+
+
+def plan_judging(
+    generations: Rows,
+    judge: str,
+    pairwise_done: Rows,
+    single_done: Rows,
+    *,
+    mode: str = AUTO,
+    pipelines: list[str] | None = None,
+    limit: int | None = None,
+    baseline: str | None = None,
+    repeats: int = 1,
+    baseline_done: Rows | None = None,
+    official_done: Rows | None = None,
+    rubric_done: Rows | None = None,
+) -> list[Any]:
+    """Judge items for the finished generations that this judge has not judged yet (failed ones again), with the
+    built-in kinds' stored rows named one by one (:func:`plan_items` takes them by mode).
+
+    A grade made with another number of repeats than asked is made again.
+    """
+    done = {
+        PAIRWISE_MODE: pairwise_done,
+        SINGLE_MODE: single_done,
+        BASELINE_MODE: baseline_done or {},
+        OFFICIAL_MODE: official_done or {},
+        RUBRIC_MODE: rubric_done or {},
+    }
+    request = plan_request(judge=judge, mode=mode, pipelines=pipelines, limit=limit, baseline=baseline, repeats=repeats)
+    return plan_items(generations, request, done)
+
+
+def plan_rubric(
+    generations: Rows,
+    judge: str,
+    done: Rows,
+    *,
+    mode: str = AUTO,
+    pipelines: list[str] | None = None,
+    limit: int | None = None,
+    prompts: PromptLookup | None = None,
+) -> list[RubricItem]:
+    """The rubric kind's items alone (``prompts``: a dataset's prompts by name, default the registry's)."""
+    if mode not in (AUTO, RUBRIC_MODE):
+        return []
+    request = plan_request(judge=judge, mode=mode, pipelines=pipelines, limit=limit, **({"prompts": prompts} if prompts else {}))
+    return RUBRIC.plan(generations, done, request)
+
+
+def plan_for_options(generations: Rows, options: JudgeOptions) -> list[Any]:
+    """:func:`plan_items` against the judgment tables already in ``options.out``."""
+    request = plan_request(options)
+    split = answers_by_kind(generations, options.mode)
+    done = {kind.mode: kind.table(options.out).latest() for kind in registry.REGISTRY.kinds() if kind.needs_judge and kind.mode in split}
+    return plan_items(generations, request, done)
+
+
+# --------------------------------------------------------------------------- judging
+
+
+class JudgeHandler:
+    """Judges one item with the judge agent, by its kind (``item.kind``); one row per item."""
+
+    def __init__(self, agent: Agent, judge: str, run_id: str, params: ChatParams) -> None:
+        self.agent = agent
+        self.judge = judge
+        self.run_id = run_id
+        self.params = params
+        self.kinds: dict[str, JudgmentKind[Any, Any]] = {k.mode: k for k in registry.REGISTRY.kinds()}
+        self.context = JudgeContext(agent=agent, judge=judge, run_id=run_id, params=params, catalog=registry.REGISTRY)
+
+    async def setup(self) -> None:
+        from moa_ray.pipeline.agents import prepare_agents
+
+        prepare_agents([self.agent])
+
+    async def _ask(self, messages: list[ChatMessage], params: ChatParams | None = None) -> tuple[Completion, float]:
+        return await self.context.ask(messages, params)
+
+    async def handle(self, item: Any) -> list[Any]:
+        """One row per item; an exception becomes a failed row (retried on the next run)."""
+        try:
+            return [await self.kinds[item.kind].judge(item, self.context)]
+        except Exception as err:  # noqa: BLE001 - a failed judgment is a row, retried next run
+            return self.failed(item, f"{type(err).__name__}: {err}")
+
+    def failed(self, item: Any, error: str) -> list[Any]:
+        return [self.kinds[item.kind].failed(item, error, self.context)]
+
+
+class JudgeSummary(BaseModel):
+    run_id: str
+    judge: str
+    out: str
+    pairwise_items: int
+    single_items: int
+    baseline_items: int = 0
+    official_items: int = 0
+    rubric_items: int = 0
+    ok_rows: int
+    failed_rows: int
+    elapsed_s: float
+    annotation_files: dict[str, int] = Field(default_factory=dict, description="AlpacaEval annotations.json written, rows per file.")
+    items: dict[str, int] = Field(default_factory=dict, description="Items judged per kind (mode).")
+
+
+def run_judging(generations: Rows, agent: Agent, options: JudgeOptions) -> JudgeSummary:
+    """Judge what is still unjudged (Ray must be up and the judge deployed), as the output's only writer."""
+    with WriterLease(options.out, options.run_id):
+        return _judge(generations, agent, options)
+
+
+def _judge(generations: Rows, agent: Agent, options: JudgeOptions) -> JudgeSummary:
+    kinds = {k.mode: k for k in registry.REGISTRY.kinds() if k.needs_judge}
+    items = plan_for_options(generations, options)
+    params = ChatParams(temperature=options.temperature, max_tokens=options.max_tokens)
+    handler = JudgeHandler(agent, options.judge, options.run_id, params)
+    ok = failed = 0
+    elapsed = 0.0
+    if items:
+        writers = {
+            mode: kinds[mode].table(options.out).writer(options.run_id, flush_rows=options.flush_rows, flush_s=options.flush_s)
+            for mode in {i.kind for i in items}
+        }
+        progress = EvalProgress(len(items), f"judge ({options.judge})", unit="judgments", enabled=options.progress)
+
+        def on_rows(item: Any, rows: list[Any]) -> None:
+            nonlocal ok, failed
+            writers[item.kind].add(rows)
+            n_ok, n_failed = count_rows(rows)
+            ok += n_ok
+            failed += n_failed
+            progress.advance(n_ok, n_failed)
+
+        def tick() -> None:
+            for writer in writers.values():
+                writer.maybe_flush()
+
+        with make_pool(
+            handler, kind=options.pool, concurrency=options.concurrency, workers=options.workers, worker_cpus=options.worker_cpus
+        ) as pool:
+            with contextlib.ExitStack() as stack:
+                for writer in writers.values():
+                    stack.enter_context(writer)
+                stack.enter_context(progress)
+                elapsed = pool.run(items, on_rows, tick=tick).elapsed_s
+    for kind in kinds.values():
+        table = kind.table(options.out)
+        if table.part_files():
+            table.compact(options.run_id)
+    files = kinds[options.mode].write_files(options.out, options.judge) if options.mode in kinds else {}
+    per_kind = {mode: sum(i.kind == mode for i in items) for mode in kinds}
+    return JudgeSummary(
+        run_id=options.run_id,
+        judge=options.judge,
+        out=options.out,
+        pairwise_items=per_kind.get(PAIRWISE_MODE, 0),
+        single_items=per_kind.get(SINGLE_MODE, 0),
+        baseline_items=per_kind.get(BASELINE_MODE, 0),
+        official_items=per_kind.get(OFFICIAL_MODE, 0),
+        rubric_items=per_kind.get(RUBRIC_MODE, 0),
+        ok_rows=ok,
+        failed_rows=failed,
+        elapsed_s=elapsed,
+        annotation_files=files,
+        items={m: n for m, n in per_kind.items() if n},
+    )
+
+
+# --------------------------------------------------------------------------- judging without a model
+
+
+class ExactSummary(BaseModel):
+    run_id: str
+    out: str
+    scored: int
+    correct: int
+    failed: int
+    done_before: int
+
+
+def run_exact(generations: Rows, out: str, run_id: str, *, pipelines: list[str] | None = None, limit: int | None = None) -> ExactSummary:
+    """Score the unscored exact-match answers into ``OUT/exact`` in this process, as the output's only writer."""
+    table = EXACT.table(out)
+    done = table.latest()
+    request = plan_request(judge="", mode=EXACT.mode, pipelines=pipelines, limit=limit)
+    items = EXACT.plan(generations, done, request)
+    context = JudgeContext(agent=None, judge="", run_id=run_id, params=ChatParams(), catalog=registry.REGISTRY)  # type: ignore[arg-type]
+
+    async def score() -> list[Any]:
+        return [await EXACT.judge(item, context) for item in items]
+
+    rows = asyncio.run(score())
+    if rows:
+        with WriterLease(out, run_id):
+            with table.writer(run_id, flush_rows=len(rows)) as writer:
+                writer.add(rows)
+            table.compact(run_id)
+    wanted = [k for k, r in generations.items() if is_exact_answer(r) and (pipelines is None or r["pipeline"] in pipelines)]
+    already = sum(1 for k in wanted if (prev := done.get(k)) is not None and prev["status"] == "ok")
+    return ExactSummary(
+        run_id=run_id,
+        out=out,
+        scored=sum(r.status == "ok" for r in rows),
+        correct=sum(bool(r.correct) for r in rows),
+        failed=sum(r.status == "error" for r in rows),
+        done_before=already,
+    )
+
+
+def is_exact_answer(answer: Row) -> bool:
+    """Whether ``--mode auto`` scores an answer without a judge model."""
+    found = registry.REGISTRY.find(str(answer["dataset"]))
+    return found is not None and not registry.REGISTRY.kind(found.auto_kind).needs_judge
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+#: Every generation column but the trace (the largest by far, and read by no judge or report).
+ANSWER_COLUMNS = [f.name for f in GenerationRow.SCHEMA if f.name != "trace"]
+
+
+def read_generations(uri: str, *, proposers: bool = False) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The answers of a generations directory; with ``proposers``, each stored layer-1 answer too, as an entry of its
+    own (``proposer:<label>``, from the call table: no new generation call; see :func:`~moa_ray.eval.calls.proposer_entries`)."""
+    rows = RowTable(uri, GenerationRow).latest(ANSWER_COLUMNS)  # never the traces: judging and reports read none
+    if proposers:
+        from moa_ray.eval.calls import proposer_entries
+
+        rows.update({r.row_key(): r.model_dump() for r in proposer_entries(uri, run_id="proposers")})
+    return rows
+
+
+class Judgments(BaseModel):
+    """The finished (status ok) judgments of one judge in a judgment directory, as ``eval report`` uses them."""
+
+    pairwise: list[dict[str, Any]] = Field(default_factory=list, description="AlpacaEval annotations: pair-v2 or the official annotator's.")
+    grades: list[dict[str, Any]] = Field(default_factory=list, description="MT-Bench single grades.")
+    baseline_pairs: list[dict[str, Any]] = Field(default_factory=list, description="MT-Bench pairwise-baseline matches.")
+    rubric: list[dict[str, Any]] = Field(default_factory=list, description="FLASK / Just-Eval / CEB rubric rows.")
+    exact: list[dict[str, Any]] = Field(default_factory=list, description="GSM8K exact-match scores (no judge).")
+    others: dict[str, list[dict[str, Any]]] = Field(default_factory=dict, description="Rows of every other registered kind, by mode.")
+
+    def by_kind(self) -> dict[str, list[dict[str, Any]]]:
+        """Every kind's rows by mode (the AlpacaEval annotations under pairwise, whichever annotator made them)."""
+        named = {PAIRWISE_MODE: self.pairwise, SINGLE_MODE: self.grades, BASELINE_MODE: self.baseline_pairs}
+        return {**named, RUBRIC_MODE: self.rubric, EXACT.mode: self.exact, **self.others}
+
+
+def read_judgments(out: str, judge: str | None = None, annotator: str | None = None) -> Judgments:
+    """Every judgment table of ``out``, one judge's rows (``judge``, else the only one of each kind).
+
+    ``annotator`` picks the AlpacaEval win rates' source when both ``pairwise`` and
+    ``alpaca-eval-official`` annotations are there; a choice that is needed and missing is a MoARayError.
+    """
+
+    def ok(kind: JudgmentKind[Any, Any]) -> list[dict[str, Any]]:
+        return [r for r in kind.table(out).latest().values() if r["status"] == "ok"]
+
+    if annotator not in (None, PAIRWISE_MODE, OFFICIAL_MODE):
+        raise MoARayError(f"unknown annotator {annotator!r} (pairwise or alpaca-eval-official)")
+    every = registry.REGISTRY.kinds()
+    kinds = {k.mode: ok(k) for k in every if "judge" in k.row_type.model_fields}
+    unjudged = {k.mode: ok(k) for k in every if "judge" not in k.row_type.model_fields}  # scored without a model
+    judges = sorted({r["judge"] for rows in kinds.values() for r in rows})
+    if judge is not None:
+        if judge not in judges:
+            raise MoARayError(f"no judgments by {judge!r} in {out} (judges: {', '.join(judges) or 'none'})")
+        kinds = {k: [r for r in v if r["judge"] == judge] for k, v in kinds.items()}
+    for kind, rows in kinds.items():
+        kind_judges = sorted({r["judge"] for r in rows})
+        if len(kind_judges) > 1:
+            raise MoARayError(f"{out} holds {kind} judgments of several judges ({', '.join(kind_judges)}); choose one with --judge")
+    annotated = [k for k in (PAIRWISE_MODE, OFFICIAL_MODE) if kinds[k]]
+    if annotator is None and len(annotated) > 1:
+        raise MoARayError(f"{out} holds both pairwise and alpaca-eval-official annotations; choose one with --annotator")
+    named = (PAIRWISE_MODE, OFFICIAL_MODE, SINGLE_MODE, BASELINE_MODE, RUBRIC_MODE, EXACT.mode)
+    return Judgments(
+        pairwise=kinds[annotator or (annotated[0] if annotated else PAIRWISE_MODE)],
+        grades=kinds[SINGLE_MODE],
+        baseline_pairs=kinds[BASELINE_MODE],
+        rubric=kinds[RUBRIC_MODE],
+        exact=unjudged[EXACT.mode],
+        others={m: rows for m, rows in {**kinds, **unjudged}.items() if m not in named},
+    )
