@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jsonschema
 import pytest
 
 from moa_ray.chat import ChatMessage
@@ -102,6 +103,10 @@ def test_schemas_constrain_numbers_and_counts():
     assert schema["required"] == ["reasoning", "chosen_responses", "end_debate"]
     assert "end_debate" not in judge_schema(4, 2, moderate=False)["properties"]
     assert ranker_schema(3)["properties"]["best_response"]["enum"] == [1, 2, 3]
+    verdict = {"reasoning": "2 and 4 agree", "chosen_responses": [2, 4], "end_debate": False}
+    jsonschema.validate(verdict, schema)
+    with pytest.raises(jsonschema.ValidationError, match="Additional properties"):  # a grammar for it stops after the last key
+        jsonschema.validate({**verdict, "more": "text the model would write on"}, schema)
 
 
 def test_judge_prompt_numbers_from_one_and_names_the_keys():

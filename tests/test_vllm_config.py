@@ -83,6 +83,7 @@ def test_engine_arguments_from_the_spec_then_engine_kwargs():
         "max_model_len": 8192,
         "enable_prefix_caching": True,
         "kv_cache_dtype": "fp8",
+        "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
     }
     cpu = load_config().models["smollm2-vllm"]  # the shipped preset: float32, eager, no GPU memory fraction
     assert engine_kwargs(cpu) == {
@@ -92,6 +93,7 @@ def test_engine_arguments_from_the_spec_then_engine_kwargs():
         "enforce_eager": True,
         "enable_chunked_prefill": False,  # seeded requests + chunked prefill crash vLLM's CPU engine
         "max_model_len": 4096,
+        "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
     }
 
 

@@ -71,6 +71,11 @@ class Selection(BaseModel):
 # --------------------------------------------------------------------------- schemas
 
 
+def _closed(props: dict[str, Any]) -> dict[str, Any]:
+    """An object of exactly ``props``: a grammar that allowed more keys would let a small model write on past them."""
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
 def judge_schema(n: int, k: int, *, moderate: bool) -> dict[str, Any]:
     """JSON schema of the judge's answer (``end_debate`` only when it also moderates)."""
     props: dict[str, Any] = {
@@ -84,13 +89,13 @@ def judge_schema(n: int, k: int, *, moderate: bool) -> dict[str, Any]:
     }
     if moderate:
         props["end_debate"] = {"type": "boolean"}
-    return {"type": "object", "properties": props, "required": list(props)}
+    return _closed(props)
 
 
 def moderator_schema() -> dict[str, Any]:
     """JSON schema of a separate moderator's answer."""
     props = {"reasoning": {"type": "string", "maxLength": REASONING_MAX_CHARS}, "end_debate": {"type": "boolean"}}
-    return {"type": "object", "properties": props, "required": list(props)}
+    return _closed(props)
 
 
 def ranker_schema(n: int) -> dict[str, Any]:
@@ -99,7 +104,7 @@ def ranker_schema(n: int) -> dict[str, Any]:
         "reasoning": {"type": "string", "maxLength": REASONING_MAX_CHARS},
         "best_response": {"type": "integer", "enum": list(range(1, n + 1))},
     }
-    return {"type": "object", "properties": props, "required": list(props)}
+    return _closed(props)
 
 
 # --------------------------------------------------------------------------- parsing

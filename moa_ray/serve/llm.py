@@ -58,6 +58,10 @@ def model_source(spec: VLLMModelSpec) -> str:
     return str(local) if local.exists() else spec.model
 
 
+#: vLLM's structured-output engine settings (override with the spec's ``engine_kwargs.structured_outputs_config``).
+STRUCTURED_OUTPUTS = {"backend": "guidance", "disable_any_whitespace": True}
+
+
 def engine_kwargs(spec: VLLMModelSpec) -> dict[str, Any]:
     """vLLM engine arguments from the spec's fields, then its free-form ``engine_kwargs``."""
     kwargs: dict[str, Any] = {
@@ -65,6 +69,11 @@ def engine_kwargs(spec: VLLMModelSpec) -> dict[str, Any]:
         "tensor_parallel_size": spec.tensor_parallel_size,
         "pipeline_parallel_size": spec.pipeline_parallel_size,
         "enforce_eager": spec.enforce_eager,
+        # Compact JSON under every schema. vLLM (0.32) reads disable_any_whitespace only from the engine's config
+        # (a request's copy is ignored), and there only with a named backend: guidance (llguidance) takes every
+        # schema that "auto" would send to xgrammar or to it. Free whitespace let a small model at temperature 1
+        # pad a judge's verdict with newlines until max_tokens cut it, unclosed.
+        "structured_outputs_config": dict(STRUCTURED_OUTPUTS),
     }
     if spec.device == "gpu":
         kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
@@ -145,7 +154,7 @@ def llm_config(name: str, spec: VLLMModelSpec, env_vars: dict[str, str]) -> LLMC
         "engine_kwargs": engine_kwargs(spec),
         "deployment_config": options,
         "runtime_env": {"env_vars": engine_env(spec, env_vars)},
-        "log_engine_metrics": False,
+        "log_engine_metrics": True,  # vLLM's engine metrics (TTFT, TPOT, KV cache) in Ray's Prometheus export
     }
     if spec.placement_group_bundles is not None or spec.pool is not None or spec.placement_strategy != "PACK":
         kwargs["placement_group_config"] = {"strategy": spec.placement_strategy, "bundles": worker_bundles(spec)}

@@ -34,11 +34,8 @@ _MODEL_SPEC: TypeAdapter[Any] = TypeAdapter(ModelSpec)
 
 
 def openai_request_body(model_id: str, spec: VLLMModelSpec, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
-    """The OpenAI chat request for one agent call; JSON mode becomes vLLM's structured output.
-
-    Compact JSON (no free whitespace between tokens): a small model sampling at temperature 1 otherwise
-    fills an array with newlines until ``max_tokens`` cuts it, which is valid-looking but never closed.
-    """
+    """The OpenAI chat request for one agent call; JSON mode becomes vLLM's structured output (compact JSON:
+    the engine's setting, :data:`moa_ray.serve.llm.STRUCTURED_OUTPUTS`)."""
     body = {"model": model_id, **chat_kwargs(spec, request.messages, request.params)}
     params = request.params
     if params.response_schema is not None:  # the caller's schema: vLLM's guided decoding
@@ -47,7 +44,7 @@ def openai_request_body(model_id: str, spec: VLLMModelSpec, request: ChatRequest
     elif params.json_mode:
         body.pop("response_format", None)
         target = {"json": params.json_schema} if params.json_schema else {"json_object": True}
-        body["structured_outputs"] = {**target, "disable_any_whitespace": True}
+        body["structured_outputs"] = target
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
