@@ -1,19 +1,82 @@
-"""Rows of the evaluation tables: a pydantic model per table and the explicit pyarrow schema it is stored with.
+"""Rows of the evaluation tables: a pydantic model per table, and the pyarrow schema derived from it.
 
-The pydantic model validates a row where it is made (inside a Ray worker); the
-pyarrow schema fixes the column types on disk, so every part file of a table has
-the same schema whoever wrote it, and readers never have to guess types from data.
+The pydantic model validates a row where it is made (inside a Ray worker); its pyarrow schema (``SCHEMA``, derived
+from the fields by :func:`arrow_schema`) fixes the column types on disk, so every part file of a table has the same
+schema whoever wrote it, and readers never have to guess types from data. A table is declared once: a field's
+type says its column's (``str`` string, ``int`` int64 or :data:`Int32`, ``float`` float64, ``bool``, ``datetime``
+UTC microseconds, a list, a model as a struct), ``| None`` that the column is nullable.
 """
 
 from __future__ import annotations
 
+import types
+import typing
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
 
 RowStatus = Literal["ok", "error"]
+
+
+@dataclass(frozen=True)
+class ArrowType:
+    """A field's column type where the Python type alone does not say it (``Annotated[int, ArrowType(pa.int32())]``)."""
+
+    type: pa.DataType
+
+
+#: An int stored as a 32-bit column (turns, attempts, counts of calls); a plain ``int`` is int64.
+Int32 = Annotated[int, ArrowType(pa.int32())]
+#: What the columns of every table end with, after the row's own fields.
+TAIL_COLUMNS = ("status", "error", "attempt", "created_at")
+
+
+def _optional(annotation: Any) -> tuple[Any, bool]:
+    """The type inside ``X | None``, and whether None was allowed."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"no column type for the union {annotation}")
+        return args[0], True
+    return annotation, False
+
+
+def _arrow_type(annotation: Any, metadata: list[Any]) -> pa.DataType:
+    declared = [m.type for m in metadata if isinstance(m, ArrowType)]
+    if declared:
+        return declared[0]
+    annotation, _ = _optional(annotation)
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        inner, *extra = typing.get_args(annotation)
+        return _arrow_type(inner, extra)
+    if origin is Literal and all(isinstance(v, str) for v in typing.get_args(annotation)):
+        return pa.string()
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return pa.list_(_arrow_type(item, []))
+    simple = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string(), datetime: pa.timestamp("us", tz="UTC")}
+    if annotation in simple:
+        return simple[annotation]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return pa.struct([_arrow_field(name, f) for name, f in annotation.model_fields.items()])
+    raise TypeError(f"no column type for {annotation!r}")
+
+
+def _arrow_field(name: str, info: FieldInfo) -> pa.Field:
+    return pa.field(name, _arrow_type(info.annotation, info.metadata), nullable=_optional(info.annotation)[1])
+
+
+def arrow_schema(row: type[BaseModel]) -> pa.Schema:
+    """The table schema of a row model: ``run_id``, the row's own fields in order, then :data:`TAIL_COLUMNS`
+    (fields excluded from dumps are no column)."""
+    fields = {name: f for name, f in row.model_fields.items() if not f.exclude}
+    own = [name for name in fields if name != "run_id" and name not in TAIL_COLUMNS]
+    return pa.schema([_arrow_field(name, fields[name]) for name in ["run_id", *own, *TAIL_COLUMNS]])
 
 
 def utc_now() -> datetime:
@@ -27,6 +90,7 @@ class _Row(BaseModel):
 
     #: Columns that identify a row; a table holds at most one finished row per key.
     KEY: ClassVar[tuple[str, ...]]
+    #: The table's columns, derived from the fields when the class is made (:func:`arrow_schema`).
     SCHEMA: ClassVar[pa.Schema]
     #: Which of a key's rows stands: the first finished one (answers are never replaced), or the latest written
     #: (records of what a run did: a rerun after a kill rewrote them).
@@ -35,39 +99,17 @@ class _Row(BaseModel):
     run_id: str = Field(min_length=1, description="The invocation that wrote this row.")
     status: RowStatus = "ok"
     error: str | None = Field(default=None, description="Why the row failed (status 'error'); retried on the next run.")
-    attempt: int = Field(default=1, ge=1, description="How many runs have tried this key, this one included.")
+    attempt: Int32 = Field(default=1, ge=1, description="How many runs have tried this key, this one included.")
     created_at: datetime = Field(default_factory=utc_now)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls.SCHEMA = arrow_schema(cls)
 
     def row_key(self) -> tuple[Any, ...]:
         """The values of the :attr:`KEY` columns (not ``key``: the call table has a column of that name)."""
         return tuple(getattr(self, c) for c in self.KEY)
-
-
-_TIMESTAMP = pa.timestamp("us", tz="UTC")
-
-_COMMON_TAIL = [
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("error", pa.string()),
-    pa.field("attempt", pa.int32(), nullable=False),
-    pa.field("created_at", _TIMESTAMP, nullable=False),
-]
-
-
-#: Leading and trailing fields shared by the two judgment tables (pairwise annotations and grades).
-_JUDGED_HEAD = [
-    pa.field("run_id", pa.string(), nullable=False),
-    pa.field("prompt_id", pa.string(), nullable=False),
-    pa.field("pipeline", pa.string(), nullable=False),
-    pa.field("turn", pa.int32(), nullable=False),
-    pa.field("judge", pa.string(), nullable=False),
-    pa.field("judge_prompt", pa.string(), nullable=False),
-]
-_JUDGED_TAIL = [
-    pa.field("judge_prompt_tokens", pa.int64(), nullable=False),
-    pa.field("judge_completion_tokens", pa.int64(), nullable=False),
-    pa.field("latency_s", pa.float64()),
-    *_COMMON_TAIL,
-]
 
 
 class RoleTokens(BaseModel):
@@ -76,19 +118,7 @@ class RoleTokens(BaseModel):
     role: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    calls: int = 0
-
-
-ROLE_TOKENS_TYPE = pa.list_(
-    pa.struct(
-        [
-            pa.field("role", pa.string(), nullable=False),
-            pa.field("prompt_tokens", pa.int64(), nullable=False),
-            pa.field("completion_tokens", pa.int64(), nullable=False),
-            pa.field("calls", pa.int32(), nullable=False),
-        ]
-    )
-)
+    calls: Int32 = 0
 
 
 class GenerationRow(_Row):
@@ -98,7 +128,7 @@ class GenerationRow(_Row):
 
     prompt_id: str = Field(min_length=1)
     pipeline: str = Field(min_length=1)
-    turn: int = Field(ge=1, description="1-based turn; MT-Bench turn 2 saw the pipeline's own turn-1 answer.")
+    turn: Int32 = Field(ge=1, description="1-based turn; MT-Bench turn 2 saw the pipeline's own turn-1 answer.")
     dataset: str = Field(description="Dataset name (alpaca_eval, mt_bench) or the file it came from.")
     category: str | None = Field(default=None, description="AlpacaEval subset or MT-Bench category.")
     instruction: str = Field(description="The user message of this turn.")
@@ -110,43 +140,15 @@ class GenerationRow(_Row):
     tokens_by_role: list[RoleTokens] = Field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    calls: int = 0
+    calls: Int32 = 0
     latency_s: float | None = Field(default=None, description="Wall time of the pipeline request.")
     critical_path_s: float | None = None
-    layers_run: int | None = None
+    layers_run: Int32 | None = None
     cost_usd: float | None = Field(default=None, description="From the trace's accounting; None when prices are unknown.")
     tflops: float | None = Field(default=None, description="From the trace's accounting; None when sizes are unknown.")
     trace: str | None = Field(default=None, description="The request's trace as JSON (moa-ray run --json format).")
     #: The rows of this answer's calls, carried from the worker to the driver's call table (never a column here).
     call_rows: list[CallRow] = Field(default_factory=list, exclude=True, repr=False)
-
-    SCHEMA: ClassVar[pa.Schema] = pa.schema(
-        [
-            pa.field("run_id", pa.string(), nullable=False),
-            pa.field("prompt_id", pa.string(), nullable=False),
-            pa.field("pipeline", pa.string(), nullable=False),
-            pa.field("turn", pa.int32(), nullable=False),
-            pa.field("dataset", pa.string(), nullable=False),
-            pa.field("category", pa.string()),
-            pa.field("instruction", pa.string(), nullable=False),
-            pa.field("output", pa.string()),
-            pa.field("finish_reason", pa.string()),
-            pa.field("reference", pa.string()),
-            pa.field("reference_generator", pa.string()),
-            pa.field("config_hash", pa.string(), nullable=False),
-            pa.field("tokens_by_role", ROLE_TOKENS_TYPE, nullable=False),
-            pa.field("prompt_tokens", pa.int64(), nullable=False),
-            pa.field("completion_tokens", pa.int64(), nullable=False),
-            pa.field("calls", pa.int32(), nullable=False),
-            pa.field("latency_s", pa.float64()),
-            pa.field("critical_path_s", pa.float64()),
-            pa.field("layers_run", pa.int32()),
-            pa.field("cost_usd", pa.float64()),
-            pa.field("tflops", pa.float64()),
-            pa.field("trace", pa.string()),
-            *_COMMON_TAIL,
-        ]
-    )
 
 
 class PairwiseRow(_Row):
@@ -161,7 +163,7 @@ class PairwiseRow(_Row):
 
     prompt_id: str = Field(min_length=1)
     pipeline: str = Field(min_length=1)
-    turn: int = Field(default=1, ge=1)
+    turn: Int32 = Field(default=1, ge=1)
     judge: str = Field(min_length=1, description="Config name of the judge model.")
     judge_prompt: str = Field(description="Name of the judge prompt in judge_prompts.jsonl.")
     instruction: str
@@ -179,24 +181,6 @@ class PairwiseRow(_Row):
     judge_completion_tokens: int = 0
     latency_s: float | None = None
 
-    SCHEMA: ClassVar[pa.Schema] = pa.schema(
-        [
-            *_JUDGED_HEAD,
-            pa.field("instruction", pa.string(), nullable=False),
-            pa.field("dataset", pa.string()),
-            pa.field("output_1", pa.string(), nullable=False),
-            pa.field("generator_1", pa.string(), nullable=False),
-            pa.field("output_2", pa.string(), nullable=False),
-            pa.field("generator_2", pa.string(), nullable=False),
-            pa.field("preference", pa.float64()),
-            pa.field("verdict_reference_first", pa.string()),
-            pa.field("verdict_pipeline_first", pa.string()),
-            pa.field("judgment_reference_first", pa.string()),
-            pa.field("judgment_pipeline_first", pa.string()),
-            *_JUDGED_TAIL,
-        ]
-    )
-
 
 class GradeRow(_Row):
     """An MT-Bench single-answer grade (1-10) of one turn of one pipeline's conversation."""
@@ -205,7 +189,7 @@ class GradeRow(_Row):
 
     prompt_id: str = Field(min_length=1)
     pipeline: str = Field(min_length=1)
-    turn: int = Field(ge=1)
+    turn: Int32 = Field(ge=1)
     judge: str = Field(min_length=1)
     judge_prompt: str
     category: str | None = None
@@ -218,18 +202,6 @@ class GradeRow(_Row):
     judge_prompt_tokens: int = 0
     judge_completion_tokens: int = 0
     latency_s: float | None = None
-
-    SCHEMA: ClassVar[pa.Schema] = pa.schema(
-        [
-            *_JUDGED_HEAD,
-            pa.field("category", pa.string()),
-            pa.field("score", pa.float64()),
-            pa.field("judgment", pa.string()),
-            pa.field("scores", pa.list_(pa.float64())),
-            pa.field("judgments", pa.list_(pa.string())),
-            *_JUDGED_TAIL,
-        ]
-    )
 
 
 class BaselinePairRow(_Row):
@@ -244,7 +216,7 @@ class BaselinePairRow(_Row):
     prompt_id: str = Field(min_length=1)
     pipeline: str = Field(min_length=1)
     baseline: str = Field(min_length=1, description="The pipeline of the same generation run compared against.")
-    turn: int = Field(ge=1)
+    turn: Int32 = Field(ge=1)
     judge: str = Field(min_length=1)
     judge_prompt: str
     category: str | None = None
@@ -256,25 +228,6 @@ class BaselinePairRow(_Row):
     judge_prompt_tokens: int = 0
     judge_completion_tokens: int = 0
     latency_s: float | None = None
-
-    SCHEMA: ClassVar[pa.Schema] = pa.schema(
-        [
-            pa.field("run_id", pa.string(), nullable=False),
-            pa.field("prompt_id", pa.string(), nullable=False),
-            pa.field("pipeline", pa.string(), nullable=False),
-            pa.field("baseline", pa.string(), nullable=False),
-            pa.field("turn", pa.int32(), nullable=False),
-            pa.field("judge", pa.string(), nullable=False),
-            pa.field("judge_prompt", pa.string(), nullable=False),
-            pa.field("category", pa.string()),
-            pa.field("g1_winner", pa.string()),
-            pa.field("g2_winner", pa.string()),
-            pa.field("outcome", pa.string()),
-            pa.field("g1_judgment", pa.string()),
-            pa.field("g2_judgment", pa.string()),
-            *_JUDGED_TAIL,
-        ]
-    )
 
 
 class OfficialAnnotationRow(_Row):
@@ -290,7 +243,7 @@ class OfficialAnnotationRow(_Row):
 
     prompt_id: str = Field(min_length=1)
     pipeline: str = Field(min_length=1)
-    turn: int = Field(default=1, ge=1)
+    turn: Int32 = Field(default=1, ge=1)
     judge: str = Field(min_length=1)
     judge_prompt: str = Field(description="The annotator's name.")
     instruction: str
@@ -310,24 +263,6 @@ class OfficialAnnotationRow(_Row):
     judge_completion_tokens: int = 0
     latency_s: float | None = None
 
-    SCHEMA: ClassVar[pa.Schema] = pa.schema(
-        [
-            *_JUDGED_HEAD,
-            pa.field("instruction", pa.string(), nullable=False),
-            pa.field("dataset", pa.string()),
-            pa.field("output_1", pa.string(), nullable=False),
-            pa.field("generator_1", pa.string(), nullable=False),
-            pa.field("output_2", pa.string(), nullable=False),
-            pa.field("generator_2", pa.string(), nullable=False),
-            pa.field("preference", pa.float64()),
-            pa.field("preference_source", pa.string()),
-            pa.field("is_switched_outputs", pa.bool_(), nullable=False),
-            pa.field("raw_completion", pa.string()),
-            pa.field("top_logprobs", pa.string()),
-            *_JUDGED_TAIL,
-        ]
-    )
-
 
 class ExactRow(_Row):
     """An exact-match score (GSM8K) of one answer: the number extracted from the output against the reference's."""
@@ -336,27 +271,12 @@ class ExactRow(_Row):
 
     prompt_id: str = Field(min_length=1)
     pipeline: str = Field(min_length=1)
-    turn: int = Field(default=1, ge=1)
+    turn: Int32 = Field(default=1, ge=1)
     dataset: str = Field(description="The benchmark whose rule scored the row (gsm8k).")
     category: str | None = None
     prediction: str | None = Field(default=None, description="The final answer extracted from the output; None when it has no number.")
     answer: str | None = Field(default=None, description="The reference's final answer.")
     correct: bool | None = Field(default=None, description="prediction == answer as numbers; None on a failed row.")
-
-    SCHEMA: ClassVar[pa.Schema] = pa.schema(
-        [
-            pa.field("run_id", pa.string(), nullable=False),
-            pa.field("prompt_id", pa.string(), nullable=False),
-            pa.field("pipeline", pa.string(), nullable=False),
-            pa.field("turn", pa.int32(), nullable=False),
-            pa.field("dataset", pa.string(), nullable=False),
-            pa.field("category", pa.string()),
-            pa.field("prediction", pa.string()),
-            pa.field("answer", pa.string()),
-            pa.field("correct", pa.bool_()),
-            *_COMMON_TAIL,
-        ]
-    )
 
 
 class RubricLabel(BaseModel):
@@ -384,18 +304,6 @@ class AspectScore(BaseModel):
         return self
 
 
-RUBRIC_LABELS_TYPE = pa.list_(pa.struct([pa.field("name", pa.string(), nullable=False), pa.field("value", pa.string(), nullable=False)]))
-ASPECT_SCORES_TYPE = pa.list_(
-    pa.struct(
-        [
-            pa.field("aspect", pa.string(), nullable=False),
-            pa.field("score", pa.float64()),
-            pa.field("na", pa.bool_(), nullable=False),
-        ]
-    )
-)
-
-
 class RubricRow(_Row):
     """A rubric judgment (FLASK, Just-Eval or CEB) of one pipeline answer, with a score per aspect.
 
@@ -408,7 +316,7 @@ class RubricRow(_Row):
 
     prompt_id: str = Field(min_length=1)
     pipeline: str = Field(min_length=1)
-    turn: int = Field(default=1, ge=1)
+    turn: Int32 = Field(default=1, ge=1)
     judge: str = Field(min_length=1)
     benchmark: str = Field(min_length=1, description="flask, flask-hard, just-eval, ceb-s or ceb-t (the generation's dataset).")
     judge_prompt: str = Field(description="Which official template judged it (flask-review-2, just-eval-score_multi...).")
@@ -416,24 +324,10 @@ class RubricRow(_Row):
     scores: list[AspectScore] = Field(default_factory=list)
     judgment: str | None = Field(default=None, description="The judge's last raw output.")
     rejected: list[str] = Field(default_factory=list, description="Why each malformed attempt before the last was rejected.")
-    judge_attempts: int = Field(default=0, ge=0, description="Judge calls made for this row in this run.")
+    judge_attempts: Int32 = Field(default=0, ge=0, description="Judge calls made for this row in this run.")
     judge_prompt_tokens: int = 0
     judge_completion_tokens: int = 0
     latency_s: float | None = Field(default=None, description="Summed wall time of the judge calls.")
-
-    SCHEMA: ClassVar[pa.Schema] = pa.schema(
-        [
-            *_JUDGED_HEAD[:5],
-            pa.field("benchmark", pa.string(), nullable=False),
-            _JUDGED_HEAD[5],
-            pa.field("labels", RUBRIC_LABELS_TYPE, nullable=False),
-            pa.field("scores", ASPECT_SCORES_TYPE, nullable=False),
-            pa.field("judgment", pa.string()),
-            pa.field("rejected", pa.list_(pa.string()), nullable=False),
-            pa.field("judge_attempts", pa.int32(), nullable=False),
-            *_JUDGED_TAIL,
-        ]
-    )
 
 
 class CallRow(_Row):
@@ -449,9 +343,9 @@ class CallRow(_Row):
 
     prompt_id: str = Field(min_length=1)
     pipeline: str = Field(min_length=1)
-    turn: int = Field(ge=1)
-    layer: int = Field(ge=0, description="1-based layer (0: SMoA role generation); the final call's layer is the last.")
-    index: int = Field(ge=0)
+    turn: Int32 = Field(ge=1)
+    layer: Int32 = Field(ge=0, description="1-based layer (0: SMoA role generation); the final call's layer is the last.")
+    index: Int32 = Field(ge=0)
     role: str
     model: str = Field(description="Config name of the model.")
     label: str = ""
@@ -466,42 +360,5 @@ class CallRow(_Row):
     reused: bool = False
     source: str = Field(default="model", description="model (made in this run), store (an earlier identical call), references (imported).")
 
-    SCHEMA: ClassVar[pa.Schema] = pa.schema(
-        [
-            pa.field("run_id", pa.string(), nullable=False),
-            pa.field("prompt_id", pa.string(), nullable=False),
-            pa.field("pipeline", pa.string(), nullable=False),
-            pa.field("turn", pa.int32(), nullable=False),
-            pa.field("layer", pa.int32(), nullable=False),
-            pa.field("index", pa.int32(), nullable=False),
-            pa.field("role", pa.string(), nullable=False),
-            pa.field("model", pa.string(), nullable=False),
-            pa.field("label", pa.string(), nullable=False),
-            pa.field("key", pa.string()),
-            pa.field("text", pa.string()),
-            pa.field("prompt_tokens", pa.int64(), nullable=False),
-            pa.field("completion_tokens", pa.int64(), nullable=False),
-            pa.field("latency_s", pa.float64(), nullable=False),
-            pa.field("cost_usd", pa.float64()),
-            pa.field("finish_reason", pa.string()),
-            pa.field("selected", pa.bool_()),
-            pa.field("reused", pa.bool_(), nullable=False),
-            pa.field("source", pa.string(), nullable=False),
-            *_COMMON_TAIL,
-        ]
-    )
-
 
 GenerationRow.model_rebuild()
-
-
-def _check_schemas() -> None:
-    """Every pydantic field has a column and vice versa (caught at import, not at write time)."""
-    for row in (GenerationRow, PairwiseRow, GradeRow, ExactRow, BaselinePairRow, OfficialAnnotationRow, RubricRow, CallRow):
-        fields = {name for name, f in row.model_fields.items() if not f.exclude}  # excluded fields never reach a table
-        columns = set(row.SCHEMA.names)
-        if fields != columns:
-            raise AssertionError(f"{row.__name__}: fields and schema differ: {sorted(fields ^ columns)}")
-
-
-_check_schemas()
