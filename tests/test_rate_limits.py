@@ -65,14 +65,29 @@ def most_in_any_window(arrivals: list[float], window_s: float) -> int:
 # --------------------------------------------------------------------------- the window itself (no clock, no I/O)
 
 
+def reserve_one(window: SlidingWindow, now: float, tokens: int = 0, max_wait: float | None = None) -> tuple[int | None, float]:
+    entry, wait, _ = window.reserve(now, [tokens], [max_wait])
+    return entry, wait
+
+
 def test_a_window_lets_rpm_calls_through_then_reserves_the_moment_the_oldest_leaves():
     window = SlidingWindow(RateLimit(rpm=3, window_s=10))
-    assert [window.reserve(0.0, 0, None)[1] for _ in range(3)] == [0.0, 0.0, 0.0]
-    entry, wait = window.reserve(1.0, 0, None)
+    assert [reserve_one(window, 0.0)[1] for _ in range(3)] == [0.0, 0.0, 0.0]
+    entry, wait = reserve_one(window, 1.0)
     assert entry is not None and wait == pytest.approx(10 + LATE_START_S - 1.0)
     # a caller with less time than that is refused, told when room opens, and reserves nothing
-    assert window.reserve(1.0, 0, 5.0) == (None, pytest.approx(10 + LATE_START_S - 1.0 + 0.0))
-    assert window.reserve(1.0, 0, None)[1] == pytest.approx(10 + LATE_START_S - 1.0)  # first come, first served
+    assert reserve_one(window, 1.0, max_wait=5.0) == (None, pytest.approx(10 + LATE_START_S - 1.0))
+    assert reserve_one(window, 1.0)[1] == pytest.approx(10 + LATE_START_S - 1.0)  # first come, first served
+
+
+def test_a_group_of_waiting_calls_gets_as_many_as_fit_beside_the_first():
+    window = SlidingWindow(RateLimit(rpm=4, tpm=100, window_s=10))
+    assert window.reserve(0.0, [30, 30, 30, 30], [None] * 4)[1:] == (0.0, 3)  # the fourth's 30 tokens do not fit
+    _, wait, granted = window.reserve(0.0, [30, 30], [None, None])
+    assert (wait, granted) == (pytest.approx(10 + LATE_START_S), 2)
+    # a call that may not wait that long is not held with the group, nor is any after it
+    assert window.reserve(0.0, [10, 10], [1.0, None]) == (None, pytest.approx(10 + LATE_START_S), 0)
+    assert window.reserve(0.0, [10, 10, 10], [None, 1.0, None])[2] == 1
 
 
 def test_any_window_holds_at_most_rpm_calls_and_tpm_tokens_whatever_the_arrivals():
@@ -82,10 +97,9 @@ def test_any_window_holds_at_most_rpm_calls_and_tpm_tokens_whatever_the_arrivals
     now, starts = 0.0, []
     for _ in range(400):
         now += rng.expovariate(3.0)
-        tokens = rng.randint(1, 120)
-        entry, wait = window.reserve(now, tokens, rng.choice([None, 2.0, 30.0]))
-        if entry is not None:
-            starts.append((now + wait, tokens))
+        group = [rng.randint(1, 120) for _ in range(rng.randint(1, 4))]
+        _, wait, granted = window.reserve(now, group, [rng.choice([None, 2.0, 30.0])] * len(group))
+        starts += [(now + wait, tokens) for tokens in group[:granted]]
     assert len(starts) > 100
     for moment, _ in starts:  # every window [moment, moment + window_s) that starts at a call
         inside = [t for s, t in starts if moment <= s < moment + limit.window_s]
@@ -94,24 +108,18 @@ def test_any_window_holds_at_most_rpm_calls_and_tpm_tokens_whatever_the_arrivals
 
 def test_settling_frees_unused_tokens_and_charges_retried_attempts():
     window = SlidingWindow(RateLimit(rpm=4, tpm=100, window_s=10))
-    first, _ = window.reserve(0.0, 80, None)
-    assert window.reserve(0.0, 80, 0.0)[0] is None  # 160 tokens do not fit 100
+    first, _ = reserve_one(window, 0.0, 80)
+    assert reserve_one(window, 0.0, 80, 0.0)[0] is None  # 160 tokens do not fit 100
     assert first is not None
     window.settle(first, calls=1, tokens=20)  # the provider reported 20
-    assert window.reserve(0.0, 80, 0.0)[1] == 0.0
+    assert reserve_one(window, 0.0, 80, 0.0)[1] == 0.0
     crowded = SlidingWindow(RateLimit(rpm=2, window_s=10))
-    retried, _ = crowded.reserve(0.0, 0, None)
+    retried, _ = reserve_one(crowded, 0.0)
     assert retried is not None
     crowded.settle(retried, calls=2, tokens=0)  # the backend retried once: two provider calls
-    assert crowded.reserve(0.0, 0, 0.0)[0] is None
-
-
-def test_a_released_reservation_gives_its_room_back():
-    window = SlidingWindow(RateLimit(rpm=1, window_s=10))
-    held, _ = window.reserve(0.0, 0, None)
-    assert held is not None
-    window.release(held)
-    assert window.reserve(0.0, 0, 0.0)[1] == 0.0
+    assert reserve_one(crowded, 0.0, max_wait=0.0)[0] is None
+    crowded.settle(retried, calls=0, tokens=0)  # given back (never started)
+    assert reserve_one(crowded, 0.0, max_wait=0.0)[1] == 0.0
 
 
 def test_a_call_reserves_its_estimated_prompt_plus_its_max_tokens():
