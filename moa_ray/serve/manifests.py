@@ -32,6 +32,10 @@ RAY_VERSION = "2.60.0"
 SECRET_NAME = "moa-ray-secrets"
 CONFIG_MAP_NAME = "moa-ray-config"
 CONFIG_MOUNT = "/etc/moa-ray"
+#: The label on every Ray pod these manifests start (head and workers, served or evaluating): the PodMonitor selects it.
+POD_LABELS = {"app.kubernetes.io/name": "moa-ray"}
+#: The container port KubeRay adds to every Ray container for Ray's metrics export (``metrics-export-port`` 8080).
+METRICS_PORT_NAME = "metrics"
 AWS_INSTANCE_TYPES = {0: "m5.2xlarge", 1: "g5.2xlarge", 2: "g5.12xlarge", 4: "g5.12xlarge", 8: "g5.48xlarge"}
 
 
@@ -207,7 +211,7 @@ def raycluster_spec(config: MoARayConfig, pipelines: list[str] | None, image: st
                 "minReplicas": pool.min_nodes,
                 "maxReplicas": pool.max_nodes,
                 "rayStartParams": {"resources": _kuberay_resources_param(pool.ray_resources), "num-gpus": str(pool.node_gpus)},
-                "template": {"metadata": {"labels": {"moa-ray/pool": pool.group_name}}, "spec": pod},
+                "template": {"metadata": {"labels": {**POD_LABELS, "moa-ray/pool": pool.group_name}}, "spec": pod},
             }
         )
     return {
@@ -216,7 +220,8 @@ def raycluster_spec(config: MoARayConfig, pipelines: list[str] | None, image: st
         "headGroupSpec": {
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
             "template": {
-                "spec": {"containers": [_container("ray-head", image, env, head_limits, head=True, mounts=mounts)], "volumes": volumes}
+                "metadata": {"labels": dict(POD_LABELS)},
+                "spec": {"containers": [_container("ray-head", image, env, head_limits, head=True, mounts=mounts)], "volumes": volumes},
             },
         },
         "workerGroupSpecs": groups,
@@ -282,6 +287,22 @@ def rayjob(
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 600,
             "rayClusterSpec": raycluster_spec(config, names, image, results_claim=results_claim),
+        },
+    }
+
+
+def podmonitor(name: str = "moa-ray", interval_s: int = 15) -> dict[str, Any]:
+    """A prometheus-operator PodMonitor that scrapes every moa-ray Ray pod's metrics export (moa-ray's, Serve's and
+    vLLM's metrics: Ray's metrics agent on each node exports its processes'), labelled with the Ray cluster and node type.
+    Prometheus picks it up where its ``podMonitorSelector`` matches its labels (add yours, e.g. ``release``)."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {"name": name, "labels": dict(POD_LABELS)},
+        "spec": {
+            "selector": {"matchLabels": dict(POD_LABELS)},
+            "podTargetLabels": ["ray.io/cluster", "ray.io/node-type"],
+            "podMetricsEndpoints": [{"port": METRICS_PORT_NAME, "path": "/metrics", "interval": f"{interval_s}s"}],
         },
     }
 
