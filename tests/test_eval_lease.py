@@ -106,3 +106,52 @@ def test_generate_on_an_output_another_run_writes_is_refused_before_any_call(tmp
         with pytest.raises(StoreError, match="someone-else"):
             run_generation(config, load_dataset("alpaca_eval", limit=1), {}, options)
     assert not list((tmp_path / "gen").glob("*.parquet"))
+
+
+def contend(out: str, owners: list[str]) -> list[WriterLease]:
+    """Each owner acquires the lease at the same instant; the leases held."""
+    leases = [WriterLease(out, owner) for owner in owners]
+    held: list[WriterLease] = []
+    barrier = threading.Barrier(len(leases))
+
+    def take(lease: WriterLease) -> None:
+        barrier.wait()
+        try:
+            held.append(lease.acquire())
+        except StoreError:
+            pass
+
+    threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return held
+
+
+def test_concurrent_takers_of_a_stale_lease_race_and_exactly_one_wins(tmp_path: Path) -> None:
+    for trial in range(5):
+        out = tmp_path / f"stale-{trial}"
+        out.mkdir()
+        (out / LEASE_FILE).write_text(json.dumps({"owner": "dead", "host": "elsewhere", "pid": 1, "heartbeat": time.time() - 600}))
+        held = contend(str(out), [f"run-{i}" for i in range(6)])
+        assert len(held) == 1 and held[0].took_over is not None and held[0].took_over["owner"] == "dead"
+        assert json.loads((out / LEASE_FILE).read_text())["owner"] == held[0].owner
+        held[0].release()
+
+
+def test_a_run_that_lost_its_lease_never_writes_over_its_successor(tmp_path: Path) -> None:
+    paused = WriterLease(str(tmp_path), "paused", heartbeat_s=3600).acquire()  # its heartbeat comes too late
+    successor = WriterLease(str(tmp_path), "successor", stale_after_s=0.0).acquire()
+    assert successor.took_over is not None and successor.took_over["owner"] == "paused"
+    paused._renew()  # the late heartbeat: refused, as the lease is no longer the one it wrote
+    assert paused.lost.is_set() and json.loads((tmp_path / LEASE_FILE).read_text())["owner"] == "successor"
+    paused.release()  # and its release leaves the successor's lease in place
+    assert json.loads((tmp_path / LEASE_FILE).read_text())["owner"] == "successor"
+    successor.release()
+    assert not (tmp_path / LEASE_FILE).exists()
+
+
+def test_a_filesystem_without_atomic_writes_is_refused_by_name() -> None:
+    with pytest.raises(StoreError, match="the mock filesystem has no atomic create"):
+        WriterLease("mock:///run", "run-a")
