@@ -30,9 +30,11 @@ WINDOW_S = 2.0
 
 
 @pytest.fixture(autouse=True)
-def fresh_windows(monkeypatch):
-    """Each test starts with empty process-local windows."""
-    monkeypatch.setattr(limits, "_in_process", limits._InProcess())
+def fresh_windows(request, monkeypatch):
+    """Each test without Ray starts with empty windows of its own (even where an earlier test left Ray running)."""
+    if request.node.get_closest_marker("ray") is None:
+        fresh = limits._InProcess()
+        monkeypatch.setattr(limits, "process_windows", lambda: fresh)
 
 
 def remote(base_url: str, model_id: str, **extra: Any) -> dict[str, Any]:
