@@ -103,13 +103,13 @@ def report_stage(gen: str, judged: str, report: str) -> Stage:
     """``eval report`` over every judgment table: the main table and plots, and the rubric tables; ok = files written."""
     from moa_ray.eval.judging import read_generations, read_judgments
     from moa_ray.eval.report import build_report, build_rubric_tables, write_report
-    from moa_ray.eval.tables import write_rubric_report
+    from moa_ray.eval.tables import write_benchmark_tables
 
     start = time.perf_counter()
     gens = read_generations(gen)
     found = read_judgments(judged)
     rows = build_report(gens, found.pairwise, found.grades, exact=found.exact, baseline_pairs=found.baseline_pairs)
-    written = write_report(rows, report) + write_rubric_report(build_rubric_tables(gens, found.rubric), report)
+    written = write_report(rows, report) + write_benchmark_tables(build_rubric_tables(gens, found.rubric), report)
     return Stage(name="report", wall_s=time.perf_counter() - start, calls=0, ok=len(written), failed=0)
 
 

@@ -501,7 +501,7 @@ def report_command(
     from moa_ray.eval.metrics import GLMData
     from moa_ray.eval.report import benchmark_tables, build_report, report_groups, rich_table, write_report
     from moa_ray.eval.store import join
-    from moa_ray.eval.tables import rich_rubric_table, write_rubric_report
+    from moa_ray.eval.tables import rich_benchmark_table, write_benchmark_tables
 
     gens = read_generations(generations, proposers=proposers)
     if not gens:
@@ -530,10 +530,10 @@ def report_command(
         make_console(stderr=False).print(rich_table(rows, title="moa-ray evaluation" + (f": {name}" if name else "")))
         for path in write_report(rows, target):
             err_console.print(f"wrote {path}", highlight=False)
-    rubric_tables = benchmark_tables(gens, {RUBRIC_MODE: judged.rubric, **judged.others}, pipelines=_names(pipeline_names))
-    for table in rubric_tables:
-        make_console(stderr=False).print(rich_rubric_table(table))
-    for path in write_rubric_report(rubric_tables, out):
+    own_tables = benchmark_tables(gens, {RUBRIC_MODE: judged.rubric, **judged.others}, pipelines=_names(pipeline_names))
+    for table in own_tables:
+        make_console(stderr=False).print(rich_benchmark_table(table))
+    for path in write_benchmark_tables(own_tables, out):
         err_console.print(f"wrote {path}", highlight=False)
 
 

@@ -326,7 +326,7 @@ def run_exact(generations: Rows, out: str, run_id: str, *, pipelines: list[str] 
     done = table.latest()
     request = plan_request(judge="", mode=EXACT.mode, pipelines=pipelines, limit=limit)
     items = EXACT.plan(generations, done, request)
-    context = JudgeContext(agent=None, judge="", run_id=run_id, params=ChatParams(), catalog=registry.REGISTRY)  # type: ignore[arg-type]
+    context = JudgeContext(agent=None, judge="", run_id=run_id, params=ChatParams(), catalog=registry.REGISTRY)
 
     async def score() -> list[Any]:
         return [await EXACT.judge(item, context) for item in items]

@@ -28,7 +28,7 @@ def _fmt(value: Cell) -> str:
     return str(value)
 
 
-def rich_rubric_table(table: BenchmarkTable) -> Table:
+def rich_benchmark_table(table: BenchmarkTable) -> Table:
     out = Table(title=table.title)
     out.add_column("pipeline")
     for col in table.columns:
@@ -38,7 +38,7 @@ def rich_rubric_table(table: BenchmarkTable) -> Table:
     return out
 
 
-def rubric_markdown(tables: Sequence[BenchmarkTable]) -> str:
+def tables_markdown(tables: Sequence[BenchmarkTable]) -> str:
     parts = []
     for t in tables:
         lines = [f"### {t.title}", "", "| pipeline | " + " | ".join(t.columns) + " |", "|---|" + "---:|" * len(t.columns)]
@@ -47,7 +47,7 @@ def rubric_markdown(tables: Sequence[BenchmarkTable]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def rubric_csv(table: BenchmarkTable) -> str:
+def table_csv(table: BenchmarkTable) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["pipeline", *table.columns])
@@ -56,7 +56,7 @@ def rubric_csv(table: BenchmarkTable) -> str:
     return buf.getvalue()
 
 
-def rubric_parquet(table: BenchmarkTable) -> bytes:
+def table_parquet(table: BenchmarkTable) -> bytes:
     """The table with an explicit schema: pipeline string, counts int64, everything else float64."""
     counts = {c for c in table.columns if c in ("n", "answers") or c.startswith("n_")}
     schema = pa.schema(
@@ -78,14 +78,15 @@ def bar_chart(table: BenchmarkTable) -> bytes | None:
     return grouped_bars(cols, series, ylabel=table.ylabel, title=table.title)
 
 
-def write_rubric_report(tables: Sequence[BenchmarkTable], out: str) -> list[str]:
-    """rubric.md, and per table <name>.csv, <name>.parquet and <name>.png (when it has bars); returns what was written."""
+def write_benchmark_tables(tables: Sequence[BenchmarkTable], out: str) -> list[str]:
+    """rubric.md (every table, in Markdown; the name it has always had, from the rubric benchmarks' tables), and per
+    table <name>.csv, <name>.parquet and <name>.png (when it has bars); returns what was written."""
     if not tables:
         return []
-    files: dict[str, bytes] = {"rubric.md": rubric_markdown(tables).encode()}
+    files: dict[str, bytes] = {"rubric.md": tables_markdown(tables).encode()}
     for table in tables:
-        files[f"{table.name}.csv"] = rubric_csv(table).encode()
-        files[f"{table.name}.parquet"] = rubric_parquet(table)
+        files[f"{table.name}.csv"] = table_csv(table).encode()
+        files[f"{table.name}.parquet"] = table_parquet(table)
         png = bar_chart(table)
         if png:
             files[f"{table.name}.png"] = png

@@ -123,23 +123,25 @@ class PlanRequest:
         return self.pipelines is None or pipeline in self.pipelines
 
 
-Ask = Callable[..., Any]
-
-
 @dataclass
 class JudgeContext:
-    """One worker's judge: the model to ask, and what every row it writes records."""
+    """One worker's judge: the model to ask (none for a kind that needs none), and what every row it writes records."""
 
-    agent: Agent
+    agent: Agent | None
     judge: str
     run_id: str
     params: ChatParams
     catalog: Catalog = NO_BENCHMARKS
 
+    def model(self) -> Agent:
+        if self.agent is None:
+            raise RuntimeError("this judging has no judge model (a kind that needs one was given none)")
+        return self.agent
+
     async def ask(self, messages: list[ChatMessage], params: ChatParams | None = None) -> tuple[Completion, float]:
         """The judge's completion of ``messages`` and how long it took."""
         start = time.perf_counter()
-        completion = await self.agent.chat(messages, params or self.params)
+        completion = await self.model().chat(messages, params or self.params)
         return completion, time.perf_counter() - start
 
 

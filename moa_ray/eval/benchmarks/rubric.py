@@ -249,7 +249,7 @@ class RubricKind(JudgmentKind[RubricItem, RubricRow]):
         return found.rubric
 
     async def judge(self, item: RubricItem, ctx: JudgeContext) -> RubricRow:
-        return await judge_item(self._judge_of(item, ctx), item, ctx.agent, ctx.params, judge=ctx.judge, run_id=ctx.run_id)
+        return await judge_item(self._judge_of(item, ctx), item, ctx.model(), ctx.params, judge=ctx.judge, run_id=ctx.run_id)
 
     def failed(self, item: RubricItem, error: str, ctx: JudgeContext) -> RubricRow:
         return failed_row(self._judge_of(item, ctx), item, error, judge=ctx.judge, run_id=ctx.run_id)
