@@ -213,12 +213,13 @@ class Pipeline:
         return None
 
     def _fallbacks(self, model: str, trace: Trace) -> Iterator[str]:
-        """The models a failed call to ``model`` is made again on, one by one while the request has time left."""
+        """The models a failed call to ``model`` is made again on, one by one while the request has time left (more
+        than :data:`DEADLINE_GRACE_S`: a call that failed as its deadline passed is not made again)."""
         if not self.models or model not in self.models:
             return
         for other in fallback_chain(self.models, model):
             left = trace.time_left_s()
-            if left is not None and left <= 0:
+            if left is not None and left <= DEADLINE_GRACE_S:
                 return
             if other in self.agents:
                 yield other
