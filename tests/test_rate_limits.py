@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.simulator import Behaviour, SimulatorConfig, free_port
+from bench.simulator import SimulatorConfig, free_port
 from moa_ray.chat import ChatMessage, ChatParams
 from moa_ray.config import parse_config
 from moa_ray.errors import AggregatorFailed, OverRateLimit
@@ -247,6 +247,7 @@ async def test_a_limited_agent_pickles_with_its_limit_for_ray_workers():
 
     config = limited_config("http://127.0.0.1:1/v1", rpm=6)
     agent = agents_for(config, window_s=3.0)["lim"]
+    assert isinstance(agent, RateLimitedAgent)
     copy = pickle.loads(pickle.dumps(agent))
     assert isinstance(copy, RateLimitedAgent) and copy.limit == RateLimit(rpm=6, window_s=3.0) and copy.key == agent.key
     prepare_agents([copy])  # readies the inner in-process agent (needs a running loop)
@@ -284,7 +285,6 @@ def test_two_processes_share_one_limit_through_the_clusters_actor(ray_session, s
     assert ray.get_actor(limits.ACTOR_NAME, namespace=limits.ACTOR_NAMESPACE) is not None
 
 
-def test_the_unlimited_model_pays_no_limiter(simulator):
+def test_the_unlimited_model_pays_no_limiter():
     config = limited_config("http://127.0.0.1:1/v1")
     assert not isinstance(agents_for(config)["lim"], RateLimitedAgent)
-    assert Behaviour  # the simulator's behaviours stay importable for the tests above
