@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import math
 import sys
 import threading
@@ -49,6 +50,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk
 from moa_ray.errors import BackendError, OverRateLimit
 from moa_ray.wire import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE, TOKENS_PER_REPLY
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from moa_ray.config import ModelSpecBase
@@ -327,8 +330,12 @@ class _OnRay:
             return await getattr(self._handle(), method).remote(*args)
 
     def settle(self, key: str, entry_id: int, calls: int, tokens: int) -> None:
-        """Not waited for: the window only gets roomier (or, after retries, learns of attempts already made)."""
-        self._handle().settle.remote(key, entry_id, calls, tokens)
+        """Not waited for: the window only gets roomier (or, after retries, learns of attempts already made). A call
+        that answered never fails for it: without the actor, its reservation simply stands."""
+        try:
+            self._handle().settle.remote(key, entry_id, calls, tokens)
+        except Exception:  # Ray going away as the process ends
+            log.debug("could not settle a rate-limit reservation of %s", key, exc_info=True)
 
     async def reserve(self, key: str, limit: RateLimit, tokens: int, max_wait: float | None) -> tuple[Share | None, float]:
         loop = asyncio.get_running_loop()
