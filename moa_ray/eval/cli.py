@@ -497,16 +497,16 @@ def report_command(
 ) -> None:
     """Per pipeline: win rates, LC win rate, MT-Bench, GSM8K, FLASK, Just-Eval, CEB, tokens, cost, latency, TFLOPs; tables and plots."""
     from moa_ray.eval.benchmarks.rubric import RUBRIC_MODE
-    from moa_ray.eval.judging import Judgments, read_generations, read_judgments
+    from moa_ray.eval.judging import REPORT_COLUMNS, Judgments, read_generations, read_judgments
     from moa_ray.eval.metrics import GLMData
     from moa_ray.eval.report import benchmark_tables, build_report, report_groups, rich_table, write_report
     from moa_ray.eval.store import join
     from moa_ray.eval.tables import rich_benchmark_table, write_benchmark_tables
 
-    gens = read_generations(generations, proposers=proposers)
+    gens = read_generations(generations, proposers=proposers, columns=REPORT_COLUMNS)
     if not gens:
         raise MoARayError(f"no generations in {generations}")
-    judged = read_judgments(judgments, judge_model, annotator) if judgments else Judgments()
+    judged = read_judgments(judgments, judge_model, annotator, for_report=True) if judgments else Judgments()
     glm = GLMData.from_dir(glm_data) if glm_data else None
     groups = report_groups(gens)
     # one benchmark: its report in OUT as always; several: one report each in OUT/<dataset>, tokens of its own answers

@@ -18,6 +18,8 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, Field, model_validator
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion
@@ -32,7 +34,7 @@ from moa_ray.eval.lease import WriterLease
 from moa_ray.eval.progress import EvalProgress
 from moa_ray.eval.runner import PoolKind, count_rows, make_pool
 from moa_ray.eval.schema import GenerationRow
-from moa_ray.eval.store import RowTable
+from moa_ray.eval.store import RowTable, resolve_latest
 from moa_ray.pipeline.agents import Agent
 
 AUTO = "auto"
@@ -360,17 +362,36 @@ def is_exact_answer(answer: Row) -> bool:
 
 #: Every generation column but the trace (the largest by far, and read by no judge or report).
 ANSWER_COLUMNS = [f.name for f in GenerationRow.SCHEMA if f.name != "trace"]
+#: What the report reads of an answer: its numbers, none of its texts.
+REPORT_COLUMNS = ["dataset", "prompt_tokens", "completion_tokens", "latency_s", "cost_usd", "tflops"]
 
 
-def read_generations(uri: str, *, proposers: bool = False) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """The answers of a generations directory; with ``proposers``, each stored layer-1 answer too, as an entry of its
-    own (``proposer:<label>``, from the call table: no new generation call; see :func:`~moa_ray.eval.calls.proposer_entries`)."""
-    rows = RowTable(uri, GenerationRow).latest(ANSWER_COLUMNS)  # never the traces: judging and reports read none
+def read_generations(uri: str, *, proposers: bool = False, columns: list[str] | None = None) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The answers of a generations directory (``columns``: only those besides the key and status, default
+    :data:`ANSWER_COLUMNS`); with ``proposers``, each stored layer-1 answer too, as an entry of its own
+    (``proposer:<label>``, from the call table: no new generation call; see :func:`~moa_ray.eval.calls.proposer_entries`)."""
+    rows = RowTable(uri, GenerationRow).latest(columns or ANSWER_COLUMNS)  # never the traces: judging and reports read none
     if proposers:
         from moa_ray.eval.calls import proposer_entries
 
-        rows.update({r.row_key(): r.model_dump() for r in proposer_entries(uri, run_id="proposers")})
+        wanted = set(rows[next(iter(rows))]) if rows else None
+        for entry in proposer_entries(uri, run_id="proposers"):
+            row = entry.model_dump()
+            rows[entry.row_key()] = row if wanted is None else {k: v for k, v in row.items() if k in wanted}
     return rows
+
+
+def report_rows(kind: JudgmentKind[Any, Any], out: str) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """A kind's resolved rows with only its :attr:`~moa_ray.eval.benchmarks.base.JudgmentKind.report_columns`, read
+    a batch at a time: a ``<text>_length`` column is measured in each batch, so no text is ever held whole."""
+    table = kind.table(out)
+    wanted = list(dict.fromkeys([*table.key, "status", "attempt", "created_at", *(kind.report_columns or ())]))
+    source = {c: c.removesuffix("_length") for c in wanted if c not in table.schema.names and c.endswith("_length")}
+    rows: list[dict[str, Any]] = []
+    for batch in table.batches(list(dict.fromkeys(source.get(c, c) for c in wanted))):
+        columns = {c: pc.utf8_length(batch.column(source[c])) if c in source else batch.column(c) for c in wanted}
+        rows += pa.RecordBatch.from_pydict(columns).to_pylist()
+    return resolve_latest(rows, table.key, table.row_type.RESOLVE)
 
 
 class Judgments(BaseModel):
@@ -389,15 +410,17 @@ class Judgments(BaseModel):
         return {**named, RUBRIC_MODE: self.rubric, EXACT.mode: self.exact, **self.others}
 
 
-def read_judgments(out: str, judge: str | None = None, annotator: str | None = None) -> Judgments:
-    """Every judgment table of ``out``, one judge's rows (``judge``, else the only one of each kind).
+def read_judgments(out: str, judge: str | None = None, annotator: str | None = None, *, for_report: bool = False) -> Judgments:
+    """Every judgment table of ``out``, one judge's rows (``judge``, else the only one of each kind); ``for_report``:
+    only the columns each kind's report reads (:attr:`~moa_ray.eval.benchmarks.base.JudgmentKind.report_columns`).
 
     ``annotator`` picks the AlpacaEval win rates' source when both ``pairwise`` and
     ``alpaca-eval-official`` annotations are there; a choice that is needed and missing is a MoARayError.
     """
 
     def ok(kind: JudgmentKind[Any, Any]) -> list[dict[str, Any]]:
-        return [r for r in kind.table(out).latest().values() if r["status"] == "ok"]
+        rows = report_rows(kind, out) if for_report and kind.report_columns is not None else kind.table(out).latest()
+        return [r for r in rows.values() if r["status"] == "ok"]
 
     if annotator not in (None, PAIRWISE_MODE, OFFICIAL_MODE):
         raise MoARayError(f"unknown annotator {annotator!r} (pairwise or alpaca-eval-official)")

@@ -343,13 +343,19 @@ def alpaca_index() -> dict[str, int]:
     return {r["instruction"]: i for i, r in enumerate(shipped_jsonl("alpaca_eval", "alpaca_eval.jsonl"))}
 
 
+def chars(record: Mapping[str, Any], column: str) -> int:
+    """The length of an output in characters: ``<column>_length`` where a reader measured it (and left the text on
+    disk), else the text's."""
+    measured = record.get(f"{column}_length")
+    return int(measured) if measured is not None else len(record.get(column) or "")
+
+
 def win_rates(records: list[dict[str, Any]], *, glm_data: GLMData | None = None, lc: bool = True) -> dict[str, WinRate]:
     """AlpacaEval metrics per generator (``generator_2``) of annotations in AlpacaEval's format."""
     records = _resolve_own_rows(records)
-    needed = ("output_1", "output_2", "preference")
     if not records:
         raise MetricsError("no annotations")
-    missing = [c for c in needed if c not in records[0]]
+    missing = [c for c in ("output_1", "output_2", "preference") if c not in records[0] and f"{c}_length" not in records[0]]
     if missing:
         raise MetricsError(
             f"annotations lack the columns {missing} (AlpacaEval format: instruction, output_1, output_2, preference, generator_2)"
@@ -361,7 +367,7 @@ def win_rates(records: list[dict[str, Any]], *, glm_data: GLMData | None = None,
     out = {}
     for generator, rows in groups.items():
         h2h = head_to_head([r["preference"] for r in rows])
-        lengths = [len(r["output_2"] or "") for r in rows]
+        lengths = [chars(r, "output_2") for r in rows]
         result = WinRate.model_validate({"generator": generator, "avg_length": int(np.mean(lengths)), **h2h})
         if lc and h2h["n_total"] >= N_SPLITS:
             positions = None
@@ -371,7 +377,7 @@ def win_rates(records: list[dict[str, Any]], *, glm_data: GLMData | None = None,
                 except KeyError as err:
                     raise MetricsError(f"instruction not in AlpacaEval, no difficulty for it: {str(err)[:80]}") from None
             lcw, lcse, model = length_controlled_win_rate(
-                [r["preference"] for r in rows], lengths, [len(r["output_1"] or "") for r in rows], positions, glm_data
+                [r["preference"] for r in rows], lengths, [chars(r, "output_1") for r in rows], positions, glm_data
             )
             result = result.model_copy(update={"lc_win_rate": lcw, "lc_standard_error": lcse, "lc_model": model})
         out[generator] = result

@@ -72,6 +72,18 @@ PAIRWISE_DIR = "pairwise"
 OFFICIAL_DIR = "alpaca_eval_official"
 #: AlpacaEval's results layout (<pipeline>/model_outputs.json, <pipeline>/<annotator>/annotations.json).
 ALPACA_RESULTS_DIR = "alpaca_eval_results"
+#: What the win rates read of an annotation: the outputs' lengths, not their texts, nor the judges' texts.
+WIN_RATE_COLUMNS = (
+    "prompt_id",
+    "pipeline",
+    "judge",
+    "status",
+    "instruction",
+    "output_1_length",
+    "output_2_length",
+    "generator_2",
+    "preference",
+)
 
 ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 _DIR = ("alpaca_eval", ANNOTATOR)
@@ -346,6 +358,7 @@ class PairwiseKind(JudgmentKind[PairwiseItem, PairwiseRow]):
     table_dir: ClassVar[str] = PAIRWISE_DIR
     item_type: ClassVar[type[BaseModel]] = PairwiseItem
     row_type: ClassVar[type[PairwiseRow]] = PairwiseRow
+    report_columns: ClassVar[tuple[str, ...] | None] = WIN_RATE_COLUMNS
 
     def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[PairwiseItem]:
         return [PairwiseItem(**c) for c in plan_comparisons(answers, done, request)]
@@ -467,6 +480,7 @@ class OfficialKind(JudgmentKind[OfficialItem, OfficialAnnotationRow]):
     table_dir: ClassVar[str] = OFFICIAL_DIR
     item_type: ClassVar[type[BaseModel]] = OfficialItem
     row_type: ClassVar[type[OfficialAnnotationRow]] = OfficialAnnotationRow
+    report_columns: ClassVar[tuple[str, ...] | None] = WIN_RATE_COLUMNS
 
     def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[OfficialItem]:
         return [OfficialItem(**c) for c in plan_comparisons(answers, done, request)]

@@ -194,6 +194,9 @@ class JudgmentKind(Protocol, Generic[ItemT, RowT]):
     row_type: ClassVar[type[_Row]]
     #: False: scored in this process without a judge model (GSM8K's exact match).
     needs_judge: ClassVar[bool] = True
+    #: The columns :meth:`aggregate` reads (the report reads no others; None: every column); ``<text>_length``: the
+    #: length in characters of the text column ``<text>``, measured as the table is read, so the text stays on disk.
+    report_columns: ClassVar[tuple[str, ...] | None] = None
 
     def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> Sequence[ItemT]:
         """The items of ``answers`` (finished or not, every dataset the mode covers) not yet judged ok in ``done``."""

@@ -229,6 +229,7 @@ class ExactKind(JudgmentKind[ExactItem, ExactRow]):
     item_type: ClassVar[type[BaseModel]] = ExactItem
     row_type: ClassVar[type[ExactRow]] = ExactRow
     needs_judge: ClassVar[bool] = False
+    report_columns: ClassVar[tuple[str, ...] | None] = ("prompt_id", "pipeline", "turn", "dataset", "status", "correct")
 
     def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[ExactItem]:
         fields = ("prompt_id", "pipeline", "turn", "dataset", "category", "output", "reference")

@@ -346,6 +346,7 @@ class SingleKind(JudgmentKind[GradeItem, GradeRow]):
     table_dir: ClassVar[str] = SINGLE_DIR
     item_type: ClassVar[type[BaseModel]] = GradeItem
     row_type: ClassVar[type[GradeRow]] = GradeRow
+    report_columns: ClassVar[tuple[str, ...] | None] = ("prompt_id", "pipeline", "turn", "judge", "status", "category", "score")
 
     def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[GradeItem]:
         """Every answered turn (1 and 2, without a gap) not graded ok with ``request.repeats`` repeats."""
@@ -463,6 +464,7 @@ class BaselineKind(JudgmentKind[BaselinePairItem, BaselinePairRow]):
     table_dir: ClassVar[str] = BASELINE_DIR
     item_type: ClassVar[type[BaseModel]] = BaselinePairItem
     row_type: ClassVar[type[BaselinePairRow]] = BaselinePairRow
+    report_columns: ClassVar[tuple[str, ...] | None] = ("prompt_id", "pipeline", "baseline", "turn", "judge", "status", "outcome")
 
     def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[BaselinePairItem]:
         baseline = request.baseline

@@ -189,6 +189,7 @@ class RubricKind(JudgmentKind[RubricItem, RubricRow]):
     table_dir: ClassVar[str] = RUBRIC_DIR
     item_type: ClassVar[type[BaseModel]] = RubricItem
     row_type: ClassVar[type[RubricRow]] = RubricRow
+    report_columns: ClassVar[tuple[str, ...] | None] = ("prompt_id", "pipeline", "turn", "judge", "benchmark", "status", "labels", "scores")
 
     def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[RubricItem]:
         """Finished turn-1 answers of rubric benchmarks not yet judged ok by ``request.judge`` (failed ones again)."""
