@@ -260,6 +260,7 @@ def deploy_models(config: MoARayConfig, models: list[str], *, app_name: str = "m
     from ray import serve
 
     from moa_ray.serve.builder import agent_deployment_name, agents_fingerprint, build_agents_app
+    from moa_ray.serve.handle import handle_agents
 
     if not http:
         serve.start(proxy_location="Disabled")
@@ -268,7 +269,9 @@ def deploy_models(config: MoARayConfig, models: list[str], *, app_name: str = "m
         log.info("reusing the running Serve application %r (same models and specs)", app_name)
     else:
         serve.run(build_agents_app(config, deployed, fingerprint), name=app_name, route_prefix=None)
-    return assemble_agents(config, models, {m: serve.get_deployment_handle(agent_deployment_name(m), app_name) for m in deployed})
+    return assemble_agents(
+        config, models, handle_agents({m: serve.get_deployment_handle(agent_deployment_name(m), app_name) for m in deployed})
+    )
 
 
 def running_fingerprint(app_name: str) -> str | None:

@@ -34,7 +34,8 @@ def env(ray_session):
 
 def test_generate_judge_and_report_on_ray_actors(env, tmp_path: Path) -> None:
     """The smoke test: items sharded over two actors, which call an in-process agent and a Serve handle."""
-    from moa_ray.pipeline.agents import HandleAgent, InProcessAgent
+    from moa_ray.pipeline.agents import InProcessAgent
+    from moa_ray.serve.handle import HandleAgent
 
     config, agents, sim = env
     assert isinstance(agents["agg"], HandleAgent) and isinstance(agents["a"], InProcessAgent)

@@ -9,7 +9,7 @@ from ray.exceptions import RayActorError
 
 from moa_ray.chat import ChatParams, as_messages
 from moa_ray.errors import RateLimited
-from moa_ray.pipeline.agents import HandleAgent, direct_payload_limit
+from moa_ray.serve.handle import HandleAgent, direct_payload_limit
 
 
 class _Response:

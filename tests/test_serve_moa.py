@@ -20,9 +20,9 @@ from moa_ray.chat import ChatMessage, ChatParams, ChatRequest
 from moa_ray.config import parse_config
 from moa_ray.errors import AggregatorFailed, BackendError, LayerFailed, UpstreamError
 from moa_ray.pipeline import build_pipeline
-from moa_ray.pipeline.agents import HandleAgent, direct_payload_limit
 from moa_ray.pipeline.base import PipelineResult
 from moa_ray.serve.auth import KeyVerifier, Redactor
+from moa_ray.serve.handle import HandleAgent, direct_payload_limit
 from moa_ray.serve.ingress import create_api
 from moa_ray.serve.service import ChatService
 

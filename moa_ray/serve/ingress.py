@@ -144,10 +144,11 @@ def build_service(config: dict[str, Any], pipelines: list[str], handles: dict[st
     from moa_ray.config import parse_config
     from moa_ray.pipeline import build_pipeline
     from moa_ray.pipeline.agents import assemble_agents
+    from moa_ray.serve.handle import handle_agents
 
     cfg = parse_config(config, "<serve application args>")
     keys = load_api_keys()
-    agents = assemble_agents(cfg, cfg.models_for(pipelines), handles)  # as a session assembles them
+    agents = assemble_agents(cfg, cfg.models_for(pipelines), handle_agents(handles))  # as a session assembles them
     built = {name: build_pipeline(cfg, name, agents) for name in pipelines}
     log.info(
         "moa-ray ingress: pipelines %s; client API keys %s",
