@@ -100,7 +100,7 @@ def with_role(messages: list[ChatMessage], system: str | None) -> list[ChatMessa
 # --------------------------------------------------------------------------- SMoA, ranker, roles
 # SMoA (Li et al. 2024): the judge keeps the best k responses and the moderator decides by their
 # consistency whether to end the debate, by default in one call. Output is requested as JSON with
-# the paper's fields (reasoning, chosen responses, end debate); moa_ray.pipeline.judge also parses
+# the paper's fields (reasoning, chosen responses, end debate); moa_ray.pipeline.selection also parses
 # the paper's markdown-ish form. Response numbers shown to models are 1-based.
 
 

@@ -6,7 +6,7 @@ import jsonschema
 import pytest
 
 from moa_ray.chat import ChatMessage
-from moa_ray.pipeline.judge import first_k, judge_schema, parse_verdict, pick_one, ranker_schema, seed_material, select, shown_order
+from moa_ray.pipeline.selection import first_k, judge_schema, parse_verdict, pick_one, ranker_schema, seed_material, select, shown_order
 from moa_ray.prompts import judge_prompt, numbered_responses, render_question
 
 

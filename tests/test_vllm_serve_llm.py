@@ -21,7 +21,7 @@ from moa_ray.chat import ChatMessage, ChatParams, as_messages
 from moa_ray.config import load_config, parse_config
 from moa_ray.errors import ContextLengthExceeded
 from moa_ray.pipeline import build_pipeline
-from moa_ray.pipeline.judge import judge_schema, parse_verdict
+from moa_ray.pipeline.selection import judge_schema, parse_verdict
 from moa_ray.prompts import judge_prompt
 from moa_ray.serve.auth import KeyVerifier, Redactor
 from moa_ray.serve.ingress import create_api

@@ -327,11 +327,13 @@ def _deliver(
         rows = result()
     except Exception as err:  # noqa: BLE001 - a lost item becomes error rows, retried next run
         stats.lost += 1
-        rows = handler.failed(item, f"{type(err).__name__}: {_first_line(err)}")
+        rows = handler.failed(item, f"{type(err).__name__}: {_last_line(err)}")
     on_rows(item, rows)
 
 
-def _first_line(err: BaseException) -> str:
+def _last_line(err: BaseException) -> str:
+    """The last line of ``err``'s text (at most 500 characters): a Ray task error's text is the remote traceback,
+    whose last line is the error itself (``ValueError: ...``); the row keeps that, not the traceback."""
     text = str(err).strip()
     return text.splitlines()[-1][:500] if text else ""
 

@@ -19,7 +19,7 @@ import time
 from moa_ray.chat import ChatMessage, ChatParams
 from moa_ray.config import RankerPipelineSpec, SelfMoAPipelineSpec, SinglePipelineSpec
 from moa_ray.pipeline.base import FinalCall, KnownAnswer, Pipeline
-from moa_ray.pipeline.judge import Selection, first_k, parse_verdict, pick_one, ranker_schema, seed_material
+from moa_ray.pipeline.selection import Selection, first_k, parse_verdict, pick_one, ranker_schema, seed_material
 from moa_ray.pipeline.trace import LayerRecord, Trace
 from moa_ray.prompts import ranker_prompt, render_question
 

@@ -14,7 +14,7 @@ random order, against position bias; the judge's numbers are mapped back.
 The moderator is not asked after the last layer (the loop ends anyway), and the
 judge is skipped where there is nothing to choose (no more than ``k`` responses,
 no moderation due). Selections that are missing, malformed or out of range are
-repaired by the seeded fallback of :mod:`moa_ray.pipeline.judge`; a failed judge
+repaired by the seeded fallback of :mod:`moa_ray.pipeline.selection`; a failed judge
 keeps the first ``k`` responses; a failed or silent moderator never stops the
 debate. Every such repair is recorded in ``LayerRecord.judge_fallback``.
 """
@@ -30,9 +30,11 @@ from moa_ray.chat import ChatMessage, ChatParams
 from moa_ray.config import ModelSpecBase, ProposerSpec, SMoAPipelineSpec
 from moa_ray.pipeline.agents import Agent
 from moa_ray.pipeline.base import FinalCall, Pipeline, Response
-from moa_ray.pipeline.judge import (
+from moa_ray.pipeline.reuse import CallReuse
+from moa_ray.pipeline.roles import CallFn, RoleAssigner, RoleCache, assign_roles
+from moa_ray.pipeline.selection import (
     Selection,
-    Verdict,
+    SelectionVerdict,
     first_k,
     judge_schema,
     moderator_schema,
@@ -41,8 +43,6 @@ from moa_ray.pipeline.judge import (
     select,
     shown_order,
 )
-from moa_ray.pipeline.reuse import CallReuse
-from moa_ray.pipeline.roles import CallFn, RoleAssigner, RoleCache, assign_roles
 from moa_ray.pipeline.trace import LayerRecord, Trace
 from moa_ray.prompts import inject_references, judge_prompt, moderator_prompt, render_question
 
@@ -179,7 +179,7 @@ class SMoAPipeline(Pipeline):
                 c.selected = c.index in record.selected
 
     @staticmethod
-    def _record_stop(trace: Trace, record: LayerRecord, layer_no: int, verdict: Verdict) -> None:
+    def _record_stop(trace: Trace, record: LayerRecord, layer_no: int, verdict: SelectionVerdict) -> None:
         record.stopped = True
         reason = verdict.reasoning.strip() or "the responses are consistent"
         record.stop_reason = reason if len(reason) <= 300 else reason[:297] + "..."

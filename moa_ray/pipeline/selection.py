@@ -51,7 +51,7 @@ _RE_BEST = re.compile(r"best[\s_-]*response" + _KEY_TAIL + r"\D{0,20}?(\d+)", re
 _RE_BARE_LIST = re.compile(r"^\[?\s*\d+(\s*,\s*\d+)*\s*\]?$")
 
 
-class Verdict(BaseModel):
+class SelectionVerdict(BaseModel):
     """What a judge, moderator or ranker said, as far as it could be read."""
 
     reasoning: str = ""
@@ -151,8 +151,8 @@ def _json_object(text: str) -> dict[str, Any] | None:
     return next((v for v in json_values(text, "{") if isinstance(v, dict)), None)
 
 
-def _from_json(obj: dict[str, Any]) -> Verdict | None:
-    verdict = Verdict(form="json")
+def _from_json(obj: dict[str, Any]) -> SelectionVerdict | None:
+    verdict = SelectionVerdict(form="json")
     found = False
     for key, value in obj.items():
         k = _norm_key(str(key))
@@ -168,8 +168,8 @@ def _from_json(obj: dict[str, Any]) -> Verdict | None:
     return verdict if found else None
 
 
-def _from_text(text: str) -> Verdict:
-    verdict = Verdict(form="text")
+def _from_text(text: str) -> SelectionVerdict:
+    verdict = SelectionVerdict(form="text")
     if m := _RE_CHOSEN.search(text):
         value = m.group(1)
         if "[" in value:
@@ -188,7 +188,7 @@ def _from_text(text: str) -> Verdict:
     return verdict
 
 
-def parse_verdict(text: str) -> Verdict:
+def parse_verdict(text: str) -> SelectionVerdict:
     """Read a judge/moderator/ranker answer: JSON first, then the markdown-ish ``key: value`` form.
 
     JSON that is cut off (``max_tokens``) is read by the text patterns, which also
@@ -259,7 +259,7 @@ def first_k(n: int, k: int, reason: str) -> Selection:
     return Selection(positions=list(range(min(k, n))), fallback=f"{reason}; kept the first {min(k, n)} responses")
 
 
-def pick_one(verdict: Verdict, n: int, material: str) -> Selection:
+def pick_one(verdict: SelectionVerdict, n: int, material: str) -> Selection:
     """The ranker's single choice (its ``best_response``, else its first chosen number), validated like :func:`select`."""
     number = verdict.best
     if number is None and verdict.chosen:
