@@ -14,6 +14,7 @@ from serve_support import ANSWER_MARK, FakeProvider, fake_api, fake_layers_confi
 
 from bench.simulator import Behaviour, SimulatorConfig
 from moa_ray.backends import create_backend
+from moa_ray.backends.openai_http import OpenAIBackend
 from moa_ray.pipeline import build_pipeline
 from moa_ray.pipeline.agents import LocalAgent
 from moa_ray.serve import access_log
@@ -135,3 +136,18 @@ async def test_health_probes_are_not_logged(lines, counted):
         response = await c.get("/health")
     assert response.status_code == 200 and "x-request-id" not in response.headers
     assert lines() == [] and counted == []
+
+
+async def test_in_a_serve_replica_the_log_uses_serves_request_id_and_leaves_the_header_to_serve(lines, counted):
+    """Ray Serve puts its request id (the client's x-request-id, else a fresh one) in the request's headers and
+    returns it itself: the app adds no second header, and logs that id as it is."""
+    config = fake_layers_config()
+    provider = FakeProvider()
+    agents = {name: LocalAgent(OpenAIBackend(spec, transport=provider.transport())) for name, spec in config.models.items()}
+    pipelines = {name: build_pipeline(config, name, agents) for name in config.pipelines}
+    app = create_api(ChatService(config, pipelines, Redactor.for_config(config)), KeyVerifier(()), serve_request_ids=True)
+    async with client(app) as c:
+        response = await c.post("/v1/chat/completions", json={"model": "moa", "messages": USER}, headers={"x-request-id": "serve id 7"})
+    assert response.status_code == 200 and "x-request-id" not in response.headers
+    (line,) = lines()
+    assert line["request_id"] == "serve id 7"

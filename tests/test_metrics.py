@@ -132,14 +132,14 @@ LABELS = {
 }
 
 
-def post(base_url: str, pipeline: str, stream: bool) -> dict[str, Any]:
-    """One request with its trace; returns the trace."""
+def post(base_url: str, pipeline: str, stream: bool, request_id: str) -> dict[str, Any]:
+    """One request with its trace and its own ``x-request-id``; returns the trace."""
     body: dict[str, Any] = {"model": pipeline, "messages": [{"role": "user", "content": PROMPT}], "moa": {"trace": True}}
     if stream:
         body.update(stream=True, stream_options={"include_usage": True})
-    response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120)
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120, headers={"x-request-id": request_id})
     assert response.status_code == 200, response.text
-    assert response.headers["x-request-id"]
+    assert response.headers["x-request-id"] == request_id
     if not stream:
         return response.json()["moa"]["trace"]
     (trace,) = [e["moa"]["trace"] for e in sse_events(response.text) if isinstance(e, dict) and (e.get("moa") or {}).get("trace")]
@@ -178,9 +178,10 @@ def test_twenty_requests_scrape_as_the_sums_of_their_traces(tmp_path):
             server.start()
             assert f"metrics: http://127.0.0.1:{port}/metrics" in server.log()
             plan = [("moa" if i % 2 else "smoa", i % 3 == 0) for i in range(20)]
-            traces = [(pipeline, post(server.base_url, pipeline, stream)) for pipeline, stream in plan]
+            traces = [(pipeline, post(server.base_url, pipeline, stream, f"metrics-test-{i}")) for i, (pipeline, stream) in enumerate(plan)]
             expected = expected_from(traces)
             scrape = _scrape_until(f"http://127.0.0.1:{port}/metrics", expected, deadline_s=120)
+            access = _access_lines(server, len(plan))
         finally:
             server.stop()
             server.cleanup()
@@ -208,9 +209,29 @@ def test_twenty_requests_scrape_as_the_sums_of_their_traces(tmp_path):
         if base is not None:
             assert {k for k in sample.labels if not k.startswith("otel_")} - RAY_LABELS == declared[base], sample
     assert PROMPT not in json.dumps([s.labels for s in scrape.samples])
+    # the access log: one line per request in the ingress replica's log, its numbers the trace's, no text
+    assert sorted(access) == sorted(f"metrics-test-{i}" for i in range(len(plan))), sorted(access)
+    for i, (pipeline, trace) in enumerate(traces):
+        line = access[f"metrics-test-{i}"]
+        assert (line["pipeline"], line["status"], line["stream"]) == (pipeline, 200, plan[i][1])
+        assert (line["calls"], line["prompt_tokens"]) == (len(trace["calls"]), trace["tokens"]["prompt_tokens"])
+        assert line["cost_usd"] == pytest.approx(trace["accounting"]["totals"]["cost_usd"], rel=1e-9)
+    assert PROMPT not in json.dumps(access)
     # the dashboard may query only names a scrape showed: this one shows every moa-ray name recorded
     assert recorded_names("moa-ray") <= scrape.names, recorded_names("moa-ray") - scrape.names
     assert recorded_names("moa-ray") == metrics.SCRAPED_NAMES
+
+
+def _access_lines(server: ServerProcess, count: int) -> dict[str, dict[str, Any]]:
+    """The ingress replica's access-log lines by request id (from the Ray session's log files)."""
+    lines: dict[str, dict[str, Any]] = {}
+    for path in server.files_containing('"request_id":"metrics-test-'):
+        for line in open(path, errors="replace"):
+            start = line.find('{"request_id":"metrics-test-')
+            if start >= 0:
+                record = json.JSONDecoder().raw_decode(line[start:])[0]
+                lines[record["request_id"]] = record
+    return lines
 
 
 def _scrape_until(url: str, expected: dict[str, dict[tuple[str, ...], float]], deadline_s: float) -> Scrape:

@@ -1,8 +1,10 @@
 """One structured line per API request, and the request's metrics, written when its response's last byte is sent.
 
-:class:`AccessLog` is an ASGI middleware around the endpoint's app. Every ``/v1/`` request gets a request id, returned
-as the ``x-request-id`` response header: the client's own ``x-request-id`` when it sent a plausible one (up to 128
-letters, digits and ``._:-``, so an upstream proxy's id follows the request), else a fresh one. The route and the
+:class:`AccessLog` is an ASGI middleware around the endpoint's app. Every ``/v1/`` request has a request id, returned
+as the ``x-request-id`` response header. In a Serve replica, Ray Serve assigns it (the client's own ``x-request-id``,
+else a fresh one), puts it in the request's headers and returns it; the access log uses the same. Without Serve (the
+app served on its own), the middleware does that itself, keeping a client's id only when it is plain (up to 128
+letters, digits and ``._:-``, since it is logged and sent back). The route and the
 :class:`~moa_ray.serve.service.ChatService` fill the request's :class:`RequestOutcome` (the pipeline, the trace, the
 first token's time, an error inside a stream); once the response has ended, the middleware writes one JSON line
 (``request_id``, ``method``, ``path``, ``pipeline``, ``status``, ``latency_s``, ``ttft_s``, ``stream``, ``calls``,
@@ -79,12 +81,12 @@ class RequestOutcome:
         }
 
 
-def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
-    """The client's ``x-request-id`` if it is plausible, else a new random one."""
+def request_id_of(headers: list[tuple[bytes, bytes]], *, trusted: bool = False) -> str:
+    """The request's ``x-request-id`` (when ``trusted``: Ray Serve's, as it is; else only a plain one), or a new one."""
     for name, value in headers:
         if name.lower() == REQUEST_ID_HEADER.encode():
             sent = value.decode("latin-1")
-            if _CLIENT_REQUEST_ID.fullmatch(sent):
+            if sent and (trusted or _CLIENT_REQUEST_ID.fullmatch(sent)):
                 return sent
             break
     return uuid.uuid4().hex
@@ -96,17 +98,23 @@ def outcome_of(request: Any) -> RequestOutcome | None:
 
 
 class AccessLog:
-    """ASGI middleware: a request id on every ``/v1/`` request, then its access line (when ``enabled``) and metrics."""
+    """ASGI middleware: a request id on every ``/v1/`` request, then its access line (when ``enabled``) and metrics.
 
-    def __init__(self, app: ASGIApp, *, enabled: bool = True) -> None:
+    ``serve_request_ids``: Ray Serve has set the request's ``x-request-id`` and returns it (in a replica); else this
+    middleware sets and returns it.
+    """
+
+    def __init__(self, app: ASGIApp, *, enabled: bool = True, serve_request_ids: bool = False) -> None:
         self.app = app
         self.enabled = enabled
+        self.serve_request_ids = serve_request_ids
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/") or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        outcome = RequestOutcome(request_id=request_id_of(scope.get("headers", [])), started=time.perf_counter())
+        request_id = request_id_of(scope.get("headers", []), trusted=self.serve_request_ids)
+        outcome = RequestOutcome(request_id=request_id, started=time.perf_counter())
         scope.setdefault("state", {})["moa_outcome"] = outcome
         header = (REQUEST_ID_HEADER.encode(), outcome.request_id.encode())
         status = 500  # what the client gets when the app fails before starting a response (Starlette's error page)
@@ -115,7 +123,8 @@ class AccessLog:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), header]
+                if not self.serve_request_ids:
+                    message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
         try:

@@ -65,8 +65,9 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     return bytes(body)
 
 
-def create_api(service: ChatService, verifier: KeyVerifier) -> FastAPI:
-    """The endpoint's FastAPI application."""
+def create_api(service: ChatService, verifier: KeyVerifier, *, serve_request_ids: bool = False) -> FastAPI:
+    """The endpoint's FastAPI application; ``serve_request_ids``: it runs in a Serve replica, where Ray Serve sets and
+    returns each request's ``x-request-id`` (else the app does)."""
     # No generated docs or schema: they would answer without a key, and FastAPI's schema describes neither the
     # request body (read raw, for the size limit) nor the errors (400s, not 422s). OpenAI's API reference applies.
     app = FastAPI(
@@ -77,7 +78,8 @@ def create_api(service: ChatService, verifier: KeyVerifier) -> FastAPI:
         openapi_url=None,
     )
     install_error_handlers(app)
-    app.add_middleware(AccessLog, enabled=service.limits.access_log)  # inside CORS: preflights are not requests
+    # inside CORS: preflights are not requests
+    app.add_middleware(AccessLog, enabled=service.limits.access_log, serve_request_ids=serve_request_ids)
     cors = service.limits.cors
     if cors is not None:
         app.add_middleware(
@@ -167,4 +169,4 @@ class MoAIngress:
         self.service, self.verifier = build_service(config, pipelines, agents)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.service, self.verifier)
+        return create_api(self.service, self.verifier, serve_request_ids=True)
