@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 from rich.table import Table
 
 from moa_ray.errors import ConfigError, MoARayError
 from moa_ray.render import err_console, make_console, run_reporting_errors
+
+if TYPE_CHECKING:
+    from moa_ray.eval.judging import StoredAnswers
 
 EXIT_PARTIAL = 3
 
@@ -363,7 +366,7 @@ def judge_command(
     MT-Bench grades, or AlpacaEval's official annotator; GSM8K by exact match, without a model."""
     from moa_ray.config import load_config
     from moa_ray.eval.generate import new_run_id
-    from moa_ray.eval.judging import JudgeOptions, check_mode_options, plan_for_options, read_generations, run_judging
+    from moa_ray.eval.judging import JudgeOptions, StoredAnswers, check_mode_options, count_planned, run_judging
 
     config = load_config(config_path)
     if judge_model is not None and judge_model not in config.models:
@@ -371,11 +374,13 @@ def judge_command(
     pipelines = _names(pipeline_names)
     if mode != "exact":  # exact match needs no judge model and has no options of its own
         check_mode_options(mode, baseline, judge_repeats, pipelines)
-    gens = read_generations(generations, proposers=proposers)
-    if not gens:
+    answers = StoredAnswers(generations, proposers=proposers)  # read a range of prompts at a time
+    click.get_current_context().call_on_close(answers.close)  # its files set aside, removed however the command ends
+    datasets = answers.datasets()
+    if not datasets:
         raise MoARayError(f"no generations in {generations}")
     run_id = run_id or new_run_id()
-    if _exact_match_judging(gens, judge_model, out, mode, run_id, _names(pipeline_names), limit):
+    if _exact_match_judging(answers, datasets, judge_model, out, mode, run_id, _names(pipeline_names), limit):
         return
     assert judge_model is not None and mode != "exact"  # both settled by _exact_match_judging
     options = JudgeOptions(
@@ -396,8 +401,8 @@ def judge_command(
         flush_s=flush_seconds,
         progress=not no_progress,
     )
-    items = plan_for_options(gens, options)
-    err_console.print(f"{len(items)} judgments to make with {judge_model!r} -> {out}", highlight=False)
+    items = count_planned(answers, options)
+    err_console.print(f"{items} judgments to make with {judge_model!r} -> {out}", highlight=False)
     agent = None
     if items:
         from moa_ray.eval.lease import WriterLease
@@ -411,7 +416,7 @@ def judge_command(
             session.start_ray([judge_model])
             with err_console.status(f"starting Ray and deploying the judge {judge_model!r}..."):
                 agent = session.agents(models=[judge_model])[judge_model]
-        summary = run_judging(gens, agent, options)  # type: ignore[arg-type]
+        summary = run_judging(answers, agent, options)  # type: ignore[arg-type]
     err_console.print(
         f"run {summary.run_id}: {summary.ok_rows} judgments ok, {summary.failed_rows} failed "
         f"({summary.pairwise_items} pairwise, {summary.single_items} single, {summary.baseline_items} pairwise-baseline, "
@@ -426,7 +431,8 @@ def judge_command(
 
 
 def _exact_match_judging(
-    gens: dict[Any, dict[str, Any]],
+    answers: StoredAnswers,
+    datasets: list[str],
     judge_model: str | None,
     out: str,
     mode: str,
@@ -435,16 +441,16 @@ def _exact_match_judging(
     limit: int | None,
 ) -> bool:
     """Score the exact-match answers (gsm8k) without a judge; True when nothing is left for a judge model."""
-    from moa_ray.eval.judging import is_exact_answer, run_exact
+    from moa_ray.eval.judging import is_exact_dataset, run_exact
 
-    if mode not in ("auto", "exact") or (mode == "auto" and not any(is_exact_answer(r) for r in gens.values())):
+    if mode not in ("auto", "exact") or (mode == "auto" and not any(is_exact_dataset(d) for d in datasets)):
         if judge_model is None:
             raise click.UsageError(f"--judge is needed for --mode {mode}")
         return False
-    others = sorted({r["dataset"] for r in gens.values() if not is_exact_answer(r)}) if mode == "auto" else []
+    others = [d for d in datasets if not is_exact_dataset(d)] if mode == "auto" else []
     if others and judge_model is None:
         raise click.UsageError(f"--judge is needed for the answers to {', '.join(others)} (only gsm8k is scored by exact match)")
-    summary = run_exact(gens, out, run_id, pipelines=pipelines, limit=limit)
+    summary = run_exact(answers, out, run_id, pipelines=pipelines, limit=limit)
     err_console.print(
         f"exact match: {summary.scored} answers scored ({summary.correct} correct, {summary.failed} failed), "
         f"{summary.done_before} scored before -> {out}/exact",

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import BaseModel, Field, model_validator
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion
@@ -138,7 +143,15 @@ def plan_request(options: JudgeOptions | None = None, /, **fields: Any) -> PlanR
             "repeats": options.repeats,
             **fields,
         }
-    fields.setdefault("prompts", lambda name: registry.dataset_prompts(name))
+    if "prompts" not in fields:
+        loaded: dict[str, Mapping[str, Mapping[str, Any]]] = {}
+
+        def prompts(name: str) -> Mapping[str, Mapping[str, Any]]:
+            if name not in loaded:
+                loaded[name] = registry.dataset_prompts(name)  # looked up at call time: a test may replace it
+            return loaded[name]
+
+        fields["prompts"] = prompts
     return PlanRequest(catalog=registry.REGISTRY, **fields)
 
 
@@ -190,12 +203,171 @@ def plan_rubric(
     return RUBRIC.plan(generations, done, request)
 
 
-def plan_for_options(generations: Rows, options: JudgeOptions) -> list[Any]:
-    """:func:`plan_items` against the judgment tables already in ``options.out``."""
+#: About how many answers ``eval judge`` reads, plans and judges at a time (whole prompts: all their turns and pipelines).
+CHUNK_ROWS = 4096
+#: Rows a stored table is read in while it is set aside by range (its texts: a few MB a batch).
+SPLIT_BATCH_ROWS = 2048
+
+
+class StoredAnswers:
+    """A generations directory read a range of prompts at a time (prompt ids in order), each range with every turn
+    and pipeline of its prompts: ``eval judge`` holds one range's answers and stored judgments, not the whole table.
+
+    The tables are read once, batch by batch, and each row is set aside in its range's file in a temporary
+    directory (every judgment table has a ``prompt_id`` column); the ranges are then read back one by one, as often
+    as the stage plans. Use it in a ``with`` block (or :meth:`close` it) to remove those files.
+    ``proposers``: each stored layer-1 answer as an entry of its own too (read whole, from the call table).
+    """
+
+    def __init__(self, uri: str, *, proposers: bool = False, chunk_rows: int = CHUNK_ROWS) -> None:
+        self.uri = uri
+        self.proposers = proposers
+        self.chunk_rows = chunk_rows
+        self._tmp: str | None = None
+        self._bounds: list[str] | None = None
+        self._parts: dict[str, list[str | None]] = {}
+
+    def __enter__(self) -> StoredAnswers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+            self._parts.clear()
+
+    def _table(self) -> RowTable[GenerationRow]:
+        return RowTable(self.uri, GenerationRow)
+
+    def datasets(self) -> list[str]:
+        """Every dataset the answers come from."""
+        found: set[str] = set()
+        for batch in self._table().batches(["dataset"]):
+            found.update(pc.unique(batch.column(0)).to_pylist())
+        return sorted(found)
+
+    def bounds(self) -> list[str]:
+        """The first prompt id of each range, in order: a range holds whole prompts, about ``chunk_rows`` rows."""
+        if self._bounds is None:
+            rows: Counter[str] = Counter()
+            for batch in self._table().batches(["prompt_id"]):
+                counts = pc.value_counts(batch.column(0))
+                rows.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True)))
+            self._bounds = []
+            size = 0
+            for prompt_id in sorted(rows):
+                if not self._bounds or size >= self.chunk_rows:
+                    self._bounds.append(prompt_id)
+                    size = 0
+                size += rows[prompt_id]
+        return self._bounds
+
+    def of_datasets(self, names: list[str]) -> Rows:
+        """The answers (proposer entries too) of these datasets only, read whole."""
+        table = self._table()
+        found = table.read_where(pc.field("dataset").isin(names), ANSWER_COLUMNS).to_pylist()
+        rows = resolve_latest(found, table.key, table.row_type.RESOLVE)
+        if self.proposers:
+            from moa_ray.eval.calls import proposer_entries
+
+            rows.update({e.row_key(): e.model_dump() for e in proposer_entries(self.uri, run_id="proposers") if e.dataset in names})
+        return rows
+
+    def _split(self, table: RowTable[Any], columns: list[str]) -> list[str | None]:
+        """``table``'s rows set aside by range, one Parquet file each (None: no row in that range), once per table."""
+        if table.uri in self._parts:
+            return self._parts[table.uri]
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="moa-ray-judge-")
+        bounds = np.array(self.bounds(), dtype=object)
+        paths: list[str | None] = [None] * len(bounds)
+        writers: dict[int, pq.ParquetWriter] = {}
+        try:
+            for batch in table.batches(columns, batch_rows=SPLIT_BATCH_ROWS):
+                ranges = np.searchsorted(bounds, np.array(batch.column("prompt_id").to_pylist(), dtype=object), side="right") - 1
+                for index in np.unique(ranges[ranges >= 0]).tolist():
+                    if index not in writers:
+                        paths[index] = f"{self._tmp}/{len(self._parts)}-{index}.parquet"
+                        writers[index] = pq.ParquetWriter(paths[index], batch.schema)
+                    writers[index].write_batch(batch.filter(pa.array(ranges == index)))
+        finally:
+            for writer in writers.values():
+                writer.close()
+            pa.default_memory_pool().release_unused()  # the allocator would keep the largest batch's pages
+        self._parts[table.uri] = paths
+        return paths
+
+    def chunks(self, tables: Mapping[str, RowTable[Any]]) -> Iterator[tuple[Rows, dict[str, Rows]]]:
+        """Each range's answers (resolved, no traces), with each of ``tables``' resolved rows of the same prompts."""
+        entries: dict[str, list[GenerationRow]] = defaultdict(list)
+        if self.proposers:
+            from moa_ray.eval.calls import proposer_entries
+
+            for entry in proposer_entries(self.uri, run_id="proposers"):
+                entries[entry.prompt_id].append(entry)
+        answers = self._table()
+        key_columns = [*answers.key, "status", "attempt", "created_at"]
+        answer_parts = self._split(answers, list(dict.fromkeys([*key_columns, *ANSWER_COLUMNS])))
+        done_parts = {mode: self._split(table, list(table.schema.names)) for mode, table in tables.items()}
+        bounds = self.bounds()
+        for index, first in enumerate(bounds):
+            last = bounds[index + 1] if index + 1 < len(bounds) else None
+            rows = _read_part(answer_parts[index], answers)
+            for prompt_id in [p for p in entries if first <= p and (last is None or p < last)]:
+                rows.update({e.row_key(): e.model_dump() for e in entries.pop(prompt_id)})
+            yield rows, {mode: _read_part(parts[index], tables[mode]) for mode, parts in done_parts.items()}
+
+
+def _read_part(path: str | None, table: RowTable[Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    if path is None:
+        return {}
+    return resolve_latest(pq.read_table(path).to_pylist(), table.key, table.row_type.RESOLVE)
+
+
+#: What ``eval judge`` judges: answers already read (one chunk), or a generations directory read a range at a time.
+Answers = Rows | StoredAnswers
+
+
+def _planned_chunks(answers: Answers, options: JudgeOptions) -> Iterator[tuple[Rows, Mapping[str, Rows]]]:
+    """The answers to plan from, chunk by chunk, each with the stored rows of the kinds that plan from them.
+
+    A stored table is read a range of prompts at a time, unless the plan needs every prompt at once: a ``--limit``
+    (the first N prompts per pipeline) or a kind that plans from the whole table (pairwise-baseline)."""
+    kinds = [k for k in registry.REGISTRY.kinds() if k.needs_judge]
+    whole = options.limit is not None or any(k.plans_whole_table for k in kinds if k.mode == options.mode)
+    if isinstance(answers, StoredAnswers) and whole:
+        answers = read_generations(answers.uri, proposers=answers.proposers)
+    if not isinstance(answers, StoredAnswers):
+        split = answers_by_kind(answers, options.mode)
+        yield answers, {k.mode: k.table(options.out).latest() for k in kinds if k.mode in split}
+        return
+    if options.mode != AUTO:
+        modes = {options.mode}
+    else:  # the kinds of the datasets present: a dataset file's answers are pairwise or single
+        found = [registry.REGISTRY.find(name) for name in answers.datasets()]
+        modes = {b.auto_kind for b in found if b is not None} | ({PAIRWISE_MODE, SINGLE_MODE} if None in found else set())
+    for rows, done in answers.chunks({k.mode: k.table(options.out) for k in kinds if k.mode in modes}):
+        split = answers_by_kind(rows, options.mode)
+        yield rows, {mode: found for mode, found in done.items() if mode in split}
+
+
+def iter_planned(answers: Answers, options: JudgeOptions) -> Iterator[Any]:
+    """:func:`plan_items` chunk by chunk against the judgment tables already in ``options.out``."""
     request = plan_request(options)
-    split = answers_by_kind(generations, options.mode)
-    done = {kind.mode: kind.table(options.out).latest() for kind in registry.REGISTRY.kinds() if kind.needs_judge and kind.mode in split}
-    return plan_items(generations, request, done)
+    for rows, done in _planned_chunks(answers, options):
+        yield from plan_items(rows, request, done)
+
+
+def plan_for_options(answers: Answers, options: JudgeOptions) -> list[Any]:
+    """Every item :func:`iter_planned` plans (a run of any size: count them with :func:`count_planned`)."""
+    return list(iter_planned(answers, options))
+
+
+def count_planned(answers: Answers, options: JudgeOptions) -> int:
+    return sum(1 for _ in iter_planned(answers, options))
 
 
 # --------------------------------------------------------------------------- judging
@@ -247,25 +419,31 @@ class JudgeSummary(BaseModel):
     items: dict[str, int] = Field(default_factory=dict, description="Items judged per kind (mode).")
 
 
-def run_judging(generations: Rows, agent: Agent, options: JudgeOptions) -> JudgeSummary:
+def run_judging(answers: Answers, agent: Agent, options: JudgeOptions) -> JudgeSummary:
     """Judge what is still unjudged (Ray must be up and the judge deployed), as the output's only writer."""
     with WriterLease(options.out, options.run_id):
-        return _judge(generations, agent, options)
+        return _judge(answers, agent, options)
 
 
-def _judge(generations: Rows, agent: Agent, options: JudgeOptions) -> JudgeSummary:
+def _judge(answers: Answers, agent: Agent, options: JudgeOptions) -> JudgeSummary:
     kinds = {k.mode: k for k in registry.REGISTRY.kinds() if k.needs_judge}
-    items = plan_for_options(generations, options)
+    total = count_planned(answers, options)
     params = ChatParams(temperature=options.temperature, max_tokens=options.max_tokens)
     handler = JudgeHandler(agent, options.judge, options.run_id, params)
+    per_kind: dict[str, int] = dict.fromkeys(kinds, 0)
     ok = failed = 0
     elapsed = 0.0
-    if items:
+    if total:
         writers = {
-            mode: kinds[mode].table(options.out).writer(options.run_id, flush_rows=options.flush_rows, flush_s=options.flush_s)
-            for mode in {i.kind for i in items}
+            mode: kind.table(options.out).writer(options.run_id, flush_rows=options.flush_rows, flush_s=options.flush_s)
+            for mode, kind in kinds.items()
         }
-        progress = EvalProgress(len(items), f"judge ({options.judge})", unit="judgments", enabled=options.progress)
+        progress = EvalProgress(total, f"judge ({options.judge})", unit="judgments", enabled=options.progress)
+
+        def items() -> Iterator[Any]:
+            for item in iter_planned(answers, options):
+                per_kind[item.kind] += 1
+                yield item
 
         def on_rows(item: Any, rows: list[Any]) -> None:
             nonlocal ok, failed
@@ -286,13 +464,12 @@ def _judge(generations: Rows, agent: Agent, options: JudgeOptions) -> JudgeSumma
                 for writer in writers.values():
                     stack.enter_context(writer)
                 stack.enter_context(progress)
-                elapsed = pool.run(items, on_rows, tick=tick).elapsed_s
+                elapsed = pool.run(items(), on_rows, tick=tick).elapsed_s
     for kind in kinds.values():
         table = kind.table(options.out)
         if table.part_files():
             table.compact(options.run_id)
     files = kinds[options.mode].write_files(options.out, options.judge) if options.mode in kinds else {}
-    per_kind = {mode: sum(i.kind == mode for i in items) for mode in kinds}
     return JudgeSummary(
         run_id=options.run_id,
         judge=options.judge,
@@ -322,8 +499,9 @@ class ExactSummary(BaseModel):
     done_before: int
 
 
-def run_exact(generations: Rows, out: str, run_id: str, *, pipelines: list[str] | None = None, limit: int | None = None) -> ExactSummary:
+def run_exact(answers: Answers, out: str, run_id: str, *, pipelines: list[str] | None = None, limit: int | None = None) -> ExactSummary:
     """Score the unscored exact-match answers into ``OUT/exact`` in this process, as the output's only writer."""
+    generations = answers.of_datasets(exact_datasets()) if isinstance(answers, StoredAnswers) else answers
     table = EXACT.table(out)
     done = table.latest()
     request = plan_request(judge="", mode=EXACT.mode, pipelines=pipelines, limit=limit)
@@ -353,8 +531,17 @@ def run_exact(generations: Rows, out: str, run_id: str, *, pipelines: list[str] 
 
 def is_exact_answer(answer: Row) -> bool:
     """Whether ``--mode auto`` scores an answer without a judge model."""
-    found = registry.REGISTRY.find(str(answer["dataset"]))
+    return is_exact_dataset(str(answer["dataset"]))
+
+
+def is_exact_dataset(name: str) -> bool:
+    found = registry.REGISTRY.find(name)
     return found is not None and not registry.REGISTRY.kind(found.auto_kind).needs_judge
+
+
+def exact_datasets() -> list[str]:
+    """The datasets ``--mode auto`` scores without a judge model."""
+    return [b.name for b in registry.REGISTRY.benchmarks() if is_exact_dataset(b.name)]
 
 
 # --------------------------------------------------------------------------- reading back

@@ -194,6 +194,9 @@ class JudgmentKind(Protocol, Generic[ItemT, RowT]):
     row_type: ClassVar[type[_Row]]
     #: False: scored in this process without a judge model (GSM8K's exact match).
     needs_judge: ClassVar[bool] = True
+    #: True: :meth:`plan` needs every answer at once; else any set of whole prompts (all their turns and
+    #: pipelines) plans as its part of the whole, so a large table is planned a range of prompts at a time.
+    plans_whole_table: ClassVar[bool] = False
     #: The columns :meth:`aggregate` reads (the report reads no others; None: every column); ``<text>_length``: the
     #: length in characters of the text column ``<text>``, measured as the table is read, so the text stays on disk.
     report_columns: ClassVar[tuple[str, ...] | None] = None

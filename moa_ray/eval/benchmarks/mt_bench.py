@@ -465,6 +465,7 @@ class BaselineKind(JudgmentKind[BaselinePairItem, BaselinePairRow]):
     item_type: ClassVar[type[BaseModel]] = BaselinePairItem
     row_type: ClassVar[type[BaselinePairRow]] = BaselinePairRow
     report_columns: ClassVar[tuple[str, ...] | None] = ("prompt_id", "pipeline", "baseline", "turn", "judge", "status", "outcome")
+    plans_whole_table: ClassVar[bool] = True  # the baseline must have answers somewhere in the table
 
     def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[BaselinePairItem]:
         baseline = request.baseline
