@@ -141,7 +141,7 @@ def summarise(name: str, traces: list[Trace]) -> dict[str, Any]:
         "proposer_layers_mean": statistics.fmean(proposer_layers),
         "stops": {str(layer): stops.count(layer) for layer in sorted(set(stops))},
         "judge_fallbacks": sum(1 for t in traces for layer in t.layers if layer.judge_fallback),
-        "tflops": sum((t.accounting or {}).get("totals", {}).get("tflops") or 0.0 for t in traces),
+        "tflops": sum((t.accounting.totals.tflops if t.accounting else None) or 0.0 for t in traces),
     }
 
 

@@ -156,9 +156,9 @@ def record_trace(trace: Trace) -> None:
     metrics = _active()
     if metrics is None:
         return
-    by_model = (trace.accounting or {}).get("by_model", {})
+    by_model = trace.accounting.by_model if trace.accounting is not None else {}
     for model, bucket in by_model.items():
-        cost = bucket.get("cost_usd")
+        cost = bucket.cost_usd
         if cost:  # None: unpriced; 0: nothing spent (a counter only grows)
             metrics.cost.inc(cost, tags={"model": model})
     tags = {"pipeline": trace.pipeline}

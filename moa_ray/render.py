@@ -15,7 +15,7 @@ from rich.text import Text
 
 from moa_ray.backends.registry import missing_module_message
 from moa_ray.errors import ConfigError, MoARayError
-from moa_ray.pipeline.accounting import Accounting, account
+from moa_ray.pipeline.accounting import account
 from moa_ray.pipeline.trace import CallRecord, Trace
 
 
@@ -99,7 +99,7 @@ def _num(value: float | None, fmt: str) -> str:
 
 def accounting_table(trace: Trace) -> Table:
     """Tokens, TFLOPs and cost per role, with the latency facts underneath; unknown facts say so."""
-    acc = Accounting.model_validate(trace.accounting) if trace.accounting else account(trace)
+    acc = trace.accounting or account(trace)
     table = Table(title="cost by role")
     for col in ("role", "calls", "prompt tok", "compl tok", "TFLOPs", "cost USD"):
         table.add_column(col, justify="left" if col == "role" else "right")

@@ -148,7 +148,8 @@ def test_sums_agree_across_calls_layers_roles_and_models(simulator, tmp_path):
     assert {c.role for c in trace.calls} == {"roles", "proposer", "judge", "aggregator"}
     acc = account(trace, config.models)
     _assert_consistent(acc)
-    assert trace.accounting == json.loads(acc.model_dump_json())  # the pipeline filled the trace itself
+    assert trace.accounting == acc  # the pipeline filled the trace itself
+    assert trace.to_json_dict()["accounting"] == json.loads(acc.model_dump_json())  # and its JSON is the accounting's
     assert acc.totals.total_tokens == trace.totals().total_tokens and acc.totals.tflops > 0 and acc.totals.cost_usd > 0
     assert acc.critical_path_s < acc.sum_latency_s
 
@@ -163,6 +164,7 @@ def test_moa_trace_is_accounted_too(simulator):
     )
     pipe = build_pipeline(config, "moa", local_agents(config))
     trace = asyncio.run(pipe.run("q")).trace
-    assert trace.accounting["totals"]["tflops"] > 0 and trace.accounting["totals"]["cost_usd"] is None
-    assert trace.accounting["unknown_pricing"] == ["m"]
+    assert trace.accounting is not None
+    assert trace.accounting.totals.tflops is not None and trace.accounting.totals.tflops > 0
+    assert trace.accounting.totals.cost_usd is None and trace.accounting.unknown_pricing == ["m"]
     assert "accounting" in trace.to_json_dict()

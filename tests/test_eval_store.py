@@ -191,8 +191,9 @@ def test_export_alpaca_eval(tmp_path: Path) -> None:
     assert records == [{"instruction": ds.prompts[0].turns[0], "output": "o1", "generator": "p1", "dataset": "helpful_base"}]
 
 
-def test_trace_columns_read_accounting_defensively() -> None:
+def test_trace_columns_take_cost_and_tflops_from_the_accounting_totals() -> None:
     from moa_ray.eval.generate import trace_columns
+    from moa_ray.pipeline.accounting import Accounting, CostBucket
     from moa_ray.pipeline.trace import CallRecord, LayerRecord, Trace
 
     trace = Trace(
@@ -205,9 +206,9 @@ def test_trace_columns_read_accounting_defensively() -> None:
     assert (cols["cost_usd"], cols["tflops"]) == (None, None)  # no accounting: unknown, not zero
     assert cols["tokens_by_role"][0].model_dump() == {"role": "proposer", "prompt_tokens": 3, "completion_tokens": 4, "calls": 1}
     assert cols["critical_path_s"] == 0.5 and json.loads(cols["trace"])["tokens"]["total_tokens"] == 7
-    trace.accounting = {"totals": {"cost_usd": 0.25, "tflops": None}, "by_role": {}}
-    assert (trace_columns(trace)["cost_usd"], trace_columns(trace)["tflops"]) == (0.25, None)
-    trace.accounting = {"cost_usd": 1, "tflops": 2.5}
+    trace.accounting = Accounting(totals=CostBucket(cost_usd=0.25, tflops=None))
+    assert (trace_columns(trace)["cost_usd"], trace_columns(trace)["tflops"]) == (0.25, None)  # unknown stays unknown
+    trace.accounting = Accounting(totals=CostBucket(cost_usd=1.0, tflops=2.5))
     assert (trace_columns(trace)["cost_usd"], trace_columns(trace)["tflops"]) == (1.0, 2.5)
     assert trace_columns(None) == {}
 

@@ -141,8 +141,8 @@ async def test_a_failed_proposer_falls_back_and_its_layer_keeps_every_response(s
     assert aggregator_prompt_refs == {"sim-b": 2, "sim-c": 1}
     accounting = result.trace.accounting
     assert accounting is not None
-    assert accounting["by_model"]["dead"]["total_tokens"] == 0 and accounting["by_model"]["c"]["total_tokens"] > 0
-    assert accounting["totals"]["calls"] == 4  # the failed call counts as a call, with no tokens
+    assert accounting.by_model["dead"].total_tokens == 0 and accounting.by_model["c"].total_tokens > 0
+    assert accounting.totals.calls == 4  # the failed call counts as a call, with no tokens
 
 
 async def test_the_judge_and_the_moderator_fall_back(sim):

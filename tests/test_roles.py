@@ -119,7 +119,8 @@ def test_roles_are_generated_once_then_cached(simulator, tmp_path):
     assert sim.stats.by_model["id-rolegen"] == 1
     assert first.roles == DESCRIBED and first.roles_source == "generated"
     (role_call,) = [c for c in first.calls if c.role == "roles"]
-    assert role_call.layer == 0 and first.accounting["by_layer"]["0"]["calls"] == 1
+    assert first.accounting is not None
+    assert role_call.layer == 0 and first.accounting.by_layer["0"].calls == 1
     # each proposer got its own role as a system message: its prompt = role + question
     proposers = [c for c in first.calls if c.role == "proposer"]
     for call, role in zip(proposers, DESCRIBED, strict=False):

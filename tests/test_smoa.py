@@ -119,7 +119,8 @@ def test_moderator_stop_ends_the_loop_and_is_traced(simulator):
     ]
     assert trace.layers[0].stop_reason == "all four agree on the answer"
     assert all(len(rec.to(p)) == 1 for p in REPLIES)  # no second proposer layer
-    assert trace.accounting["proposer_layers_run"] == 1 and trace.accounting["stopped_at_layer"] == 1
+    assert trace.accounting is not None
+    assert trace.accounting.proposer_layers_run == 1 and trace.accounting.stopped_at_layer == 1
 
 
 def test_moderator_off_never_stops(simulator):

@@ -43,10 +43,10 @@ def calls_table(generations: str) -> RowTable[CallRow]:
 
 def call_rows(trace: Trace, base: Mapping[str, Any]) -> list[CallRow]:
     """One row per call of ``trace``; ``base``: the columns of the answer (run, prompt, pipeline, turn, attempt)."""
-    costs = (trace.accounting or {}).get("calls") or []
+    costs = trace.accounting.calls if trace.accounting is not None else []
     rows = []
     for i, call in enumerate(trace.calls):
-        cost = costs[i] if i < len(costs) else {}
+        cost = costs[i] if i < len(costs) else None
         rows.append(
             CallRow(
                 **base,
@@ -62,7 +62,7 @@ def call_rows(trace: Trace, base: Mapping[str, Any]) -> list[CallRow]:
                 prompt_tokens=call.prompt_tokens,
                 completion_tokens=call.completion_tokens,
                 latency_s=call.latency_s,
-                cost_usd=cost.get("saved_cost_usd") if call.reused else cost.get("cost_usd"),
+                cost_usd=None if cost is None else cost.saved_cost_usd if call.reused else cost.cost_usd,
                 finish_reason=call.finish_reason,
                 selected=call.selected,
                 reused=call.reused,

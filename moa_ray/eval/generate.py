@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,7 @@ from moa_ray.eval.progress import EvalProgress
 from moa_ray.eval.runner import PoolKind, count_rows, make_pool
 from moa_ray.eval.schema import CallRow, GenerationRow, RoleTokens
 from moa_ray.eval.store import RowTable, StoreError, join, resolve, resolve_latest
+from moa_ray.pipeline.accounting import Accounting
 from moa_ray.pipeline.agents import Agent
 from moa_ray.pipeline.reuse import CallReuse, StoredCall
 from moa_ray.pipeline.trace import Trace
@@ -226,18 +227,11 @@ def check_run_settings(
         )
 
 
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def accounting_total(accounting: Any, key: str) -> float | None:
-    """``cost_usd`` / ``tflops`` of a trace's accounting (``totals.<key>``, or ``<key>`` at the top); None if unknown."""
-    if not isinstance(accounting, dict):
+def accounting_total(accounting: Accounting | None, key: Literal["cost_usd", "tflops"]) -> float | None:
+    """``totals.cost_usd`` / ``totals.tflops`` of a trace's accounting; None if unknown or not accounted."""
+    if accounting is None:
         return None
-    if key in accounting:
-        return _num(accounting[key])
-    totals = accounting.get("totals")
-    return _num(totals.get(key)) if isinstance(totals, dict) else None
+    return accounting.totals.cost_usd if key == "cost_usd" else accounting.totals.tflops
 
 
 def trace_columns(trace: Trace | None) -> dict[str, Any]:

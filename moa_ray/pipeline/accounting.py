@@ -19,11 +19,14 @@ store (``reused``) keeps the tokens the original call took but costs nothing: it
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, computed_field
 
 from moa_ray.config import ModelSpecBase
-from moa_ray.pipeline.trace import CallRecord, Trace
+
+if TYPE_CHECKING:  # the trace holds an Accounting (pipeline/trace.py imports this module), so only for types here
+    from moa_ray.pipeline.trace import CallRecord, Trace
 
 
 class CallCost(BaseModel):
@@ -66,21 +69,26 @@ class CostBucket(BaseModel):
 
 
 class Accounting(BaseModel):
-    """What a request cost, broken down every way a user compares pipelines."""
+    """What a request cost, broken down every way a user compares pipelines (``Trace.accounting``).
 
-    totals: CostBucket
-    by_role: dict[str, CostBucket]
-    by_layer: dict[str, CostBucket] = Field(description="Keyed by layer number (0 = role generation).")
-    by_model: dict[str, CostBucket]
-    calls: list[CallCost]
-    layers_run: int = Field(description="Layers that ran: proposer layers plus the final call.")
-    proposer_layers_run: int
-    stopped_at_layer: int | None
-    critical_path_s: float = Field(description="Sum over sequential steps of the slowest call.")
-    sum_latency_s: float = Field(description="Sum of every call's latency (the cost of running them one by one).")
-    wall_s: float
-    unknown_parameters: list[str] = Field(description="Models called without parameters_b: their TFLOPs are unknown.")
-    unknown_pricing: list[str] = Field(description="Models called without pricing: their cost is unknown.")
+    Its JSON is the ``accounting`` object of ``moa-ray run --json``, of the endpoint's ``moa.trace`` and of eval's
+    ``trace`` column. The defaults are the accounting of a request that made no call, so a partial record reads as
+    one (unknown facts stay ``None``).
+    """
+
+    totals: CostBucket = Field(default_factory=CostBucket)
+    by_role: dict[str, CostBucket] = Field(default_factory=dict)
+    by_layer: dict[str, CostBucket] = Field(default_factory=dict, description="Keyed by layer number (0 = role generation).")
+    by_model: dict[str, CostBucket] = Field(default_factory=dict)
+    calls: list[CallCost] = Field(default_factory=list)
+    layers_run: int = Field(default=0, description="Layers that ran: proposer layers plus the final call.")
+    proposer_layers_run: int = 0
+    stopped_at_layer: int | None = None
+    critical_path_s: float = Field(default=0.0, description="Sum over sequential steps of the slowest call.")
+    sum_latency_s: float = Field(default=0.0, description="Sum of every call's latency (the cost of running them one by one).")
+    wall_s: float = 0.0
+    unknown_parameters: list[str] = Field(default_factory=list, description="Models called without parameters_b: their TFLOPs are unknown.")
+    unknown_pricing: list[str] = Field(default_factory=list, description="Models called without pricing: their cost is unknown.")
     reused_calls: int = Field(default=0, description="Calls answered from the call store (no model call, no cost).")
     saved_cost_usd: float | None = Field(default=0.0, description="What the reused calls would have cost; None where a price is unknown.")
 
@@ -157,6 +165,6 @@ def account(trace: Trace, models: Mapping[str, ModelSpecBase] | None = None) -> 
 
 
 def fill_accounting(trace: Trace, models: Mapping[str, ModelSpecBase] | None = None) -> Trace:
-    """Store the accounting in ``trace.accounting`` (the JSON form travels through Serve and Parquet)."""
-    trace.accounting = account(trace, models).model_dump(mode="json")
+    """Store the accounting in ``trace.accounting`` (its JSON travels with the trace through Serve and Parquet)."""
+    trace.accounting = account(trace, models)
     return trace

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, PrivateAttr, computed_field
 
 from moa_ray.metrics import record_call
+from moa_ray.pipeline.accounting import Accounting
 
 CallRole = Literal["proposer", "aggregator", "judge", "moderator", "roles", "ranker"]
 CallStatus = Literal["ok", "error", "cut"]
@@ -116,7 +117,7 @@ class Trace(BaseModel):
     stopped_at_layer: int | None = Field(default=None, description="Proposer layer after which the moderator stopped.")
     roles: list[str] | None = Field(default=None, description="System roles given to the proposers (role-playing SMoA).")
     roles_source: str | None = Field(default=None, description="Where the roles came from: generated, cache, or why partial.")
-    accounting: dict | None = Field(default=None, description="Cost and TFLOPs, filled by moa_ray.pipeline.accounting.")
+    accounting: Accounting | None = Field(default=None, description="Cost and TFLOPs, filled by moa_ray.pipeline.accounting.")
     settings: dict[str, Any] | None = Field(
         default=None, description="The request's own pipeline settings (proposers, layers, k, aggregator sampling), where it set any."
     )

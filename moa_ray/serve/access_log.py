@@ -63,8 +63,8 @@ class RequestOutcome:
     def line(self, method: str, path: str, status: int, latency_s: float) -> dict[str, Any]:
         """The access log's record: numbers and names only."""
         totals = self.trace.totals() if self.trace is not None else None
-        accounting = (self.trace.accounting or {}) if self.trace is not None else {}
-        cost = accounting.get("totals", {}).get("cost_usd")
+        accounting = self.trace.accounting if self.trace is not None else None
+        cost = accounting.totals.cost_usd if accounting is not None else None
         return {
             "request_id": self.request_id,
             "method": method,
