@@ -35,7 +35,7 @@ JUDGE_REPLY = json.dumps({"reasoning": "the first is best", "chosen_responses": 
 def test_recording_without_ray_does_nothing(monkeypatch):
     """The CLI's in-process run has no Ray: recording is a no-op that never creates a Ray metric."""
     monkeypatch.setattr(metrics, "_metrics", None)
-    trace = Trace(pipeline="p", kind="moa", accounting={"by_model": {"m": {"cost_usd": 0.5}}})
+    trace = Trace(pipeline="p", kind="moa", stopped_at_layer=1)
     record = CallRecord(layer=1, role="proposer", model="m", prompt_tokens=3, completion_tokens=4, retries=["UpstreamError 503"])
     if "ray" in sys.modules:
         monkeypatch.setattr(sys.modules["ray"], "is_initialized", lambda: False)

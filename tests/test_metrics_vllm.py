@@ -15,7 +15,7 @@ from serve_support import ServerProcess, sse_events
 from vllm_support import require_vllm
 
 from bench.simulator import free_port
-from moa_ray.config import load_config
+from moa_ray.config import VLLMModelSpec, load_config
 from moa_ray.serve.llm import llm_config
 
 pytestmark = [pytest.mark.vllm]
@@ -26,7 +26,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 def test_the_llm_config_turns_the_engine_metrics_on():
     require_vllm()
-    assert llm_config(MODEL, load_config().models[MODEL], {}).log_engine_metrics is True
+    spec = load_config().models[MODEL]
+    assert isinstance(spec, VLLMModelSpec)
+    assert llm_config(MODEL, spec, {}).log_engine_metrics is True
 
 
 @pytest.mark.ray
