@@ -188,6 +188,11 @@ def _looks_like_key(value: str) -> bool:
 class Timeouts(_Strict):
     connect_s: float = Field(default=10.0, gt=0)
     read_s: float = Field(default=120.0, gt=0)
+    retry_read: bool = Field(
+        default=False,
+        description="Retry an attempt that got no answer within read_s (a stream: no first token). Off: a provider "
+        "that holds a call that long is down or overloaded, and each retry would hold the request read_s more.",
+    )
 
 
 class RemoteModelSpec(ModelSpecBase):
@@ -419,11 +424,22 @@ def _layer_from_list(value: Any) -> Any:
 
 
 class LayerSpec(_Strict):
-    """One proposer layer; ``min_responses`` + ``deadline_s`` let it leave stragglers behind."""
+    """One proposer layer; ``min_responses`` + ``deadline_s`` let it leave stragglers behind, and without a
+    ``deadline_s`` the straggler bound does: a proposer whose provider holds its call (down, overloaded) would
+    otherwise hold the whole request for as long as that provider's timeouts and retries allow."""
 
     proposers: list[ProposerRef] = Field(min_length=1)
     min_responses: int | None = Field(default=None, ge=1)
     deadline_s: float | None = Field(default=None, gt=0)
+    straggler_wait_s: float | None = Field(
+        default=20.0,
+        gt=0,
+        description="Once at least half of the layer's proposers (and min_responses) have answered, the rest are cut "
+        "(traced as cut) this long after the layer started, or straggler_factor times the slowest answer so far when "
+        "that is later. Off with a deadline_s (the layer's own bound). null: wait for every proposer, however long "
+        "(the papers' semantics).",
+    )
+    straggler_factor: float = Field(default=3.0, ge=1, description="See straggler_wait_s.")
 
     @model_validator(mode="after")
     def _quorum(self) -> LayerSpec:

@@ -99,7 +99,7 @@ def chat(backend: OpenAIBackend, params: ChatParams | None = None) -> Completion
 )
 def test_retries_transient_failures_then_succeeds(failures):
     script = Script(*failures, ok_body("fine"))
-    completion = chat(backend_for(script, max_retries=3))
+    completion = chat(backend_for(script, max_retries=3, timeout={"retry_read": True}))
     assert completion.text == "fine"
     assert len(script.requests) == len(failures) + 1
     assert completion.usage.prompt_tokens == 7 and completion.usage.completion_tokens == 3
@@ -225,15 +225,19 @@ TRANSPORTS = pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
 
 
 @TRANSPORTS
-def test_read_timeout_raises_backend_timeout(simulator, transport):
+@pytest.mark.parametrize("retry_read", [False, True])
+def test_read_timeout_raises_backend_timeout(simulator, transport, retry_read):
+    """A provider that accepts the call and never answers: one attempt of read_s by default (a retry would hold the
+    call read_s more, 4 x 120 s at the defaults), retried only with timeout.retry_read."""
     sim = simulator(SimulatorConfig(hang=True))
-    backend = OpenAIBackend(spec(sim.base_url, timeout={"read_s": 0.3, "connect_s": 1}, max_retries=1, http_transport=transport))
+    timeout = {"read_s": 0.3, "connect_s": 1, "retry_read": retry_read}
+    backend = OpenAIBackend(spec(sim.base_url, timeout=timeout, max_retries=1, http_transport=transport))
     start = time.perf_counter()
     with pytest.raises(BackendTimeout) as info:
         asyncio.run(backend.chat(MESSAGES, ChatParams()))
-    assert info.value.retryable and "test/model" in str(info.value)
-    assert sim.stats.requests == 2  # the first attempt and one retry
-    assert 0.6 <= time.perf_counter() - start < 3
+    assert info.value.retryable == retry_read and "test/model" in str(info.value)
+    assert sim.stats.requests == info.value.attempts == (2 if retry_read else 1)  # with retry_read: one retry
+    assert 0.3 * sim.stats.requests <= time.perf_counter() - start < 3
 
 
 @TRANSPORTS

@@ -3,7 +3,7 @@
 Works with vLLM, Together, Ollama, OpenAI and anything else speaking
 ``/v1/chat/completions``. One connection pool per backend instance (one per
 Serve replica); retries with full-jitter exponential backoff on 429, 5xx and
-timeouts; context-length errors surface as :class:`ContextLengthExceeded` and are
+timeouts (a read timeout only with ``timeout.retry_read``); context-length errors surface as :class:`ContextLengthExceeded` and are
 never retried. The API key is read from the environment and never logged.
 """
 
@@ -194,6 +194,15 @@ class OpenAIBackend:
         read, connect = self.spec.timeout.read_s, self.spec.timeout.connect_s
         return httpx.Timeout(min(read, left), connect=min(connect, left), pool=left)
 
+    def _timed_out(self, message: str, err: httpx.TimeoutException) -> BackendTimeout:
+        """The attempt's timeout error. One that waited ``read_s`` for an answer is retried only with
+        ``timeout.retry_read``: a provider that accepts calls and holds them (down, overloaded) would otherwise hold
+        each call (max_retries + 1) x read_s, 480 s by default, where a refused connection fails at once."""
+        timeout = BackendTimeout(message, model=self.spec.model)
+        if isinstance(err, httpx.ReadTimeout) and not self.spec.timeout.retry_read:
+            timeout.retryable = False
+        return timeout
+
     @staticmethod
     def _deadline(params: ChatParams) -> float | None:
         return None if params.timeout_s is None else time.monotonic() + params.timeout_s
@@ -205,7 +214,7 @@ class OpenAIBackend:
         except httpx.TransportError as raised:
             err = _transport_error(raised)
             if isinstance(err, httpx.TimeoutException):
-                raise BackendTimeout(f"{self.spec.model}: {type(err).__name__} after {timeout}", model=self.spec.model) from None
+                raise self._timed_out(f"{self.spec.model}: {type(err).__name__} after {timeout}", err) from None
             raise UpstreamError(f"{self.spec.model}: connection failed: {type(err).__name__}: {err}", model=self.spec.model) from None
         if response.status_code != 200:
             raise classify_response(response, self.spec.model)
@@ -268,7 +277,7 @@ class OpenAIBackend:
                     if isinstance(err, httpx.TimeoutException):
                         if started:
                             raise StreamInterrupted(f"{self.spec.model}: stream timed out mid-answer", model=self.spec.model) from None
-                        raise BackendTimeout(f"{self.spec.model}: stream timed out", model=self.spec.model) from None
+                        raise self._timed_out(f"{self.spec.model}: stream timed out", err) from None
                     if started:
                         raise StreamInterrupted(f"{self.spec.model}: stream broke mid-answer: {err}", model=self.spec.model) from None
                     raise UpstreamError(f"{self.spec.model}: connection failed: {err}", model=self.spec.model) from None

@@ -15,6 +15,7 @@ import copy
 import functools
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,32 @@ class _StreamedCall:
 
     completion: Completion | None = None
     started: bool = False
+
+
+@dataclass
+class StragglerBound:
+    """When a layer without a deadline stops waiting for its last proposers: ``wait_s`` after its start, or
+    ``factor`` times the slowest answer so far when later, once most of it answered (:class:`LayerSpec`)."""
+
+    wait_s: float
+    factor: float
+    slowest_s: float
+    answered: int
+    proposers: int
+
+    @property
+    def after_s(self) -> float:
+        return max(self.wait_s, self.factor * self.slowest_s)
+
+    def mark(self, calls: Sequence[CallRecord], cut: set[int]) -> None:
+        """Say on each cut call's record why it was cut: the bound, and what it was computed from."""
+        why = (
+            f"cut as a straggler at {self.after_s:.1f} s: {self.answered} of {self.proposers} proposers had answered, "
+            f"the slowest at {self.slowest_s:.1f} s (bound: max({self.wait_s:g} s, {self.factor:g} x the slowest))"
+        )
+        for call in calls:
+            if call.role == "proposer" and call.index in cut and call.status == "cut":
+                call.error = why
 
 
 @dataclass
@@ -330,7 +357,8 @@ class Pipeline:
 
         With ``min_responses`` and/or ``deadline_s`` the layer leaves stragglers behind: once the
         deadline has passed (immediately when no deadline is set) and at least ``min_responses``
-        calls have answered, the pending calls are cancelled and traced as ``cut``.
+        calls have answered, the pending calls are cancelled and traced as ``cut``. Without a deadline, the
+        straggler bound (``straggler_wait_s``, :meth:`_await_quorum`) cuts them once most of the layer answered.
         """
         start = time.perf_counter()
         record = LayerRecord(layer=layer_no, role="proposer")
@@ -340,8 +368,9 @@ class Pipeline:
             asyncio.create_task(self.call(spec, msgs, layer=layer_no, index=i, role="proposer", trace=trace, t0=t0)): i  # type: ignore[arg-type]
             for i, (spec, msgs) in enumerate(zip(layer.proposers, per_call, strict=True))
         }
+        bound: StragglerBound | None = None
         try:
-            done = await self._await_quorum(set(tasks), layer)
+            done, bound = await self._await_quorum(set(tasks), layer)
         finally:
             pending = [t for t in tasks if not t.done()]
             for task in pending:
@@ -349,6 +378,8 @@ class Pipeline:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
         record.wall_s = time.perf_counter() - start
+        if bound is not None:
+            bound.mark(trace.calls_in(layer_no), {tasks[t] for t in pending})
         responses = [
             Response(index=tasks[t], spec=layer.proposers[tasks[t]], completion=t.result())
             for t in done
@@ -361,20 +392,34 @@ class Pipeline:
         return responses
 
     @staticmethod
-    async def _await_quorum(tasks: set[asyncio.Task], layer: LayerSpec) -> set[asyncio.Task]:
-        if layer.min_responses is None and layer.deadline_s is None:
-            await asyncio.wait(tasks)
-            return tasks
+    async def _await_quorum(tasks: set[asyncio.Task], layer: LayerSpec) -> tuple[set[asyncio.Task], StragglerBound | None]:
+        """The calls to go on with, once the layer's rule allows: its quorum and deadline when it sets either, else
+        every call, or the straggler bound's cut (returned when it cut); the rest are left pending."""
+        start = time.perf_counter()
+        explicit = layer.min_responses is not None or layer.deadline_s is not None
         quorum = layer.min_responses or 1
-        done, pending = await asyncio.wait(tasks, timeout=layer.deadline_s) if layer.deadline_s else (set(), tasks)
-
-        def ok(ts: set[asyncio.Task]) -> int:
-            return sum(1 for t in ts if t.result() is not None)
-
-        while pending and ok(done) < quorum:
-            newly, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        straggling = layer.straggler_wait_s is not None and layer.deadline_s is None
+        # most of the layer (and its quorum) must have answered before the rest count as stragglers
+        enough = max(quorum, math.ceil(len(tasks) / 2))
+        done: set[asyncio.Task] = set()
+        pending = set(tasks)
+        slowest_s = 0.0  # when the slowest answer so far came, from the layer's start
+        while pending:
+            now = time.perf_counter() - start
+            answered = sum(1 for t in done if not t.cancelled() and t.result() is not None)
+            if explicit and answered >= quorum and now >= (layer.deadline_s or 0.0):
+                return done, None
+            wake: list[float] = [layer.deadline_s] if explicit and layer.deadline_s and now < layer.deadline_s else []
+            if straggling and answered >= enough:
+                bound = StragglerBound(layer.straggler_wait_s or 0.0, layer.straggler_factor, slowest_s, answered, len(tasks))
+                if now >= bound.after_s:
+                    return done, bound
+                wake.append(bound.after_s)
+            newly, pending = await asyncio.wait(pending, timeout=min(wake) - now if wake else None, return_when=asyncio.FIRST_COMPLETED)
+            if any(not t.cancelled() and t.result() is not None for t in newly):
+                slowest_s = time.perf_counter() - start
             done |= newly
-        return done
+        return done, None
 
     # ------------------------------------------------------------------ entry points
 
