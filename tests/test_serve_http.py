@@ -56,7 +56,8 @@ def server(tmp_path_factory):
                 "moa2": {"kind": "moa", "description": "two proposers, a aggregates", "layers": [["a", "b"]], "aggregator": "a"},
                 "doomed": {"kind": "moa", "layers": [["broken"]], "aggregator": "a"},
             },
-            "server": {"max_tokens_limit": 256, "max_message_chars": 2000, "max_messages": 8},
+            # a short body timeout: the 408 test waits it out
+            "server": {"max_tokens_limit": 256, "max_message_chars": 2000, "max_messages": 8, "body_timeout_s": 3},
         }
         path = tmp_path_factory.mktemp("serve-http") / "config.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -153,6 +154,39 @@ def test_upstream_failure_is_502_without_the_provider_key(server):
         assert response.status_code == 502, response.text
         assert response.json()["error"]["type"] == "upstream_error"
         assert PROVIDER_SECRET not in response.text
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b'Content-Length: 100\r\n\r\n{"model":', 408),  # a Content-Length larger than the body sent
+        (b"Content-Length: 100000000\r\n\r\n{", 413),  # a body declared too large, never sent
+    ],
+    ids=["408", "413"],
+)
+def test_a_refused_body_closes_the_connection_within_seconds(server, head, status):
+    """Both were held open by HAProxy waiting for the rest of the body (past 60 s): the replica answers with
+    ``Connection: close`` and closes its side, and HAProxy closes the client's within its client timeout."""
+    from moa_ray.serve.proxy import CLIENT_TIMEOUT_S
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: moa.test\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {CLIENT_KEY}\r\n".encode()
+            + head
+        )
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+        answered = time.monotonic()
+        assert received.startswith(f"HTTP/1.1 {status}".encode()), received
+        while chunk := sock.recv(65536):  # b"": closed; still open after 60 s: socket.timeout
+            received += chunk
+        closed_after_s = time.monotonic() - answered
+    assert closed_after_s < CLIENT_TIMEOUT_S + 5
+    assert b'"code":"request_timeout"' in received if status == 408 else b'"code":"request_too_large"' in received
 
 
 def _listening_addresses(port: int) -> set[str]:

@@ -44,24 +44,36 @@ log = logging.getLogger("ray.serve.moa_ray.ingress")
 INGRESS_DEPLOYMENT = "moa-ingress"
 
 
+class BodyRefused(APIError):
+    """A request refused while its body was still arriving (or before it was sent): answered with
+    ``Connection: close``, which makes the replica's HTTP server (uvicorn) close the connection once the answer is
+    sent. The rest of the body would otherwise be read as the next request, or never arrive, and the connection
+    would stay open, held by a client that sent a Content-Length larger than its body or a body it was refused."""
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "Connection": "close"}
+
+
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, refused with 413 as soon as it grows past ``limit`` bytes, and with 408 when it has not
-    all arrived within ``timeout_s`` (a Content-Length larger than the body sent would hold the connection)."""
+    all arrived within ``timeout_s`` (a Content-Length larger than the body sent would hold the connection); either
+    closes the connection (:class:`BodyRefused`)."""
     declared = request.headers.get("content-length", "")
+    too_large = f"the request body exceeds this server's limit of {limit} bytes"
     if declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body exceeds this server's limit of {limit} bytes", code="request_too_large")
+        raise BodyRefused(413, too_large, code="request_too_large")
     body = bytearray()
 
     async def read() -> None:
         async for part in request.stream():
             body.extend(part)
             if len(body) > limit:
-                raise APIError(413, f"the request body exceeds this server's limit of {limit} bytes", code="request_too_large")
+                raise BodyRefused(413, too_large, code="request_too_large")
 
     try:
         await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout") from None
+        raise BodyRefused(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout") from None
     return bytes(body)
 
 

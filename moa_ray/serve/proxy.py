@@ -18,7 +18,13 @@ import os
 from moa_ray.config import ServerSpec
 from moa_ray.loopback import FRONTEND_HOST_VAR, HAPROXY_VAR, HOST, free_ports
 
-HAPROXY_ENV = {HAPROXY_VAR: "1"}
+#: How long HAProxy waits for a client that sends nothing while a request is due (Ray's default: 3600 s). A request
+#: the ingress refused before its body came (408, 413) is answered with ``Connection: close``, and the replica closes
+#: its side, but HAProxy 2.8 keeps the client's connection to drain the body until this runs out (from the answer).
+#: An idle keep-alive connection, a long answer and a stream's pauses are not bound by it (``timeout http-keep-alive``
+#: and ``timeout server`` are); a client silent this long mid-request gets HAProxy's 400 before the ingress's 408.
+CLIENT_TIMEOUT_S = 5
+HAPROXY_ENV = {HAPROXY_VAR: "1", "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(CLIENT_TIMEOUT_S)}
 
 #: How long a removed ingress replica keeps answering in HAProxy mode, so that balancers stop sending it requests
 #: first (Ray's default: 30 s). A local Ray has no balancer but its HAProxy, which the controller updates at once.
