@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from typing import Any, Protocol
 
+from moa_ray.backends import create_backend
 from moa_ray.backends.base import ChatBackend
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk
 from moa_ray.errors import BackendError, MoARayError
@@ -75,8 +76,6 @@ class InProcessAgent:
         """The client of the running loop (an httpx pool belongs to the loop that opened it)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._backend is None or self._slots is None:
-            from moa_ray.backends import create_backend
-
             self._backend = create_backend(self.spec)
             self._slots = asyncio.Semaphore(self.spec.concurrency_cap())
             self._loop = loop

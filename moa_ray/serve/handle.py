@@ -15,6 +15,9 @@ import pickle
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import ray
+from ray.exceptions import RayActorError
+
 from moa_ray.chat import ChatMessage, ChatParams, ChatRequest, Completion, StreamChunk
 from moa_ray.errors import BackendError
 from moa_ray.pipeline.agents import Agent
@@ -57,8 +60,6 @@ def by_reference_handle(handle: Any) -> Any:
 
 def _transport_options(handle: Any, **options: Any) -> Any:
     """``handle.options(**options)``, or the handle as it is under Ray Client or a Ray without those options."""
-    import ray
-
     if ray.util.client.ray.is_connected():
         return handle
     try:
@@ -112,8 +113,6 @@ class HandleAgent:
         return self.by_reference
 
     async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion:
-        from ray.exceptions import RayActorError  # HandleAgent only exists where Ray does
-
         request = ChatRequest(messages=messages, params=params).model_dump()
         handle = self.handle_for(request)
         replica_failures: list[str] = []
