@@ -35,12 +35,13 @@ from moa_ray.eval.benchmarks.base import JudgeContext, JudgmentKind, PlanRequest
 from moa_ray.eval.benchmarks.gsm8k import EXACT
 from moa_ray.eval.benchmarks.mt_bench import BASELINE_MODE, SINGLE_MODE
 from moa_ray.eval.benchmarks.rubric import RUBRIC, RUBRIC_MODE, RubricItem
+from moa_ray.eval.calls import proposer_entries
 from moa_ray.eval.lease import WriterLease
 from moa_ray.eval.progress import EvalProgress
 from moa_ray.eval.runner import PoolKind, count_rows, make_pool
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import RowTable, resolve_latest
-from moa_ray.pipeline.agents import Agent
+from moa_ray.pipeline.agents import Agent, prepare_agents
 
 AUTO = "auto"
 
@@ -271,8 +272,6 @@ class StoredAnswers:
         found = table.read_where(pc.field("dataset").isin(names), ANSWER_COLUMNS).to_pylist()
         rows = resolve_latest(found, table.key, table.row_type.RESOLVE)
         if self.proposers:
-            from moa_ray.eval.calls import proposer_entries
-
             rows.update({e.row_key(): e.model_dump() for e in proposer_entries(self.uri, run_id="proposers") if e.dataset in names})
         return rows
 
@@ -304,8 +303,6 @@ class StoredAnswers:
         """Each range's answers (resolved, no traces), with each of ``tables``' resolved rows of the same prompts."""
         entries: dict[str, list[GenerationRow]] = defaultdict(list)
         if self.proposers:
-            from moa_ray.eval.calls import proposer_entries
-
             for entry in proposer_entries(self.uri, run_id="proposers"):
                 entries[entry.prompt_id].append(entry)
         answers = self._table()
@@ -385,8 +382,6 @@ class JudgeHandler:
         self.context = JudgeContext(agent=agent, judge=judge, run_id=run_id, params=params, catalog=registry.REGISTRY)
 
     async def setup(self) -> None:
-        from moa_ray.pipeline.agents import prepare_agents
-
         prepare_agents([self.agent])
 
     async def _ask(self, messages: list[ChatMessage], params: ChatParams | None = None) -> tuple[Completion, float]:
@@ -559,8 +554,6 @@ def read_generations(uri: str, *, proposers: bool = False, columns: list[str] | 
     (``proposer:<label>``, from the call table: no new generation call; see :func:`~moa_ray.eval.calls.proposer_entries`)."""
     rows = RowTable(uri, GenerationRow).latest(columns or ANSWER_COLUMNS)  # never the traces: judging and reports read none
     if proposers:
-        from moa_ray.eval.calls import proposer_entries
-
         wanted = set(rows[next(iter(rows))]) if rows else None
         for entry in proposer_entries(uri, run_id="proposers"):
             row = entry.model_dump()

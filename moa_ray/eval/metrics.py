@@ -35,12 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 from pydantic import BaseModel, Field
 from scipy import stats
 from scipy.special import expit, log_expit
 
 from moa_ray.errors import MoARayError
 from moa_ray.eval.datasets import shipped_jsonl
+from moa_ray.eval.schema import PairwiseRow
+from moa_ray.eval.store import join, resolve, resolve_latest
 
 CS = np.logspace(-4, 4, 10)
 N_SPLITS = 5
@@ -274,11 +278,6 @@ def length_controlled_win_rate(
 
 def _read_parquet(uri: str) -> list[dict[str, Any]]:
     """Every row of a Parquet file or directory, local or on a pyarrow filesystem (a judge output: its pairwise/)."""
-    import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
-
-    from moa_ray.eval.store import join, resolve
-
     fs, root = resolve(uri)
     try:
         found = [d for d in ANNOTATION_DIRS if fs.get_file_info(join(root, d)).type == pafs.FileType.Directory]
@@ -332,9 +331,6 @@ def _resolve_own_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """moa-ray judge tables may hold failed or superseded attempts; keep one finished row per key."""
     if not records or "status" not in records[0] or "prompt_id" not in records[0]:
         return records
-    from moa_ray.eval.schema import PairwiseRow
-    from moa_ray.eval.store import resolve_latest
-
     return [r for r in resolve_latest(records, PairwiseRow.KEY).values() if r["status"] == "ok"]
 
 

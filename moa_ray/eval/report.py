@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -184,9 +186,6 @@ def build_rubric_tables(generations: Rows, rubric_rows: Iterable[Row], *, pipeli
 def report_groups(generations: Rows) -> dict[str, dict[tuple[Any, ...], Row]]:
     """The generations of each benchmark the main report scores (every dataset but the rubric ones, which get
     their own tables), keyed by a directory name for it: the dataset's name, a file dataset's file name."""
-    import re
-    from pathlib import PurePosixPath
-
     groups: dict[str, dict[tuple[Any, ...], Row]] = defaultdict(dict)
     names: dict[str, str] = {}
     for key, row in generations.items():
