@@ -16,6 +16,7 @@ from moa_ray.cli import main
 from moa_ray.config import load_config, parse_config
 from moa_ray.errors import ConfigError
 from moa_ray.serve.app import serve_config
+from moa_ray.serve.proxy import HAPROXY_ENV
 from moa_ray.serve.manifests import (
     POOL_CAPACITY,
     SECRET_NAME,
@@ -84,7 +85,7 @@ def test_cluster_specs_have_a_head_and_one_worker_group_per_pool(name, spec):
             assert "MOA_RAY_API_KEYS" in secret_refs
             assert all(e["valueFrom"]["secretKeyRef"]["name"] == SECRET_NAME for e in c["env"] if "valueFrom" in e)
             plain = {e["name"]: e["value"] for e in c["env"] if "value" in e}
-            assert plain == {"RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "1"}  # HAProxy on every node
+            assert plain == {"RAY_USAGE_STATS_ENABLED": "0", **HAPROXY_ENV}  # HAProxy on every node
 
 
 @pytest.mark.parametrize("proxy", ["haproxy", "python"])
@@ -92,13 +93,13 @@ def test_the_endpoints_proxy_is_set_on_every_node_a_manifest_starts(proxy):
     config = parse_config({**yaml.safe_load(EXAMPLE.read_text()), "server": {"proxy": proxy}})
     spec = raycluster(config, None, IMAGE)["spec"]
     pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-    wanted = [{"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"}] if proxy == "haproxy" else []
+    wanted = [{"name": name, "value": value} for name, value in HAPROXY_ENV.items()] if proxy == "haproxy" else []
     for pod in pods:
         env = pod["template"]["spec"]["containers"][0]["env"]
         assert [e for e in env if e["name"].startswith("RAY_SERVE_")] == wanted
     starts = launcher_config(config)
     for command in [starts["head_start_ray_commands"][-1], starts["worker_start_ray_commands"][-1]]:
-        assert ("export RAY_SERVE_ENABLE_HA_PROXY=1; ray start" in command) == (proxy == "haproxy"), command
+        assert ("export RAY_SERVE_ENABLE_HA_PROXY=1; " in command) == (proxy == "haproxy"), command
 
 
 @pytest.mark.parametrize("name", ["rayservice.yaml", "raycluster.yaml", "rayjob.yaml"])
