@@ -1,6 +1,7 @@
 """The writer lease on S3, against a real S3 API server (moto's) on loopback: two runs that take it at the same
 instant never both hold it, a stale lease is taken over by one run only, and the run that lost it never writes
-over its successor."""
+over its successor. GCS's steps against a test double of its JSON API (no GCS emulator here implements
+generation preconditions)."""
 
 from __future__ import annotations
 
@@ -114,3 +115,86 @@ def test_the_endpoint_may_also_come_from_the_uri(s3_endpoint: str, monkeypatch: 
         with pytest.raises(StoreError, match="run-a"):
             WriterLease(uri, "run-b").check_free()
     assert resolve(uri)[0].get_file_info(f"{BUCKET}/by-uri/{LEASE_FILE}").type.name == "NotFound"  # released
+
+
+# --------------------------------------------------------------------------- GCS: the same steps over its JSON API
+
+
+class FakeGCS:
+    """A test double of GCS's JSON API for one kind of object: media uploads, reads and deletes with
+    ``ifGenerationMatch`` preconditions (0: must not exist), as Google documents them; generations count up."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, tuple[bytes, int]] = {}
+        self.generation = 0
+        self.lock = threading.Lock()
+
+    def app(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, Response
+        from starlette.routing import Route
+
+        def unmet(request: Request, name: str) -> bool:
+            wanted = request.query_params.get("ifGenerationMatch")
+            current = self.objects.get(name, (b"", 0))[1]
+            return wanted is not None and int(wanted) != current
+
+        async def upload(request: Request) -> Response:
+            name, data = request.query_params["name"], await request.body()
+            with self.lock:
+                if unmet(request, name):
+                    return JSONResponse({"error": {"code": 412}}, status_code=412)
+                self.generation += 1
+                self.objects[name] = (data, self.generation)
+                return JSONResponse({"name": name, "generation": str(self.generation)})
+
+        async def one(request: Request) -> Response:
+            name = request.path_params["name"]
+            with self.lock:
+                if name not in self.objects:
+                    return JSONResponse({"error": {"code": 404}}, status_code=404)
+                if request.method == "GET":
+                    data, generation = self.objects[name]
+                    return Response(data, headers={"x-goog-generation": str(generation)})
+                if unmet(request, name):
+                    return JSONResponse({"error": {"code": 412}}, status_code=412)
+                del self.objects[name]
+                return Response(status_code=204)
+
+        return Starlette(
+            routes=[
+                Route("/upload/storage/v1/b/{bucket}/o", upload, methods=["POST"]),
+                Route("/storage/v1/b/{bucket}/o/{name:path}", one, methods=["GET", "DELETE"]),
+            ]
+        )
+
+
+def test_gcs_objects_are_created_once_and_replaced_only_at_the_generation_read() -> None:
+    from serve_support import serve_app
+
+    from moa_ray.eval.conditional import GCSObject
+
+    gcs = FakeGCS()
+    with serve_app(gcs.app()) as url:
+        uri = f"gs://runs/x?endpoint_override={url.removeprefix('http://')}&scheme=http"
+        takers = [GCSObject(uri, f"runs/x/{LEASE_FILE}") for _ in range(2)]
+        created: list[str | None] = []
+        barrier = threading.Barrier(2)
+
+        def create(taker: GCSObject, data: bytes) -> None:
+            barrier.wait()
+            created.append(taker.create(data))
+
+        threads = [threading.Thread(target=create, args=(t, f"run-{i}".encode())) for i, t in enumerate(takers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(created, key=str) == ["1", None]  # one created it, the other was refused
+        data, generation = takers[1].read()  # type: ignore[misc]
+        assert generation == "1" and gcs.objects[f"x/{LEASE_FILE}"][0] == data
+        assert takers[0].replace(b"beat", generation) == "2"
+        assert takers[1].replace(b"late", generation) is None  # at the generation it read, no longer current
+        assert not takers[1].delete(generation) and takers[0].delete("2")
+        assert takers[0].read() is None and f"x/{LEASE_FILE}" not in gcs.objects
