@@ -75,7 +75,6 @@ class WordGrade(JudgmentKind[CountItem, CountRow]):
 
     mode: ClassVar[str] = "word-grade"
     table_dir: ClassVar[str] = "word_grade"
-    item_type: ClassVar[type[BaseModel]] = CountItem
     row_type: ClassVar[type[CountRow]] = CountRow
 
     def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[CountItem]:

@@ -356,7 +356,6 @@ class PairwiseKind(JudgmentKind[PairwiseItem, PairwiseRow]):
 
     mode: ClassVar[str] = PAIRWISE_MODE
     table_dir: ClassVar[str] = PAIRWISE_DIR
-    item_type: ClassVar[type[BaseModel]] = PairwiseItem
     row_type: ClassVar[type[PairwiseRow]] = PairwiseRow
     report_columns: ClassVar[tuple[str, ...] | None] = WIN_RATE_COLUMNS
 
@@ -478,7 +477,6 @@ class OfficialKind(JudgmentKind[OfficialItem, OfficialAnnotationRow]):
 
     mode: ClassVar[str] = OFFICIAL_MODE
     table_dir: ClassVar[str] = OFFICIAL_DIR
-    item_type: ClassVar[type[BaseModel]] = OfficialItem
     row_type: ClassVar[type[OfficialAnnotationRow]] = OfficialAnnotationRow
     report_columns: ClassVar[tuple[str, ...] | None] = WIN_RATE_COLUMNS
 

@@ -190,7 +190,6 @@ class JudgmentKind(Protocol, Generic[ItemT, RowT]):
 
     mode: ClassVar[str]
     table_dir: ClassVar[str]
-    item_type: ClassVar[type[BaseModel]]
     row_type: ClassVar[type[_Row]]
     #: False: scored in this process without a judge model (GSM8K's exact match).
     needs_judge: ClassVar[bool] = True

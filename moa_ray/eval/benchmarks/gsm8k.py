@@ -226,7 +226,6 @@ class ExactKind(JudgmentKind[ExactItem, ExactRow]):
 
     mode: ClassVar[str] = EXACT_MODE
     table_dir: ClassVar[str] = EXACT_DIR
-    item_type: ClassVar[type[BaseModel]] = ExactItem
     row_type: ClassVar[type[ExactRow]] = ExactRow
     needs_judge: ClassVar[bool] = False
     report_columns: ClassVar[tuple[str, ...] | None] = ("prompt_id", "pipeline", "turn", "dataset", "status", "correct")

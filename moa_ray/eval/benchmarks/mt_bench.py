@@ -344,7 +344,6 @@ class SingleKind(JudgmentKind[GradeItem, GradeRow]):
 
     mode: ClassVar[str] = SINGLE_MODE
     table_dir: ClassVar[str] = SINGLE_DIR
-    item_type: ClassVar[type[BaseModel]] = GradeItem
     row_type: ClassVar[type[GradeRow]] = GradeRow
     report_columns: ClassVar[tuple[str, ...] | None] = ("prompt_id", "pipeline", "turn", "judge", "status", "category", "score")
 
@@ -462,7 +461,6 @@ class BaselineKind(JudgmentKind[BaselinePairItem, BaselinePairRow]):
 
     mode: ClassVar[str] = BASELINE_MODE
     table_dir: ClassVar[str] = BASELINE_DIR
-    item_type: ClassVar[type[BaseModel]] = BaselinePairItem
     row_type: ClassVar[type[BaselinePairRow]] = BaselinePairRow
     report_columns: ClassVar[tuple[str, ...] | None] = ("prompt_id", "pipeline", "baseline", "turn", "judge", "status", "outcome")
     plans_whole_table: ClassVar[bool] = True  # the baseline must have answers somewhere in the table

@@ -187,7 +187,6 @@ class RubricKind(JudgmentKind[RubricItem, RubricRow]):
 
     mode: ClassVar[str] = RUBRIC_MODE
     table_dir: ClassVar[str] = RUBRIC_DIR
-    item_type: ClassVar[type[BaseModel]] = RubricItem
     row_type: ClassVar[type[RubricRow]] = RubricRow
     report_columns: ClassVar[tuple[str, ...] | None] = ("prompt_id", "pipeline", "turn", "judge", "benchmark", "status", "labels", "scores")
 
