@@ -53,7 +53,7 @@ class ConditionalObject(Protocol):
 class LocalObject:
     """A file on a local (POSIX) disk, always whole to a reader: created by ``link`` from a complete temporary file
     (which fails on an existing name), replaced by ``rename`` of one; replaced and deleted only under an exclusive
-    ``flock`` of its directory, so the comparison and the write are one step."""
+    lock (:meth:`_locked`), so the comparison and the write are one step."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -81,8 +81,9 @@ class LocalObject:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[bytes | None]:
-        """The content, with the directory locked against every other replace and delete."""
-        fd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+        """The content, with every other replace and delete locked out: an ``flock`` of a file beside it (which
+        stays; NFS clients lock it too, as an open-for-writing file, where a directory could not be locked)."""
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield self._content()

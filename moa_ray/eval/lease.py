@@ -105,13 +105,13 @@ class WriterLease:
                 raise self._busy(holder, age)
 
     def _take(self) -> str | None:
-        """One attempt: create the lease, or take over a stale one (or this run's own); its version, or None when
-        another run wrote it meanwhile."""
+        """One attempt: create the lease, or take over a stale one (or this process's own); its version, or None
+        when another run wrote it meanwhile."""
         current = self.object.read()
         if current is None:
             return self.object.create(self._record())
         holder, version = _parse(current[0]), current[1]
-        if holder.get("owner") != self.owner:
+        if not self._ours(holder):  # another run's, or a killed run's of the same id
             age = self._age(holder)
             if age < self.stale_after_s:
                 raise self._busy(holder, age)
