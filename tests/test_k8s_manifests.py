@@ -16,7 +16,6 @@ from moa_ray.cli import main
 from moa_ray.config import load_config, parse_config
 from moa_ray.errors import ConfigError
 from moa_ray.serve.app import serve_config
-from moa_ray.serve.proxy import HAPROXY_ENV
 from moa_ray.serve.manifests import (
     POOL_CAPACITY,
     SECRET_NAME,
@@ -27,6 +26,7 @@ from moa_ray.serve.manifests import (
     rayjob,
     rayservice,
 )
+from moa_ray.serve.proxy import HAPROXY_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
