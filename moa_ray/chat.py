@@ -246,7 +246,7 @@ class StreamChunk(BaseModel):
         return self.completion is None and not self.reasoning and not self.tool_calls and self.logprobs is None
 
 
-def as_messages(messages: list[ChatMessage] | list[dict] | str) -> list[ChatMessage]:
+def as_messages(messages: list[ChatMessage] | list[dict[str, Any]] | str) -> list[ChatMessage]:
     """Accept a prompt string, OpenAI-style dicts or ChatMessages."""
     if isinstance(messages, str):
         return [ChatMessage(role="user", content=messages)]

@@ -133,7 +133,7 @@ def keep_serve_on_loopback() -> None:
             sys.meta_path.insert(0, _AfterImport(HAPROXY_TEMPLATES, _patch_haproxy_templates))
     if getattr(tls_utils.add_port_to_grpc_server, "_moa_loopback", False):
         return
-    original = tls_utils.add_port_to_grpc_server
+    original: Callable[[Any, str], Any] = tls_utils.add_port_to_grpc_server
 
     def add_port_to_grpc_server(server: Any, address: str) -> int:
         return int(original(server, loopback_address(address)))

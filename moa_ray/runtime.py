@@ -282,7 +282,8 @@ def running_fingerprint(app_name: str) -> str | None:
         app = serve.status().applications.get(app_name)
         if app is None or app.status != "RUNNING":
             return None
-        return serve.get_app_handle(app_name).fingerprint.remote().result(timeout_s=30)
+        fingerprint: str = serve.get_app_handle(app_name).fingerprint.remote().result(timeout_s=30)
+        return fingerprint
     except Exception:  # another kind of app, or one going away: deploy ours (and say why)
         log.info("cannot read the fingerprint of the running app %r; deploying anew", app_name, exc_info=True)
         return None

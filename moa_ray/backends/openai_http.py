@@ -181,7 +181,7 @@ class OpenAIBackend:
         err = state.outcome.exception() if state.outcome else None
         hinted = getattr(err, "retry_after_s", None)
         if hinted is not None:
-            return min(hinted, self.spec.backoff_max_s)
+            return min(float(hinted), self.spec.backoff_max_s)
         return self._jitter(state)
 
     def _attempt_timeout(self, deadline: float | None) -> httpx.Timeout:
@@ -219,7 +219,8 @@ class OpenAIBackend:
         if response.status_code != 200:
             raise classify_response(response, self.spec.model)
         try:
-            return response.json()
+            body: dict[str, Any] = response.json()
+            return body
         except ValueError:
             raise UpstreamError(f"{self.spec.model}: response is not JSON", model=self.spec.model) from None
 

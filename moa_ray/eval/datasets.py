@@ -209,7 +209,8 @@ def read_rows(path: str) -> list[dict[str, Any]]:
         fs, p = resolve(path)
         lower = p.lower()
         if lower.endswith(".parquet") or lower.endswith(".pq"):
-            return pq.read_table(p, filesystem=fs).to_pylist()
+            rows: list[dict[str, Any]] = pq.read_table(p, filesystem=fs).to_pylist()
+            return rows
         with fs.open_input_stream(p) as stream:
             raw = stream.read()
     except FileNotFoundError:

@@ -50,13 +50,21 @@ def new_run_id() -> str:
 TEMPERATURE_KEY = "answer_temperature"
 
 
-def answer_settings(config: MoARayConfig, pipeline: str, temperature: AnswerTemperature | None = None) -> dict[str, Any]:
+def answer_settings(
+    config: MoARayConfig, pipeline: str, temperature: AnswerTemperature | None = None, *, explicit: bool = False
+) -> dict[str, Any]:
     """What shapes a pipeline's answers: the pipeline's spec, every answer setting of the models it calls,
-    and the answering call's temperature when the run sets one (MT-Bench's per category, or forced)."""
+    and the answering call's temperature when the run sets one (MT-Bench's per category, or forced).
+    ``explicit``: only the settings that differ from their defaults (what tells a setting added to moa-ray since a
+    run began, at its default, from one the user changed)."""
     spec = config.pipeline(pipeline)
+    models = config.models_for([pipeline])
     settings: dict[str, Any] = {
-        "pipeline": spec.model_dump(mode="json", exclude={"description"}),
-        "models": {name: m.answer_settings() for name, m in config.models_for([pipeline]).items()},
+        "pipeline": spec.model_dump(mode="json", exclude={"description"}, exclude_defaults=explicit),
+        "models": {
+            name: m.model_dump(mode="json", exclude=set(m.operational_fields), exclude_defaults=True) if explicit else m.answer_settings()
+            for name, m in models.items()
+        },
     }
     chosen = temperature.settings() if temperature is not None else None
     if chosen is not None:
@@ -75,6 +83,7 @@ class RunSettings(BaseModel):
     settings: dict[str, dict[str, Any]]
     fingerprints: dict[str, str]
     base_fingerprints: dict[str, str]
+    explicit: dict[str, dict[str, Any]] = Field(default_factory=dict, description="The settings not at their defaults.")
 
 
 def run_settings(config: MoARayConfig, pipelines: list[str], temperature: AnswerTemperature | None = None) -> RunSettings:
@@ -83,6 +92,7 @@ def run_settings(config: MoARayConfig, pipelines: list[str], temperature: Answer
         settings=settings,
         fingerprints={p: settings_fingerprint(s) for p, s in settings.items()},
         base_fingerprints={p: settings_fingerprint(base_settings(s)) for p, s in settings.items()},
+        explicit={p: answer_settings(config, p, temperature, explicit=True) for p in pipelines},
     )
 
 
@@ -110,6 +120,19 @@ def first_difference(old: Any, new: Any, path: str = "") -> str | None:
                 return found
         return None
     return None if old == new else f"{path}: {json.dumps(old)} -> {json.dumps(new)}"
+
+
+def without_added_defaults(new: Any, old: Any, explicit: Any) -> Any:
+    """``new`` without the settings that ``old`` (stored by an earlier run) lacks and that are at their defaults
+    (absent from ``explicit``, the same settings without defaults): a setting moa-ray gained since, left as it was,
+    does not stop a resume; one the user set does."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        given = explicit if isinstance(explicit, dict) else {}
+        return {k: without_added_defaults(v, old[k], given.get(k)) if k in old else v for k, v in new.items() if k in old or k in given}
+    if isinstance(new, list) and isinstance(old, list) and len(new) == len(old):
+        given_list = explicit if isinstance(explicit, list) and len(explicit) == len(new) else [None] * len(new)
+        return [without_added_defaults(n, o, e) for n, o, e in zip(new, old, given_list, strict=True)]
+    return new
 
 
 SETTINGS_DIR = "_settings"  # "_": Parquet readers skip it
@@ -179,12 +202,13 @@ def plan_generation(
     settings: Mapping[str, dict[str, Any]] | None = None,
     stored_settings: Callable[[str], dict[str, Any] | None] | None = None,
     base_fingerprints: Mapping[str, str] | None = None,
+    explicit: Mapping[str, dict[str, Any]] | None = None,
 ) -> Plan:
     """Which (prompt, pipeline, turn) rows of ``latest`` (resolved rows in memory) are still to do, as a list;
     refuses rows made with another config (:func:`check_run_settings`). A run plans with :class:`StreamPlan`."""
     state = TableState.of_rows(latest)
     if not allow_config_change:
-        check_run_settings(state, dataset.name, fingerprints, settings, stored_settings, base_fingerprints)
+        check_run_settings(state, dataset.name, fingerprints, settings, stored_settings, base_fingerprints, explicit)
     return StreamPlan.count(dataset, pipelines, state).materialize()
 
 
@@ -195,13 +219,15 @@ def check_run_settings(
     settings: Mapping[str, dict[str, Any]] | None = None,
     stored_settings: Callable[[str], dict[str, Any] | None] | None = None,
     base_fingerprints: Mapping[str, str] | None = None,
+    explicit: Mapping[str, dict[str, Any]] | None = None,
 ) -> None:
     """Refuse a directory whose answers of these pipelines were made with other settings.
 
     With ``settings`` (this run's, per pipeline) and ``stored_settings`` (fingerprint -> the settings kept
     in the directory), the refusal names the setting that changed. With ``base_fingerprints``, rows of
     *other* datasets in the table need only the same dataset-independent settings (:func:`base_settings`):
-    MT-Bench's answer temperatures do not stop an AlpacaEval run into the same directory.
+    MT-Bench's answer temperatures do not stop an AlpacaEval run into the same directory. With ``explicit`` (this
+    run's settings without defaults), settings added to moa-ray since the stored ones, at their defaults, are no change.
     """
     for pipeline, config_hash, row_dataset in sorted(state.answered_with):
         if pipeline not in fingerprints:
@@ -219,6 +245,11 @@ def check_run_settings(
             continue
         else:
             new_settings = settings[pipeline] if settings else None
+        if old is not None and new_settings is not None and explicit is not None and pipeline in explicit:
+            given = explicit[pipeline] if not other_dataset else base_settings(explicit[pipeline])
+            new_settings = without_added_defaults(new_settings, old, given)
+            if first_difference(old, new_settings) is None:
+                continue
         changed = first_difference(old, new_settings) if old is not None and new_settings is not None else None
         what = f": {changed}" if changed else f" (config hash {config_hash} != {fingerprints[pipeline]})"
         raise ConfigError(
@@ -510,7 +541,7 @@ def prepare_generation(config: MoARayConfig, dataset: PromptSource, options: Gen
     state = TableState.read(RowTable(options.out, GenerationRow))
     if not options.allow_config_change:
         stored = partial(load_settings, options.out)
-        check_run_settings(state, dataset.name, chosen.fingerprints, chosen.settings, stored, chosen.base_fingerprints)
+        check_run_settings(state, dataset.name, chosen.fingerprints, chosen.settings, stored, chosen.base_fingerprints, chosen.explicit)
     reuse = options.store_calls and (bool(calls_table(options.out).part_files()) or bool(options.calls_from))
     plan = StreamPlan.count(dataset, options.pipelines, state, keep_pending_ids=reuse)
     imported = reference_calls(config, options.pipelines, options.references_from) if options.references_from else {}

@@ -173,7 +173,7 @@ def _fit_l1_logistic(X: np.ndarray, y: np.ndarray, w: np.ndarray, C: float, tol:
         return float(-(wn * (y * log_expit(m) + (1 - y) * log_expit(-m))).sum())
 
     def total(b: np.ndarray) -> float:
-        return smooth(b) + lam * float(np.abs(b).sum())
+        return float(smooth(b) + lam * float(np.abs(b).sum()))
 
     b = np.zeros(d)
     f = total(b)
@@ -285,7 +285,8 @@ def _read_parquet(uri: str) -> list[dict[str, Any]]:
             raise MetricsError(f"{uri} holds {' and '.join(found)} annotations: name one of the subdirectories")
         if found:
             root = join(root, found[0])
-        return pads.dataset(root, filesystem=fs, format="parquet").to_table().to_pylist()
+        rows: list[dict[str, Any]] = pads.dataset(root, filesystem=fs, format="parquet").to_table().to_pylist()
+        return rows
     except (OSError, ValueError) as err:
         raise MetricsError(f"cannot read {uri}: {err}") from None
 

@@ -71,7 +71,8 @@ class EvalWorker:
     async def run(self, item: Any) -> list[Any]:
         if not self._ready:  # a restarted actor sets itself up again
             await self.ready()
-        return await self.handler.handle(item)
+        rows: list[Any] = await self.handler.handle(item)
+        return rows
 
 
 @dataclass

@@ -53,7 +53,8 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """A filesystem and a path inside it for a local path or a pyarrow filesystem URI."""
     if "://" in uri:
         try:
-            return pafs.FileSystem.from_uri(uri)
+            fs, path = pafs.FileSystem.from_uri(uri)
+            return fs, str(path)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
             raise StoreError(f"cannot open {uri}: {err}") from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
@@ -84,11 +85,12 @@ def _later(row: dict[str, Any], best: dict[str, Any]) -> bool:
 
 
 def _better(row: dict[str, Any], best: dict[str, Any]) -> bool:
-    if (row["status"] == "ok") != (best["status"] == "ok"):
-        return row["status"] == "ok"
-    if row["status"] == "ok":  # never replace a finished answer by a later one
-        return row["created_at"] < best["created_at"]
-    return (row["attempt"], row["created_at"]) > (best["attempt"], best["created_at"])
+    ok = bool(row["status"] == "ok")
+    if ok != (best["status"] == "ok"):
+        return ok
+    if ok:  # never replace a finished answer by a later one
+        return bool(row["created_at"] < best["created_at"])
+    return bool((row["attempt"], row["created_at"]) > (best["attempt"], best["created_at"]))
 
 
 @dataclass

@@ -40,6 +40,10 @@ from moa_ray.redaction import Redactor
 log = logging.getLogger(__name__)
 
 
+#: A proposer call of a layer in flight: its completion, or None when it failed.
+CallTask = asyncio.Task[Completion | None]
+
+
 def record_error(record: CallRecord, err: Exception) -> None:
     """Put a failed call's error on its record as data; anything but a backend error is logged with its traceback."""
     record.error = f"{type(err).__name__}: {err}"
@@ -381,9 +385,9 @@ class Pipeline:
         if bound is not None:
             bound.mark(trace.calls_in(layer_no), {tasks[t] for t in pending})
         responses = [
-            Response(index=tasks[t], spec=layer.proposers[tasks[t]], completion=t.result())
+            Response(index=tasks[t], spec=layer.proposers[tasks[t]], completion=completion)
             for t in done
-            if not t.cancelled() and t.result() is not None
+            if not t.cancelled() and (completion := t.result()) is not None
         ]
         responses.sort(key=lambda r: r.index)
         if not responses:
@@ -392,7 +396,7 @@ class Pipeline:
         return responses
 
     @staticmethod
-    async def _await_quorum(tasks: set[asyncio.Task], layer: LayerSpec) -> tuple[set[asyncio.Task], StragglerBound | None]:
+    async def _await_quorum(tasks: set[CallTask], layer: LayerSpec) -> tuple[set[CallTask], StragglerBound | None]:
         """The calls to go on with, once the layer's rule allows: its quorum and deadline when it sets either, else
         every call, or the straggler bound's cut (returned when it cut); the rest are left pending."""
         start = time.perf_counter()
@@ -401,7 +405,7 @@ class Pipeline:
         straggling = layer.straggler_wait_s is not None and layer.deadline_s is None
         # most of the layer (and its quorum) must have answered before the rest count as stragglers
         enough = max(quorum, math.ceil(len(tasks) / 2))
-        done: set[asyncio.Task] = set()
+        done: set[CallTask] = set()
         pending = set(tasks)
         slowest_s = 0.0  # when the slowest answer so far came, from the layer's start
         while pending:
@@ -444,7 +448,7 @@ class Pipeline:
         record_trace(trace)
 
     async def run(
-        self, messages: list[ChatMessage] | list[dict] | str, params: ChatParams | None = None, *, timeout_s: float | None = None
+        self, messages: list[ChatMessage] | list[dict[str, Any]] | str, params: ChatParams | None = None, *, timeout_s: float | None = None
     ) -> PipelineResult:
         """Answer one conversation. ``params`` (e.g. the endpoint's max_tokens) apply to the final call; ``timeout_s``
         is the request's one deadline, which every call and every retry shares."""
@@ -531,7 +535,7 @@ class Pipeline:
 
     async def stream(
         self,
-        messages: list[ChatMessage] | list[dict] | str,
+        messages: list[ChatMessage] | list[dict[str, Any]] | str,
         params: ChatParams | None = None,
         *,
         timeout_s: float | None = None,

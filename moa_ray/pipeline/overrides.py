@@ -57,9 +57,8 @@ _ANSWERER = {"moa": "aggregator", "smoa": "aggregator", "ranker": "aggregator", 
 
 
 def _answerer(spec: Any) -> ProposerSpec:
-    if spec.kind == "self-moa":
-        return spec.aggregator_spec
-    return getattr(spec, _ANSWERER[spec.kind])
+    answerer: ProposerSpec = spec.aggregator_spec if spec.kind == "self-moa" else getattr(spec, _ANSWERER[spec.kind])
+    return answerer
 
 
 def answering_call(spec: Any) -> ProposerSpec | None:

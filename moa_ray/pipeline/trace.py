@@ -202,7 +202,7 @@ class Trace(BaseModel):
         """Sum of all call latencies: the latency if every call ran one after another."""
         return sum(c.latency_s for c in self.calls)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """Totals for JSON output and Parquet rows."""
         return {
             "layers_run": self.layers_run,
@@ -216,7 +216,7 @@ class Trace(BaseModel):
             "tokens_by_layer": {str(k): v.model_dump() for k, v in self.tokens_by_layer().items()},
         }
 
-    def to_json_dict(self, detail: TraceDetail = "summary") -> dict:
+    def to_json_dict(self, detail: TraceDetail = "summary") -> dict[str, Any]:
         """The ``trace`` object of ``moa-ray run --json``; ``full`` adds each call's text."""
         exclude = None if detail == "full" else {"calls": {"__all__": set(FULL_ONLY_FIELDS)}}
         data = self.model_dump(mode="json", exclude=exclude)

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from moa_ray.metrics import record_request
 from moa_ray.pipeline.trace import Trace
@@ -94,7 +94,7 @@ def request_id_of(headers: list[tuple[bytes, bytes]], *, trusted: bool = False) 
 
 def outcome_of(request: Any) -> RequestOutcome | None:
     """The :class:`RequestOutcome` of a Starlette request (None outside :class:`AccessLog`, as in unit tests)."""
-    return request.scope.get("state", {}).get("moa_outcome")
+    return cast("RequestOutcome | None", request.scope.get("state", {}).get("moa_outcome"))
 
 
 class AccessLog:

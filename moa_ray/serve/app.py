@@ -8,7 +8,7 @@ its ``args``. Both take every option from the config, so autoscaling, placement
 and concurrency are the same whichever way the app is deployed.
 """
 
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, model_validator
 from ray.serve import Application
@@ -41,7 +41,7 @@ def build_app(config: MoARayConfig, pipelines: list[str] | None = None) -> Appli
     names = served_pipelines(config, pipelines)
     agents = {model: build_agent(model, spec) for model, spec in config.models_for(names).items() if spec.deployed}
     ingress = MoAIngress.options(**ingress_deployment_options(config))  # type: ignore[attr-defined]  # a serve.deployment
-    return ingress.bind(config.model_dump(mode="json", exclude_none=True), names, **agents)
+    return cast(Application, ingress.bind(config.model_dump(mode="json", exclude_none=True), names, **agents))
 
 
 class AppArgs(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, cast
 
 from ray import serve
 from ray.serve import Application
@@ -65,11 +65,10 @@ def build_agent(name: str, spec: ModelSpecBase) -> Application:
     """
     build = descriptor_for(spec).build
     if build is not None:
-        return build(name, spec, agent_deployment_name(name), PRIORITY_ENV_VARS)
+        return cast(Application, build(name, spec, agent_deployment_name(name), PRIORITY_ENV_VARS))
     # serve.deployment makes the class a Deployment; Ray's typing keeps the class type, hence the ignores
-    return AgentDeployment.options(name=agent_deployment_name(name), **agent_deployment_options(name, spec)).bind(  # type: ignore[attr-defined]
-        name, spec.model_dump(mode="json")
-    )
+    deployment = AgentDeployment.options(name=agent_deployment_name(name), **agent_deployment_options(name, spec))  # type: ignore[attr-defined]
+    return cast(Application, deployment.bind(name, spec.model_dump(mode="json")))
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -101,4 +100,4 @@ def build_agents_app(config: MoARayConfig, models: list[str], fingerprint: str) 
     ``fingerprint`` is :func:`agents_fingerprint` of the same models, which the caller compares first.
     """
     agents = {name: build_agent(name, config.models[name]) for name in models}
-    return AgentDirectory.bind(fingerprint, **agents)  # type: ignore[attr-defined]
+    return cast(Application, AgentDirectory.bind(fingerprint, **agents))  # type: ignore[attr-defined]

@@ -82,16 +82,17 @@ class APIError(Exception):
 _UNION_BRANCHES = {"str", "int", "float", "bool", "none", "dict"}
 
 
-def _loc(loc: tuple) -> str:
+def _loc(loc: tuple[object, ...]) -> str:
     """``("messages", 0, "content", "str")`` -> ``messages[0].content`` (union branch names dropped)."""
     out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in _UNION_BRANCHES or "[" in part or part.startswith("function-") or part[:1].isupper():
+    for item in loc:
+        if isinstance(item, int):
+            out += f"[{item}]"
+            continue
+        part = str(item)
+        if part in _UNION_BRANCHES or "[" in part or part.startswith("function-") or part[:1].isupper():
             continue  # a union's branch (a type or a model's class name), not a field
-        else:
-            out += f".{part}" if out else part
+        out += f".{part}" if out else part
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from moa_ray.config import VLLMModelSpec, serve_deployment_options
 from moa_ray.errors import ConfigError
@@ -163,7 +163,7 @@ def llm_config(name: str, spec: VLLMModelSpec, env_vars: dict[str, str]) -> LLMC
     elif spec.accelerator_type:
         kwargs["accelerator_type"] = spec.accelerator_type
     try:
-        return serve_llm.LLMConfig(**kwargs)
+        return cast(LLMConfig, serve_llm.LLMConfig(**kwargs))
     except ValueError as err:  # pydantic's ValidationError included: say which model
         raise ConfigError(f"models.{name}: Ray Serve LLM rejected the vLLM settings: {err}") from None
 
@@ -173,9 +173,10 @@ def build_llm_agent(name: str, spec: VLLMModelSpec, deployment_name: str, env_va
     serve_llm = _import_serve_llm()
     from moa_ray.serve.llm_server import MoALLMServer
 
-    return serve_llm.build_llm_deployment(
+    app = serve_llm.build_llm_deployment(
         llm_config(name, spec, env_vars),
         deployment_cls=MoALLMServer,
         override_serve_options={"name": deployment_name, **llm_deployment_options(name, spec, env_vars)},
         bind_kwargs={"agent_name": name, "spec": spec.model_dump(mode="json")},
     )
+    return cast(Application, app)

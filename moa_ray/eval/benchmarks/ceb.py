@@ -52,7 +52,8 @@ _SCORE = re.compile(r'"score": (\b\d+\b)')
 
 @cache
 def template() -> str:
-    return data_file("ceb", "bias_score_template.txt").read_text(encoding="utf-8")
+    text: str = data_file("ceb", "bias_score_template.txt").read_text(encoding="utf-8")
+    return text
 
 
 def bias_prompt(query: str, response: str) -> str:
