@@ -120,3 +120,20 @@ def test_vllm_gets_guided_decoding():
 
     body = openai_request_body("big", MODELS["big"], ChatRequest(messages=MESSAGES, params=PARAMS), stream=False)
     assert body["structured_outputs"] == {"json": SCHEMA} and "response_format" not in body
+
+
+async def test_a_broken_answer_is_counted_as_an_error_when_its_call_ends(monkeypatch):
+    """The metrics count each call once, as it ends: the schema check comes first, so a broken answer is an error."""
+    import moa_ray.pipeline.trace as trace_module
+
+    ended: list[tuple[str, str]] = []
+    monkeypatch.setattr(trace_module, "record_call", lambda record: ended.append((record.role, record.status)))
+    app = agent_api(agent_config(), AgentProvider(structured="The weather is fine."))
+    schema = {"type": "json_schema", "json_schema": {"name": "Weather", "schema": Weather.model_json_schema()}}
+    async with asgi_client(app) as raw:
+        for stream in (False, True):
+            ended.clear()
+            body = {"model": "moa", "messages": USER, "stream": stream, "response_format": schema}
+            reply = await raw.post("/v1/chat/completions", json=body)
+            assert reply.status_code == (200 if stream else 502)  # a stream's error comes as its last event
+            assert ("aggregator", "error") in ended and ("aggregator", "ok") not in ended, (stream, ended)

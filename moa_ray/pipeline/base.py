@@ -223,6 +223,7 @@ class Pipeline:
         trace: Trace,
         t0: float,
         params: ChatParams | None = None,
+        structured: bool = False,
     ) -> Completion | None:
         """One traced call, made again on its model's fallbacks (in order) when it fails with time left; returns None
         (and records why) when every one fails, is cut, or outlives the request's deadline.
@@ -231,13 +232,24 @@ class Pipeline:
         time) and is cancelled, replica-side too, if it runs past it. A cut call (cancelled) and a passed deadline
         end it: no fallback is tried then. Each fallback is a record of its own, ``fallback_of`` the failed model.
         """
-        completion = await self._call_once(spec, messages, layer=layer, index=index, role=role, trace=trace, t0=t0, params=params)
+        completion = await self._call_once(
+            spec, messages, layer=layer, index=index, role=role, trace=trace, t0=t0, params=params, structured=structured
+        )
         if completion is not None:
             return completion
         for other in self._fallbacks(spec.model, trace):
             stand_in = spec.model_copy(update={"model": other})
             completion = await self._call_once(
-                stand_in, messages, layer=layer, index=index, role=role, trace=trace, t0=t0, params=params, fallback_of=spec.model
+                stand_in,
+                messages,
+                layer=layer,
+                index=index,
+                role=role,
+                trace=trace,
+                t0=t0,
+                params=params,
+                fallback_of=spec.model,
+                structured=structured,
             )
             if completion is not None:
                 return completion
@@ -267,8 +279,10 @@ class Pipeline:
         t0: float,
         params: ChatParams | None = None,
         fallback_of: str | None = None,
+        structured: bool = False,
     ) -> Completion | None:
-        """One traced call to ``spec.model`` (see :meth:`call`)."""
+        """One traced call to ``spec.model`` (see :meth:`call`); ``structured``: the answer must follow the format
+        ``params`` asks for (:class:`InvalidStructuredOutput` otherwise), checked before the call counts as ended."""
         record = CallRecord(
             layer=layer,
             index=index,
@@ -318,7 +332,11 @@ class Pipeline:
             return None
         completion = without_thinking(completion)  # the next layer reads the answer; the trace keeps the thinking
         self._record_completion(record, completion, time.perf_counter() - start)
-        trace.call_ended(record)
+        try:
+            if structured:
+                self._check_structure(record, completion, params, trace)
+        finally:
+            trace.call_ended(record)  # after the check: the metrics count a broken answer as an error
         return completion
 
     async def _admit(
@@ -470,12 +488,12 @@ class Pipeline:
                 trace=trace,
                 t0=t0,
                 params=params,
+                structured=True,
             )
             trace.layers[-1].wall_s = time.perf_counter() - final_start
             if completion is None:
                 tried = [c for c in trace.calls if c.layer == step.layer and c.role == step.role]
                 raise AggregatorFailed(f"the {step.role} ({step.spec.model}) failed: {failure_text(tried)}", trace)
-            self._check_structure(trace.calls[-1], completion, params, trace)
             return PipelineResult(
                 answer=completion.text,
                 finish_reason=completion.finish_reason,
@@ -609,10 +627,10 @@ class Pipeline:
         wall_s = answered.latency_s
         self._record_completion(answered, completion, wall_s)
         answered.latency_s = wall_s  # the stream's own wall time, first byte to last
-        trace.call_ended(answered)
         try:
             self._check_structure(answered, completion, params, trace)
         finally:
+            trace.call_ended(answered)  # after the check: the metrics count a broken answer as an error
             self._finish(trace, t0)
         yield PipelineResult(
             answer=completion.text,
