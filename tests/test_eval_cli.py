@@ -217,8 +217,8 @@ def test_pareto_frontier() -> None:
 
 def test_dataset_help_names_every_builtin_dataset() -> None:
     """The help is written out (the CLI does not import pyarrow to build it), so it is checked against BUILTIN."""
+    from moa_ray.cli.eval import DATASET_HELP
     from moa_ray.eval.benchmarks.registry import BUILTIN
-    from moa_ray.eval.cli import DATASET_HELP
 
     assert DATASET_HELP.startswith(", ".join(BUILTIN) + ", or a ")
 

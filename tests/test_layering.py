@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("moa_ray", "jobs")
 
 #: Top to bottom: a module may import its own layer and the layers under it. A module belongs to the layer of the
-#: longest name that it is or is under (``moa_ray.eval.cli`` is CLI, the rest of ``moa_ray.eval`` is eval).
+#: longest name that it is or is under (``moa_ray.eval.judging`` is eval, ``moa_ray`` itself is the CLI layer).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    # The commands and their views (render.py is the CLI's console output and exit policy); the package's __init__
-    # is the public face over the session.
-    ("cli", ("moa_ray", "moa_ray.cli", "moa_ray.eval.cli", "moa_ray.serve.cli", "moa_ray.render", "jobs")),
+    # The commands, their options, views and exit policy (the moa_ray.cli package), and the Ray jobs over them; the
+    # package's __init__ is the public face over the session.
+    ("cli", ("moa_ray", "moa_ray.cli", "jobs")),
     ("session", ("moa_ray.session",)),
     ("runtime", ("moa_ray.runtime",)),
     ("eval, serve", ("moa_ray.eval", "moa_ray.serve")),

@@ -11,11 +11,11 @@ from rich.console import Console
 
 from bench.simulator import Behaviour, SimulatorConfig
 from moa_ray.cli import main
+from moa_ray.cli.render import trace_view
 from moa_ray.config import parse_config
 from moa_ray.errors import ConfigError
 from moa_ray.pipeline.roles import override_roles
 from moa_ray.pipeline.trace import CallRecord, LayerRecord, Trace
-from moa_ray.render import trace_view
 
 
 def _render(trace: Trace) -> str:

@@ -222,12 +222,13 @@ def test_run_show_layers_with_json_keeps_stdout_one_object(sim_file: Path):
 
 def test_show_layers_prints_while_the_pipeline_runs(monkeypatch):
     """The CLI's live view prints each call as its event comes, not after the run: printed before the stream ends."""
-    from moa_ray import cli
+    from moa_ray.cli.main import _run_live
+    from moa_ray.cli.render import err_console
     from moa_ray.pipeline.base import CallEvent, PipelineResult
     from moa_ray.pipeline.trace import CallRecord, Trace
 
     printed: list[str] = []
-    monkeypatch.setattr(cli.err_console, "print", lambda view, *a, **k: printed.append(str(getattr(view, "title", view))))
+    monkeypatch.setattr(err_console, "print", lambda view, *a, **k: printed.append(str(getattr(view, "title", view))))
 
     class Scripted:
         name = "scripted"
@@ -239,5 +240,5 @@ def test_show_layers_prints_while_the_pipeline_runs(monkeypatch):
             assert printed == ["layer 1 · proposer 1 · m1"]  # shown before the next item was even asked for
             yield PipelineResult(answer="done", trace=Trace(pipeline="scripted", kind="moa"))
 
-    result = asyncio.run(cli._run_live(Scripted(), "hi", None, 5.0))  # type: ignore[arg-type]
+    result = asyncio.run(_run_live(Scripted(), "hi", None, 5.0))  # type: ignore[arg-type]
     assert result.answer == "done" and printed == ["layer 1 · proposer 1 · m1"]

@@ -18,7 +18,7 @@ import contextlib
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -537,6 +537,23 @@ def is_exact_dataset(name: str) -> bool:
 def exact_datasets() -> list[str]:
     """The datasets ``--mode auto`` scores without a judge model."""
     return [b.name for b in registry.REGISTRY.benchmarks() if is_exact_dataset(b.name)]
+
+
+class ExactMatchSplit(BaseModel):
+    """A judge run's datasets: whether exact match scores some answers without a model, and what is left for one."""
+
+    scores: bool = Field(description="Exact match scores the answers of the exact-match datasets (gsm8k) in this run.")
+    for_judge: list[str] = Field(description="The datasets left for a judge model (empty: no judge model is needed).")
+
+
+def split_exact_match(mode: str, datasets: Sequence[str]) -> ExactMatchSplit:
+    """``exact`` scores by exact match alone; ``auto`` scores the exact-match datasets so and leaves the others to a
+    judge model; any other mode judges every dataset with a model (gsm8k's answers too)."""
+    if mode == EXACT.mode:
+        return ExactMatchSplit(scores=True, for_judge=[])
+    if mode == AUTO and any(is_exact_dataset(d) for d in datasets):
+        return ExactMatchSplit(scores=True, for_judge=[d for d in datasets if not is_exact_dataset(d)])
+    return ExactMatchSplit(scores=False, for_judge=list(datasets))
 
 
 # --------------------------------------------------------------------------- reading back

@@ -13,9 +13,9 @@ import io
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -29,6 +29,9 @@ from moa_ray.eval.benchmarks.mt_bench import BASELINE_MODE, SINGLE_MODE
 from moa_ray.eval.benchmarks.rubric import RUBRIC
 from moa_ray.eval.metrics import GLMData
 from moa_ray.eval.store import StoreError, join, resolve
+
+if TYPE_CHECKING:  # only read: judging.py is the judging machinery, which a report never runs
+    from moa_ray.eval.judging import Judgments
 
 QUALITY_METRICS = {
     "lc_win_rate": "AlpacaEval LC win rate (%)",
@@ -198,6 +201,49 @@ def report_groups(generations: Rows) -> dict[str, dict[tuple[Any, ...], Row]]:
             raise StoreError(f"datasets {names[name]!r} and {dataset!r} would share the report folder {name!r}")
         groups[name][key] = row
     return dict(sorted(groups.items()))
+
+
+class BenchmarkReport(BaseModel):
+    """One benchmark's main report: its rows, and the directory they are written to."""
+
+    name: str | None = Field(description="The benchmark's folder name; None when the generations hold one benchmark.")
+    rows: list[ReportRow]
+    out: str
+
+
+def benchmark_reports(
+    generations: Rows,
+    judged: Judgments,
+    out: str,
+    *,
+    pipelines: list[str] | None = None,
+    glm_data: GLMData | None = None,
+) -> Iterator[BenchmarkReport]:
+    """The main report of each benchmark in ``generations``, built as it is asked for: one benchmark's in ``out`` as
+    always; several: one each in ``out/<name>`` (:func:`report_groups`), from its own answers and their judgments."""
+    groups = report_groups(generations)
+    targets: list[tuple[str | None, Rows, str]]
+    if len(groups) <= 1:
+        targets = [(None, next(iter(groups.values()), generations), out)]
+    else:
+        targets = [(name, group, join(out, name)) for name, group in groups.items()]
+    for name, of_benchmark, target in targets:
+        keys = {(k[0], k[1]) for k in of_benchmark}
+
+        def mine(rows: Sequence[Row], keys: set[tuple[Any, Any]] = keys) -> list[Row]:
+            return [r for r in rows if (r["prompt_id"], r["pipeline"]) in keys]
+
+        rows = build_report(
+            of_benchmark,
+            mine(judged.pairwise),
+            mine(judged.grades),
+            pipelines=pipelines,
+            glm_data=glm_data,
+            exact=mine(judged.exact),
+            baseline_pairs=mine(judged.baseline_pairs),
+            others={mode: mine(rows) for mode, rows in judged.others.items()},
+        )
+        yield BenchmarkReport(name=name, rows=rows, out=target)
 
 
 def mt_bench_markdown(rows: Sequence[ReportRow]) -> list[str]:

@@ -1,17 +1,21 @@
-"""The ``moa-ray`` command line: run a pipeline, inspect configs (more subcommands register here)."""
+"""The ``moa-ray`` group: run a pipeline, inspect configs and packaged models (``eval`` and ``serve`` register here)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
+from moa_ray.cli.errors import ReportingGroup
+from moa_ray.cli.eval import eval_group
+from moa_ray.cli.options import address_option, config_option, json_option, max_tokens_option, timeout_option
+from moa_ray.cli.render import call_view, calls_view, err_console, trace_view
+from moa_ray.cli.serve import serve_group
 from moa_ray.config import DEFAULT_PIPELINE, dump_config, load_config
 from moa_ray.errors import MoARayError, PipelineError
 from moa_ray.pipeline.base import CallEvent, PipelineResult
-from moa_ray.render import call_view, calls_view, err_console, run_reporting_errors, trace_view
 
 if TYPE_CHECKING:
     from moa_ray.chat import ChatParams
@@ -19,30 +23,18 @@ if TYPE_CHECKING:
     from moa_ray.pipeline.trace import TraceDetail
 
 
-class _Group(click.Group):
-    """Reports moa-ray errors as one clear line (see :func:`moa_ray.render.run_reporting_errors`)."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        return run_reporting_errors(lambda: super(_Group, self).invoke(ctx))
-
-
-@click.group(cls=_Group)
+@click.group(cls=ReportingGroup)
 @click.version_option(package_name="moa-ray")
 def main() -> None:
     """Mixture-of-Agents and Sparse Mixture-of-Agents on Ray Serve."""
-
-
-config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (default: shipped presets)."
-)
 
 
 @main.command()
 @click.argument("prompt")
 @config_option
 @click.option("--pipeline", "pipeline_name", default=DEFAULT_PIPELINE, show_default=True, help="Pipeline name.")
-@click.option("--address", default=None, help="Ray cluster address to join (default: start a local Ray).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answer, pipeline and trace.")
+@address_option(help="Ray cluster address to join (default: start a local Ray).")
+@json_option(help="Print one JSON object: answer, pipeline and trace.")
 @click.option(
     "--trace",
     "trace_detail",
@@ -57,15 +49,8 @@ config_option = click.option(
     is_flag=True,
     help="Show each call's answer live, as it ends (proposers, judge and moderator verdicts), on stderr; the answer still goes to stdout.",
 )
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Cap the final answer's tokens.")
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=click.FloatRange(min=0, min_open=True),
-    default=600.0,
-    show_default=True,
-    help="Seconds the answer may take, every call and retry included.",
-)
+@max_tokens_option
+@timeout_option(help="Seconds the answer may take, every call and retry included.")
 @click.option("--roles-dataset", default=None, help="SMoA role-playing: describe the dataset the prompts come from.")
 @click.option("--roles-task", default=None, help="SMoA role-playing: describe the task (roles are generated once, then cached).")
 def run(
@@ -188,11 +173,5 @@ def models_prepare(alias: str) -> None:
     click.echo(f"{alias}: prepared at {folder}")
 
 
-from moa_ray.eval.cli import eval_group  # noqa: E402 - subcommand groups register after main exists
-from moa_ray.serve.cli import serve_group  # noqa: E402
-
 main.add_command(eval_group)
 main.add_command(serve_group)
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

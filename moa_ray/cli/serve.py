@@ -21,13 +21,11 @@ import click
 import yaml
 
 from moa_ray.backends.registry import required_secret_envs
+from moa_ray.cli.options import address_option, app_name_option, config_option
+from moa_ray.cli.render import err_console
 from moa_ray.config import MoARayConfig, load_config
 from moa_ray.errors import MoARayError
-from moa_ray.render import err_console
 
-config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (default: shipped presets)."
-)
 pipelines_option = click.option(
     "--pipeline", "pipelines", multiple=True, help="Serve only this pipeline (repeatable; default: every pipeline)."
 )
@@ -63,8 +61,8 @@ def _write_yaml(data: dict[str, Any], output: str, header: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP proxy binds (0.0.0.0 exposes it).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
 @pipelines_option
-@click.option("--address", default=None, help="Ray cluster to deploy on (default: RAY_ADDRESS, else a local Ray).")
-@click.option("--app-name", default="moa", show_default=True, help="Serve application name.")
+@address_option(help="Ray cluster to deploy on (default: RAY_ADDRESS, else a local Ray).")
+@app_name_option("moa", help="Serve application name.")
 @click.option(
     "--metrics-port",
     type=click.IntRange(1, 65535),
@@ -194,7 +192,7 @@ def _deployment_failures(app_name: str) -> str:
 @click.option("-o", "--output", default="-", show_default=True, help="File to write ('-' for stdout).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="http_options.host of the Serve config.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="http_options.port.")
-@click.option("--app-name", default="moa", show_default=True, help="Serve application name.")
+@app_name_option("moa", help="Serve application name.")
 def serve_build(config_path: str | None, pipelines: tuple[str, ...], output: str, host: str, port: int, app_name: str) -> None:
     """Write a Serve config (for `serve deploy`) that rebuilds the app from the config, with per-deployment options."""
     from moa_ray.serve.app import serve_config

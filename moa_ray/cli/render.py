@@ -1,20 +1,16 @@
-"""Human-readable views of traces: rich tables of the layers and costs, and a panel per call (what it said)."""
+"""Human-readable views of traces: rich tables of the layers and costs, and a panel per call (what it said); and the
+consoles the commands print them on (stderr for everything but the answer and the reports)."""
 
 from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
 
 from rich.console import Console, Group, RenderableType
-from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from moa_ray.backends.registry import missing_module_message
-from moa_ray.errors import ConfigError, MoARayError
 from moa_ray.pipeline.accounting import account
 from moa_ray.pipeline.trace import CallRecord, Trace
 
@@ -42,24 +38,6 @@ def make_console(stderr: bool = True) -> Console:
 
 
 err_console = make_console(stderr=True)
-
-
-def run_reporting_errors(invoke: Callable[[], Any]) -> Any:
-    """Run a click command, turning moa-ray errors into one clear line: exit 2 for bad input, 1 for a failed run."""
-    try:
-        return invoke()
-    except ModuleNotFoundError as err:
-        message = missing_module_message(err.name or "")
-        if message is None:
-            raise
-        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
-        sys.exit(2)
-    except ConfigError as err:
-        err_console.print(f"[red]config error:[/red] {escape(str(err))}", highlight=False)
-        sys.exit(2)
-    except MoARayError as err:
-        err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
-        sys.exit(1)
 
 
 def layer_table(trace: Trace) -> Table:

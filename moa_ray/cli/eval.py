@@ -11,27 +11,20 @@ import sys
 from typing import TYPE_CHECKING, Any, Literal
 
 import click
-from rich.table import Table
 
+from moa_ray.cli.errors import EXIT_PARTIAL, ReportingCommand
+from moa_ray.cli.options import address_option, app_name_option, config_option, json_option, max_tokens_option, timeout_option
+from moa_ray.cli.render import err_console, make_console
 from moa_ray.errors import ConfigError, MoARayError
-from moa_ray.render import err_console, make_console, run_reporting_errors
 
 if TYPE_CHECKING:
+    from moa_ray.eval.generate import GenerateSummary
     from moa_ray.eval.judging import StoredAnswers
-
-EXIT_PARTIAL = 3
 
 DATASET_HELP = (
     "alpaca_eval, mt_bench, flask, flask-hard, just-eval, ceb-s, ceb-t, gsm8k, "
     "or a .jsonl / .json / .parquet file (path or URI) with an id and a prompt column."
 )
-
-
-class _EvalCommand(click.Command):
-    """Reports moa-ray errors as one clear line also when run as ``python -m jobs.X`` (outside the main group)."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        return run_reporting_errors(lambda: super(_EvalCommand, self).invoke(ctx))
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -45,10 +38,6 @@ def _names(value: str | None) -> list[str] | None:
     return names
 
 
-config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (default: shipped presets)."
-)
-address_option = click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
 concurrency_option = click.option(
     "--concurrency", type=click.IntRange(min=1), default=16, show_default=True, help="Items in flight across all workers."
 )
@@ -84,7 +73,7 @@ def eval_group() -> None:
 # --------------------------------------------------------------------------- generate
 
 
-@click.command("generate", cls=_EvalCommand)
+@click.command("generate", cls=ReportingCommand)
 @config_option
 @click.option("--pipeline", "pipeline_names", required=True, help="Pipeline name(s), comma separated; they share the deployed models.")
 @click.option("--dataset", required=True, help=DATASET_HELP)
@@ -101,22 +90,15 @@ def eval_group() -> None:
 @concurrency_option
 @workers_option
 @worker_cpus_option
-@address_option
+@address_option()
 @click.option("--id-column", default=None, help="Id column of a dataset file [default: id, prompt_id, question_id or uid].")
 @click.option(
     "--prompt-column",
     default=None,
     help="Prompt column of a dataset file [default: prompt, instruction, question, turns or input].",
 )
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Cap the final answer's tokens.")
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=click.FloatRange(min=0, min_open=True),
-    default=600.0,
-    show_default=True,
-    help="Seconds each answer may take, all its calls and retries included; a late one is a failed row, retried next run.",
-)
+@max_tokens_option
+@timeout_option(help="Seconds each answer may take, all its calls and retries included; a late one is a failed row, retried next run.")
 @click.option(
     "--temperature",
     type=click.FloatRange(0.0, 2.0),
@@ -131,7 +113,7 @@ def eval_group() -> None:
     help="Also write AlpacaEval model_outputs.json here ({pipeline} is replaced).",
 )
 @click.option("--run-id", default=None, help="Id recorded in the rows of this run [default: random].")
-@click.option("--app-name", default="moa-eval", show_default=True, help="Ray Serve application of the agents.")
+@app_name_option("moa-eval", help="Ray Serve application of the agents.")
 @click.option("--allow-config-change", is_flag=True, help="Resume even if the pipeline's settings changed since the stored answers.")
 @click.option(
     "--reuse-sampled",
@@ -257,26 +239,16 @@ def generate_command(
         sys.exit(EXIT_PARTIAL)
 
 
-def _print_generate_summary(summary: Any) -> None:
+def _print_generate_summary(summary: GenerateSummary) -> None:
+    from moa_ray.eval.summary_tables import generate_summary_table
+
     err_console.print(
         f"run {summary.run_id}: {summary.ok_rows} rows ok, {summary.failed_rows} failed, {summary.skipped_rows} skipped (done before) "
         f"in {summary.elapsed_s:.1f}s ({summary.items_per_s:.2f} prompts/s, {summary.rows_per_s:.2f} rows/s, "
         f"{summary.workers} workers on {summary.nodes} node{'' if summary.nodes == 1 else 's'})",
         highlight=False,
     )
-    table = Table(title=f"{summary.dataset} -> {summary.out}")
-    for header in ("pipeline", "done", "failed", "missing", "mean latency s", "p95 latency s", "tokens/answer", "cost USD"):
-        table.add_column(header, justify="left" if header == "pipeline" else "right")
-    for p in summary.pipelines:
-        table.add_row(
-            p.pipeline,
-            str(p.done),
-            str(p.failed),
-            str(p.missing),
-            *("-" if v is None else f"{v:.2f}" for v in (p.mean_latency_s, p.p95_latency_s, p.mean_tokens)),
-            "-" if p.total_cost_usd is None else f"{p.total_cost_usd:.4f}",
-        )
-    err_console.print(table)
+    err_console.print(generate_summary_table(summary))
     if summary.calls is not None:
         c = summary.calls
         saved = "unknown (a model has no pricing)" if c.saved_cost_usd is None else f"{c.saved_cost_usd:.4f} USD"
@@ -291,7 +263,7 @@ def _print_generate_summary(summary: Any) -> None:
 # --------------------------------------------------------------------------- judge
 
 
-@click.command("judge", cls=_EvalCommand)
+@click.command("judge", cls=ReportingCommand)
 @config_option
 @click.option(
     "--judge",
@@ -325,7 +297,7 @@ def _print_generate_summary(summary: Any) -> None:
 @concurrency_option
 @workers_option
 @worker_cpus_option
-@address_option
+@address_option()
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True, help="Judge output cap.")
 @click.option(
     "--proposers",
@@ -334,7 +306,7 @@ def _print_generate_summary(summary: Any) -> None:
     "proposer beside the pipelines it fed, with no new generation call.",
 )
 @click.option("--run-id", default=None)
-@click.option("--app-name", default="moa-eval-judge", show_default=True)
+@app_name_option("moa-eval-judge")
 @keep_option
 @flush_rows_option
 @flush_s_option
@@ -366,7 +338,7 @@ def judge_command(
     MT-Bench grades, or AlpacaEval's official annotator; GSM8K by exact match, without a model."""
     from moa_ray.config import load_config
     from moa_ray.eval.generate import new_run_id
-    from moa_ray.eval.judging import JudgeOptions, StoredAnswers, check_mode_options, count_planned, run_judging
+    from moa_ray.eval.judging import JudgeOptions, StoredAnswers, check_mode_options, count_planned, run_judging, split_exact_match
 
     config = load_config(config_path)
     if judge_model is not None and judge_model not in config.models:
@@ -380,9 +352,16 @@ def judge_command(
     if not datasets:
         raise MoARayError(f"no generations in {generations}")
     run_id = run_id or new_run_id()
-    if _exact_match_judging(answers, datasets, judge_model, out, mode, run_id, _names(pipeline_names), limit):
+    split = split_exact_match(mode, datasets)
+    if split.for_judge and judge_model is None:
+        if not split.scores:
+            raise click.UsageError(f"--judge is needed for --mode {mode}")
+        raise click.UsageError(f"--judge is needed for the answers to {', '.join(split.for_judge)} (only gsm8k is scored by exact match)")
+    if split.scores:
+        _score_exact_match(answers, out, run_id, pipelines, limit, last=not split.for_judge)
+    if not split.for_judge:
         return
-    assert judge_model is not None and mode != "exact"  # both settled by _exact_match_judging
+    assert judge_model is not None and mode != "exact"  # both settled by the split: exact leaves nothing to a judge
     options = JudgeOptions(
         judge=judge_model,
         generations=generations,
@@ -430,26 +409,13 @@ def judge_command(
         sys.exit(EXIT_PARTIAL)
 
 
-def _exact_match_judging(
-    answers: StoredAnswers,
-    datasets: list[str],
-    judge_model: str | None,
-    out: str,
-    mode: str,
-    run_id: str,
-    pipelines: list[str] | None,
-    limit: int | None,
-) -> bool:
-    """Score the exact-match answers (gsm8k) without a judge; True when nothing is left for a judge model."""
-    from moa_ray.eval.judging import is_exact_dataset, run_exact
+def _score_exact_match(
+    answers: StoredAnswers, out: str, run_id: str, pipelines: list[str] | None, limit: int | None, *, last: bool
+) -> None:
+    """Score the exact-match answers (gsm8k) without a judge; ``last``: nothing is left for a judge model, so
+    answers that could not be scored end the command as partial."""
+    from moa_ray.eval.judging import run_exact
 
-    if mode not in ("auto", "exact") or (mode == "auto" and not any(is_exact_dataset(d) for d in datasets)):
-        if judge_model is None:
-            raise click.UsageError(f"--judge is needed for --mode {mode}")
-        return False
-    others = [d for d in datasets if not is_exact_dataset(d)] if mode == "auto" else []
-    if others and judge_model is None:
-        raise click.UsageError(f"--judge is needed for the answers to {', '.join(others)} (only gsm8k is scored by exact match)")
     summary = run_exact(answers, out, run_id, pipelines=pipelines, limit=limit)
     err_console.print(
         f"exact match: {summary.scored} answers scored ({summary.correct} correct, {summary.failed} failed), "
@@ -458,15 +424,14 @@ def _exact_match_judging(
     )
     if summary.failed:
         err_console.print("[yellow]some answers could not be scored (see the error column of OUT/exact)[/yellow]")
-        if not others:
+        if last:
             sys.exit(EXIT_PARTIAL)
-    return not others
 
 
 # --------------------------------------------------------------------------- report
 
 
-@click.command("report", cls=_EvalCommand)
+@click.command("report", cls=ReportingCommand)
 @click.option("--generations", required=True, help="Output directory of `eval generate`.")
 @click.option("--judgments", default=None, help="Output directory of `eval judge`.")
 @click.option("--out", required=True, help="Where to write report.md, report.csv, report.json and the PNG plots.")
@@ -505,8 +470,7 @@ def report_command(
     from moa_ray.eval.benchmarks.rubric import RUBRIC_MODE
     from moa_ray.eval.judging import REPORT_COLUMNS, Judgments, read_generations, read_judgments
     from moa_ray.eval.metrics import GLMData
-    from moa_ray.eval.report import benchmark_tables, build_report, report_groups, rich_table, write_report
-    from moa_ray.eval.store import join
+    from moa_ray.eval.report import benchmark_reports, benchmark_tables, rich_table, write_report
     from moa_ray.eval.tables import rich_benchmark_table, write_benchmark_tables
 
     gens = read_generations(generations, proposers=proposers, columns=REPORT_COLUMNS)
@@ -514,27 +478,10 @@ def report_command(
         raise MoARayError(f"no generations in {generations}")
     judged = read_judgments(judgments, judge_model, annotator, for_report=True) if judgments else Judgments()
     glm = GLMData.from_dir(glm_data) if glm_data else None
-    groups = report_groups(gens)
-    # one benchmark: its report in OUT as always; several: one report each in OUT/<dataset>, tokens of its own answers
-    targets = [(None, next(iter(groups.values()), gens), out)] if len(groups) <= 1 else [(n, g, join(out, n)) for n, g in groups.items()]
-    for name, of_benchmark, target in targets:
-        keys = {(k[0], k[1]) for k in of_benchmark}
-
-        def mine(rows: list[dict[str, Any]], keys: set[tuple[Any, Any]] = keys) -> list[dict[str, Any]]:
-            return [r for r in rows if (r["prompt_id"], r["pipeline"]) in keys]
-
-        rows = build_report(
-            of_benchmark,
-            mine(judged.pairwise),
-            mine(judged.grades),
-            pipelines=_names(pipeline_names),
-            glm_data=glm,
-            exact=mine(judged.exact),
-            baseline_pairs=mine(judged.baseline_pairs),
-            others={mode: mine(rows) for mode, rows in judged.others.items()},
-        )
-        make_console(stderr=False).print(rich_table(rows, title="moa-ray evaluation" + (f": {name}" if name else "")))
-        for path in write_report(rows, target):
+    reports = benchmark_reports(gens, judged, out, pipelines=_names(pipeline_names), glm_data=glm)
+    for report in reports:  # each printed and written as it is built
+        make_console(stderr=False).print(rich_table(report.rows, title="moa-ray evaluation" + (f": {report.name}" if report.name else "")))
+        for path in write_report(report.rows, report.out):
             err_console.print(f"wrote {path}", highlight=False)
     own_tables = benchmark_tables(gens, {RUBRIC_MODE: judged.rubric, **judged.others}, pipelines=_names(pipeline_names))
     for table in own_tables:
@@ -546,7 +493,7 @@ def report_command(
 # --------------------------------------------------------------------------- metrics
 
 
-@click.command("metrics", cls=_EvalCommand)
+@click.command("metrics", cls=ReportingCommand)
 @click.option("--annotations", default=None, help="AlpacaEval annotations (.json, .jsonl[.gz]) or a moa-ray pairwise table/Parquet file.")
 @click.option(
     "--just-eval",
@@ -568,10 +515,7 @@ def report_command(
     default=None,
     help="AlpacaEval-style outputs (JSON list of instruction, output) to score with --dataset; matched by instruction text.",
 )
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
+@json_option(
     help="Print JSON: win_rate, standard_error, discrete_win_rate, lc_win_rate, avg_length, n_total "
     "(--just-eval: total, <aspect>_mean...; --dataset gsm8k: accuracy, standard_error, n, correct).",
 )
@@ -605,72 +549,36 @@ def metrics_command(
         return
     assert annotations is not None
     from moa_ray.eval.metrics import GLMData, read_records, win_rates
+    from moa_ray.eval.summary_tables import win_rates_table
 
     results = win_rates(read_records(annotations), glm_data=GLMData.from_dir(glm_data) if glm_data else None, lc=not no_lc)
     if as_json:
         payload: Any = next(iter(results.values())).public() if len(results) == 1 else {g: r.public() for g, r in results.items()}
         click.echo(json.dumps(payload))
         return
-    table = Table(title=f"AlpacaEval metrics of {annotations}")
-    for header in (
-        "generator",
-        "win rate",
-        "± se",
-        "discrete",
-        "LC win rate",
-        "LC model",
-        "avg length",
-        "wins",
-        "losses",
-        "draws",
-        "n",
-    ):
-        table.add_column(header, justify="left" if header in ("generator", "LC model") else "right")
-    for r in results.values():
-        table.add_row(
-            r.generator,
-            f"{r.win_rate:.2f}",
-            f"{r.standard_error:.2f}",
-            f"{r.discrete_win_rate:.2f}",
-            "-" if r.lc_win_rate is None else f"{r.lc_win_rate:.2f}",
-            r.lc_model or "-",
-            str(r.avg_length),
-            str(r.n_wins),
-            str(r.n_wins_base),
-            str(r.n_draws),
-            str(r.n_total),
-        )
-    make_console(stderr=False).print(table)
+    make_console(stderr=False).print(win_rates_table(results, annotations))
 
 
 def _just_eval_metrics(path: str, as_json: bool) -> None:
     from moa_ray.eval.benchmarks.just_eval import aggregate_file
+    from moa_ray.eval.summary_tables import just_eval_table
 
-    result: dict[str, Any] = {**aggregate_file(path), "output_file": path}
+    metrics = aggregate_file(path)
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps({**metrics, "output_file": path}))
         return
-    table = Table(title=f"Just-Eval metrics of {path}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        if key != "output_file":
-            table.add_row(key, str(value) if isinstance(value, int) else f"{value:.4f}")
-    make_console(stderr=False).print(table)
+    make_console(stderr=False).print(just_eval_table(metrics, path))
 
 
 def _gsm8k_metrics(path: str, as_json: bool) -> None:
     from moa_ray.eval.benchmarks.gsm8k import score_outputs_file
+    from moa_ray.eval.summary_tables import gsm8k_table
 
     score = score_outputs_file(path)
     if as_json:
         click.echo(json.dumps(score.model_dump()))
         return
-    table = Table(title=f"GSM8K exact match of {path}")
-    for header in ("accuracy", "± se", "correct", "n"):
-        table.add_column(header, justify="right")
-    table.add_row(f"{score.accuracy:.2%}", f"{score.standard_error:.2%}", str(sum(score.correct)), str(score.n))
-    make_console(stderr=False).print(table)
+    make_console(stderr=False).print(gsm8k_table(score, path))
 
 
 for _command in (generate_command, judge_command, report_command, metrics_command):
