@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -160,3 +162,29 @@ def test_run_json_reports_a_failed_pipeline_with_its_trace(sim_file):
     assert out["pipeline"] == "broken" and "every proposer failed" in out["error"]
     assert out["trace"]["calls"][0]["status"] == "error"
     assert "error:" in result.stderr
+
+
+def _every_command(group: click.Group, path: str = "moa-ray") -> Iterator[tuple[str, click.Command]]:
+    yield path, group
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _every_command(command, f"{path} {name}")
+        else:
+            yield f"{path} {name}", command
+
+
+#: Commands whose option of a shared flag is their own on purpose (command, flag): why.
+OWN_OPTIONS = {("moa-ray eval judge", "--max-tokens"): "the judge's output cap (default 1024), not the answer's"}
+
+
+@pytest.mark.parametrize("flag", ["--config", "--address", "--timeout", "--max-tokens", "--app-name", "--json"])
+def test_a_shared_option_is_the_same_wherever_it_appears(flag: str) -> None:
+    """moa_ray/cli/options.py defines them once: every command that takes one (two at least) takes the same parameter:
+    name, type, default (``--app-name``'s is each command's own application); only the help text may be its own."""
+    found = {
+        path: (param.name, repr(param.type), None if flag == "--app-name" else param.default, param.is_flag)
+        for path, command in _every_command(main)
+        for param in command.params
+        if isinstance(param, click.Option) and flag in param.opts and (path, flag) not in OWN_OPTIONS
+    }
+    assert len(found) >= 2 and len(set(found.values())) == 1, found

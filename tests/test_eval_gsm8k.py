@@ -23,7 +23,7 @@ from moa_ray.eval.benchmarks.gsm8k import (
     score_outputs,
 )
 from moa_ray.eval.benchmarks.registry import load_dataset
-from moa_ray.eval.judging import plan_judging
+from moa_ray.eval.judging import ExactMatchSplit, plan_judging, split_exact_match
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import RowTable
 
@@ -232,6 +232,16 @@ def test_auto_judging_leaves_gsm8k_to_exact_match(tmp_path: Path) -> None:
     assert plan_judging(gens, "j", {}, {}) == []
     assert len(plan_judging(gens, "j", {}, {}, mode="pairwise")) == 6  # a forced mode still judges them
     assert len(plan_exact(gens, {}, pipelines=["good"], limit=2)) == 2
+
+
+def test_the_judge_mode_splits_the_datasets_between_exact_match_and_a_judge_model() -> None:
+    """auto scores gsm8k by exact match and leaves the rest to a model; exact needs no model; a forced mode is a
+    model's for every dataset, gsm8k's answers too."""
+    assert split_exact_match("auto", [GSM8K, "alpaca_eval"]) == ExactMatchSplit(scores=True, for_judge=["alpaca_eval"])
+    assert split_exact_match("auto", [GSM8K]) == ExactMatchSplit(scores=True, for_judge=[])
+    assert split_exact_match("auto", ["mt_bench"]) == ExactMatchSplit(scores=False, for_judge=["mt_bench"])
+    assert split_exact_match("exact", [GSM8K, "alpaca_eval"]) == ExactMatchSplit(scores=True, for_judge=[])
+    assert split_exact_match("pairwise", [GSM8K]) == ExactMatchSplit(scores=False, for_judge=[GSM8K])
 
 
 def test_a_gsm8k_row_without_reference_is_a_failed_score_not_a_zero(tmp_path: Path) -> None:

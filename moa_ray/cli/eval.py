@@ -55,6 +55,14 @@ progress_option = click.option("--no-progress", is_flag=True, help="No progress 
 flush_rows_option = click.option(
     "--flush-rows", type=click.IntRange(min=1), default=256, show_default=True, help="Most rows per part file."
 )
+generations_option = click.option("--generations", required=True, help="Output directory of `eval generate`.")
+only_pipelines_option = click.option("--pipeline", "pipeline_names", default=None, help="Only these pipelines (comma separated).")
+glm_data_option = click.option(
+    "--glm-data",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Directory with AlpacaEval's instruction_difficulty.csv (and df_gamed.csv) for the official LC model.",
+)
 flush_s_option = click.option(
     "--flush-seconds",
     type=click.FloatRange(min=0),
@@ -271,7 +279,7 @@ def _print_generate_summary(summary: GenerateSummary) -> None:
     default=None,
     help="Config name of the judge model (any backend); not needed when every answer is scored by exact match (gsm8k).",
 )
-@click.option("--generations", required=True, help="Output directory of `eval generate`.")
+@generations_option
 @click.option("--out", required=True, help="Judgment directory (pairwise/, single/ and exact/ tables).")
 @click.option(
     "--mode",
@@ -292,7 +300,7 @@ def _print_generate_summary(summary: GenerateSummary) -> None:
     show_default=True,
     help="single (and auto's MT-Bench grades): grade each turn K times and keep the median (FastChat #3018).",
 )
-@click.option("--pipeline", "pipeline_names", default=None, help="Only these pipelines (comma separated).")
+@only_pipelines_option
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N prompts per pipeline.")
 @concurrency_option
 @workers_option
@@ -432,17 +440,12 @@ def _score_exact_match(
 
 
 @click.command("report", cls=ReportingCommand)
-@click.option("--generations", required=True, help="Output directory of `eval generate`.")
+@generations_option
 @click.option("--judgments", default=None, help="Output directory of `eval judge`.")
 @click.option("--out", required=True, help="Where to write report.md, report.csv, report.json and the PNG plots.")
 @click.option("--judge", "judge_model", default=None, help="Judge whose judgments to use (needed when several judged).")
-@click.option("--pipeline", "pipeline_names", default=None, help="Only these pipelines (comma separated).")
-@click.option(
-    "--glm-data",
-    type=click.Path(file_okay=False, exists=True),
-    default=None,
-    help="Directory with AlpacaEval's instruction_difficulty.csv (and df_gamed.csv) for the official LC model.",
-)
+@only_pipelines_option
+@glm_data_option
 @click.option(
     "--annotator",
     type=click.Choice(["pairwise", "alpaca-eval-official"]),
@@ -519,12 +522,7 @@ def report_command(
     help="Print JSON: win_rate, standard_error, discrete_win_rate, lc_win_rate, avg_length, n_total "
     "(--just-eval: total, <aspect>_mean...; --dataset gsm8k: accuracy, standard_error, n, correct).",
 )
-@click.option(
-    "--glm-data",
-    type=click.Path(file_okay=False, exists=True),
-    default=None,
-    help="Directory with AlpacaEval's instruction_difficulty.csv (and df_gamed.csv) for the official LC model.",
-)
+@glm_data_option
 @click.option("--no-lc", is_flag=True, help="Skip the length-controlled win rate.")
 def metrics_command(
     annotations: str | None,
