@@ -163,7 +163,7 @@ def llm_config(name: str, spec: VLLMModelSpec, env_vars: dict[str, str]) -> LLMC
     elif spec.accelerator_type:
         kwargs["accelerator_type"] = spec.accelerator_type
     try:
-        return cast(LLMConfig, serve_llm.LLMConfig(**kwargs))
+        return cast("LLMConfig", serve_llm.LLMConfig(**kwargs))
     except ValueError as err:  # pydantic's ValidationError included: say which model
         raise ConfigError(f"models.{name}: Ray Serve LLM rejected the vLLM settings: {err}") from None
 
@@ -179,4 +179,4 @@ def build_llm_agent(name: str, spec: VLLMModelSpec, deployment_name: str, env_va
         override_serve_options={"name": deployment_name, **llm_deployment_options(name, spec, env_vars)},
         bind_kwargs={"agent_name": name, "spec": spec.model_dump(mode="json")},
     )
-    return cast(Application, app)
+    return cast("Application", app)
