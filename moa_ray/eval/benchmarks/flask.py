@@ -46,6 +46,7 @@ from moa_ray.eval.benchmarks.rubric import (
     pipeline_rows,
     row_labels,
     row_scores,
+    rubric_score,
     with_cost,
 )
 from moa_ray.eval.datasets import DatasetError, EvalDataset, EvalPrompt, build_dataset, data_file, require_keys, shipped_jsonl
@@ -133,20 +134,6 @@ def parse_score_dict(judgment: str) -> dict[Any, Any]:
     return {k: ("N/A" if isinstance(v, str) and v.strip() in NA_VALUES else v) for k, v in value.items()}
 
 
-def _score(skill: str, value: Any) -> AspectScore:
-    if value == "N/A":
-        return AspectScore(aspect=skill, na=True)
-    if isinstance(value, bool):
-        raise MalformedJudgment(f"{skill}: score {value!r} is not a number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise MalformedJudgment(f"{skill}: score {value!r} is not a number") from None
-    if not 1.0 <= number <= 5.0:
-        raise MalformedJudgment(f"{skill}: score {number:g} is outside 1-5")
-    return AspectScore(aspect=skill, score=number)
-
-
 def parse_flask(judgment: str, skills: list[str]) -> list[AspectScore]:
     """A 1-5 score (or N/A) for every annotated skill, named as annotated, in annotation order."""
     scores = parse_score_dict(judgment)
@@ -159,7 +146,7 @@ def parse_flask(judgment: str, skills: list[str]) -> list[AspectScore]:
         key = skill_key(skill)
         if key not in by_key:
             raise MalformedJudgment(f"no score for {skill!r} (keys: {', '.join(map(str, scores)) or 'none'})")
-        out.append(_score(skill, by_key[key]))
+        out.append(rubric_score(skill, by_key[key]))
     return out
 
 

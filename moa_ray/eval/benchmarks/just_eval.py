@@ -48,6 +48,7 @@ from moa_ray.eval.benchmarks.rubric import (
     by_pipeline,
     row_labels,
     row_scores,
+    rubric_score,
     with_cost,
 )
 from moa_ray.eval.datasets import EvalDataset, EvalPrompt, build_dataset, data_file, read_json_list, require_keys, shipped_jsonl
@@ -120,18 +121,7 @@ def load_judgment(judgment: str) -> dict[str, Any]:
 def _score(aspect: str, result: Any) -> AspectScore:
     if not isinstance(result, dict) or "score" not in result:
         raise MalformedJudgment(f"{aspect}: no 'score' field")
-    value = result["score"]
-    if isinstance(value, str) and value.strip().upper() == "N/A":
-        return AspectScore(aspect=aspect, na=True)
-    if isinstance(value, bool):
-        raise MalformedJudgment(f"{aspect}: score {value!r} is not a number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise MalformedJudgment(f"{aspect}: score {value!r} is not a number") from None
-    if not 1.0 <= number <= 5.0:
-        raise MalformedJudgment(f"{aspect}: score {number:g} is outside 1-5")
-    return AspectScore(aspect=aspect, score=number)
+    return rubric_score(aspect, result["score"])
 
 
 def parse_just_eval(judgment: str, kind: str) -> list[AspectScore]:

@@ -56,6 +56,22 @@ class MalformedJudgment(ValueError):
     """The judge answered, but not in the form the benchmark's parser accepts."""
 
 
+def rubric_score(aspect: str, value: Any) -> AspectScore:
+    """One aspect's 1-5 score as a judge wrote it: a number, or ``N/A`` (any case) where the aspect does not apply;
+    anything else is a :class:`MalformedJudgment`, as is a number outside 1-5."""
+    if isinstance(value, str) and value.strip().upper() == "N/A":
+        return AspectScore(aspect=aspect, na=True)
+    if isinstance(value, bool):
+        raise MalformedJudgment(f"{aspect}: score {value!r} is not a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise MalformedJudgment(f"{aspect}: score {value!r} is not a number") from None
+    if not 1.0 <= number <= 5.0:
+        raise MalformedJudgment(f"{aspect}: score {number:g} is outside 1-5")
+    return AspectScore(aspect=aspect, score=number)
+
+
 class RubricInputError(MoARayError):
     """A prompt lacks what its benchmark's judge needs (reference answer, skills, template kind...)."""
 
