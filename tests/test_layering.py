@@ -53,12 +53,7 @@ ALLOWED_UPWARD_IN_FUNCTIONS: set[tuple[str, str]] = {
 }
 
 #: Imports inside functions that would close a cycle at module level (importer, imported).
-ALLOWED_HIDDEN_CYCLES: set[tuple[str, str]] = {
-    # builtins.py's llama.cpp descriptor creates the backend lazily (no engine imported while a config validates),
-    # and llamacpp.py takes the descriptor's tool check (llamacpp_tools_unsupported) from builtins.py. To go: that
-    # check in llamacpp.py's own small module, or in base.py.
-    ("moa_ray.backends.builtins", "moa_ray.backends.llamacpp"),
-}
+ALLOWED_HIDDEN_CYCLES: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)

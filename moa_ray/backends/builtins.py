@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from moa_ray.backends.base import ChatBackend
+from moa_ray.backends.llamacpp import LlamaCppBackend, llamacpp_tools_unsupported
 from moa_ray.backends.registry import BackendDescriptor
 from moa_ray.config import LlamaCppModelSpec, OpenAIModelSpec, VLLMModelSpec
 
@@ -30,23 +31,8 @@ OPENAI = BackendDescriptor(name="openai", spec=OpenAIModelSpec, create=_openai_b
 
 # --------------------------------------------------------------------------- llama.cpp
 
-#: llama-cpp-python's chat handlers that call functions (the others ignore ``tools``).
-LLAMACPP_TOOL_FORMATS = frozenset({"chatml-function-calling", "functionary", "functionary-v1", "functionary-v2"})
-
-
-def llamacpp_tools_unsupported(name: str, spec: LlamaCppModelSpec) -> str | None:
-    """llama.cpp calls functions through a function-calling chat handler only."""
-    if spec.chat_format in LLAMACPP_TOOL_FORMATS:
-        return None
-    return (
-        f"the model {name!r} (llama.cpp, chat_format {spec.chat_format or 'from the GGUF'}) has no function-calling chat "
-        f"handler; set its chat_format to one of {', '.join(sorted(LLAMACPP_TOOL_FORMATS))}"
-    )
-
 
 def _llamacpp_backend(spec: LlamaCppModelSpec) -> ChatBackend:
-    from moa_ray.backends.llamacpp import LlamaCppBackend
-
     return LlamaCppBackend(spec)
 
 

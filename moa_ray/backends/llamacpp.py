@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from moa_ray.backends.base import chat_kwargs
-from moa_ray.backends.builtins import llamacpp_tools_unsupported
 from moa_ray.chat import (
     ChatMessage,
     ChatParams,
@@ -33,6 +32,20 @@ from moa_ray.packaged_models import resolve_model_path
 from moa_ray.wire import StreamReader, completion_of, has_content
 
 #: OpenAI request fields llama-cpp-python's chat call does not take.
+#: llama-cpp-python's chat handlers that call functions (the others ignore ``tools``).
+LLAMACPP_TOOL_FORMATS = frozenset({"chatml-function-calling", "functionary", "functionary-v1", "functionary-v2"})
+
+
+def llamacpp_tools_unsupported(name: str, spec: LlamaCppModelSpec) -> str | None:
+    """llama.cpp calls functions through a function-calling chat handler only."""
+    if spec.chat_format in LLAMACPP_TOOL_FORMATS:
+        return None
+    return (
+        f"the model {name!r} (llama.cpp, chat_format {spec.chat_format or 'from the GGUF'}) has no function-calling chat "
+        f"handler; set its chat_format to one of {', '.join(sorted(LLAMACPP_TOOL_FORMATS))}"
+    )
+
+
 _NOT_TAKEN = ("parallel_tool_calls", "reasoning_effort")
 
 
