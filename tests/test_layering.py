@@ -45,12 +45,7 @@ ALLOWED_UPWARD: set[tuple[str, str]] = set()
 ALLOWED_CYCLES: list[set[str]] = []
 
 #: Imports inside functions from a lower layer up (importer, imported).
-ALLOWED_UPWARD_IN_FUNCTIONS: set[tuple[str, str]] = {
-    # The vLLM backend's descriptor names its deployment builder, which is Ray Serve LLM code (serve/llm.py);
-    # imported only when a vLLM deployment is built. To go: the vLLM descriptor (or its builder) in one module above
-    # serve/'s import of the registry, e.g. serve/llm.py registering its own build functions.
-    ("moa_ray.backends.builtins", "moa_ray.serve.llm"),
-}
+ALLOWED_UPWARD_IN_FUNCTIONS: set[tuple[str, str]] = set()
 
 #: Imports inside functions that would close a cycle at module level (importer, imported).
 ALLOWED_HIDDEN_CYCLES: set[tuple[str, str]] = set()

@@ -38,7 +38,7 @@ GROUP = "moa_ray.backends"
 BUILTINS = (
     EntryPoint("openai", "moa_ray.backends.builtins:OPENAI", GROUP),
     EntryPoint("llamacpp", "moa_ray.backends.builtins:LLAMACPP", GROUP),
-    EntryPoint("vllm", "moa_ray.backends.builtins:VLLM", GROUP),
+    EntryPoint("vllm", "moa_ray.serve.llm:VLLM", GROUP),  # beside its Ray Serve LLM code
 )
 
 SpecT = TypeVar("SpecT", bound="ModelSpecBase")

