@@ -98,15 +98,19 @@ def test_first_k_and_pick_one():
 
 def test_schemas_constrain_numbers_and_counts():
     schema = judge_schema(4, 2, moderate=True)
-    chosen = schema["properties"]["chosen_responses"]
-    assert chosen["items"]["enum"] == [1, 2, 3, 4] and chosen["minItems"] == chosen["maxItems"] == 2
+    assert len(schema["properties"]["chosen_responses"]["anyOf"]) == 6  # C(4, 2): every choice of 2 distinct, listed
+    for picks, valid in (([2, 4], True), ([1, 2], True), ([2, 2], False), ([4, 2], False), ([1, 5], False), ([1], False)):
+        verdict = {"reasoning": "r", "chosen_responses": picks, "end_debate": False}
+        assert jsonschema.Draft202012Validator(schema).is_valid(verdict) is valid, picks
+    wide = judge_schema(12, 6, moderate=False)["properties"]["chosen_responses"]  # C(12, 6) = 924: bounded picks
+    assert wide["items"]["enum"] == list(range(1, 13)) and wide["minItems"] == wide["maxItems"] == 6
     assert schema["required"] == ["reasoning", "chosen_responses", "end_debate"]
     assert "end_debate" not in judge_schema(4, 2, moderate=False)["properties"]
     assert ranker_schema(3)["properties"]["best_response"]["enum"] == [1, 2, 3]
     verdict = {"reasoning": "2 and 4 agree", "chosen_responses": [2, 4], "end_debate": False}
-    jsonschema.validate(verdict, schema)
+    jsonschema.Draft202012Validator(schema).validate(verdict)
     with pytest.raises(jsonschema.ValidationError, match="Additional properties"):  # a grammar for it stops after the last key
-        jsonschema.validate({**verdict, "more": "text the model would write on"}, schema)
+        jsonschema.Draft202012Validator(schema).validate({**verdict, "more": "text the model would write on"})
 
 
 def test_judge_prompt_numbers_from_one_and_names_the_keys():

@@ -24,6 +24,7 @@ moderator stated ends it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -76,16 +77,25 @@ def _closed(props: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
 
+#: Up to this many k-of-n choices, the judge's schema lists them (C(10, 5) = 252); beyond, it bounds each pick only.
+MAX_LISTED_PICKS = 252
+
+
+def distinct_picks(n: int, k: int) -> dict[str, Any]:
+    """Schema of ``k`` distinct response numbers of ``1..n``, ascending: every choice listed (``anyOf`` of tuples), as
+    grammars cannot say "unique" (llguidance, which vLLM uses here, refuses ``uniqueItems``), and a repeated pick would
+    otherwise need repairing. Past :data:`MAX_LISTED_PICKS` choices, each pick is bounded and repeats are repaired."""
+    choices = list(itertools.combinations(range(1, n + 1), k))
+    if len(choices) > MAX_LISTED_PICKS:
+        return {"type": "array", "items": {"type": "integer", "enum": list(range(1, n + 1))}, "minItems": k, "maxItems": k}
+    return {"anyOf": [{"type": "array", "prefixItems": [{"const": i} for i in choice], "minItems": k, "maxItems": k} for choice in choices]}
+
+
 def judge_schema(n: int, k: int, *, moderate: bool) -> dict[str, Any]:
     """JSON schema of the judge's answer (``end_debate`` only when it also moderates)."""
     props: dict[str, Any] = {
         "reasoning": {"type": "string", "maxLength": REASONING_MAX_CHARS},
-        "chosen_responses": {
-            "type": "array",
-            "items": {"type": "integer", "enum": list(range(1, n + 1))},
-            "minItems": k,
-            "maxItems": k,
-        },
+        "chosen_responses": distinct_picks(n, k),
     }
     if moderate:
         props["end_debate"] = {"type": "boolean"}
