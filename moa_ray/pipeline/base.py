@@ -232,15 +232,10 @@ class Pipeline:
         time) and is cancelled, replica-side too, if it runs past it. A cut call (cancelled) and a passed deadline
         end it: no fallback is tried then. Each fallback is a record of its own, ``fallback_of`` the failed model.
         """
-        completion = await self._call_once(
-            spec, messages, layer=layer, index=index, role=role, trace=trace, t0=t0, params=params, structured=structured
-        )
-        if completion is not None:
-            return completion
-        for other in self._fallbacks(spec.model, trace):
-            stand_in = spec.model_copy(update={"model": other})
+        # the model itself, then (lazily: each while time is left) its fallbacks
+        for other in itertools.chain([None], self._fallbacks(spec.model, trace)):
             completion = await self._call_once(
-                stand_in,
+                spec if other is None else spec.model_copy(update={"model": other}),
                 messages,
                 layer=layer,
                 index=index,
@@ -248,7 +243,7 @@ class Pipeline:
                 trace=trace,
                 t0=t0,
                 params=params,
-                fallback_of=spec.model,
+                fallback_of=None if other is None else spec.model,
                 structured=structured,
             )
             if completion is not None:
