@@ -23,6 +23,20 @@ moto_server = pytest.importorskip("moto.server")
 BUCKET = "moa-runs"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def botocore_models_parsed_once() -> Iterator[None]:
+    """Every WriterLease builds its own boto3 session and client (as separate runs do); each session would parse
+    botocore's S3 model and endpoint rules again (~0.1-0.2 s of JSON each, 30 leases here). The tests share one
+    loader of those read-only files: the clients, their connections and their requests stay separate."""
+    import functools
+
+    import botocore.session
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(botocore.session, "create_loader", functools.cache(botocore.session.create_loader))
+        yield
+
+
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     port = free_port()
