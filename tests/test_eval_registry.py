@@ -6,11 +6,12 @@ kind with plan / judge / failed / aggregate; no stage of eval names it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -28,7 +29,6 @@ from moa_ray.eval.benchmarks.base import (
     JudgmentKind,
     PlanRequest,
     ReportScope,
-    Row,
     Rows,
     is_done,
     next_attempt,
@@ -107,23 +107,19 @@ class WordGrade(JudgmentKind[CountItem, CountRow]):
     def failed(self, item: CountItem, error: str, ctx: JudgeContext) -> CountRow:
         return CountRow(**self._base(item, ctx), status="error", error=error)
 
-    def aggregate(self, rows: Sequence[Row], scope: ReportScope) -> Aggregate:
-        by_pipeline: dict[str, list[Row]] = {}
-        for row in rows:
-            if row["status"] == "ok" and scope.wants(row["pipeline"]):
-                by_pipeline.setdefault(row["pipeline"], []).append(row)
+    def aggregate(self, rows: pa.Table, scope: ReportScope) -> Aggregate:
+        """The report hands a kind an Arrow table of its rows: Arrow's group_by sums them."""
+        finished = rows.filter(pc.equal(rows.column("status"), "ok"))
+        if scope.pipelines is not None:
+            finished = finished.filter(pc.is_in(finished.column("pipeline"), value_set=pa.array(scope.pipelines)))
+        means = finished.group_by("pipeline").aggregate([("grade", "mean"), ("words", "mean"), ([], "count_all")])
         table = BenchmarkTable(
             name=f"{TINY}_grades",
             title="Tiny: mean grade",
             columns=["grade", "words", "n"],
             rows=[
-                {
-                    "pipeline": p,
-                    "grade": sum(r["grade"] for r in rs) / len(rs),
-                    "words": sum(r["words"] for r in rs) / len(rs),
-                    "n": len(rs),
-                }
-                for p, rs in sorted(by_pipeline.items())
+                {"pipeline": g["pipeline"], "grade": g["grade_mean"], "words": g["words_mean"], "n": g["count_all"]}
+                for g in sorted(means.to_pylist(), key=lambda g: g["pipeline"])
             ],
             plot_columns=["grade"],
             ylabel="grade",

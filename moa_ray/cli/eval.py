@@ -471,13 +471,13 @@ def report_command(
 ) -> None:
     """Per pipeline: win rates, LC win rate, MT-Bench, GSM8K, FLASK, Just-Eval, CEB, tokens, cost, latency, TFLOPs; tables and plots."""
     from moa_ray.eval.benchmarks.rubric import RUBRIC_MODE
-    from moa_ray.eval.judging import REPORT_COLUMNS, Judgments, read_generations, read_judgments
+    from moa_ray.eval.judging import Judgments, read_judgments, read_report_answers
     from moa_ray.eval.metrics import GLMData
     from moa_ray.eval.report import benchmark_reports, benchmark_tables, rich_table, write_report
     from moa_ray.eval.tables import rich_benchmark_table, write_benchmark_tables
 
-    gens = read_generations(generations, proposers=proposers, columns=REPORT_COLUMNS)
-    if not gens:
+    gens = read_report_answers(generations, proposers=proposers)  # Arrow: a few numbers per answer, no Python row
+    if not gens.num_rows:
         raise MoARayError(f"no generations in {generations}")
     judged = read_judgments(judgments, judge_model, annotator, for_report=True) if judgments else Judgments()
     glm = GLMData.from_dir(glm_data) if glm_data else None

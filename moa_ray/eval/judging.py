@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion
 from moa_ray.errors import ConfigError, MoARayError
@@ -35,9 +35,10 @@ from moa_ray.eval.benchmarks.base import JudgeContext, JudgmentKind, PlanRequest
 from moa_ray.eval.benchmarks.gsm8k import EXACT
 from moa_ray.eval.benchmarks.mt_bench import BASELINE_MODE, SINGLE_MODE
 from moa_ray.eval.benchmarks.rubric import RUBRIC, RUBRIC_MODE, RubricItem
-from moa_ray.eval.calls import proposer_entries
+from moa_ray.eval.calls import calls_table, proposer_entries
 from moa_ray.eval.lease import WriterLease
 from moa_ray.eval.progress import EvalProgress
+from moa_ray.eval.report_data import is_ok, read_resolved, unique
 from moa_ray.eval.runner import PoolKind, count_rows, make_pool
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import RowTable, resolve_latest
@@ -578,30 +579,44 @@ def read_generations(uri: str, *, proposers: bool = False, columns: list[str] | 
     return rows
 
 
-def report_rows(kind: JudgmentKind[Any, Any], out: str) -> dict[tuple[Any, ...], dict[str, Any]]:
+def report_rows(kind: JudgmentKind[Any, Any], out: str) -> pa.Table:
     """A kind's resolved rows with only its :attr:`~moa_ray.eval.benchmarks.base.JudgmentKind.report_columns`, read
-    a batch at a time: a ``<text>_length`` column is measured in each batch, so no text is ever held whole."""
-    table = kind.table(out)
-    wanted = list(dict.fromkeys([*table.key, "status", "attempt", "created_at", *(kind.report_columns or ())]))
-    source = {c: c.removesuffix("_length") for c in wanted if c not in table.schema.names and c.endswith("_length")}
-    rows: list[dict[str, Any]] = []
-    for batch in table.batches(list(dict.fromkeys(source.get(c, c) for c in wanted))):
-        columns = {c: pc.utf8_length(batch.column(source[c])) if c in source else batch.column(c) for c in wanted}
-        rows += pa.RecordBatch.from_pydict(columns).to_pylist()
-    return resolve_latest(rows, table.key, table.row_type.RESOLVE)
+    a batch at a time: a ``<text>_length`` column is measured in each batch, so no text is ever held whole; an Arrow
+    table, so an answer costs its numbers, not a Python dict (see :mod:`moa_ray.eval.report_data`)."""
+    return read_resolved(kind.table(out), kind.report_columns or kind.row_type.SCHEMA.names)
+
+
+def read_report_answers(uri: str, *, proposers: bool = False) -> pa.Table:
+    """What the report reads of a generations directory (the key, the status and :data:`REPORT_COLUMNS`), one row
+    per key as :func:`read_generations` gives them, as an Arrow table; with ``proposers``, each stored layer-1
+    answer's entry after them (none where no call was stored: the call table is then not read)."""
+    answers = read_resolved(RowTable(uri, GenerationRow), REPORT_COLUMNS)
+    if not proposers or not calls_table(uri).part_files():
+        return answers
+    entries = [e.model_dump(include=set(answers.column_names)) for e in proposer_entries(uri, run_id="proposers")]
+    if not entries:
+        return answers
+    return pa.concat_tables([answers, pa.Table.from_pylist(entries, schema=answers.schema)])
+
+
+def _empty() -> pa.Table:
+    return pa.table({})
 
 
 class Judgments(BaseModel):
-    """The finished (status ok) judgments of one judge in a judgment directory, as ``eval report`` uses them."""
+    """The finished (status ok) judgments of one judge in a judgment directory, as ``eval report`` uses them: an
+    Arrow table per kind (its report columns, or every column), one row per key, in the order they were written."""
 
-    pairwise: list[dict[str, Any]] = Field(default_factory=list, description="AlpacaEval annotations: pair-v2 or the official annotator's.")
-    grades: list[dict[str, Any]] = Field(default_factory=list, description="MT-Bench single grades.")
-    baseline_pairs: list[dict[str, Any]] = Field(default_factory=list, description="MT-Bench pairwise-baseline matches.")
-    rubric: list[dict[str, Any]] = Field(default_factory=list, description="FLASK / Just-Eval / CEB rubric rows.")
-    exact: list[dict[str, Any]] = Field(default_factory=list, description="GSM8K exact-match scores (no judge).")
-    others: dict[str, list[dict[str, Any]]] = Field(default_factory=dict, description="Rows of every other registered kind, by mode.")
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    def by_kind(self) -> dict[str, list[dict[str, Any]]]:
+    pairwise: pa.Table = Field(default_factory=_empty, description="AlpacaEval annotations: pair-v2 or the official annotator's.")
+    grades: pa.Table = Field(default_factory=_empty, description="MT-Bench single grades.")
+    baseline_pairs: pa.Table = Field(default_factory=_empty, description="MT-Bench pairwise-baseline matches.")
+    rubric: pa.Table = Field(default_factory=_empty, description="FLASK / Just-Eval / CEB rubric rows.")
+    exact: pa.Table = Field(default_factory=_empty, description="GSM8K exact-match scores (no judge).")
+    others: dict[str, pa.Table] = Field(default_factory=dict, description="Rows of every other registered kind, by mode.")
+
+    def by_kind(self) -> dict[str, pa.Table]:
         """Every kind's rows by mode (the AlpacaEval annotations under pairwise, whichever annotator made them)."""
         named = {PAIRWISE_MODE: self.pairwise, SINGLE_MODE: self.grades, BASELINE_MODE: self.baseline_pairs}
         return {**named, RUBRIC_MODE: self.rubric, EXACT.mode: self.exact, **self.others}
@@ -615,25 +630,26 @@ def read_judgments(out: str, judge: str | None = None, annotator: str | None = N
     ``alpaca-eval-official`` annotations are there; a choice that is needed and missing is a MoARayError.
     """
 
-    def ok(kind: JudgmentKind[Any, Any]) -> list[dict[str, Any]]:
-        rows = report_rows(kind, out) if for_report and kind.report_columns is not None else kind.table(out).latest()
-        return [r for r in rows.values() if r["status"] == "ok"]
+    def ok(kind: JudgmentKind[Any, Any]) -> pa.Table:
+        columns = kind.report_columns if for_report and kind.report_columns is not None else kind.row_type.SCHEMA.names
+        rows = read_resolved(kind.table(out), columns)
+        return rows.filter(is_ok(rows))
 
     if annotator not in (None, PAIRWISE_MODE, OFFICIAL_MODE):
         raise MoARayError(f"unknown annotator {annotator!r} (pairwise or alpaca-eval-official)")
     every = registry.REGISTRY.kinds()
     kinds = {k.mode: ok(k) for k in every if "judge" in k.row_type.model_fields}
     unjudged = {k.mode: ok(k) for k in every if "judge" not in k.row_type.model_fields}  # scored without a model
-    judges = sorted({r["judge"] for rows in kinds.values() for r in rows})
+    judges = sorted({j for rows in kinds.values() for j in unique(rows.column("judge"))})
     if judge is not None:
         if judge not in judges:
             raise MoARayError(f"no judgments by {judge!r} in {out} (judges: {', '.join(judges) or 'none'})")
-        kinds = {k: [r for r in v if r["judge"] == judge] for k, v in kinds.items()}
+        kinds = {k: v.filter(pc.equal(v.column("judge"), judge)) for k, v in kinds.items()}
     for kind, rows in kinds.items():
-        kind_judges = sorted({r["judge"] for r in rows})
+        kind_judges = sorted(unique(rows.column("judge")))
         if len(kind_judges) > 1:
             raise MoARayError(f"{out} holds {kind} judgments of several judges ({', '.join(kind_judges)}); choose one with --judge")
-    annotated = [k for k in (PAIRWISE_MODE, OFFICIAL_MODE) if kinds[k]]
+    annotated = [k for k in (PAIRWISE_MODE, OFFICIAL_MODE) if kinds[k].num_rows]
     if annotator is None and len(annotated) > 1:
         raise MoARayError(f"{out} holds both pairwise and alpaca-eval-official annotations; choose one with --annotator")
     named = (PAIRWISE_MODE, OFFICIAL_MODE, SINGLE_MODE, BASELINE_MODE, RUBRIC_MODE, EXACT.mode)

@@ -15,9 +15,11 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 from rich.table import Table
 
@@ -28,6 +30,8 @@ from moa_ray.eval.benchmarks.gsm8k import EXACT_MODE
 from moa_ray.eval.benchmarks.mt_bench import BASELINE_MODE, SINGLE_MODE
 from moa_ray.eval.benchmarks.rubric import RUBRIC
 from moa_ray.eval.metrics import GLMData
+from moa_ray.eval.report_data import is_ok, judging, numbers, of_pipelines, rows_table, unique
+from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import StoreError, join, resolve
 
 if TYPE_CHECKING:  # only read: judging.py is the judging machinery, which a report never runs
@@ -104,103 +108,146 @@ def _fmt(value: Any, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return float(np.mean(present)) if present and len(present) == len(values) else None
+#: The answers a report reads: an Arrow table of their key, status and numbers (:func:`~moa_ray.eval.judging.read_report_answers`),
+#: or rows already read as dicts by key (a test's, a small run's), made into one.
+Answers: TypeAlias = pa.Table | Rows
+#: A kind's finished judgments: an Arrow table of its report columns, or rows already read as dicts.
+Judged: TypeAlias = pa.Table | Sequence[Row]
+
+#: The columns of an answer the main report reads.
+ANSWER_COLUMNS = [
+    "prompt_id",
+    "pipeline",
+    "turn",
+    "status",
+    "dataset",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_s",
+    "cost_usd",
+    "tflops",
+]
+
+
+def answers_table(generations: Answers) -> pa.Table:
+    """The answers as Arrow, whichever way they were handed over."""
+    if isinstance(generations, pa.Table):
+        return generations
+    return rows_table(generations.values(), GenerationRow, ANSWER_COLUMNS)
+
+
+def judged_table(mode: str, rows: Judged) -> pa.Table:
+    """A kind's judgments as Arrow (its report columns, where they were handed over as dicts)."""
+    if isinstance(rows, pa.Table):
+        return rows
+    kind = registry.REGISTRY.kind(mode)
+    return rows_table(rows, kind.row_type, kind.report_columns)
+
+
+def answer_columns(answers: pa.Table, pipeline: str) -> ReportRow:
+    """One pipeline's answers, failures, tokens, cost, latency and TFLOPs, from numpy arrays of its finished
+    answers in the table's order: the means sum in the order the report always did, so their bits do not move;
+    cost and TFLOPs only where every finished answer has them."""
+    rows = answers.filter(pc.equal(answers.column("pipeline"), pipeline))
+    ok = rows.filter(is_ok(rows))
+    report = ReportRow(pipeline=pipeline, answers=ok.num_rows, failed=rows.num_rows - ok.num_rows)
+    if not ok.num_rows:
+        return report
+    prompt, completion = numbers(ok.column("prompt_tokens")), numbers(ok.column("completion_tokens"))
+    latency = numbers(ok.column("latency_s").drop_null())
+    costs = ok.column("cost_usd")
+    cost = None if costs.null_count else numbers(costs)
+    tflops = ok.column("tflops")
+    return report.model_copy(
+        update={
+            "mean_prompt_tokens": float(np.mean(prompt)),
+            "mean_completion_tokens": float(np.mean(completion)),
+            "mean_tokens": float(np.mean(prompt + completion)),
+            "mean_cost_usd": None if cost is None else float(np.mean(cost)),
+            "total_cost_usd": None if cost is None else float(np.cumsum(cost)[-1]),  # summed one by one, as sum() did
+            "latency_p50_s": float(np.percentile(latency, 50)) if len(latency) else None,
+            "latency_p95_s": float(np.percentile(latency, 95)) if len(latency) else None,
+            "mean_tflops": None if tflops.null_count else float(np.mean(numbers(tflops))),
+        }
+    )
 
 
 def build_report(
-    generations: Rows,
-    pairwise: Sequence[Row] = (),
-    grades: Sequence[Row] = (),
+    generations: Answers,
+    pairwise: Judged = (),
+    grades: Judged = (),
     *,
     pipelines: list[str] | None = None,
     glm_data: GLMData | None = None,
-    exact: Sequence[Row] = (),
-    baseline_pairs: Sequence[Row] = (),
-    others: Mapping[str, Sequence[Row]] | None = None,
+    exact: Judged = (),
+    baseline_pairs: Judged = (),
+    others: Mapping[str, Judged] | None = None,
 ) -> list[ReportRow]:
     """One row per pipeline; cost and TFLOPs only where every finished answer has them.
 
     ``pairwise`` are AlpacaEval-format annotations (pair-v2 or the official annotator's),
     ``baseline_pairs`` MT-Bench pairwise-baseline matches, ``exact`` GSM8K exact-match scores; ``others``
     the rows of any other kind by mode. Each kind's :meth:`~moa_ray.eval.benchmarks.base.JudgmentKind.aggregate`
-    fills the columns it knows.
+    fills the columns it knows, from an Arrow table of its rows.
     """
+    answers = answers_table(generations)
     judged = {PAIRWISE_MODE: pairwise, SINGLE_MODE: grades, EXACT_MODE: exact, BASELINE_MODE: baseline_pairs, **(others or {})}
-    by_pipeline: dict[str, list[Row]] = defaultdict(list)
-    for row in generations.values():
-        if pipelines is None or row["pipeline"] in pipelines:
-            by_pipeline[row["pipeline"]].append(row)
-    scope = ReportScope(answers=generations, pipelines=pipelines, glm_data=glm_data, catalog=registry.REGISTRY)
+    scope = ReportScope(answers=answers, pipelines=pipelines, glm_data=glm_data, catalog=registry.REGISTRY)
     quality: dict[str, dict[str, Any]] = defaultdict(dict)
     for mode, rows in judged.items():
-        if rows:
-            for pipeline, columns in registry.REGISTRY.kind(mode).aggregate(rows, scope).columns.items():
+        table = judged_table(mode, rows)
+        if table.num_rows:
+            for pipeline, columns in registry.REGISTRY.kind(mode).aggregate(table, scope).columns.items():
                 quality[pipeline].update(columns)
-    out = []
-    for pipeline in sorted(set(by_pipeline) | set(quality)):
-        rows = by_pipeline.get(pipeline, [])
-        ok = [r for r in rows if r["status"] == "ok"]
-        lat = [r["latency_s"] for r in ok if r["latency_s"] is not None]
-        costs = [r["cost_usd"] for r in ok]
-        mean_cost = _mean(costs) if ok else None
-        report = ReportRow(
-            pipeline=pipeline,
-            answers=len(ok),
-            failed=len(rows) - len(ok),
-            mean_prompt_tokens=float(np.mean([r["prompt_tokens"] for r in ok])) if ok else None,
-            mean_completion_tokens=float(np.mean([r["completion_tokens"] for r in ok])) if ok else None,
-            mean_tokens=float(np.mean([r["prompt_tokens"] + r["completion_tokens"] for r in ok])) if ok else None,
-            mean_cost_usd=mean_cost,
-            total_cost_usd=float(sum(costs)) if mean_cost is not None else None,
-            latency_p50_s=float(np.percentile(lat, 50)) if lat else None,
-            latency_p95_s=float(np.percentile(lat, 95)) if lat else None,
-            mean_tflops=_mean([r["tflops"] for r in ok]) if ok else None,
-        )
-        out.append(report.model_copy(update=quality.get(pipeline, {})))
-    return out
+    answered = unique(of_pipelines(answers, pipelines).column("pipeline"))
+    return [answer_columns(answers, p).model_copy(update=quality.get(p, {})) for p in sorted(set(answered) | set(quality))]
 
 
-def benchmark_tables(generations: Rows, judged: Mapping[str, Sequence[Row]], *, pipelines: list[str] | None = None) -> list[BenchmarkTable]:
+def benchmark_tables(generations: Answers, judged: Mapping[str, Judged], *, pipelines: list[str] | None = None) -> list[BenchmarkTable]:
     """The tables of the kinds that report tables of their own (FLASK, Just-Eval, CEB...), with each benchmark's
     answers, tokens, cost and latency beside, as the main report computes them."""
+    answers = answers_table(generations)
 
     def costs(benchmark: str) -> dict[str, dict[str, Cell]]:
-        of_benchmark = {k: r for k, r in generations.items() if r["dataset"] == benchmark}
+        of_benchmark = answers.filter(pc.equal(answers.column("dataset"), benchmark))
         return {
             r.pipeline: {"answers": r.answers, "tokens/answer": r.mean_tokens, "$/answer": r.mean_cost_usd, "p50 s": r.latency_p50_s}
             for r in build_report(of_benchmark)
         }
 
-    scope = ReportScope(answers=generations, pipelines=pipelines, catalog=registry.REGISTRY, costs=costs)
+    scope = ReportScope(answers=answers, pipelines=pipelines, catalog=registry.REGISTRY, costs=costs)
     tables: list[BenchmarkTable] = []
     for mode, rows in judged.items():
-        if rows:
-            tables += registry.REGISTRY.kind(mode).aggregate(rows, scope).tables
+        table = judged_table(mode, rows)
+        if table.num_rows:
+            tables += registry.REGISTRY.kind(mode).aggregate(table, scope).tables
     return tables
 
 
-def build_rubric_tables(generations: Rows, rubric_rows: Iterable[Row], *, pipelines: list[str] | None = None) -> list[BenchmarkTable]:
+def build_rubric_tables(
+    generations: Answers, rubric_rows: Judged | Iterable[Row], *, pipelines: list[str] | None = None
+) -> list[BenchmarkTable]:
     """Every table the judged rubric rows (status ok) support, benchmark by benchmark."""
-    return benchmark_tables(generations, {RUBRIC.mode: list(rubric_rows)}, pipelines=pipelines)
+    rows = rubric_rows if isinstance(rubric_rows, pa.Table) else list(rubric_rows)
+    return benchmark_tables(generations, {RUBRIC.mode: rows}, pipelines=pipelines)
 
 
-def report_groups(generations: Rows) -> dict[str, dict[tuple[Any, ...], Row]]:
+def report_groups(generations: Answers) -> dict[str, pa.Table]:
     """The generations of each benchmark the main report scores (every dataset but the rubric ones, which get
     their own tables), keyed by a directory name for it: the dataset's name, a file dataset's file name."""
-    groups: dict[str, dict[tuple[Any, ...], Row]] = defaultdict(dict)
+    answers = answers_table(generations)
+    datasets: dict[str, list[str]] = defaultdict(list)
     names: dict[str, str] = {}
-    for key, row in generations.items():
-        dataset = str(row["dataset"])
+    for dataset in unique(answers.column("dataset")):  # in the order they first appear
         found = registry.REGISTRY.find(dataset)
         if found is not None and found.rubric is not None:
             continue
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", PurePosixPath(dataset).name) or "dataset"
         if names.setdefault(name, dataset) != dataset:
             raise StoreError(f"datasets {names[name]!r} and {dataset!r} would share the report folder {name!r}")
-        groups[name][key] = row
-    return dict(sorted(groups.items()))
+        datasets[name].append(dataset)
+    column = answers.column("dataset")
+    return {name: answers.filter(pc.is_in(column, value_set=pa.array(of, pa.string()))) for name, of in sorted(datasets.items())}
 
 
 class BenchmarkReport(BaseModel):
@@ -212,7 +259,7 @@ class BenchmarkReport(BaseModel):
 
 
 def benchmark_reports(
-    generations: Rows,
+    generations: Answers,
     judged: Judgments,
     out: str,
     *,
@@ -221,27 +268,27 @@ def benchmark_reports(
 ) -> Iterator[BenchmarkReport]:
     """The main report of each benchmark in ``generations``, built as it is asked for: one benchmark's in ``out`` as
     always; several: one each in ``out/<name>`` (:func:`report_groups`), from its own answers and their judgments."""
-    groups = report_groups(generations)
-    targets: list[tuple[str | None, Rows, str]]
+    answers = answers_table(generations)
+    groups = report_groups(answers)
+    targets: list[tuple[str | None, pa.Table, str]]
     if len(groups) <= 1:
-        targets = [(None, next(iter(groups.values()), generations), out)]
+        targets = [(None, next(iter(groups.values()), answers), out)]
     else:
         targets = [(name, group, join(out, name)) for name, group in groups.items()]
     for name, of_benchmark, target in targets:
-        keys = {(k[0], k[1]) for k in of_benchmark}
 
-        def mine(rows: Sequence[Row], keys: set[tuple[Any, Any]] = keys) -> list[Row]:
-            return [r for r in rows if (r["prompt_id"], r["pipeline"]) in keys]
+        def mine(mode: str, rows: Judged, of_benchmark: pa.Table = of_benchmark) -> pa.Table:
+            return judging(judged_table(mode, rows), of_benchmark)
 
         rows = build_report(
             of_benchmark,
-            mine(judged.pairwise),
-            mine(judged.grades),
+            mine(PAIRWISE_MODE, judged.pairwise),
+            mine(SINGLE_MODE, judged.grades),
             pipelines=pipelines,
             glm_data=glm_data,
-            exact=mine(judged.exact),
-            baseline_pairs=mine(judged.baseline_pairs),
-            others={mode: mine(rows) for mode, rows in judged.others.items()},
+            exact=mine(EXACT_MODE, judged.exact),
+            baseline_pairs=mine(BASELINE_MODE, judged.baseline_pairs),
+            others={mode: mine(mode, rows) for mode, rows in judged.others.items()},
         )
         yield BenchmarkReport(name=name, rows=rows, out=target)
 

@@ -39,8 +39,11 @@ import random
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import cache
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 from pydantic import BaseModel, Field
 
@@ -52,7 +55,6 @@ from moa_ray.eval.benchmarks.base import (
     JudgmentKind,
     PlanRequest,
     ReportScope,
-    Row,
     Rows,
     conversations,
     is_done,
@@ -61,7 +63,8 @@ from moa_ray.eval.benchmarks.base import (
 )
 from moa_ray.eval.datasets import EvalDataset, EvalPrompt, data_file, shipped_jsonl
 from moa_ray.eval.judge_prompts import PAIRWISE_PROMPT, pairwise_messages, parse_verdict, verdict_preference
-from moa_ray.eval.metrics import win_rates
+from moa_ray.eval.metrics import N_SPLITS, GLMData, MetricsError, WinRate, alpaca_index, head_to_head, length_controlled_win_rate
+from moa_ray.eval.report_data import is_ok, numbers, of_pipelines, resolve_table, unique
 from moa_ray.eval.schema import OfficialAnnotationRow, PairwiseRow
 from moa_ray.eval.store import RowTable, StoreError, join, resolve
 
@@ -325,10 +328,11 @@ def plan_comparisons(answers: Rows, done: Rows, request: PlanRequest) -> list[di
     return comparisons
 
 
-def win_rate_columns(rows: Sequence[Row], scope: ReportScope) -> Aggregate:
+def win_rate_columns(rows: pa.Table, scope: ReportScope) -> Aggregate:
     """AlpacaEval's win rates per pipeline, of pair-v2 or official annotations alike."""
-    annotated = [dict(r) for r in rows if r["status"] == "ok" and r["preference"] is not None and scope.wants(r["pipeline"])]
-    rates = win_rates(annotated, glm_data=scope.glm_data) if annotated else {}
+    wanted = pc.and_(is_ok(rows), pc.is_valid(rows.column("preference")))
+    annotated = of_pipelines(rows.filter(wanted), scope.pipelines)
+    rates = table_win_rates(annotated, glm_data=scope.glm_data) if annotated.num_rows else {}
     return Aggregate(
         columns={
             p: {
@@ -342,6 +346,66 @@ def win_rate_columns(rows: Sequence[Row], scope: ReportScope) -> Aggregate:
             for p, w in rates.items()
         }
     )
+
+
+def output_lengths(rows: pa.Table, column: str) -> np.ndarray:
+    """Characters of each row's ``column`` (:func:`~moa_ray.eval.metrics.chars`): its measured ``<column>_length``
+    where the reader measured it, else the text's; 0 where there is none."""
+    measured = f"{column}_length"
+    if measured in rows.column_names:
+        lengths = rows.column(measured)
+    elif column in rows.column_names:
+        lengths = pc.utf8_length(rows.column(column))
+    else:
+        return np.zeros(rows.num_rows, dtype=np.int64)
+    return numbers(pc.cast(pc.fill_null(lengths, 0), pa.int64()))
+
+
+def table_win_rates(rows: pa.Table, *, glm_data: GLMData | None = None, lc: bool = True) -> dict[str, WinRate]:
+    """:func:`~moa_ray.eval.metrics.win_rates` of finished annotations held as an Arrow table: the same numbers,
+    from numpy arrays per generator (``generator_2``) in the rows' order, which the LC fit's folds follow."""
+    missing = [c for c in ("output_1", "output_2", "preference") if c not in rows.column_names and f"{c}_length" not in rows.column_names]
+    if missing:
+        raise MetricsError(
+            f"annotations lack the columns {missing} (AlpacaEval format: instruction, output_1, output_2, preference, generator_2)"
+        )
+    if {"created_at", "attempt", "status", *PairwiseRow.KEY} <= set(rows.column_names):
+        rows = resolve_table(rows, PairwiseRow.KEY)  # win_rates resolves the rows it is given; read rows are resolved
+        rows = rows.filter(is_ok(rows))
+    if not rows.num_rows:
+        raise MetricsError("no annotations")
+    generator = pc.fill_null(rows.column("generator_2"), "") if "generator_2" in rows.column_names else pa.nulls(rows.num_rows, pa.string())
+    generator = pc.if_else(pc.equal(pc.fill_null(generator, ""), ""), "model", generator)
+    index = alpaca_index() if glm_data is not None else None
+    out = {}
+    for name in unique(generator):
+        group = rows.filter(pc.equal(generator, name))
+        preferences = numbers(pc.cast(pc.fill_null(group.column("preference"), np.nan), pa.float64()))
+        h2h = head_to_head(cast("Sequence[float | None]", preferences))  # metrics reads any sequence through numpy
+        lengths = output_lengths(group, "output_2")
+        result = WinRate.model_validate({"generator": str(name), "avg_length": int(np.mean(lengths)), **h2h})
+        if lc and h2h["n_total"] >= N_SPLITS:
+            positions = None if index is None else alpaca_positions(group.column("instruction"), index)
+            lcw, lcse, model = length_controlled_win_rate(
+                cast("Sequence[float | None]", preferences),
+                cast("Sequence[int]", lengths),
+                cast("Sequence[int]", output_lengths(group, "output_1")),
+                positions,
+                glm_data,
+            )
+            result = result.model_copy(update={"lc_win_rate": lcw, "lc_standard_error": lcse, "lc_model": model})
+        out[str(name)] = result
+    return out
+
+
+def alpaca_positions(instructions: pa.ChunkedArray | pa.Array, index: Mapping[str, int]) -> list[int]:
+    """Each instruction's position in AlpacaEval (the GLM files' index); a MetricsError names one that is not there."""
+    found = pc.index_in(instructions, value_set=pa.array(list(index), pa.string()))
+    if found.null_count:
+        first = pc.filter(instructions, pc.is_null(found))[0].as_py()
+        raise MetricsError(f"instruction not in AlpacaEval, no difficulty for it: {str(KeyError(first))[:80]}")
+    positions: list[int] = np.asarray(list(index.values()), dtype=np.int64)[numbers(found)].tolist()
+    return positions
 
 
 # --------------------------------------------------------------------------- pair-v2
@@ -392,7 +456,7 @@ class PairwiseKind(JudgmentKind[PairwiseItem, PairwiseRow]):
     def failed(self, item: PairwiseItem, error: str, ctx: JudgeContext) -> PairwiseRow:
         return PairwiseRow(**_pairwise_base(item, ctx), status="error", error=error)
 
-    def aggregate(self, rows: Sequence[Row], scope: ReportScope) -> Aggregate:
+    def aggregate(self, rows: pa.Table, scope: ReportScope) -> Aggregate:
         return win_rate_columns(rows, scope)
 
 
@@ -489,7 +553,7 @@ class OfficialKind(JudgmentKind[OfficialItem, OfficialAnnotationRow]):
     def failed(self, item: OfficialItem, error: str, ctx: JudgeContext) -> OfficialAnnotationRow:
         return OfficialAnnotationRow(**official_row_base(item, run_id=ctx.run_id, judge=ctx.judge), status="error", error=error)
 
-    def aggregate(self, rows: Sequence[Row], scope: ReportScope) -> Aggregate:
+    def aggregate(self, rows: pa.Table, scope: ReportScope) -> Aggregate:
         return win_rate_columns(rows, scope)
 
     def write_files(self, out: str, judge: str) -> dict[str, int]:

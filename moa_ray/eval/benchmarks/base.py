@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion
@@ -161,9 +162,13 @@ class BenchmarkTable(BaseModel):
 
 @dataclass
 class ReportScope:
-    """What a kind's :meth:`JudgmentKind.aggregate` may read besides its own rows."""
+    """What a kind's :meth:`JudgmentKind.aggregate` may read besides its own rows.
 
-    answers: Rows
+    ``answers``: the report's answers as Arrow (the key, status and numbers of each: see
+    :func:`moa_ray.eval.judging.read_report_answers`), one row per key.
+    """
+
+    answers: pa.Table
     pipelines: list[str] | None = None
     glm_data: GLMData | None = None
     catalog: Catalog = NO_BENCHMARKS
@@ -212,8 +217,10 @@ class JudgmentKind(Protocol, Generic[ItemT, RowT]):
         """The error row of an item whose judging raised (retried on the next run)."""
         ...
 
-    def aggregate(self, rows: Sequence[Row], scope: ReportScope) -> Aggregate:
-        """The report's numbers from finished (status ok) rows of this kind."""
+    def aggregate(self, rows: pa.Table, scope: ReportScope) -> Aggregate:
+        """The report's numbers from finished (status ok) rows of this kind: an Arrow table of (at least) its
+        :attr:`report_columns`, one row per key in the order they were written, so a report of any size holds
+        numbers per row, not Python objects (compute with ``pyarrow.compute`` and numpy)."""
         ...
 
     def table(self, out: str) -> RowTable[Any]:

@@ -23,6 +23,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
 from moa_ray.errors import MoARayError
@@ -39,6 +41,7 @@ from moa_ray.eval.benchmarks.base import (
     next_attempt,
 )
 from moa_ray.eval.datasets import DatasetError, EvalDataset, EvalPrompt, build_dataset, read_json_list, require_keys, shipped_jsonl
+from moa_ray.eval.report_data import is_ok, of_pipelines
 from moa_ray.eval.schema import ExactRow
 from moa_ray.eval.store import RowTable, join
 
@@ -149,10 +152,13 @@ class Accuracy(BaseModel):
 
 def accuracy(correct: Sequence[bool]) -> Accuracy:
     """Accuracy of per-item correctness flags."""
-    n = len(correct)
+    return accuracy_of_counts(sum(bool(c) for c in correct), len(correct))
+
+
+def accuracy_of_counts(k: int, n: int) -> Accuracy:
+    """Accuracy of ``k`` correct items out of ``n`` (what a report counts with Arrow, without a flag per item)."""
     if n == 0:
         raise GSM8KError("no items to score")
-    k = sum(bool(c) for c in correct)
     p = k / n
     return Accuracy(accuracy=p, standard_error=math.sqrt(p * (1 - p) / n), n=n, n_correct=k)
 
@@ -243,16 +249,17 @@ class ExactKind(JudgmentKind[ExactItem, ExactRow]):
     def failed(self, item: ExactItem, error: str, ctx: JudgeContext) -> ExactRow:
         return ExactRow(**_base(item, ctx.run_id), status="error", error=error)
 
-    def aggregate(self, rows: Sequence[Row], scope: ReportScope) -> Aggregate:
-        """Per pipeline: GSM8K accuracy of the scored rows."""
-        correct: dict[str, list[bool]] = defaultdict(list)
-        for row in rows:
-            if row["status"] == "ok" and row["dataset"] == GSM8K and row["correct"] is not None and scope.wants(row["pipeline"]):
-                correct[row["pipeline"]].append(bool(row["correct"]))
+    def aggregate(self, rows: pa.Table, scope: ReportScope) -> Aggregate:
+        """Per pipeline: GSM8K accuracy of the scored rows (counted by Arrow's group_by)."""
+        rows = of_pipelines(rows, scope.pipelines)
+        scored = pc.and_(
+            pc.and_(is_ok(rows), pc.fill_null(pc.equal(rows.column("dataset"), GSM8K), False)), pc.is_valid(rows.column("correct"))
+        )
+        counts = rows.filter(scored).group_by("pipeline").aggregate([("correct", "count"), ("correct", "sum")])
         columns = {}
-        for pipeline, flags in correct.items():
-            acc = accuracy(flags)
-            columns[pipeline] = {"gsm8k_accuracy": acc.accuracy, "gsm8k_standard_error": acc.standard_error, "gsm8k_n": acc.n}
+        for group in counts.to_pylist():  # a row per pipeline
+            acc = accuracy_of_counts(int(group["correct_sum"]), int(group["correct_count"]))
+            columns[group["pipeline"]] = {"gsm8k_accuracy": acc.accuracy, "gsm8k_standard_error": acc.standard_error, "gsm8k_n": acc.n}
         return Aggregate(columns=columns)
 
 

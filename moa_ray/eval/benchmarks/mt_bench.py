@@ -23,6 +23,9 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
 from moa_ray.chat import ChatMessage, Completion
@@ -44,7 +47,8 @@ from moa_ray.eval.benchmarks.base import (
 )
 from moa_ray.eval.datasets import EvalDataset, EvalPrompt, shipped_jsonl
 from moa_ray.eval.judge_prompts import MT_BENCH_REFERENCE_CATEGORIES, judge_prompts, parse_rating, single_grade_messages, single_prompt_name
-from moa_ray.eval.metrics import mt_bench_scores
+from moa_ray.eval.metrics import MTBenchScore
+from moa_ray.eval.report_data import is_ok, numbers, of_pipelines, unique
 from moa_ray.eval.schema import BaselinePairRow, GradeRow
 from moa_ray.eval.store import RowTable, join
 
@@ -296,6 +300,23 @@ def baseline_win_rates(rows: Iterable[Row]) -> dict[str, BaselineWinRate]:
     for r in rows:
         if r.get("status", "ok") == "ok" and r.get("outcome") in ("win", "loss", "tie"):
             counts[(r["pipeline"], r["baseline"])][r["outcome"]] += 1
+    return win_rates_of_counts(counts)
+
+
+def table_baseline_win_rates(rows: pa.Table) -> dict[str, BaselineWinRate]:
+    """:func:`baseline_win_rates` of rows held as an Arrow table: the outcomes counted by Arrow's group_by."""
+    outcome = rows.column("outcome")
+    finished = rows.filter(pc.and_(is_ok(rows), pc.fill_null(pc.is_in(outcome, value_set=pa.array(["win", "loss", "tie"])), False)))
+    counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: {"win": 0, "loss": 0, "tie": 0})
+    grouped = finished.group_by(["pipeline", "baseline", "outcome"]).aggregate([("outcome", "count")])
+    for g in grouped.to_pylist():  # a row per pipeline, baseline and outcome
+        counts[(g["pipeline"], g["baseline"])][g["outcome"]] += g["outcome_count"]
+    return win_rates_of_counts(counts)
+
+
+def win_rates_of_counts(counts: Mapping[tuple[str, str], Mapping[str, int]]) -> dict[str, BaselineWinRate]:
+    """Rates per pipeline of win/loss/tie counts by (pipeline, baseline); a pipeline against several baselines is a
+    ConfigError (FastChat reports one baseline at a time)."""
     baselines: dict[str, set[str]] = defaultdict(set)
     for pipeline, baseline in counts:
         baselines[pipeline].add(baseline)
@@ -313,6 +334,33 @@ def baseline_win_rates(rows: Iterable[Row]) -> dict[str, BaselineWinRate]:
             loss_rate=c["loss"] / n,
             win_rate_adjusted=(c["win"] + 0.5 * c["tie"]) / n,
             **c,
+        )
+    return out
+
+
+def table_mt_bench_scores(rows: pa.Table) -> dict[str, MTBenchScore]:
+    """:func:`~moa_ray.eval.metrics.mt_bench_scores` of grades held as an Arrow table: numpy means over each
+    pipeline's scores in the rows' order (the order a mean's float sum takes)."""
+    graded = rows.filter(pc.and_(is_ok(rows), pc.is_valid(rows.column("score"))))
+    category = graded.column("category") if "category" in graded.column_names else pa.nulls(graded.num_rows, pa.string())
+    category = pc.if_else(pc.equal(pc.fill_null(category, ""), ""), "uncategorized", category)
+    out = {}
+    for pipeline in unique(graded.column("pipeline")):
+        mine = pc.equal(graded.column("pipeline"), pipeline)
+        scores = numbers(pc.cast(pc.filter(graded.column("score"), mine), pa.float64()))
+        turns = numbers(pc.filter(graded.column("turn"), mine))
+        categories = pc.filter(category, mine)
+
+        def mean(selected: np.ndarray) -> float | None:
+            return float(np.mean(selected)) if len(selected) else None
+
+        out[pipeline] = MTBenchScore(
+            pipeline=pipeline,
+            score=float(np.mean(scores)),
+            turn_1=mean(scores[turns == 1]),
+            turn_2=mean(scores[turns == 2]),
+            by_category={c: float(np.mean(scores[numbers(pc.equal(categories, c))])) for c in sorted(unique(categories))},
+            n_graded=len(scores),
         )
     return out
 
@@ -429,9 +477,9 @@ class SingleKind(JudgmentKind[GradeItem, GradeRow]):
         with_ref = all(r is not None for r in item.references[: item.turn])
         return GradeRow(**_grade_base(item, single_prompt_name(item.turn, with_ref), ctx), status="error", error=error)
 
-    def aggregate(self, rows: Sequence[Row], scope: ReportScope) -> Aggregate:
+    def aggregate(self, rows: pa.Table, scope: ReportScope) -> Aggregate:
         """MT-Bench means per pipeline: overall, per turn, per category."""
-        scores = mt_bench_scores([g for g in rows if scope.wants(g["pipeline"])])
+        scores = table_mt_bench_scores(of_pipelines(rows, scope.pipelines))
         return Aggregate(
             columns={
                 p: {"mt_bench": s.score, "mt_bench_turn_1": s.turn_1, "mt_bench_turn_2": s.turn_2, "mt_bench_categories": s.by_category}
@@ -484,8 +532,8 @@ class BaselineKind(JudgmentKind[BaselinePairItem, BaselinePairRow]):
     def failed(self, item: BaselinePairItem, error: str, ctx: JudgeContext) -> BaselinePairRow:
         return BaselinePairRow(**baseline_row_base(item, run_id=ctx.run_id, judge=ctx.judge), status="error", error=error)
 
-    def aggregate(self, rows: Sequence[Row], scope: ReportScope) -> Aggregate:
-        versus = baseline_win_rates(r for r in rows if scope.wants(r["pipeline"]))
+    def aggregate(self, rows: pa.Table, scope: ReportScope) -> Aggregate:
+        versus = table_baseline_win_rates(of_pipelines(rows, scope.pipelines))
         return Aggregate(
             columns={
                 p: {

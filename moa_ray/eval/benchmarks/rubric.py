@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
 from moa_ray.chat import ChatMessage, ChatParams
@@ -39,6 +41,7 @@ from moa_ray.eval.benchmarks.base import (
     is_done,
     next_attempt,
 )
+from moa_ray.eval.report_data import is_ok, of_pipelines, unique
 from moa_ray.eval.schema import AspectScore, RubricLabel, RubricRow
 from moa_ray.eval.store import RowTable, join
 
@@ -270,19 +273,22 @@ class RubricKind(JudgmentKind[RubricItem, RubricRow]):
     def failed(self, item: RubricItem, error: str, ctx: JudgeContext) -> RubricRow:
         return failed_row(self._judge_of(item, ctx), item, error, judge=ctx.judge, run_id=ctx.run_id)
 
-    def aggregate(self, rows: Sequence[Row], scope: ReportScope) -> Aggregate:
-        """Every table the finished rows support, benchmark by benchmark (in the order they are registered)."""
-        by_benchmark: dict[str, list[Row]] = defaultdict(list)
-        for row in rows:
-            if row["status"] == "ok" and scope.wants(row["pipeline"]):
-                by_benchmark[row["benchmark"]].append(row)
+    def aggregate(self, rows: pa.Table, scope: ReportScope) -> Aggregate:
+        """Every table the finished rows support, benchmark by benchmark (in the order they are registered).
+
+        Each benchmark's rows become dicts for its judge's :meth:`RubricJudge.tables` (nested scores and labels): one
+        benchmark's at a time, and a rubric benchmark is a fixed dataset (FLASK's 1,740 prompts at most), so this
+        does not grow with a run the way the answers do."""
+        rows = of_pipelines(rows.filter(is_ok(rows)), scope.pipelines)
+        left = set(unique(rows.column("benchmark")))
         tables: list[BenchmarkTable] = []
         for benchmark in scope.catalog.benchmarks():
-            benchmark_rows = by_benchmark.pop(benchmark.name, [])
-            if benchmark.rubric is not None and benchmark_rows:
-                tables += benchmark.rubric.tables(benchmark.name, benchmark_rows, scope.costs(benchmark.name))
-        if by_benchmark:
-            raise ValueError(f"rubric rows of unknown benchmarks: {', '.join(sorted(by_benchmark))}")
+            left.discard(benchmark.name)
+            mine = rows.filter(pc.equal(rows.column("benchmark"), benchmark.name))
+            if benchmark.rubric is not None and mine.num_rows:
+                tables += benchmark.rubric.tables(benchmark.name, mine.to_pylist(), scope.costs(benchmark.name))
+        if left:
+            raise ValueError(f"rubric rows of unknown benchmarks: {', '.join(sorted(left))}")
         return Aggregate(tables=tables)
 
 
