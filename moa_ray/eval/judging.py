@@ -38,7 +38,7 @@ from moa_ray.eval.benchmarks.rubric import RUBRIC, RUBRIC_MODE, RubricItem
 from moa_ray.eval.calls import calls_table, proposer_entries
 from moa_ray.eval.lease import WriterLease
 from moa_ray.eval.progress import EvalProgress
-from moa_ray.eval.report_data import is_ok, read_resolved, unique
+from moa_ray.eval.report_data import finished, keep, read_resolved, unique
 from moa_ray.eval.runner import PoolKind, count_rows, make_pool
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import RowTable, resolve_latest
@@ -632,8 +632,7 @@ def read_judgments(out: str, judge: str | None = None, annotator: str | None = N
 
     def ok(kind: JudgmentKind[Any, Any]) -> pa.Table:
         columns = kind.report_columns if for_report and kind.report_columns is not None else kind.row_type.SCHEMA.names
-        rows = read_resolved(kind.table(out), columns)
-        return rows.filter(is_ok(rows))
+        return finished(read_resolved(kind.table(out), columns))
 
     if annotator not in (None, PAIRWISE_MODE, OFFICIAL_MODE):
         raise MoARayError(f"unknown annotator {annotator!r} (pairwise or alpaca-eval-official)")
@@ -644,7 +643,7 @@ def read_judgments(out: str, judge: str | None = None, annotator: str | None = N
     if judge is not None:
         if judge not in judges:
             raise MoARayError(f"no judgments by {judge!r} in {out} (judges: {', '.join(judges) or 'none'})")
-        kinds = {k: v.filter(pc.equal(v.column("judge"), judge)) for k, v in kinds.items()}
+        kinds = {k: keep(v, pc.equal(v.column("judge"), judge)) for k, v in kinds.items()}
     for kind, rows in kinds.items():
         kind_judges = sorted(unique(rows.column("judge")))
         if len(kind_judges) > 1:

@@ -30,7 +30,7 @@ from moa_ray.eval.benchmarks.gsm8k import EXACT_MODE
 from moa_ray.eval.benchmarks.mt_bench import BASELINE_MODE, SINGLE_MODE
 from moa_ray.eval.benchmarks.rubric import RUBRIC
 from moa_ray.eval.metrics import GLMData
-from moa_ray.eval.report_data import is_ok, judging, numbers, of_pipelines, rows_table, unique
+from moa_ray.eval.report_data import finished, judging, keep, numbers, of_pipelines, rows_table, unique
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import StoreError, join, resolve
 
@@ -149,7 +149,7 @@ def answer_columns(answers: pa.Table, pipeline: str) -> ReportRow:
     answers in the table's order: the means sum in the order the report always did, so their bits do not move;
     cost and TFLOPs only where every finished answer has them."""
     rows = answers.filter(pc.equal(answers.column("pipeline"), pipeline))
-    ok = rows.filter(is_ok(rows))
+    ok = finished(rows)
     report = ReportRow(pipeline=pipeline, answers=ok.num_rows, failed=rows.num_rows - ok.num_rows)
     if not ok.num_rows:
         return report
@@ -247,7 +247,7 @@ def report_groups(generations: Answers) -> dict[str, pa.Table]:
             raise StoreError(f"datasets {names[name]!r} and {dataset!r} would share the report folder {name!r}")
         datasets[name].append(dataset)
     column = answers.column("dataset")
-    return {name: answers.filter(pc.is_in(column, value_set=pa.array(of, pa.string()))) for name, of in sorted(datasets.items())}
+    return {name: keep(answers, pc.is_in(column, value_set=pa.array(of, pa.string()))) for name, of in sorted(datasets.items())}
 
 
 class BenchmarkReport(BaseModel):

@@ -70,8 +70,8 @@ def resolve_table(table: pa.Table, key: Sequence[str], policy: Literal["first_ok
     written, else the failed row of the highest attempt, latest; ``latest``: the row written last), ordered by each
     key's first row in ``table``: a stable sort by key and rank, whose first row of each key stands."""
     n = table.num_rows
-    if n == 0:
-        return table
+    if n == 0 or distinct_keys(table, key) == n:
+        return table  # a compacted table, or rows already resolved: nothing to pick, and no copy of the table
     order = np.arange(n, dtype=np.int64)
     created = pc.cast(table.column("created_at"), pa.int64()).to_numpy()
     if policy == "first_ok":
@@ -87,6 +87,20 @@ def resolve_table(table: pa.Table, key: Sequence[str], policy: Literal["first_ok
     winners = sorted_at[starts]
     first_seen = np.minimum.reduceat(sorted_at, starts)
     return table.take(pa.array(winners[np.argsort(first_seen, kind="stable")]))
+
+
+def distinct_keys(table: pa.Table, key: Sequence[str]) -> int:
+    """How many distinct keys the rows have (each key's columns joined into one string, counted by Arrow's hash)."""
+    parts = [pc.cast(table.column(c), pa.string()) for c in key]
+    joined = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\x1f")
+    return int(pc.count_distinct(joined, mode="all").as_py())
+
+
+def keep(table: pa.Table, mask: pa.ChunkedArray | pa.Array) -> pa.Table:
+    """``table.filter(mask)``, without the copy where every row is kept (the usual case of a report's filters)."""
+    if table.num_rows == 0 or pc.all(pc.fill_null(mask, False)).as_py():
+        return table
+    return table.filter(mask)
 
 
 def _key_starts(keys: pa.Table) -> np.ndarray:
@@ -136,7 +150,7 @@ def judging(judged: pa.Table, answers: pa.Table) -> pa.Table:
     """The judgments of answers in ``answers`` (by prompt id and pipeline), in their order."""
     if judged.num_rows == 0:
         return judged
-    return judged.filter(pc.is_in(pairs(judged), value_set=pc.unique(pairs(answers))))
+    return keep(judged, pc.is_in(pairs(judged), value_set=pc.unique(pairs(answers))))
 
 
 def is_ok(table: pa.Table) -> pa.ChunkedArray | pa.Array:
@@ -144,11 +158,16 @@ def is_ok(table: pa.Table) -> pa.ChunkedArray | pa.Array:
     return pc.fill_null(pc.equal(table.column("status"), "ok"), False)
 
 
+def finished(table: pa.Table) -> pa.Table:
+    """The rows with status ok."""
+    return keep(table, is_ok(table))
+
+
 def of_pipelines(table: pa.Table, pipelines: Sequence[str] | None) -> pa.Table:
     """The rows of these pipelines (None: every row)."""
     if pipelines is None:
         return table
-    return table.filter(pc.is_in(table.column("pipeline"), value_set=pa.array(list(pipelines), pa.string())))
+    return keep(table, pc.is_in(table.column("pipeline"), value_set=pa.array(list(pipelines), pa.string())))
 
 
 def unique(column: pa.ChunkedArray | pa.Array) -> list[Any]:
@@ -162,9 +181,12 @@ def numbers(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 __all__ = [
+    "distinct_keys",
     "empty_table",
+    "finished",
     "is_ok",
     "judging",
+    "keep",
     "measure_lengths",
     "numbers",
     "of_pipelines",

@@ -64,7 +64,7 @@ from moa_ray.eval.benchmarks.base import (
 from moa_ray.eval.datasets import EvalDataset, EvalPrompt, data_file, shipped_jsonl
 from moa_ray.eval.judge_prompts import PAIRWISE_PROMPT, pairwise_messages, parse_verdict, verdict_preference
 from moa_ray.eval.metrics import N_SPLITS, GLMData, MetricsError, WinRate, alpaca_index, head_to_head, length_controlled_win_rate
-from moa_ray.eval.report_data import is_ok, numbers, of_pipelines, resolve_table, unique
+from moa_ray.eval.report_data import finished, is_ok, keep, numbers, of_pipelines, resolve_table, unique
 from moa_ray.eval.schema import OfficialAnnotationRow, PairwiseRow
 from moa_ray.eval.store import RowTable, StoreError, join, resolve
 
@@ -331,7 +331,7 @@ def plan_comparisons(answers: Rows, done: Rows, request: PlanRequest) -> list[di
 def win_rate_columns(rows: pa.Table, scope: ReportScope) -> Aggregate:
     """AlpacaEval's win rates per pipeline, of pair-v2 or official annotations alike."""
     wanted = pc.and_(is_ok(rows), pc.is_valid(rows.column("preference")))
-    annotated = of_pipelines(rows.filter(wanted), scope.pipelines)
+    annotated = of_pipelines(keep(rows, wanted), scope.pipelines)
     rates = table_win_rates(annotated, glm_data=scope.glm_data) if annotated.num_rows else {}
     return Aggregate(
         columns={
@@ -370,8 +370,7 @@ def table_win_rates(rows: pa.Table, *, glm_data: GLMData | None = None, lc: bool
             f"annotations lack the columns {missing} (AlpacaEval format: instruction, output_1, output_2, preference, generator_2)"
         )
     if {"created_at", "attempt", "status", *PairwiseRow.KEY} <= set(rows.column_names):
-        rows = resolve_table(rows, PairwiseRow.KEY)  # win_rates resolves the rows it is given; read rows are resolved
-        rows = rows.filter(is_ok(rows))
+        rows = finished(resolve_table(rows, PairwiseRow.KEY))  # win_rates resolves what it is given (read rows are)
     if not rows.num_rows:
         raise MetricsError("no annotations")
     generator = pc.fill_null(rows.column("generator_2"), "") if "generator_2" in rows.column_names else pa.nulls(rows.num_rows, pa.string())
@@ -379,7 +378,7 @@ def table_win_rates(rows: pa.Table, *, glm_data: GLMData | None = None, lc: bool
     index = alpaca_index() if glm_data is not None else None
     out = {}
     for name in unique(generator):
-        group = rows.filter(pc.equal(generator, name))
+        group = keep(rows, pc.equal(generator, name))
         preferences = numbers(pc.cast(pc.fill_null(group.column("preference"), np.nan), pa.float64()))
         h2h = head_to_head(cast("Sequence[float | None]", preferences))  # metrics reads any sequence through numpy
         lengths = output_lengths(group, "output_2")
