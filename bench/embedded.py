@@ -135,7 +135,8 @@ def main() -> None:
         raise SystemExit(f"--prompts must be between 1 and {len(PROMPTS)}")
 
     from moa_ray.pipeline import build_pipeline
-    from moa_ray.runtime import deploy_agents, ray_session
+    from moa_ray.runtime import ray_session
+    from moa_ray.serve.deploy import deploy_agents
 
     config = bench_config(args.pipeline, args.max_tokens, args.config, args.threads)
     models = config.models_for([args.pipeline])

@@ -166,7 +166,8 @@ def main() -> None:
     if not names or unknown:
         raise SystemExit(f"--benchmarks must name some of {', '.join(BENCHMARKS)} (unknown: {', '.join(unknown) or 'none given'})")
 
-    from moa_ray.runtime import deploy_agents, deploy_models, ray_session
+    from moa_ray.runtime import ray_session
+    from moa_ray.serve.deploy import deploy_agents, deploy_models
 
     config = bench_config(args.pipeline, args.max_tokens, args.config)
     if args.judge not in config.models:

@@ -37,7 +37,8 @@ from moa_ray.eval.benchmarks.registry import load_dataset
 from moa_ray.eval.generate import GenerateOptions, run_generation
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import RowTable
-from moa_ray.runtime import deploy_agents, ray_session
+from moa_ray.runtime import ray_session
+from moa_ray.serve.deploy import deploy_agents
 
 PIPELINE = "moa-lite-sim"
 N_PROPOSERS = 6

@@ -156,8 +156,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from moa_ray.pipeline import build_pipeline
-    from moa_ray.runtime import deploy_agents, is_shared_cluster, ray_session
+    from moa_ray.runtime import is_shared_cluster, ray_session
     from moa_ray.serve import proxy
+    from moa_ray.serve.deploy import deploy_agents
 
     sim_config = SimulatorConfig(latency_ms=args.latency_ms, jitter_ms=0, output_tokens=args.output_tokens)
     with simulator(sim_config, args.simulator) as sim:

@@ -291,9 +291,10 @@ def main() -> int:
 
     from moa_ray.config import parse_config
     from moa_ray.pipeline import build_pipeline
-    from moa_ray.runtime import deploy_agents, ray_session
+    from moa_ray.runtime import ray_session
     from moa_ray.serve import proxy
     from moa_ray.serve.app import build_app
+    from moa_ray.serve.deploy import deploy_agents
 
     results = Results()
     with simulator_process(args.latency_ms, args.output_tokens) as (sim_url, sim_pid):

@@ -139,7 +139,8 @@ def main() -> None:
             pipelines = {m: build_pipeline(config, m, agents) for m in MODES}
             traces = asyncio.run(measure(pipelines, args))
         else:
-            from moa_ray.runtime import deploy_agents, ray_session
+            from moa_ray.runtime import ray_session
+            from moa_ray.serve.deploy import deploy_agents
 
             print("transport: Ray Serve deployments (one per model, called through DeploymentHandles)", flush=True)
             started = time.perf_counter()

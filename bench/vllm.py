@@ -100,7 +100,7 @@ def bench_config(max_tokens: int) -> MoARayConfig:
 
 async def compare(args: argparse.Namespace) -> None:
     from moa_ray.pipeline import build_pipeline
-    from moa_ray.runtime import deploy_agents
+    from moa_ray.serve.deploy import deploy_agents
 
     config = bench_config(args.max_tokens)
     ((name, spec),) = config.models_for([PIPELINE]).items()

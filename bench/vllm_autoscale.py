@@ -62,7 +62,7 @@ def replica_counts() -> dict[str, int]:
 
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from moa_ray.runtime import deploy_models
+    from moa_ray.serve.deploy import deploy_models
 
     config = autoscaled_config(args.upscale_delay_s, args.downscale_delay_s)
     t = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Starting or joining Ray, deploying the agents a run needs, and building its pipelines."""
+"""Starting or joining Ray for a run, and releasing it: the lifecycle alone (deploying agents is serve/deploy.py's)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ from typing import Any
 
 from moa_ray import loopback
 from moa_ray.backends.registry import descriptor_for
-from moa_ray.config import MoARayConfig, ModelSpecBase
+from moa_ray.config import ModelSpecBase
 from moa_ray.errors import ConfigError
-from moa_ray.pipeline.agents import Agent, assemble_agents
 
 log = logging.getLogger(__name__)
 
@@ -243,58 +242,3 @@ def ray_session(
         yield
     finally:
         release_ray(apps, shared=is_shared_cluster(address))
-
-
-def deploy_models(config: MoARayConfig, models: list[str], *, app_name: str = "moa-agents", http: bool = False) -> dict[str, Agent]:
-    """Deploy ``models`` as one Serve application (one deployment each) and return their agents.
-
-    Remote models with ``hosting: in_process`` get no deployment: their agents call the provider from
-    this process (and from each Ray worker they are shipped to). Without any model to deploy, Serve is
-    not even started. An application of that name that is running the same models with the same specs
-    (left by an earlier run: ``moa-ray run --address``, ``eval generate --keep-deployed``) is reused as
-    it is, so no replica restarts and no weights reload; any difference redeploys.
-    """
-    deployed = config.deployed_models(models)
-    if not deployed:
-        return assemble_agents(config, models, {})
-    from ray import serve
-
-    from moa_ray.serve.builder import agent_deployment_name, agents_fingerprint, build_agents_app
-    from moa_ray.serve.handle import handle_agents
-
-    if not http:
-        serve.start(proxy_location="Disabled")
-    fingerprint = agents_fingerprint(config, deployed)
-    if running_fingerprint(app_name) == fingerprint:
-        log.info("reusing the running Serve application %r (same models and specs)", app_name)
-    else:
-        serve.run(build_agents_app(config, deployed, fingerprint), name=app_name, route_prefix=None)
-    return assemble_agents(
-        config, models, handle_agents({m: serve.get_deployment_handle(agent_deployment_name(m), app_name) for m in deployed})
-    )
-
-
-def running_fingerprint(app_name: str) -> str | None:
-    """The fingerprint of a healthy agents application of that name, or None (absent, unhealthy, not ours)."""
-    from ray import serve
-
-    try:
-        app = serve.status().applications.get(app_name)
-        if app is None or app.status != "RUNNING":
-            return None
-        fingerprint: str = serve.get_app_handle(app_name).fingerprint.remote().result(timeout_s=30)
-        return fingerprint
-    except Exception:  # another kind of app, or one going away: deploy ours (and say why)
-        log.info("cannot read the fingerprint of the running app %r; deploying anew", app_name, exc_info=True)
-        return None
-
-
-def deploy_agents(
-    config: MoARayConfig,
-    pipelines: list[str],
-    *,
-    app_name: str = "moa-agents",
-    http: bool = False,
-) -> dict[str, Agent]:
-    """Deploy every model the named pipelines call (one Serve deployment each) and return their agents."""
-    return deploy_models(config, list(config.models_for(pipelines)), app_name=app_name, http=http)

@@ -216,13 +216,13 @@ class Session:
 
             self._agents.update(assemble_agents(self.config, new, {}))
             return
-        from moa_ray import runtime
+        from moa_ray.serve import deploy
 
         self.start_ray(new)
         # One application holds every model this session deploys: a new one redeploys it with the earlier ones kept.
         deployed = list(dict.fromkeys([*self._deployed, *to_deploy]))
         self._deployed = deployed
-        agents = runtime.deploy_models(self.config, list(dict.fromkeys([*deployed, *new])), app_name=self.app_name)
+        agents = deploy.deploy_models(self.config, list(dict.fromkeys([*deployed, *new])), app_name=self.app_name)
         self._agents.update({m: agents[m] for m in agents if m not in self._agents})
 
     def pipeline(self, name: str) -> Pipeline:

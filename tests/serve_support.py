@@ -278,7 +278,7 @@ def cli_sim_config(simulator: Any, tmp_path: Path, monkeypatch: Any) -> Path:
         raise AssertionError("in-process models need no Ray")
 
     monkeypatch.setattr("moa_ray.runtime.init_ray", no_ray)
-    monkeypatch.setattr("moa_ray.runtime.deploy_agents", no_ray)
+    monkeypatch.setattr("moa_ray.serve.deploy.deploy_models", no_ray)
     sim = simulator(SimulatorConfig(latency_ms=20, models={m: Behaviour(latency_ms=20, reply=r) for m, r in CLI_REPLIES.items()}))
 
     def model(name: str) -> dict:

@@ -86,7 +86,7 @@ def test_run_fails_before_ray_on_bad_input(good_file, monkeypatch):
         raise AssertionError("Ray must not start for bad input")
 
     monkeypatch.setattr("moa_ray.runtime.init_ray", no_ray)
-    monkeypatch.setattr("moa_ray.runtime.deploy_agents", no_ray)
+    monkeypatch.setattr("moa_ray.serve.deploy.deploy_models", no_ray)
     unknown = invoke("run", "hi", "--config", str(good_file), "--pipeline", "nope")
     assert unknown.exit_code == 2 and "unknown pipeline 'nope' (known pipelines: my-moa)" in unknown.stderr
     empty = invoke("run", "   ", "--config", str(good_file), "--pipeline", "my-moa")

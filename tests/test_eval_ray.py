@@ -15,7 +15,7 @@ from moa_ray.eval.benchmarks.registry import load_dataset
 from moa_ray.eval.generate import run_generation
 from moa_ray.eval.judging import read_generations, run_judging
 from moa_ray.eval.report import build_report
-from moa_ray.runtime import deploy_models
+from moa_ray.serve.deploy import deploy_models
 
 pytestmark = pytest.mark.ray
 APP = "t-eval"

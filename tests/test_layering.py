@@ -203,7 +203,7 @@ def test_the_scan_sees_the_package() -> None:
     module_level = {(i.importer, i.imported) for i in IMPORTS if not i.in_function}
     in_functions = {(i.importer, i.imported) for i in IMPORTS if i.in_function}
     assert ("moa_ray.pipeline.trace", "moa_ray.pipeline.accounting") in module_level
-    assert ("moa_ray.runtime", "moa_ray.serve.builder") in in_functions
+    assert ("moa_ray.session", "moa_ray.serve.deploy") in in_functions
     assert not any(i.importer == "moa_ray.metrics" and i.imported == "moa_ray.pipeline.trace" for i in IMPORTS)
 
 

@@ -67,7 +67,7 @@ def _config(base_url: str):
 def deployed(ray_session):
     from ray import serve
 
-    from moa_ray.runtime import deploy_agents
+    from moa_ray.serve.deploy import deploy_agents
 
     sim_config = SimulatorConfig(
         latency_ms=LATENCY_MS,
@@ -203,8 +203,8 @@ def test_streaming_the_final_answer_through_serve(deployed):
 def test_deploying_the_same_models_again_reuses_the_running_app(deployed):
     from ray import serve
 
-    from moa_ray.runtime import deploy_agents, running_fingerprint
     from moa_ray.serve.builder import agents_fingerprint
+    from moa_ray.serve.deploy import deploy_agents, running_fingerprint
 
     config, _, _sim = deployed
     pids = {serve.get_deployment_handle("agent-b", APP).info.remote().result()["pid"] for _ in range(3)}

@@ -64,7 +64,7 @@ def config():
 def agents(ray_session, config):
     from ray import serve
 
-    from moa_ray.runtime import deploy_models
+    from moa_ray.serve.deploy import deploy_models
 
     deployed = deploy_models(config, [MODEL], app_name=APP)
     yield deployed

@@ -2,7 +2,7 @@
 over a deployment's handle (models that hold weights, or remote models with ``hosting: deployment``).
 
 Transport belongs to serve/: the pipeline only sees the :class:`~moa_ray.pipeline.agents.Agent` interface, and
-the callers that hold handles (a session's :func:`~moa_ray.runtime.deploy_models`, the endpoint's ingress) wrap them
+the callers that hold handles (a session's :func:`~moa_ray.serve.deploy.deploy_models`, the endpoint's ingress) wrap them
 here (:func:`handle_agents`) before :func:`~moa_ray.pipeline.agents.assemble_agents` puts them beside the in-process
 agents.
 """
