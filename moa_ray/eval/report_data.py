@@ -2,7 +2,7 @@
 
 The report's numbers are counts, means, sums and quantiles per pipeline. Kept as Python dicts, a row costs about a
 kilobyte; as Arrow columns (numbers, and short strings such as the ids), a few dozen bytes. So the stored tables are
-read :data:`~moa_ray.eval.generate.SUMMARY_BATCH_ROWS` rows at a time (a ``<text>_length`` column measured in each
+read :data:`REPORT_BATCH_ROWS` rows at a time (a ``<text>_length`` column measured in each
 batch, so no text is held), and each key's standing row is picked with Arrow's sort, the way
 :func:`~moa_ray.eval.store.resolve_latest` picks it, in the same order: a key's first appearance in the table. The
 order matters: means summed in another order could differ in their last bits, and the report's numbers must not.
@@ -23,6 +23,9 @@ from moa_ray.eval.store import RowTable
 #: The columns every resolution reads besides a table's key.
 RESOLUTION_COLUMNS = ("status", "attempt", "created_at")
 LENGTH_SUFFIX = "_length"
+#: Rows read at a time: the run summary's batch (generate.SUMMARY_BATCH_ROWS, which this module cannot import: generate
+#: imports the benchmarks, which import this), a few MB of texts while their lengths are measured.
+REPORT_BATCH_ROWS = 8192
 
 
 def measure_lengths(batch: pa.RecordBatch, wanted: Sequence[str]) -> pa.RecordBatch:
@@ -40,12 +43,10 @@ def measure_lengths(batch: pa.RecordBatch, wanted: Sequence[str]) -> pa.RecordBa
 def read_resolved(table: RowTable[Any], columns: Sequence[str]) -> pa.Table:
     """``table``'s standing row per key with ``columns`` (``<text>_length``: measured, see :func:`measure_lengths`),
     read a batch at a time, in the order :meth:`RowTable.latest` gives."""
-    from moa_ray.eval.generate import SUMMARY_BATCH_ROWS  # the run summary's batches; imported late: generate imports the benchmarks
-
     wanted = list(dict.fromkeys([*table.key, *RESOLUTION_COLUMNS, *columns]))
     stored = set(table.schema.names)
     source = list(dict.fromkeys(c if c in stored else c.removesuffix(LENGTH_SUFFIX) for c in wanted))
-    batches = [measure_lengths(batch, wanted) for batch in table.batches(source, batch_rows=SUMMARY_BATCH_ROWS)]
+    batches = [measure_lengths(batch, wanted) for batch in table.batches(source, batch_rows=REPORT_BATCH_ROWS)]
     if not batches:
         return empty_table(table.row_type, wanted)
     resolved = resolve_table(pa.Table.from_batches(batches), table.key, table.row_type.RESOLVE)
