@@ -9,6 +9,7 @@ without the ``ray`` marker that starts Ray fails (:func:`ray_only_where_marked`)
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,20 @@ from bench.simulator import SimulatorConfig, join_stopped, run_simulator  # noqa
 
 #: The driver logs a call that failed with anything but a backend error (a bug, not a model's answer) here.
 UNEXPECTED_CALL_ERRORS = "moa_ray.pipeline.base"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """No cyclic garbage collection while the test modules import (pydantic, FastAPI, Ray, SciPy...): the import
+    of each grows the heap, and full collections over it cost ~4 s of the fast lane's collection."""
+    gc.disable()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What collection left alive (modules, classes, schemas) lives to the end: collect once, then freeze it so the
+    full collections during the tests, and the ones pytest makes at the end to find unraisable exceptions, skip it."""
+    gc.collect()
+    gc.freeze()
+    gc.enable()
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker

@@ -186,7 +186,7 @@ async def test_endpoint_answers_504_at_its_deadline_with_a_hanging_provider(simu
         {
             "models": {"a": slow_spec(model="a", base_url=sim.base_url).model_dump()},
             "pipelines": {"single": {"kind": "moa", "layers": [["a"]], "aggregator": "a"}},
-            "server": {"request_timeout_s": 1.0},
+            "server": {"request_timeout_s": 0.5},
         }
     )
     app = make_api(config, agents={"a": LocalAgent(create_backend(config.models["a"]))})

@@ -12,7 +12,8 @@ import zlib
 import pytest
 from pydantic import BaseModel
 
-from moa_ray.eval.runner import TICK_S, InProcessPool, WorkerPool, make_pool, route_index
+from moa_ray.eval import runner
+from moa_ray.eval.runner import InProcessPool, WorkerPool, make_pool, route_index
 
 
 class Item(BaseModel):
@@ -103,8 +104,9 @@ def test_a_failed_setup_raises_in_the_caller_and_leaves_no_thread() -> None:
         pool.run([Item(key="a")], lambda item, rows: None)
 
 
-def test_tick_runs_while_the_driver_waits_for_results() -> None:
+def test_tick_runs_while_the_driver_waits_for_results(monkeypatch: pytest.MonkeyPatch) -> None:
     """An item that finishes only after two ticks: ticks come while nothing arrives (at least every TICK_S)."""
+    monkeypatch.setattr(runner, "TICK_S", 0.1)  # 0.5 s in use: the same waits, shorter
     release = None
     ticks = 0
 
@@ -126,7 +128,7 @@ def test_tick_runs_while_the_driver_waits_for_results() -> None:
     with InProcessPool(handler, concurrency=1) as pool:
         stats = pool.run([Item(key="a")], lambda item, rows: None, tick=tick)
     assert stats.items == 1 and ticks >= 3  # two (or more) while waiting, one after the result
-    assert stats.elapsed_s >= 2 * TICK_S
+    assert stats.elapsed_s >= 2 * runner.TICK_S
 
 
 def test_shutdown_finalises_what_the_handler_opened_in_its_loop() -> None:

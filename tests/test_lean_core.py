@@ -32,13 +32,32 @@ sys.meta_path.insert(0, _NotInstalled())
 """
 
 
-def run_core(tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "site").mkdir(exist_ok=True)
-    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCKER)
+def start_core(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    """``moa-ray <args>`` started in a subprocess where the extras are not installed (read it with :func:`finish`)."""
+    blocker = tmp_path / "site" / "sitecustomize.py"
+    if not blocker.exists():  # written once: another subprocess may be reading it
+        blocker.parent.mkdir(exist_ok=True)
+        blocker.write_text(BLOCKER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     code = "import sys; from moa_ray.cli import main; sys.argv = ['moa-ray', *sys.argv[1:]]; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(process: subprocess.Popen[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_core(tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return finish(start_core(tmp_path, *args), timeout)
 
 
 def test_the_core_dependencies_leave_the_heavy_ones_to_extras():
@@ -67,12 +86,15 @@ def test_a_remote_model_pipeline_runs_without_the_extras(tmp_path, simulator):
 
 
 def test_a_missing_extra_is_one_line_naming_it(tmp_path):
-    embedded = run_core(tmp_path, "run", "What is MoA?")  # the default pipeline runs llama.cpp
-    assert embedded.returncode == 2
-    assert "pip install 'moa-ray[embedded]'" in embedded.stderr and "Traceback" not in embedded.stderr
-
     annotations = tmp_path / "a.jsonl"
     annotations.write_text(json.dumps({"instruction": "q", "output_1": "x", "output_2": "y", "preference": 2.0}) + "\n")
-    metrics = run_core(tmp_path, "eval", "metrics", "--annotations", str(annotations))
+    # the two CLIs start at once (each ~1 s of interpreter and imports)
+    started = [
+        start_core(tmp_path, "run", "What is MoA?"),  # the default pipeline runs llama.cpp
+        start_core(tmp_path, "eval", "metrics", "--annotations", str(annotations)),
+    ]
+    embedded, metrics = (finish(process) for process in started)
+    assert embedded.returncode == 2
+    assert "pip install 'moa-ray[embedded]'" in embedded.stderr and "Traceback" not in embedded.stderr
     assert metrics.returncode == 2
     assert "pip install 'moa-ray[eval]'" in metrics.stderr and "Traceback" not in metrics.stderr
