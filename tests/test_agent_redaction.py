@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator
 
@@ -44,15 +45,25 @@ def replica(monkeypatch: pytest.MonkeyPatch):
     spec = {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "LEAKY_KEY"}
     replica = cls("leaky", spec)
     yield replica
-    asyncio.run(replica.__del__())  # what Serve awaits when it stops the replica
+    asyncio.run(replica.aclose())  # outside Serve, whoever built the replica closes it
+
+
+async def serve_stops(replica) -> None:
+    """What Ray Serve does as it stops a replica (UserCallableWrapper.call_destructor): call ``__del__`` and await
+    the coroutine it returns."""
+    result = replica.__del__()
+    if inspect.iscoroutine(result):
+        await result
 
 
 def test_the_replica_closes_its_backend_when_serve_stops_it(replica) -> None:
     asyncio.run(replica.check_health())
-    asyncio.run(replica.__del__())
+    asyncio.run(serve_stops(replica))
     assert replica.backend.closed
     with pytest.raises(RuntimeError):
         asyncio.run(replica.check_health())
+    # the interpreter calls __del__ again when it frees the replica: nothing is left to close, nothing to await
+    assert replica.__del__() is None
 
 
 REQUEST = ChatRequest(messages=[ChatMessage(role="user", content="hi")], params=ChatParams()).model_dump()

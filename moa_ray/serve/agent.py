@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -48,10 +48,13 @@ def replica_info(name: str, spec: Any) -> dict[str, Any]:
 class AgentDeployment:
     """Hosts one model's backend; replicas, placement and concurrency come from its ``ModelSpec``."""
 
+    _closed = True  # until __init__ has a backend: a replica that failed to start has nothing to close
+
     def __init__(self, name: str, spec: dict[str, Any]) -> None:
         self.name = name
         self.spec = _MODEL_SPEC.validate_python(spec)
         self.backend = create_backend(self.spec)
+        self._closed = False  # a backend to close from here on
         self._redactor = Redactor.for_models([self.spec])
 
     def _error(self, err: BackendError) -> dict[str, Any]:
@@ -82,5 +85,18 @@ class AgentDeployment:
         """Serve calls this periodically; a raise marks the replica unhealthy and Serve replaces it."""
         await self.backend.check_health()
 
-    async def __del__(self) -> None:
+    async def aclose(self) -> None:
+        """Close the backend (its HTTP client); once: later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
         await self.backend.aclose()
+
+    def __del__(self) -> Coroutine[Any, Any, None] | None:
+        """Ray Serve's shutdown hook: Serve calls ``__del__`` as it stops the replica and awaits the coroutine it
+        returns (as it awaits an ``async def __del__``), which closes the backend.
+
+        Not ``async def`` itself: the interpreter calls ``__del__`` once more when it frees the object, and an async
+        one would leave a coroutine nobody awaits. Once closed (by Serve, or by ``aclose`` outside Serve) there is
+        nothing to return."""
+        return None if self._closed else self.aclose()
