@@ -7,20 +7,32 @@ Windows are shortened (``window_s``) so that a test takes seconds, not minutes; 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
+from collections import Counter
 from typing import Any
 
 import httpx
 import pytest
 
 from bench.simulator import SimulatorConfig, free_port
-from moa_ray.chat import ChatMessage, ChatParams
+from moa_ray.backends.openai_http import OpenAIBackend
+from moa_ray.chat import ChatMessage, ChatParams, Completion, Usage
 from moa_ray.config import parse_config
 from moa_ray.errors import AggregatorFailed, OverRateLimit
 from moa_ray.pipeline import build_pipeline, limits
-from moa_ray.pipeline.agents import Agent, InProcessAgent, prepare_agents
-from moa_ray.pipeline.limits import LATE_START_S, RateLimit, RateLimitedAgent, SlidingWindow, rate_limited, reserved_tokens
+from moa_ray.pipeline.agents import Agent, InProcessAgent, LocalAgent, prepare_agents
+from moa_ray.pipeline.limits import (
+    LATE_START_S,
+    LEASE_LIMIT_SHARE,
+    LocalWindows,
+    RateLimit,
+    RateLimitedAgent,
+    SlidingWindow,
+    rate_limited,
+    reserved_tokens,
+)
 from moa_ray.serve.auth import KeyVerifier, Redactor
 from moa_ray.serve.ingress import create_api
 from moa_ray.serve.service import ChatService
@@ -52,8 +64,8 @@ def agents_for(config: Any, window_s: float = WINDOW_S) -> dict[str, Agent]:
     return {m: rate_limited(InProcessAgent(m, spec), m, spec, window_s=window_s) for m, spec in config.models.items()}
 
 
-def api_for(config: Any) -> Any:
-    agents = agents_for(config)
+def api_for(config: Any, window_s: float = WINDOW_S) -> Any:
+    agents = agents_for(config, window_s)
     pipelines = {name: build_pipeline(config, name, agents) for name in config.pipelines}
     return create_api(ChatService(config, pipelines, Redactor.for_config(config)), KeyVerifier(()))
 
@@ -124,6 +136,56 @@ def test_settling_frees_unused_tokens_and_charges_retried_attempts():
     assert reserve_one(crowded, 0.0, max_wait=0.0)[1] == 0.0
 
 
+def test_a_lease_holds_its_spare_room_a_window_past_its_last_moment_until_it_is_given_back():
+    window = SlidingWindow(RateLimit(rpm=2, window_s=10))
+    entry, wait, granted, spare, _ = window.lease(0.0, [0], [None], spare=5, lease_s=0.5)
+    assert entry is not None and (wait, granted, spare) == (0.0, 1, 1)  # never past the limit
+    # a call may start on the spare room until 0.5: the entry counts until 0.5 + 10 + LATE_START_S
+    assert reserve_one(window, 0.0)[1] == pytest.approx(0.5 + 10 + LATE_START_S)
+    fresh = SlidingWindow(RateLimit(rpm=2, window_s=10))
+    lease, *_ = fresh.lease(0.0, [0], [None], spare=1, lease_s=0.5)
+    assert lease is not None
+    fresh.settle(lease, calls=1, tokens=0)  # the spare call was not spent: its room goes back
+    assert reserve_one(fresh, 0.1) == (lease + 1, 0.0)
+
+
+def test_spare_room_only_beside_a_group_that_starts_now_and_only_what_fits():
+    window = SlidingWindow(RateLimit(rpm=4, tpm=100, window_s=10))
+    assert window.lease(0.0, [30], [None], spare=5, spare_tokens=50, lease_s=0.5)[1:] == (0.0, 1, 3, 50)
+    assert window.lease(0.0, [10], [None], spare=5, spare_tokens=50, lease_s=0.5)[1:] == (pytest.approx(10.5 + LATE_START_S), 1, 0, 0)
+    tokens_only = SlidingWindow(RateLimit(tpm=100, window_s=10))
+    assert tokens_only.lease(0.0, [30], [None], spare=9, spare_tokens=90, lease_s=0.5)[1:] == (0.0, 1, 9, 70)
+
+
+def test_leases_spent_by_several_processes_never_let_more_than_rpm_into_any_window():
+    """Three processes take leases with random spare room, spend it at random moments until their lease ends, and
+    give back what they did not spend: every window of the provider's holds at most rpm calls."""
+    rng = random.Random(11)
+    rpm, window_s, lease_s = 7, 4.0, 0.5
+    window = SlidingWindow(RateLimit(rpm=rpm, window_s=window_s))
+    leases: dict[int, dict[str, Any]] = {}  # process -> its lease: entry, until, free, used
+    now, starts = 0.0, []
+    for _ in range(600):
+        now += rng.expovariate(4.0)
+        process = rng.randrange(3)
+        lease = leases.get(process)
+        if lease and now < lease["until"] and lease["free"]:
+            lease["free"] -= 1
+            lease["used"] += 1
+            starts.append(now)
+            continue
+        if lease:
+            window.settle(lease["entry"], lease["used"], 0)
+            del leases[process]
+        entry, wait, granted, spare, _ = window.lease(now, [0], [None], spare=rng.randint(0, 3), lease_s=lease_s)
+        assert entry is not None and granted == 1
+        starts.append(now + wait)
+        if spare:
+            leases[process] = {"entry": entry, "until": now + lease_s, "free": spare, "used": 1}
+    assert len(starts) > 400
+    assert max(sum(1 for t in starts if s <= t < s + window_s) for s in starts) <= rpm
+
+
 def test_a_call_reserves_its_estimated_prompt_plus_its_max_tokens():
     messages = [ChatMessage(role="user", content="x" * 400)]
     assert reserved_tokens(messages, ChatParams(max_tokens=50), 512) == 100 + 4 + 3 + 50
@@ -167,13 +229,14 @@ async def test_rpm_6_and_10_concurrent_requests_are_200_or_429_with_retry_after_
 @pytest.mark.anyio
 async def test_with_time_to_wait_every_request_is_answered_and_the_provider_never_sees_more_than_rpm_in_a_window(simulator):
     sim = simulator(SimulatorConfig(latency_ms=20, output_tokens=8))
-    app = api_for(limited_config(sim.base_url, rpm=6, server={"request_timeout_s": 60.0}))
+    window_s = 0.5
+    app = api_for(limited_config(sim.base_url, rpm=6, server={"request_timeout_s": 60.0}), window_s=window_s)
     started = time.monotonic()
     responses = await _post_all(app, 10, {"model": "one", "messages": USER})
     assert [r.status_code for r in responses] == [200] * 10
     assert sim.stats.requests == 10
-    assert most_in_any_window(sim.stats.arrivals, WINDOW_S) <= 6
-    assert time.monotonic() - started >= WINDOW_S  # the last four waited for the first six to leave the window
+    assert most_in_any_window(sim.stats.arrivals, window_s) <= 6
+    assert time.monotonic() - started >= window_s + LATE_START_S  # the last four waited for the first six to leave
 
 
 @pytest.mark.anyio
@@ -221,18 +284,21 @@ async def test_tpm_reserves_the_estimate_and_keeps_only_the_reported_tokens(simu
 
 
 @pytest.mark.anyio
-async def test_an_evaluations_pipelines_wait_for_room_beyond_their_deadline(simulator):
+async def test_an_evaluations_pipelines_wait_for_room_beyond_their_deadline(simulator, monkeypatch):
     from moa_ray.eval.generate import GenerateHandler
+
+    monkeypatch.setattr(limits, "LATE_START_S", 0.1)  # a shorter margin: shorter waits, the same rule
 
     sim = simulator(SimulatorConfig(latency_ms=20, output_tokens=8))
     config = limited_config(sim.base_url, rpm=2)
-    handler = GenerateHandler(config, agents_for(config, window_s=1.0), ["one"], "run", {"one": "fp"}, timeout_s=1.0)
+    window_s = 0.5  # the last of the five waits 2 x (0.5 + 0.1) = 1.2 s for room, past its 1 s deadline
+    handler = GenerateHandler(config, agents_for(config, window_s=window_s), ["one"], "run", {"one": "fp"}, timeout_s=1.0)
     await handler.setup()
     pipeline = handler.pipelines["one"]
     assert pipeline.patient_limits
     results = await asyncio.gather(*(pipeline.run("hello", timeout_s=1.0) for _ in range(5)))
     assert all(r.answer for r in results) and sim.stats.requests == 5
-    assert most_in_any_window(sim.stats.arrivals, 1.0) <= 2
+    assert most_in_any_window(sim.stats.arrivals, window_s) <= 2
     impatient = build_pipeline(config, "one", agents_for(config, window_s=30.0))
     await impatient.run("hello", timeout_s=1.0)
     await impatient.run("hello", timeout_s=1.0)
@@ -288,3 +354,182 @@ def test_two_processes_share_one_limit_through_the_clusters_actor(ray_session, s
 def test_the_unlimited_model_pays_no_limiter():
     config = limited_config("http://127.0.0.1:1/v1")
     assert not isinstance(agents_for(config)["lim"], RateLimitedAgent)
+
+
+# --------------------------------------------------------------------------- leases (the actor's protocol, in process)
+
+
+class DirectActor(limits._OnRay):
+    """The cluster's windows as :class:`limits._OnRay` reaches them, answered here by a :class:`LocalWindows` (what the
+    actor runs), counting the actor calls a process makes."""
+
+    def __init__(self, windows: LocalWindows | None = None) -> None:
+        super().__init__()
+        self.windows = windows or LocalWindows()
+        self.asked: Counter[str] = Counter()
+
+    async def call(self, method: str, *args: Any) -> Any:
+        self.asked[method] += 1
+        return getattr(self.windows, method)(*args)
+
+    def settle_all(self, settlements: list[tuple[str, int, int, int]]) -> None:
+        self.asked["settle_all"] += 1
+        self.windows.settle_all(settlements)
+
+    def held(self, key: str) -> int:
+        return self.windows._windows[key]._calls
+
+
+class QuickAgent:
+    """Answers after 1 ms with 10 tokens; records when each call started."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion:
+        self.starts.append(time.monotonic())
+        await asyncio.sleep(0.001)
+        return Completion(text="ok", usage=Usage(prompt_tokens=5, completion_tokens=5), model="m")
+
+
+def limited(rpm: int, window_s: float, tpm: int | None = None) -> tuple[RateLimitedAgent, QuickAgent]:
+    config = parse_config({"models": {"m": remote("http://127.0.0.1:1/v1", "m", rpm=rpm, **({"tpm": tpm} if tpm else {}))}})
+    inner = QuickAgent()
+    return RateLimitedAgent(inner, f"m-{free_port()}", config.models["m"], window_s=window_s), inner
+
+
+HELLO = [ChatMessage(role="user", content="hello")]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("tpm", [None, 10**9])
+async def test_one_call_at_a_time_under_a_high_limit_pays_one_actor_call_per_many_calls(monkeypatch, tpm):
+    actor = DirectActor()
+    monkeypatch.setattr(limits, "process_windows", lambda: actor)
+    agent, inner = limited(10**6, 60.0, tpm)
+    for _ in range(300):
+        await agent.chat(HELLO, ChatParams(timeout_s=10))
+    assert len(inner.starts) == 300
+    assert actor.asked["lease"] <= 15, actor.asked  # the leases grow with the process's rate
+    await asyncio.sleep(limits.LEASE_S + 2 * limits.SETTLE_AFTER_S)
+    assert actor.held(agent.key) == 300  # the spare room not spent went back; what was spent stays
+
+
+@pytest.mark.anyio
+async def test_a_small_limit_leases_no_spare_room_so_processes_share_it_fairly(monkeypatch):
+    assert int(6 * LEASE_LIMIT_SHARE) == 0  # rpm 6: a lease holds only the calls that asked for it
+    shared = LocalWindows()
+    first, second = DirectActor(shared), DirectActor(shared)
+    agent, inner = limited(6, 30.0)
+    monkeypatch.setattr(limits, "process_windows", lambda: first)
+    for _ in range(3):  # one process, fast: it holds its three calls and nothing more
+        await agent.chat(HELLO, ChatParams(timeout_s=10))
+    assert first.held(agent.key) == 3
+    monkeypatch.setattr(limits, "process_windows", lambda: second)
+    params = ChatParams(timeout_s=2.0)  # may wait 1 s at most: the other three get the room now, the fourth none
+    results = await asyncio.gather(*(agent.chat(HELLO, params) for _ in range(4)), return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["Completion"] * 3 + ["OverRateLimit"]
+    assert most_in_any_window(inner.starts, 30.0) == 6
+
+
+@pytest.mark.anyio
+async def test_spare_room_a_process_leased_and_did_not_spend_goes_back(monkeypatch):
+    actor = DirectActor()
+    monkeypatch.setattr(limits, "process_windows", lambda: actor)
+    agent, inner = limited(64, 2.0)  # at most 4 spare calls a lease (64 / 16), spendable for 20 ms
+    for _ in range(20):
+        await agent.chat(HELLO, ChatParams(timeout_s=10))
+    await asyncio.sleep(limits.lease_seconds(agent.limit) + 2 * limits.SETTLE_AFTER_S)
+    assert actor.held(agent.key) == 20
+    assert most_in_any_window(inner.starts, 2.0) <= 64
+
+
+# --------------------------------------------------------------------------- retries take room too
+
+
+class FailingProvider:
+    """An OpenAI-compatible provider that fails its first ``failures`` requests (503, then 429, alternately) and
+    answers the rest; it records when each request arrived."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.arrivals: list[float] = []
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.arrivals.append(time.monotonic())
+        body = json.loads(request.content)
+        if len(self.arrivals) <= self.failures:
+            status = 503 if len(self.arrivals) % 2 else 429
+            return httpx.Response(status, json={"error": {"message": "busy"}})
+        usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "fine now"}
+            return httpx.Response(
+                200, json={"id": "x", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}], "usage": usage}
+            )
+        events = [
+            {"id": "x", "choices": [{"index": 0, "delta": {"content": "fine now"}, "finish_reason": "stop"}]},
+            {"id": "x", "choices": [], "usage": usage},
+        ]
+        text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+
+def retrying_agent(provider: FailingProvider, rpm: int, window_s: float) -> RateLimitedAgent:
+    spec = parse_config(
+        {
+            "models": {
+                "lim": {
+                    "backend": "openai",
+                    "model": "sim-lim",
+                    "base_url": "http://provider.test/v1",
+                    "rpm": rpm,
+                    "max_retries": 4,
+                    "backoff_s": 0.001,
+                    "backoff_max_s": 0.01,
+                    "http_transport": "httpx",
+                }
+            }
+        }
+    ).models["lim"]
+    backend = OpenAIBackend(spec, transport=httpx.MockTransport(provider.handle))
+    return RateLimitedAgent(LocalAgent(backend), "lim", spec, window_s=window_s)
+
+
+async def answer(agent: RateLimitedAgent, stream: bool, timeout_s: float) -> Completion:
+    params = ChatParams(timeout_s=timeout_s)
+    if not stream:
+        return await agent.chat(HELLO, params)
+    async for chunk in agent.stream(HELLO, params):
+        if chunk.completion is not None:
+            return chunk.completion
+    raise AssertionError("the stream ended without its completion")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_each_retry_takes_room_before_it_is_sent_so_the_provider_never_sees_more_than_rpm(monkeypatch, stream):
+    """Two calls to a model with rpm 2 whose provider fails the first three requests (503, 429, 503): the retries
+    wait for room (each charged in the window it falls in), where they used to go at once, 5 requests in 20 ms."""
+    monkeypatch.setattr(limits, "LATE_START_S", 0.1)  # a shorter margin: the test waits 0.6 s per window, not 1.5 s
+    window_s = 0.5
+    provider = FailingProvider(failures=3)
+    agent = retrying_agent(provider, rpm=2, window_s=window_s)
+    completions = await asyncio.gather(*(answer(agent, stream, 30.0) for _ in range(2)))
+    assert [c.text for c in completions] == ["fine now", "fine now"]
+    assert sorted(c.attempts for c in completions) == [2, 3]
+    assert len(provider.arrivals) == 5
+    assert most_in_any_window(provider.arrivals, window_s) <= 2
+    assert provider.arrivals[-1] - provider.arrivals[0] >= 2 * window_s  # two waits for room
+
+
+@pytest.mark.anyio
+async def test_a_retry_without_room_before_the_deadline_is_not_made(monkeypatch):
+    monkeypatch.setattr(limits, "LATE_START_S", 0.1)
+    provider = FailingProvider(failures=1)
+    agent = retrying_agent(provider, rpm=1, window_s=5.0)
+    with pytest.raises(OverRateLimit) as refused:
+        await agent.chat(HELLO, ChatParams(timeout_s=2.0))
+    assert len(provider.arrivals) == 1  # the first attempt failed; its retry found no room in time
+    assert refused.value.attempts == 1 and refused.value.retries == ["UpstreamError (HTTP 503)"]
+    assert "for a retry" in str(refused.value) and refused.value.retry_after_s == pytest.approx(5.1, abs=0.1)

@@ -8,13 +8,29 @@ from a model spec, is :mod:`moa_ray.backends.registry`'s.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk
 
 if TYPE_CHECKING:  # config.py assembles its spec union from the registry, which imports this module
     from moa_ray.config import ModelSpecBase
+
+
+#: What a retrying backend awaits before each attempt after the first, with the seconds left of the call's budget
+#: (None: no budget): set around a call by whoever holds the model to a rate limit
+#: (:class:`moa_ray.pipeline.limits.RateLimitedAgent`), so that a retry takes room in the limit before it reaches the
+#: provider. It waits for that room, or raises (:class:`~moa_ray.errors.OverRateLimit`: that attempt is not made).
+RETRY_GATE: ContextVar[Callable[[float | None], Awaitable[None]] | None] = ContextVar("moa_ray_retry_gate", default=None)
+
+
+async def before_retry(deadline: float | None) -> None:
+    """Pass the call's :data:`RETRY_GATE`, if it has one, before a retry (``deadline``: the budget's end, monotonic)."""
+    gate = RETRY_GATE.get()
+    if gate is not None:
+        await gate(None if deadline is None else deadline - time.monotonic())
 
 
 @runtime_checkable

@@ -30,10 +30,10 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from moa_ray.backends.base import chat_kwargs
+from moa_ray.backends.base import before_retry, chat_kwargs
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk
 from moa_ray.config import OpenAIModelSpec
-from moa_ray.errors import BackendError, BackendTimeout, ConfigError, StreamInterrupted, UpstreamError, error_for_status
+from moa_ray.errors import BackendError, BackendTimeout, ConfigError, OverRateLimit, StreamInterrupted, UpstreamError, error_for_status
 from moa_ray.wire import MalformedResponse, StreamReader, completion_of, estimated_usage, has_content
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,9 @@ def _safe_json(response: httpx.Response) -> Any:
 
 
 def _with_attempts(err: BackendError, retries: list[str]) -> BackendError:
-    """The final error, carrying how many attempts were made and why the earlier ones failed."""
-    err.attempts, err.retries = len(retries) + 1, list(retries)
+    """The final error, carrying how many attempts were made and why the earlier ones failed. An OverRateLimit is the
+    rate limit refusing a retry (:func:`~moa_ray.backends.base.before_retry`): that attempt was not made."""
+    err.attempts, err.retries = len(retries) + (0 if isinstance(err, OverRateLimit) else 1), list(retries)
     return err
 
 
@@ -231,6 +232,8 @@ class OpenAIBackend:
         try:
             async for attempt in self._retrying(params.timeout_s, retries):
                 with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        await before_retry(deadline)  # a rate-limited model's retry takes room first
                     body = await self._post_once(payload, deadline)
         except BackendError as err:
             raise _with_attempts(err, retries) from None
@@ -257,6 +260,8 @@ class OpenAIBackend:
         start = time.perf_counter()
         async for attempt in self._retrying(budget_s, retries):
             with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    await before_retry(deadline)
                 reader = StreamReader()
                 timeout = self._attempt_timeout(deadline)
                 try:

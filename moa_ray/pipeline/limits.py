@@ -16,37 +16,53 @@ The rule, exact rather than a token bucket's average:
   as :func:`moa_ray.wire.estimated_usage` counts them) plus its ``max_tokens``, an upper bound of its answer. When the
   call ends, its entry becomes what the provider reported (prompt + completion tokens), which frees the room it did
   not use. A call larger than the whole ``tpm`` is let through alone, in an otherwise empty window.
-* A call the backend retried counts each attempt, charged when the call ends: the retries of calls in flight can
-  pass the limit in the window they fall in, and later calls wait the longer for them. A failed call keeps its
-  prompt's tokens for each attempt; a call cut while it ran keeps its whole reservation.
+* Every attempt holds room before it reaches the provider, retries included: a retrying backend passes each retry
+  through :data:`~moa_ray.backends.base.RETRY_GATE`, which the limited agent sets around the call, and the retry
+  reserves room like a call (it waits, or, with no room within :data:`MAX_WAIT_SHARE` of the call's time left, is
+  not made: :class:`~moa_ray.errors.OverRateLimit`). A failed attempt keeps its prompt's tokens; a call cut while it
+  ran keeps what each of its attempts reserved. A backend that retries where the gate cannot reach (a Serve
+  replica's, for ``hosting: deployment``) has its extra attempts charged when the call ends, as before.
 * A call waits only while its request's deadline allows: at most :data:`MAX_WAIT_SHARE` of the time left, so the
   call itself keeps the rest. A call that would wait longer is not made and fails with
   :class:`~moa_ray.errors.OverRateLimit` (its ``retry_after_s``: when the room opens), which the endpoint answers
   with 429 and ``Retry-After``. A *patient* wait (an evaluation's: its deadline bounds work, not queueing) has no
   bound, and the pipeline moves the request's deadline back by it.
 
-The hop to the actor is paid per group, not per call: the calls of a model waiting in one process at the same
-moment are reserved together by one actor call, and their group tells the window what they took (when that differs
-from what they reserved) in one more call that nothing waits for. A model without limits pays nothing at all.
+The hop to the actor is paid per lease, not per call. The calls of a model waiting in one process at the same moment
+are reserved together by one actor call, which also leases *spare* room when the group can start at once: up to
+``spare`` more calls (and tokens) that the process starts itself, without asking, for :func:`lease_seconds` (at most
+:data:`LEASE_S`, and :data:`LEASE_WINDOW_SHARE` of the window). The window counts a lease from its moment until its
+last usable moment plus ``window_s`` + :data:`LATE_START_S`, so a spare call started at the lease's end is counted for
+a whole window as well, and a process spends spare room only between the actor's reply and its request's send time
+plus the lease (its own clock): inside the lease as the actor counted it, whatever the hop took. So exactness holds
+however many processes lease. The process sizes its leases to its own recent
+rate (:data:`LEASE_HEADROOM` times the calls it started over one lease's time), never more than
+:data:`LEASE_LIMIT_SHARE` of the limit, so a small limit (``rpm: 6``) leases no spare room at all and stays first
+come, first served between processes, while a high one costs an actor call per many calls. When a lease has ended
+and its calls with it, what they took (spare room not spent goes back, tokens as reported) rides on the process's
+next lease request, or, when none comes within :data:`SETTLE_AFTER_S`, on one call that nothing waits for. A model
+without limits pays nothing at all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import heapq
 import json
 import logging
 import math
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from moa_ray.backends.base import RETRY_GATE
 from moa_ray.chat import ChatMessage, ChatParams, Completion, StreamChunk
 from moa_ray.errors import BackendError, OverRateLimit
 from moa_ray.wire import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE, TOKENS_PER_REPLY
@@ -65,6 +81,16 @@ LATE_START_S = 1.0
 MAX_WAIT_SHARE = 0.5
 #: The most waiting calls of one process that one actor call reserves for.
 MAX_GROUP = 256
+#: How long a lease's spare room may be spent by the process that holds it, at most...
+LEASE_S = 0.5
+#: ...and at most this share of the window (a test's window of 2 s: 20 ms): a lease holds its room that much longer.
+LEASE_WINDOW_SHARE = 0.01
+#: The most spare room one lease holds, as a share of the limit (``rpm``, ``tpm``): a small limit stays fair.
+LEASE_LIMIT_SHARE = 1 / 16
+#: A lease's spare calls: this many times the calls the process started over one lease's time, recently.
+LEASE_HEADROOM = 2.0
+#: How soon what the leases spent goes to the actor when no lease request takes it there first.
+SETTLE_AFTER_S = 0.05
 #: Where the shared windows live on a Ray cluster.
 ACTOR_NAME = "moa-ray-rate-limits"
 ACTOR_NAMESPACE = "moa-ray"
@@ -87,10 +113,11 @@ class RateLimit(BaseModel):
 
 @dataclass
 class _Entry:
-    """One call in a window: its reserved moment, the attempts it made and the tokens it counts."""
+    """Room in a window: its moment, the moment it leaves the window, and the calls and tokens it holds."""
 
     id: int
     start: float
+    end: float
     calls: int
     tokens: int
 
@@ -98,19 +125,22 @@ class _Entry:
 class SlidingWindow:
     """The calls and tokens of one model in its last window, and those reserved ahead: an exact sliding log.
 
-    Entries are reserved in order of their moments, so the room at a moment ``t`` past every entry is the limit
-    minus what the entries after ``t - span`` hold, and the earliest moment with room is found by letting the oldest
-    entries go, one by one. Time is the caller's clock (``now``), so the log itself is clock-free and testable.
+    Each entry holds room from its moment (``start``) until ``end``: ``window_s`` + :data:`LATE_START_S` later, plus,
+    for a lease, the time its room may still be spent. Entries are reserved in order of their moments (first come,
+    first served), so the room at a moment ``t`` no earlier than every entry's is the limit minus what the entries
+    that end after ``t`` hold, and the earliest moment with room is found by letting entries go in order of their
+    ends. Time is the caller's clock (``now``), so the log itself is clock-free and testable.
     """
 
     def __init__(self, limit: RateLimit) -> None:
         self.limit = limit
         self.span = limit.window_s + LATE_START_S
-        self._entries: deque[_Entry] = deque()
-        self._by_id: dict[int, _Entry] = {}
+        self._entries: dict[int, _Entry] = {}
+        self._ends: list[tuple[float, int]] = []  # a heap: when each entry leaves the window
         self._calls = 0
         self._tokens = 0
         self._next_id = 0
+        self._last_start = -math.inf
 
     def reserve(self, now: float, tokens: list[int], max_waits: list[float | None]) -> tuple[int | None, float, int]:
         """Reserve room for a group of calls waiting in one process (first come, first served), each of ``tokens``:
@@ -119,16 +149,21 @@ class SlidingWindow:
         Returns the group's entry id (None when nothing was reserved), how long to wait, and how many calls of the
         group it holds; with none, the wait is when room opens for the first, whose ``max_wait`` was too short.
         """
+        entry_id, wait, granted, _, _ = self.lease(now, tokens, max_waits)
+        return entry_id, wait, granted
+
+    def lease(
+        self, now: float, tokens: list[int], max_waits: list[float | None], spare: int = 0, spare_tokens: int = 0, lease_s: float = 0.0
+    ) -> tuple[int | None, float, int, int, int]:
+        """:meth:`reserve`, and, when the group starts now, up to ``spare`` more calls (and ``spare_tokens`` tokens)
+        that the process may start itself, without asking, for ``lease_s``: the entry then holds its room for
+        ``lease_s`` longer, so that a call started at the lease's last moment is counted a whole window too.
+
+        Returns the entry id, the wait, the calls of the group it holds, and the spare calls and tokens it holds."""
         self._expire(now)
         tpm = self.limit.tpm
         asked = [min(t, tpm) if tpm else 0 for t in tokens]
-        moment = max(now, self._entries[-1].start) if self._entries else now
-        calls, held = self._calls, self._tokens
-        for entry in self._entries:
-            if self._fits(calls, held, asked[0]):
-                break
-            calls, held = calls - entry.calls, held - entry.tokens
-            moment = max(moment, entry.start + self.span)
+        moment, calls, held = self._earliest(now, asked[0])
         wait = moment - now
         granted, total = 0, 0
         for amount, max_wait in zip(asked, max_waits, strict=True):
@@ -136,23 +171,49 @@ class SlidingWindow:
                 break
             granted, total = granted + 1, total + amount
         if not granted:
-            return None, wait, 0
-        entry = _Entry(self._next_id, moment, granted, total)
+            return None, wait, 0, 0, 0
+        extra, extra_tokens = 0, 0
+        if wait <= 0 and spare > 0 and lease_s > 0:
+            rpm = self.limit.rpm
+            extra = spare if rpm is None else min(spare, rpm - calls - granted)
+            extra_tokens = 0 if tpm is None else min(spare_tokens, tpm - held - total)
+            if extra <= 0 or (tpm is not None and extra_tokens <= 0):
+                extra, extra_tokens = 0, 0
+        end = moment + self.span + (lease_s if extra else 0.0)
+        entry = _Entry(self._next_id, moment, end, granted + extra, total + extra_tokens)
         self._next_id += 1
-        self._entries.append(entry)
-        self._by_id[entry.id] = entry
-        self._calls += granted
-        self._tokens += total
-        return entry.id, wait, granted
+        self._entries[entry.id] = entry
+        heapq.heappush(self._ends, (end, entry.id))
+        self._last_start = max(self._last_start, moment)
+        self._calls += entry.calls
+        self._tokens += entry.tokens
+        return entry.id, wait, granted, extra, extra_tokens
+
+    def _earliest(self, now: float, tokens: int) -> tuple[float, int, int]:
+        """The earliest moment, no earlier than ``now`` nor the last entry's, with room for one call of ``tokens``,
+        and the calls and tokens the window holds then."""
+        moment = max(now, self._last_start)
+        calls, held = self._calls, self._tokens
+        if moment > now:  # reservations ahead: what has left the window by then does not count
+            for entry in self._entries.values():
+                if entry.end <= moment:
+                    calls, held = calls - entry.calls, held - entry.tokens
+        if self._fits(calls, held, tokens):
+            return moment, calls, held
+        for entry in sorted((e for e in self._entries.values() if e.end > moment), key=lambda e: e.end):
+            calls, held, moment = calls - entry.calls, held - entry.tokens, entry.end
+            if self._fits(calls, held, tokens):
+                break
+        return moment, calls, held
 
     def _fits(self, calls: int, held: int, tokens: int) -> bool:
         rpm, tpm = self.limit.rpm, self.limit.tpm
         return (rpm is None or calls + 1 <= rpm) and (tpm is None or held + tokens <= tpm)
 
     def settle(self, entry_id: int, calls: int, tokens: int) -> None:
-        """What a group's calls turned out to take: their attempts and (with ``tpm``) their tokens; (0, 0) gives the
-        room back (calls cancelled before they started)."""
-        entry = self._by_id.get(entry_id)
+        """What an entry's calls turned out to take: their attempts and (with ``tpm``) their tokens; what a lease did
+        not spend goes back, and (0, 0) gives all the room back (calls cancelled before they started)."""
+        entry = self._entries.get(entry_id)
         if entry is None:  # already out of the window
             return
         tokens = tokens if self.limit.tpm else 0
@@ -161,11 +222,12 @@ class SlidingWindow:
         entry.calls, entry.tokens = calls, tokens
 
     def _expire(self, now: float) -> None:
-        while self._entries and self._entries[0].start <= now - self.span:
-            entry = self._entries.popleft()
-            self._calls -= entry.calls
-            self._tokens -= entry.tokens
-            self._by_id.pop(entry.id, None)
+        while self._ends and self._ends[0][0] <= now:
+            _, entry_id = heapq.heappop(self._ends)
+            entry = self._entries.pop(entry_id, None)
+            if entry is not None:
+                self._calls -= entry.calls
+                self._tokens -= entry.tokens
 
 
 class LocalWindows:
@@ -175,43 +237,112 @@ class LocalWindows:
         self._windows: dict[str, SlidingWindow] = {}
         self._lock = threading.Lock()  # a process may run several event loops (threads)
 
+    def _window(self, key: str, limit: RateLimit) -> SlidingWindow:
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = SlidingWindow(limit)
+        return window
+
     def reserve(self, key: str, limit: RateLimit, tokens: list[int], max_waits: list[float | None]) -> tuple[int | None, float, int]:
         with self._lock:
-            window = self._windows.get(key)
-            if window is None:
-                window = self._windows[key] = SlidingWindow(limit)
-            return window.reserve(time.monotonic(), tokens, max_waits)
+            return self._window(key, limit).reserve(time.monotonic(), tokens, max_waits)
+
+    def lease(
+        self,
+        key: str,
+        limit: RateLimit,
+        tokens: list[int],
+        max_waits: list[float | None],
+        spare: int,
+        spare_tokens: int,
+        lease_s: float,
+        settlements: list[tuple[str, int, int, int]],
+    ) -> tuple[int | None, float, int, int, int]:
+        """The settlements a process has not sent yet (what its earlier leases spent), then a lease
+        (:meth:`SlidingWindow.lease`): one actor call for both."""
+        with self._lock:
+            self._settle_all(settlements)
+            return self._window(key, limit).lease(time.monotonic(), tokens, max_waits, spare, spare_tokens, lease_s)
 
     def settle(self, key: str, entry_id: int, calls: int, tokens: int) -> None:
         with self._lock:
+            self._settle_all([(key, entry_id, calls, tokens)])
+
+    def settle_all(self, settlements: list[tuple[str, int, int, int]]) -> None:
+        with self._lock:
+            self._settle_all(settlements)
+
+    def _settle_all(self, settlements: list[tuple[str, int, int, int]]) -> None:
+        for key, entry_id, calls, tokens in settlements:
             window = self._windows.get(key)
             if window is not None:
                 window.settle(entry_id, calls, tokens)
 
 
-class _Group:
-    """The calls of one reservation: what they reserved, and what they took, told to the window once all have ended
-    (one settlement per group, and none when they took what they reserved)."""
+class _Lease:
+    """Room one reservation holds for this process: the calls it was asked for, and spare calls (and tokens) the
+    process starts itself until ``until`` (its own clock), with no actor call. Once it is closed (spent, expired,
+    replaced) and its calls have ended, the window is told what they took, when that differs from what it holds:
+    the spare room not spent goes back."""
 
-    def __init__(self, settle: Callable[[int, int], None], calls: int, tokens: int) -> None:
+    __slots__ = ("_settle", "counts_tokens", "free", "free_tokens", "held", "open", "pending", "until", "used_calls", "used_tokens")
+
+    def __init__(
+        self,
+        settle: Callable[[int, int], None],
+        counts_tokens: bool,
+        calls: int,
+        tokens: int,
+        spare: int = 0,
+        spare_tokens: int = 0,
+        until: float = 0.0,
+    ) -> None:
         self._settle = settle
+        self.counts_tokens = counts_tokens
+        self.held = (calls + spare, tokens + spare_tokens)
+        self.free, self.free_tokens, self.until = spare, spare_tokens, until
+        self.open = spare > 0
         self.pending = calls
-        self.reserved = (calls, tokens)
-        self.used = [0, 0]
+        self.used_calls, self.used_tokens = 0, 0
+
+    def take(self, tokens: int, now: float) -> Share | None:
+        """A spare call's room, while the lease lasts and has enough of it."""
+        if not self.open:
+            return None
+        if now >= self.until:
+            self.close()
+            return None
+        if self.free < 1 or self.free_tokens < tokens:
+            return None
+        self.free -= 1
+        self.free_tokens -= tokens
+        self.pending += 1
+        return Share(self, tokens)
+
+    def close(self) -> None:
+        """No more spare calls: what is not spent goes back once the calls already started have ended."""
+        if self.open:
+            self.open = False
+            self._settle_if_done()
 
     def report(self, calls: int, tokens: int) -> None:
-        self.used[0] += calls
-        self.used[1] += tokens
+        self.used_calls += calls
+        self.used_tokens += tokens if self.counts_tokens else 0
         self.pending -= 1
-        if self.pending == 0 and tuple(self.used) != self.reserved:
-            self._settle(self.used[0], self.used[1])
+        self._settle_if_done()
+
+    def _settle_if_done(self) -> None:
+        if not self.open and self.pending == 0 and (self.used_calls, self.used_tokens) != self.held:
+            self._settle(self.used_calls, self.used_tokens)
 
 
 class Share:
-    """One call's part of a reservation."""
+    """One call's (or one attempt's) part of a reservation."""
 
-    def __init__(self, group: _Group, tokens: int) -> None:
-        self.group = group
+    __slots__ = ("_open", "lease", "tokens")
+
+    def __init__(self, lease: _Lease, tokens: int) -> None:
+        self.lease = lease
         self.tokens = tokens
         self._open = True
 
@@ -219,7 +350,7 @@ class Share:
         """The call ended: it made ``calls`` attempts and took ``tokens``."""
         if self._open:
             self._open = False
-            self.group.report(calls, tokens)
+            self.lease.report(calls, tokens)
 
     def release(self) -> None:
         """The call never started: its room goes back."""
@@ -246,7 +377,14 @@ class _InProcess:
         entry_id, wait, _ = self.windows.reserve(key, limit, [tokens], [max_wait])
         if entry_id is None:
             return None, wait
-        return Share(_Group(functools.partial(self.windows.settle, key, entry_id), 1, tokens), tokens), wait
+        tokens = min(tokens, limit.tpm) if limit.tpm else 0
+        lease = _Lease(functools.partial(self.windows.settle, key, entry_id), limit.tpm is not None, 1, tokens)
+        return Share(lease, tokens), wait
+
+
+def lease_seconds(limit: RateLimit) -> float:
+    """How long a lease's spare room may be spent: :data:`LEASE_S`, or less in a short window."""
+    return min(LEASE_S, limit.window_s * LEASE_WINDOW_SHARE)
 
 
 @dataclass
@@ -257,28 +395,124 @@ class _Waiter:
 
 
 class _Queue:
-    """The calls of one model waiting for room in one event loop: one actor call reserves for all of them at once,
-    so under load the hop is paid per group, not per call."""
+    """The calls of one model in one event loop: they start on the current lease's spare room while it lasts, and
+    otherwise wait in line, first come first served, for one actor call that reserves for all of them at once and
+    leases spare room for the calls expected next (:meth:`_spare`). What the leases spent goes to the actor with the
+    next lease, or, when none follows soon, in a call that nothing waits for (:data:`SETTLE_AFTER_S`)."""
 
     def __init__(self, ray_windows: _OnRay, key: str, limit: RateLimit) -> None:
         self.ray_windows, self.key, self.limit = ray_windows, key, limit
+        self.lease_s = lease_seconds(limit)
         self.waiting: list[_Waiter] = []
         self.running: asyncio.Task[None] | None = None
+        self.lease: _Lease | None = None
+        self.settlements: list[tuple[str, int, int, int]] = []
+        self.flushing: asyncio.TimerHandle | None = None
+        # the process's own recent rate: calls started (and their tokens) since the last lease was asked for
+        self.asked_at = -math.inf
+        self.started = 0
+        self.started_tokens = 0
+
+    def take(self, tokens: int) -> Share | None:
+        """Room on the current lease, without an actor call; None when it has none, or calls wait before this one."""
+        lease = self.lease
+        if lease is None or self.waiting:
+            return None
+        share = lease.take(tokens, time.monotonic())
+        if share is None:
+            if not lease.open:
+                self.lease = None
+            return None
+        self.started += 1
+        self.started_tokens += tokens
+        return share
 
     async def reserve(self, tokens: int, max_wait: float | None) -> tuple[Share | None, float]:
-        waiter = _Waiter(tokens, max_wait, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(tokens, max_wait, loop.create_future())
         self.waiting.append(waiter)
         if self.running is None:
-            self.running = asyncio.get_running_loop().create_task(self._serve())
+            self.running = loop.create_task(self._serve())
         return await waiter.granted
 
+    def _spare(self, group: list[_Waiter]) -> tuple[int, int]:
+        """Spare room to lease beside the waiting ``group``: the calls this process started in the last while, at
+        that rate over one lease (twice, for headroom), at most :data:`LEASE_LIMIT_SHARE` of the limit, so that
+        processes share a small limit fairly (none for ``rpm`` under 1 / LEASE_LIMIT_SHARE)."""
+        now = time.monotonic()
+        count = self.started + len(group)
+        tokens = self.started_tokens + sum(w.tokens for w in group)
+        expected = count * self.lease_s / max(now - self.asked_at, self.lease_s)
+        self.asked_at, self.started, self.started_tokens = now, 0, 0
+        spare = math.ceil(LEASE_HEADROOM * expected) - len(group)
+        rpm, tpm = self.limit.rpm, self.limit.tpm
+        if rpm is not None:
+            spare = min(spare, int(rpm * LEASE_LIMIT_SHARE))
+        if spare <= 0:
+            return 0, 0
+        if tpm is None:
+            return spare, 0
+        per_call = max(math.ceil(tokens / count), 1)
+        spare_tokens = min(spare * per_call, int(tpm * LEASE_LIMIT_SHARE))
+        return (spare, spare_tokens) if spare_tokens >= per_call else (0, 0)
+
+    def settle_later(self, entry_id: int, calls: int, tokens: int) -> None:
+        """What a lease spent, sent with the next lease or soon after (nothing waits for it)."""
+        self.settlements.append((self.key, entry_id, calls, tokens))
+        if self.flushing is None:
+            try:
+                self.flushing = asyncio.get_running_loop().call_later(SETTLE_AFTER_S, self.flush)
+            except RuntimeError:  # no loop running here (it ended): send it now
+                self.flush()
+
+    def flush(self) -> None:
+        self.flushing = None
+        settlements, self.settlements = self.settlements, []
+        if settlements:
+            self.ray_windows.settle_all(settlements)
+
+    def _expire(self, lease: _Lease) -> None:
+        lease.close()
+        if self.lease is lease:
+            self.lease = None
+
+    def _from_lease(self) -> None:
+        """Waiters the current lease still has room for (it came back while they queued)."""
+        while self.waiting and self.lease is not None:
+            share = self.lease.take(self.waiting[0].tokens, time.monotonic())
+            if share is None:
+                self._expire(self.lease)
+                return
+            waiter = self.waiting.pop(0)
+            self.started += 1
+            self.started_tokens += waiter.tokens
+            if waiter.granted.done():
+                share.release()
+            else:
+                waiter.granted.set_result((share, 0.0))
+
     async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self.waiting:
+                self._from_lease()
+                if not self.waiting:
+                    break
                 group = self.waiting[:MAX_GROUP]
+                spare, spare_tokens = self._spare(group)
+                settlements, self.settlements = self.settlements, []
+                sent = time.monotonic()
                 try:
-                    entry_id, wait, granted = await self.ray_windows.call(
-                        "reserve", self.key, self.limit, [w.tokens for w in group], [w.max_wait for w in group]
+                    entry_id, wait, granted, spare, spare_tokens = await self.ray_windows.call(
+                        "lease",
+                        self.key,
+                        self.limit,
+                        [w.tokens for w in group],
+                        [w.max_wait for w in group],
+                        spare,
+                        spare_tokens,
+                        self.lease_s,
+                        settlements,
                     )
                 except Exception as err:  # noqa: BLE001 - no actor: the calls of this group fail, and say why
                     del self.waiting[: len(group)]
@@ -293,10 +527,23 @@ class _Queue:
                     continue
                 del self.waiting[:granted]
                 reserved = group[:granted]
-                settle = functools.partial(self.ray_windows.settle, self.key, entry_id)
-                shared = _Group(settle, granted, sum(min(w.tokens, self.limit.tpm) if self.limit.tpm else 0 for w in reserved))
+                self.started += granted
+                self.started_tokens += sum(w.tokens for w in reserved)
+                # spare room is spent from now until the lease's end as the actor counts it, whatever the hop took
+                lease = _Lease(
+                    functools.partial(self.settle_later, entry_id),
+                    self.limit.tpm is not None,
+                    granted,
+                    sum(w.tokens for w in reserved),
+                    spare,
+                    spare_tokens,
+                    sent + self.lease_s,
+                )
+                if spare:
+                    self.lease = lease
+                    loop.call_later(self.lease_s, self._expire, lease)  # what it did not spend goes back
                 for waiter in reserved:
-                    share = Share(shared, min(waiter.tokens, self.limit.tpm) if self.limit.tpm else 0)
+                    share = Share(lease, waiter.tokens)
                     if waiter.granted.done():  # cancelled while the group was asked for
                         share.release()
                     else:
@@ -329,19 +576,23 @@ class _OnRay:
             self._actor = None
             return await getattr(self._handle(), method).remote(*args)
 
-    def settle(self, key: str, entry_id: int, calls: int, tokens: int) -> None:
-        """Not waited for: the window only gets roomier (or, after retries, learns of attempts already made). A call
-        that answered never fails for it: without the actor, its reservation simply stands."""
+    def settle_all(self, settlements: list[tuple[str, int, int, int]]) -> None:
+        """Not waited for: the window only gets roomier (or, after unheld retries, learns of attempts already made).
+        A call that answered never fails for it: without the actor, its reservation simply stands."""
         try:
-            self._handle().settle.remote(key, entry_id, calls, tokens)
+            self._handle().settle_all.remote(settlements)
         except Exception:  # Ray going away as the process ends
-            log.debug("could not settle a rate-limit reservation of %s", key, exc_info=True)
+            log.debug("could not settle %d rate-limit reservations", len(settlements), exc_info=True)
 
     async def reserve(self, key: str, limit: RateLimit, tokens: int, max_wait: float | None) -> tuple[Share | None, float]:
         loop = asyncio.get_running_loop()
         queue = self._queues.get((loop, key))
         if queue is None:
             queue = self._queues[(loop, key)] = _Queue(self, key, limit)
+        tokens = min(tokens, limit.tpm) if limit.tpm else 0
+        share = queue.take(tokens)
+        if share is not None:
+            return share, 0.0
         return await queue.reserve(tokens, max_wait)
 
 
@@ -368,19 +619,74 @@ def reserved_tokens(messages: list[ChatMessage], params: ChatParams, default_max
 
 @dataclass
 class Admission:
-    """Room reserved for one call, and what to tell the window when the call ends."""
+    """Room reserved for one call (its first attempt, and each retry the backend made), and what to tell the window
+    when the call ends."""
 
     share: Share
     reserved: int
     prompt: int
     waited_s: float
+    retries: list[Share] = field(default_factory=list)
 
     def used(self, completion: Completion) -> None:
         tokens = completion.usage.prompt_tokens + completion.usage.completion_tokens
-        self.share.finish(completion.attempts, tokens or self.reserved)
+        self._ended(completion.attempts, tokens or self.reserved)
 
     def failed(self, err: BackendError) -> None:
-        self.share.finish(err.attempts, self.prompt * err.attempts)
+        self._ended(err.attempts, None)
+
+    def _ended(self, attempts: int, answered: int | None) -> None:
+        """Each attempt's room: the answer's tokens on the last (when it answered), the prompt's on a failed one.
+        Attempts made without room of their own (a backend that retries without the gate: a Serve replica's) are
+        charged on the last, now."""
+        shares = [self.share, *self.retries]
+        unheld = max(attempts - len(shares), 0)
+        made = min(attempts, len(shares))
+        for i, share in enumerate(shares):
+            if i >= made:
+                share.release()  # room taken for an attempt that was not made
+            elif i < made - 1:
+                share.finish(1, self.prompt)
+            else:
+                share.finish(1 + unheld, (self.prompt if answered is None else answered) + self.prompt * unheld)
+
+    def keep(self) -> None:
+        """The call was cut while it ran: the room of each attempt stands."""
+        self.share.keep()
+        for share in self.retries:
+            share.keep()
+
+
+class _RetryGate:
+    """Room in the model's limit for each retry of one call, before the backend sends it (:data:`RETRY_GATE`): the
+    same wait as a call's, bounded by :data:`MAX_WAIT_SHARE` of the call's time left; OverRateLimit when it would
+    come too late. Closed once the call has ended (a gate left in a context admits nothing more)."""
+
+    __slots__ = ("admission", "agent", "open")
+
+    def __init__(self, agent: RateLimitedAgent, admission: Admission) -> None:
+        self.agent, self.admission, self.open = agent, admission, True
+
+    async def __call__(self, left_s: float | None) -> None:
+        if not self.open:
+            return
+        agent = self.agent
+        max_wait = None if left_s is None else max(left_s, 0.0) * MAX_WAIT_SHARE
+        share, wait = await process_windows().reserve(agent.key, agent.limit, self.admission.reserved, max_wait)
+        if share is None:
+            raise OverRateLimit(
+                f"{agent.name}: over its rate limit ({agent.limit.describe()}) for a retry: room in {wait:.1f} s, too late for "
+                "the call's deadline",
+                model=agent.name,
+                retry_after_s=wait,
+            )
+        if wait > 0:
+            try:
+                await asyncio.sleep(wait)
+            except BaseException:
+                share.release()
+                raise
+        self.admission.retries.append(share)
 
 
 class RateLimitedAgent:
@@ -432,18 +738,25 @@ class RateLimitedAgent:
         return params.model_copy(update={"timeout_s": max(params.timeout_s - admission.waited_s, 0.001)})
 
     async def chat_admitted(self, admission: Admission, messages: list[ChatMessage], params: ChatParams) -> Completion:
+        gate = _RetryGate(self, admission)
+        entered = RETRY_GATE.set(gate)  # each retry the backend makes takes room of its own first
         try:
             completion = await self.inner.chat(messages, params)
         except BackendError as err:
             admission.failed(err)
             raise
         except BaseException:
-            admission.share.keep()
+            admission.keep()
             raise
+        finally:
+            gate.open = False
+            RETRY_GATE.reset(entered)
         admission.used(completion)
         return completion
 
     async def stream_admitted(self, admission: Admission, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
+        gate = _RetryGate(self, admission)
+        entered = RETRY_GATE.set(gate)
         try:
             async for chunk in self.inner.stream(messages, params):
                 if chunk.completion is not None:
@@ -453,7 +766,10 @@ class RateLimitedAgent:
             admission.failed(err)
             raise
         finally:
-            admission.share.keep()  # a stream closed or cut before its end: what it reserved stands
+            admission.keep()  # a stream closed or cut before its end: what it reserved stands
+            gate.open = False
+            with contextlib.suppress(ValueError):  # closed from another context (a generator finalised late)
+                RETRY_GATE.reset(entered)
 
     async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion:
         admission = await self.admit(messages, params)
