@@ -117,15 +117,15 @@ def test_gives_up_after_max_retries(status, error):
 
 
 def test_backoff_grows_exponentially(monkeypatch):
-    """Full jitter draws each wait from [0, backoff_s * 2^attempt]; pinned to the top, the waits are 0.1, 0.2, 0.4 s."""
+    """Full jitter draws each wait from [0, backoff_s * 2^attempt]; pinned to the top, the waits are 0.05, 0.1, 0.2 s."""
     import tenacity.wait
 
     monkeypatch.setattr(tenacity.wait.random, "uniform", lambda low, high: high)
     script = Script(503, 503, 503, ok_body())
     start = time.perf_counter()
-    chat(backend_for(script, max_retries=3, backoff_s=0.1, backoff_max_s=10))
+    chat(backend_for(script, max_retries=3, backoff_s=0.05, backoff_max_s=10))
     assert len(script.requests) == 4
-    assert time.perf_counter() - start >= 0.1 + 0.2 + 0.4
+    assert time.perf_counter() - start >= 0.05 + 0.1 + 0.2
 
 
 def test_retry_after_is_honoured_and_bounded():
@@ -230,14 +230,14 @@ def test_read_timeout_raises_backend_timeout(simulator, transport, retry_read):
     """A provider that accepts the call and never answers: one attempt of read_s by default (a retry would hold the
     call read_s more, 4 x 120 s at the defaults), retried only with timeout.retry_read."""
     sim = simulator(SimulatorConfig(hang=True))
-    timeout = {"read_s": 0.3, "connect_s": 1, "retry_read": retry_read}
+    timeout = {"read_s": 0.15, "connect_s": 1, "retry_read": retry_read}
     backend = OpenAIBackend(spec(sim.base_url, timeout=timeout, max_retries=1, http_transport=transport))
     start = time.perf_counter()
     with pytest.raises(BackendTimeout) as info:
         asyncio.run(backend.chat(MESSAGES, ChatParams()))
     assert info.value.retryable == retry_read and "test/model" in str(info.value)
     assert sim.stats.requests == info.value.attempts == (2 if retry_read else 1)  # with retry_read: one retry
-    assert 0.3 * sim.stats.requests <= time.perf_counter() - start < 3
+    assert 0.15 * sim.stats.requests <= time.perf_counter() - start < 3
 
 
 @TRANSPORTS
