@@ -1,7 +1,9 @@
 """What a model's ``rpm``/``tpm`` costs per call on Ray: the caller's CPU and the limits actor's, over a bare agent.
 
 The agent under the limit answers after a fixed 2 ms (no HTTP), so everything measured is the limiter's: the
-reservation (one actor call per group of calls waiting in the process), the sleep, and the settlement. Each
+leases (one actor call reserves the calls waiting in the process and spare room for the calls it expects next, sized
+to its recent rate), the calls started on a lease's spare room with no actor call, and the settlements (what the
+leases spent, sent with the next lease or in a call nothing waits for). Each
 concurrency runs the same calls through the bare agent and through the limited one; the limit is never reached,
 so nothing waits for room. The last line gives the extra CPU per call (caller + actor, ms) at each concurrency.
 
