@@ -59,14 +59,12 @@ def judge_calls(judged: str, run_id: str) -> int:
     from moa_ray.eval.benchmarks.mt_bench import single_table
     from moa_ray.eval.benchmarks.rubric import rubric_table
 
-    def mine(table: RowTable[Any]) -> list[dict[str, Any]]:
-        return [r for r in table.latest().values() if r["run_id"] == run_id]
+    def mine(table: RowTable[Any]) -> list[Any]:
+        return [r for r in table.latest().values() if r.run_id == run_id]
 
-    pairwise = sum(
-        (r["judgment_reference_first"] is not None) + (r["judgment_pipeline_first"] is not None) for r in mine(pairwise_table(judged))
-    )
-    grades = sum(len(r["scores"]) if r["scores"] else r["judgment"] is not None for r in mine(single_table(judged)))
-    return pairwise + grades + sum(r["judge_attempts"] for r in mine(rubric_table(judged)))
+    pairwise = sum((r.judgment_reference_first is not None) + (r.judgment_pipeline_first is not None) for r in mine(pairwise_table(judged)))
+    grades = sum(len(r.scores) if r.scores else r.judgment is not None for r in mine(single_table(judged)))
+    return pairwise + grades + sum(r.judge_attempts for r in mine(rubric_table(judged)))
 
 
 def judge_stage(name: str, gen: str, judged: str, judge: str, agent: Agent | None, *, judge_max_tokens: int) -> Stage:
@@ -101,12 +99,12 @@ def judge_stage(name: str, gen: str, judged: str, judge: str, agent: Agent | Non
 
 def report_stage(gen: str, judged: str, report: str) -> Stage:
     """``eval report`` over every judgment table: the main table and plots, and the rubric tables; ok = files written."""
-    from moa_ray.eval.judging import read_generations, read_judgments
+    from moa_ray.eval.judging import read_judgments, read_report_answers
     from moa_ray.eval.report import build_report, build_rubric_tables, write_report
     from moa_ray.eval.tables import write_benchmark_tables
 
     start = time.perf_counter()
-    gens = read_generations(gen)
+    gens = read_report_answers(gen)  # what eval report reads: the answers' numbers as Arrow
     found = read_judgments(judged)
     rows = build_report(gens, found.pairwise, found.grades, exact=found.exact, baseline_pairs=found.baseline_pairs)
     written = write_report(rows, report) + write_benchmark_tables(build_rubric_tables(gens, found.rubric), report)
@@ -136,7 +134,7 @@ def run_benchmark(
         dataset = load_dataset(name, limit=limit)
         options = GenerateOptions(pipelines=[pipeline], out=gen, concurrency=4, workers=1, worker_cpus=0.01, progress=False)
         summary = run_generation(config, dataset, agents, options)
-        calls = sum(r["calls"] for r in read_generations(gen).values() if r["run_id"] == options.run_id)
+        calls = sum(r.calls for r in read_generations(gen).values() if r.run_id == options.run_id)
         stages.append(
             Stage(name="generate", wall_s=time.perf_counter() - start, calls=calls, ok=summary.ok_rows, failed=summary.failed_rows)
         )

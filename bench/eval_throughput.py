@@ -136,12 +136,12 @@ def main() -> None:
                     meter.start()
                     summary = run_generation(config, dataset, agents, options)
                     cpu_ms = 1000 * meter.stop() / max(1, simulator_calls(base_url) - calls_before)
-                    rows = [r for r in RowTable(out, GenerationRow).latest().values() if r["status"] == "ok"]
+                    rows = [r for r in RowTable(out, GenerationRow).latest().values() if r.status == "ok"]
                 measured = summary.items / summary.elapsed_s
                 ideal = level / critical_path_s
                 efficiency = measured / ideal
-                request_s = statistics.fmean(r["latency_s"] for r in rows)
-                path_s = statistics.fmean(r["critical_path_s"] for r in rows)
+                request_s = statistics.fmean(r.latency_s for r in rows)
+                path_s = statistics.fmean(r.critical_path_s for r in rows)
                 print(
                     f"{level:>11} {measured:>10.2f} {ideal:>8.2f} {efficiency:>10.3f} {summary.elapsed_s:>9.2f} {summary.failed_rows:>6}"
                     f" {request_s:>9.2f} {path_s:>24.2f} {cpu_ms:>11.1f}"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.simulator import Behaviour, SimulatorConfig
 from moa_ray.config import MoARayConfig, parse_config
 from moa_ray.eval.generate import GenerateOptions
 from moa_ray.eval.judging import JudgeOptions
 from moa_ray.eval.runner import PoolKind
+from moa_ray.eval.schema import GenerationRow, _Row
+
+R = TypeVar("R", bound=_Row)
 
 #: Provider model ids the simulator answers specially.
 JUDGE_POSITION_A = "judge-always-a"  # a judge with a pure position bias
@@ -111,3 +114,42 @@ def judge_options(generations: Path, out: Path, judge: str, mode: str, *, pool: 
             **kw,
         }
     )
+
+
+# --------------------------------------------------------------------------- stored rows
+
+#: Placeholders for the required fields a test's stored row does not care about (what planning reads is given).
+_PLACEHOLDERS: dict[str, Any] = {
+    "run_id": "stored",
+    "judge_prompt": "prompt",
+    "instruction": "question",
+    "output_1": "reference answer",
+    "generator_1": "reference",
+    "output_2": "pipeline answer",
+    "generator_2": "pipeline",
+    "dataset": "dataset",
+    "config_hash": "h",
+}
+
+
+def stored_row(row_type: type[R], key: tuple[Any, ...], **fields: Any) -> R:
+    """A whole row of ``row_type`` as a table gives it back: ``key`` (its KEY columns' values) and ``fields``, every
+    other required field a placeholder; what a test's partial row (``{"status": "ok", "attempt": 1}``) stands for."""
+    values = dict(zip(row_type.KEY, key, strict=True))
+    required = {n: _PLACEHOLDERS[n] for n, f in row_type.model_fields.items() if f.is_required() and n not in values}
+    return row_type(**{**required, **values, **fields})
+
+
+def stored_rows(*rows: R) -> dict[tuple[Any, ...], R]:
+    """Rows by key, as :meth:`~moa_ray.eval.store.RowTable.latest` gives them."""
+    return {r.row_key(): r for r in rows}
+
+
+def generations(rows: list[GenerationRow]) -> dict[tuple[Any, ...], GenerationRow]:
+    """Answers by key, as judging reads them."""
+    return stored_rows(*rows)
+
+
+def answer_records(rows: list[GenerationRow]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Answers by key as dicts: what a test hands the report (which reads records, not row models)."""
+    return {r.row_key(): r.model_dump() for r in rows}

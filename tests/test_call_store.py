@@ -22,8 +22,9 @@ from moa_ray.config import parse_config
 from moa_ray.eval.benchmarks.registry import load_dataset
 from moa_ray.eval.calls import PROPOSER_PREFIX, calls_table
 from moa_ray.eval.generate import run_generation
-from moa_ray.eval.judging import read_generations, run_judging
+from moa_ray.eval.judging import read_generations, read_report_answers, run_judging
 from moa_ray.eval.report import build_report
+from moa_ray.eval.schema import CallRow
 from moa_ray.pipeline.agents import in_process_agents
 
 PROPOSERS = ["p1", "p2", "p3"]
@@ -64,7 +65,7 @@ def made(sim) -> int:
     return sum(sim.stats.by_model.values())
 
 
-def call_table(out: Path) -> list[dict[str, Any]]:
+def call_table(out: Path) -> list[CallRow]:
     return list(calls_table(str(out)).latest().values())
 
 
@@ -77,16 +78,16 @@ def test_moa_and_moa_lite_make_each_identical_call_once(sim, tmp_path: Path) -> 
     rows = call_table(tmp_path / "out")
     # every call of both pipelines has a row: 3 + 3 + 1 (moa) and 3 + 1 (moa-lite) per prompt
     assert len(rows) == 4 * (7 + 4)
-    distinct = {r["key"] for r in rows}
+    distinct = {r.key for r in rows}
     # layer 1 is shared: 14 -> 8 distinct calls per prompt (the paper's 20 -> 14 at 6 proposers), each made once
     assert len(distinct) == 4 * 8
     assert made(sim) == len(distinct)
-    assert sum(not r["reused"] for r in rows) == len(distinct) and sum(r["reused"] for r in rows) == 4 * 3
+    assert sum(not r.reused for r in rows) == len(distinct) and sum(r.reused for r in rows) == 4 * 3
     assert summary.calls is not None and (summary.calls.made, summary.calls.reused) == (32, 12)
     assert summary.calls.saved_cost_usd is not None and summary.calls.saved_cost_usd > 0
-    assert all(r["text"] for r in rows)  # every text kept
-    layer_one = [r for r in rows if r["pipeline"] == "moa" and r["layer"] == 1]
-    assert sorted({r["model"] for r in layer_one}) == PROPOSERS and {r["index"] for r in layer_one} == {0, 1, 2}
+    assert all(r.text for r in rows)  # every text kept
+    layer_one = [r for r in rows if r.pipeline == "moa" and r.layer == 1]
+    assert sorted({r.model for r in layer_one}) == PROPOSERS and {r.index for r in layer_one} == {0, 1, 2}
 
 
 def test_rerun_and_a_new_pipeline_pay_only_for_calls_never_made(sim, tmp_path: Path) -> None:
@@ -156,7 +157,7 @@ def test_a_provider_key_ending_in_a_newline_never_reaches_the_stored_texts(tmp_p
         )
         data = load_dataset(str(write_dataset(tmp_path / "q.jsonl", n=2)))
         run_generation(config, data, in_process_agents(config, ["echo"]), generate_options(tmp_path / "out", ["one"]))
-    texts = [r["text"] for r in call_table(tmp_path / "out")]
+    texts = [r.text for r in call_table(tmp_path / "out")]
     assert texts and all("[REDACTED]" in t and secret not in t for t in texts)
     assert not any(secret in p.read_bytes().decode("latin-1") for p in (tmp_path / "out" / "_calls").glob("*.parquet"))
 
@@ -176,9 +177,9 @@ def test_imported_round_files_answer_layer_one(sim, tmp_path: Path) -> None:
     agents = in_process_agents(config, list(config.models))
     summary = run_generation(config, data, agents, generate_options(tmp_path / "out", ["moa-lite"], references_from=paths))
     assert summary.complete and made(sim) == 2  # the aggregator only
-    rows = [r for r in call_table(tmp_path / "out") if r["layer"] == 1]
-    assert {r["source"] for r in rows} == {"references"} and all(r["reused"] for r in rows)
-    assert sorted(r["text"] for r in rows if r["prompt_id"] == data.prompts[0].prompt_id) == ["p1 said 0", "p2 said 0", "p3 said 0"]
+    rows = [r for r in call_table(tmp_path / "out") if r.layer == 1]
+    assert {r.source for r in rows} == {"references"} and all(r.reused for r in rows)
+    assert sorted(r.text for r in rows if r.prompt_id == data.prompts[0].prompt_id) == ["p1 said 0", "p2 said 0", "p3 said 0"]
 
 
 def test_an_unknown_generator_in_a_round_file_is_a_clear_error(sim, tmp_path: Path) -> None:
@@ -206,12 +207,12 @@ def test_proposers_are_judged_and_reported_beside_their_pipelines_without_a_gene
     assert judged.failed_rows == 0
     from moa_ray.eval.judging import read_judgments
 
-    rows = build_report(entries, read_judgments(str(tmp_path / "judged")).pairwise, [])
+    rows = build_report(read_report_answers(str(gens), proposers=True), read_judgments(str(tmp_path / "judged")).pairwise, [])
     by_name = {r.pipeline: r for r in rows}
     assert set(by_name) == set(names)
     assert by_name[f"{PROPOSER_PREFIX}p1"].win_rate is not None
     # the generation side made no call for the proposer entries (the judge's calls are the only new ones)
-    assert sim.stats.by_model.get("sim-p1", 0) == sum(1 for r in call_table(gens) if r["model"] == "p1" and not r["reused"])
+    assert sim.stats.by_model.get("sim-p1", 0) == sum(1 for r in call_table(gens) if r.model == "p1" and not r.reused)
     assert made(sim) - calls == sim.stats.by_model["judge-always-a"]
 
 
@@ -244,7 +245,8 @@ def test_each_proposer_against_its_aggregator_head_to_head_with_no_generation_ca
     summary = run_judging(entries, agents["judge"], options)
     assert summary.failed_rows == 0 and summary.baseline_items > 0
     judged = read_judgments(str(tmp_path / "judged"))
-    rows = {r.pipeline: r for r in build_report(entries, baseline_pairs=judged.baseline_pairs)}
+    answers = read_report_answers(str(gens), proposers=True)  # what eval report reads, the proposer entries too
+    rows = {r.pipeline: r for r in build_report(answers, baseline_pairs=judged.baseline_pairs)}
     for name in PROPOSERS:  # every proposer has its win rate against the aggregator's answers
         assert rows[f"{PROPOSER_PREFIX}{name}"].baseline == "moa-lite" and rows[f"{PROPOSER_PREFIX}{name}"].baseline_win_rate is not None
     assert made(sim) - generated == sim.stats.by_model["judge-always-a"]  # only judge calls: no generation call

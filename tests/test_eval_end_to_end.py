@@ -16,7 +16,7 @@ from moa_ray.eval.benchmarks.alpaca_eval import ALPACA_RESULTS_DIR, official_tab
 from moa_ray.eval.benchmarks.mt_bench import baseline_table, single_table
 from moa_ray.eval.benchmarks.registry import load_dataset
 from moa_ray.eval.generate import run_generation
-from moa_ray.eval.judging import read_generations, run_judging
+from moa_ray.eval.judging import read_generations, read_report_answers, run_judging
 from moa_ray.eval.report import build_report, write_report
 from moa_ray.eval.schema import GenerationRow
 from moa_ray.eval.store import RowTable
@@ -55,7 +55,7 @@ def test_failures_are_recorded_then_retried(env, tmp_path: Path) -> None:
     ds = load_dataset("alpaca_eval", limit=8)
     first = run_generation(config, ds, agents, generate_options(tmp_path, ["flaky"]))
     assert first.failed_rows > 0 and not first.complete
-    failed = {k for k, r in RowTable(str(tmp_path), GenerationRow).latest().items() if r["status"] == "error"}
+    failed = {k for k, r in RowTable(str(tmp_path), GenerationRow).latest().items() if r.status == "error"}
     assert all("503" in r["error"] for r in pq.read_table(tmp_path).to_pylist() if r["status"] == "error")
     runs = 1
     while runs < 12 and not run_generation(config, ds, agents, generate_options(tmp_path, ["flaky"])).complete:
@@ -93,7 +93,7 @@ def test_judge_and_report(env, tmp_path: Path) -> None:
         (1, "single-math-v1"),
     }
 
-    rows = build_report(gens, prefs, grades)
+    rows = build_report(read_report_answers(str(gen)), prefs, grades)
     by_name = {r.pipeline: r for r in rows}
     assert set(by_name) == {"one", "two"}
     assert by_name["one"].win_rate == pytest.approx(50.0) and by_name["one"].mt_bench == pytest.approx(7.0)

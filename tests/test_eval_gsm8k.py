@@ -183,9 +183,9 @@ def test_judge_scores_gsm8k_by_exact_match_without_a_judge(tmp_path: Path) -> No
     assert "exact match: 6 answers scored (4 correct, 0 failed), 0 scored before" in result.output
     rows = exact_table(str(judged)).latest()
     assert len(rows) == 6 and not (judged / "pairwise").exists()
-    assert [rows[(i, "good", 1)]["correct"] for i in ids] == [True, True, True]
-    assert [rows[(i, "bad", 1)]["correct"] for i in ids] == [True, False, False]
-    assert rows[(ids[1], "bad", 1)]["prediction"] == "123456" and rows[(ids[1], "bad", 1)]["answer"] is not None
+    assert [rows[(i, "good", 1)].correct for i in ids] == [True, True, True]
+    assert [rows[(i, "bad", 1)].correct for i in ids] == [True, False, False]
+    assert rows[(ids[1], "bad", 1)].prediction == "123456" and rows[(ids[1], "bad", 1)].answer is not None
 
     again = CliRunner().invoke(main, ["eval", "judge", "--generations", str(gen), "--out", str(judged), "--mode", "exact"])
     assert again.exit_code == 0 and "0 answers scored (0 correct, 0 failed), 6 scored before" in again.output
@@ -257,4 +257,4 @@ def test_a_gsm8k_row_without_reference_is_a_failed_score_not_a_zero(tmp_path: Pa
     result = CliRunner().invoke(main, ["eval", "judge", "--generations", str(gen), "--out", str(judged)])
     assert result.exit_code == 3, result.output
     row = exact_table(str(judged)).latest()[("gsm8k-0000", "p", 1)]
-    assert row["status"] == "error" and row["correct"] is None and "####" in row["error"]
+    assert row.status == "error" and row.correct is None and "####" in (row.error or "")

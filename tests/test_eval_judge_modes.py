@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from eval_support import answer_records, generations, stored_row, stored_rows
 
 from bench.simulator import Behaviour, SimulatorConfig
 from moa_ray.chat import ChatMessage, ChatParams, Completion, TokenLogprob, TopLogprob, Usage
@@ -34,7 +35,7 @@ from moa_ray.eval.benchmarks.mt_bench import BaselinePairItem, GradeItem, judge_
 from moa_ray.eval.benchmarks.registry import load_dataset
 from moa_ray.eval.judging import JudgeHandler, JudgeOptions, plan_judging
 from moa_ray.eval.report import build_report, markdown
-from moa_ray.eval.schema import GenerationRow
+from moa_ray.eval.schema import BaselinePairRow, GenerationRow, GradeRow
 
 DATA = Path(__file__).parent / "data" / "alpaca_eval"
 
@@ -114,17 +115,13 @@ def _gen(prompt_id: str, pipeline: str, turn: int, **extra: Any) -> GenerationRo
     return GenerationRow(**{**fields, **extra})
 
 
-def generations(rows: list[GenerationRow]) -> dict[tuple[Any, ...], dict[str, Any]]:
-    return {r.row_key(): r.model_dump() for r in rows}
-
-
 def test_a_grade_with_other_repeats_is_made_again() -> None:
     gens = generations([_gen("mt-081", "p", 1)])
-    stored = {("mt-081", "p", 1, "judge"): {"status": "ok", "attempt": 1, "scores": [6.0]}}
+    stored = stored_rows(stored_row(GradeRow, ("mt-081", "p", 1, "judge"), status="ok", attempt=1, scores=[6.0]))
     assert plan_judging(gens, "judge", {}, stored, mode="single", repeats=1) == []
     (again,) = plan_judging(gens, "judge", {}, stored, mode="single", repeats=3)
     assert isinstance(again, GradeItem) and (again.repeats, again.attempt) == (3, 2)
-    old_table = {("mt-081", "p", 1, "judge"): {"status": "ok", "attempt": 1, "scores": None}}  # written before repeats
+    old_table = stored_rows(stored_row(GradeRow, ("mt-081", "p", 1, "judge"), status="ok", attempt=1, scores=None))  # before repeats
     assert plan_judging(gens, "judge", {}, old_table, mode="single") == []
 
 
@@ -155,7 +152,7 @@ def test_mode_options_are_checked(kwargs: dict[str, Any], message: str) -> None:
 # --------------------------------------------------------------------------- pairwise-baseline
 
 
-def baseline_gens() -> dict[tuple[Any, ...], dict[str, Any]]:
+def baseline_gens() -> dict[tuple[Any, ...], GenerationRow]:
     math_refs = {"category": "math", "reference": "ref"}
     rows = []
     for pipeline in ("moa", "solo", "base"):
@@ -175,7 +172,7 @@ def test_pairwise_baseline_plans_every_pipeline_against_the_baseline() -> None:
     assert item.answers == ["moa answer 1", "moa answer 2"] and item.baseline_answers == ["base answer 1", "base answer 2"]
     only_moa = plan_judging(baseline_gens(), "judge", {}, {}, mode="pairwise-baseline", baseline="base", pipelines=["moa"], limit=1)
     assert sorted((i.pipeline, i.prompt_id, i.turn) for i in only_moa) == [("moa", "mt-081", 1), ("moa", "mt-081", 2)]
-    done = {("mt-081", "moa", "base", 1, "judge"): {"status": "ok", "attempt": 1}}
+    done = stored_rows(stored_row(BaselinePairRow, ("mt-081", "moa", "base", 1, "judge"), status="ok", attempt=1))
     rest = plan_judging(baseline_gens(), "judge", {}, {}, mode="pairwise-baseline", baseline="base", pipelines=["moa"], baseline_done=done)
     assert ("mt-081", 1) not in {(i.prompt_id, i.turn) for i in rest} and len(rest) == 2
     with pytest.raises(ConfigError, match="no finished answers of the baseline pipeline 'nope'"):
@@ -425,7 +422,7 @@ def test_metrics_reads_the_official_table_of_a_judge_output(tmp_path: Path) -> N
 
 
 def test_report_prints_fastchats_tables() -> None:
-    gens = generations([_gen("mt-081", p, t) for p in ("moa", "solo") for t in (1, 2)])
+    gens = answer_records([_gen("mt-081", p, t) for p in ("moa", "solo") for t in (1, 2)])
     grades = [
         {"pipeline": p, "turn": t, "score": s, "category": "writing", "status": "ok", "judge": "j"}
         for p, t, s in [("moa", 1, 9.0), ("moa", 2, 7.0), ("solo", 1, 8.0), ("solo", 2, 4.0), ("solo", 1, 6.0)]
@@ -499,11 +496,11 @@ def test_auto_mode_picks_each_benchmarks_own_scoring() -> None:
             )
     gens = generations(rows)
     planned = {
-        (type(i).__name__, getattr(i, "benchmark", None) or gens[(i.prompt_id, "p", 1)]["dataset"]) for i in plan_judging(gens, "j", {}, {})
+        (type(i).__name__, getattr(i, "benchmark", None) or gens[(i.prompt_id, "p", 1)].dataset) for i in plan_judging(gens, "j", {}, {})
     }
     assert planned == {
         ("PairwiseItem", "alpaca_eval"),
         ("GradeItem", "mt_bench"),
         *(("RubricItem", n) for n in ("flask", "flask-hard", "just-eval", "ceb-s", "ceb-t")),
     }
-    assert [r["dataset"] for r in plan_exact(gens, {})] == ["gsm8k"]
+    assert [r.dataset for r in plan_exact(gens, {})] == ["gsm8k"]

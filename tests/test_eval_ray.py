@@ -13,7 +13,7 @@ from bench.simulator import run_simulator
 from moa_ray.eval.benchmarks.mt_bench import single_table
 from moa_ray.eval.benchmarks.registry import load_dataset
 from moa_ray.eval.generate import run_generation
-from moa_ray.eval.judging import read_generations, run_judging
+from moa_ray.eval.judging import read_generations, read_report_answers, run_judging
 from moa_ray.eval.report import build_report
 from moa_ray.serve.deploy import deploy_models
 
@@ -48,7 +48,7 @@ def test_generate_judge_and_report_on_ray_actors(env, tmp_path: Path) -> None:
     graded = run_judging(gens, agents["grader"], judge_options(gen, judged, "grader", "single", pool="ray"))
     assert (graded.single_items, graded.failed_rows) == (8, 0)
     grades = single_table(str(judged)).read().to_pylist()
-    rows = {r.pipeline: r for r in build_report(gens, [], grades)}
+    rows = {r.pipeline: r for r in build_report(read_report_answers(str(gen)), [], grades)}
     assert {name: r.mt_bench for name, r in rows.items()} == {"one": 7.0, "two": 7.0}
 
 

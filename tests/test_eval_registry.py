@@ -6,7 +6,7 @@ kind with plan / judge / failed / aggregate; no stage of eval names it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -25,11 +25,12 @@ from moa_ray.eval.benchmarks.base import (
     Aggregate,
     Benchmark,
     BenchmarkTable,
+    Generations,
     JudgeContext,
     JudgmentKind,
+    Key,
     PlanRequest,
     ReportScope,
-    Rows,
     is_done,
     next_attempt,
 )
@@ -77,17 +78,17 @@ class WordGrade(JudgmentKind[CountItem, CountRow]):
     table_dir: ClassVar[str] = "word_grade"
     row_type: ClassVar[type[CountRow]] = CountRow
 
-    def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[CountItem]:
+    def plan(self, answers: Generations, done: Mapping[Key, CountRow], request: PlanRequest) -> list[CountItem]:
         items = []
         for (prompt_id, pipeline, turn), row in sorted(answers.items()):
             prev = done.get((prompt_id, pipeline, turn, request.judge))
-            if row["status"] == "ok" and request.wants(pipeline) and not is_done(prev):
+            if row.status == "ok" and request.wants(pipeline) and not is_done(prev):
                 items.append(
                     CountItem(
                         prompt_id=prompt_id,
                         pipeline=pipeline,
-                        question=row["instruction"],
-                        answer=row["output"],
+                        question=row.instruction,
+                        answer=row.output,
                         attempt=next_attempt(prev),
                     )
                 )

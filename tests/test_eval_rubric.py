@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from eval_support import generations, stored_row, stored_rows
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion, Usage
 from moa_ray.cli import main
@@ -291,8 +292,8 @@ PROMPTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _gens(*rows: dict[str, Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
-    return {(r["prompt_id"], r["pipeline"], r["turn"]): r for r in rows}
+def _gens(*rows: dict[str, Any]) -> dict[tuple[Any, ...], GenerationRow]:
+    return generations([GenerationRow.model_validate(r) for r in rows])
 
 
 def test_plan_rubric_items_carry_metadata_and_skip_done() -> None:
@@ -307,10 +308,10 @@ def test_plan_rubric_items_carry_metadata_and_skip_done() -> None:
         "question f1",
         "answer f1",
     )
-    done = {
-        ("c1", "moa", 1, "j", "ceb-s"): {"status": "ok", "attempt": 1},
-        ("f1", "moa", 1, "j", "flask"): {"status": "error", "attempt": 2},
-    }
+    done = stored_rows(
+        stored_row(RubricRow, ("c1", "moa", 1, "j", "ceb-s"), status="ok", attempt=1),
+        stored_row(RubricRow, ("f1", "moa", 1, "j", "flask"), status="error", attempt=2),
+    )
     again = plan_rubric(gens, "j", done, prompts=lookup)
     assert [(i.prompt_id, i.attempt) for i in again] == [("f1", 3)]
     assert plan_rubric(gens, "other-judge", done, prompts=lookup, limit=1, pipelines=["moa"])[0].prompt_id == "c1"
@@ -409,10 +410,11 @@ def _tables_fixture(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_report_tables_on_a_hand_written_rubric_table(tmp_path: Path) -> None:
-    from moa_ray.eval.judging import read_generations
+    from moa_ray.eval.judging import read_report_answers
 
     gen, judged = _tables_fixture(tmp_path)
-    tables = {t.name: t for t in build_rubric_tables(read_generations(str(gen)), rubric_table(str(judged)).latest().values())}
+    rubric_rows = rubric_table(str(judged)).latest_records().values()  # the report reads records
+    tables = {t.name: t for t in build_rubric_tables(read_report_answers(str(gen)), rubric_rows)}
     flask_views = ["skills", "domains", "difficulty"]
     assert list(tables) == [f"{b}_{v}" for b in ("flask", "flask-hard") for v in flask_views] + ["just-eval_aspects", "ceb-t_axes"]
     skills = {r["pipeline"]: r for r in tables["flask_skills"].rows}

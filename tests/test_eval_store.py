@@ -19,7 +19,7 @@ from moa_ray.eval.benchmarks.registry import load_dataset
 from moa_ray.eval.datasets import EvalDataset, EvalPrompt
 from moa_ray.eval.generate import GenerateHandler, WorkItem, export_alpaca_eval, pipeline_fingerprint, plan_generation
 from moa_ray.eval.schema import GenerationRow
-from moa_ray.eval.store import RowTable, StoreError
+from moa_ray.eval.store import RowTable, StoreError, typed_row
 from moa_ray.pipeline.agents import LocalAgent
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -58,9 +58,25 @@ def test_latest_prefers_first_ok_then_latest_error(tmp_path: Path) -> None:
     table.write_part([row("a", output="first", at=2), row("b", status="error", attempt=2, at=2)], "2")
     table.write_part([row("a", output="second", at=3)], "3")
     latest = table.latest()
-    assert latest[("a", "p", 1)]["output"] == "first"
-    assert latest[("b", "p", 1)]["attempt"] == 2
+    assert latest[("a", "p", 1)].output == "first"
+    assert latest[("b", "p", 1)].attempt == 2
     assert table.done_keys() == {("a", "p", 1)}
+    assert table.latest_records(["output"])[("a", "p", 1)]["output"] == "first"  # a projection: dicts of a few columns
+    assert table.latest(without=("trace",)) == latest  # unread columns take their defaults
+
+
+def test_latest_reads_an_older_version_s_table_with_the_defaults_of_its_missing_columns(tmp_path: Path) -> None:
+    """A column an older version did not write reads as null: its field's default applies; a required one fails."""
+    (tmp_path / "t").mkdir()
+    old = GenerationRow.SCHEMA.remove(GenerationRow.SCHEMA.get_field_index("tflops"))
+    stored = row("a", output="kept").model_dump()
+    pq.write_table(pa.Table.from_pylist([stored], schema=old), tmp_path / "t" / "part-old.parquet")
+    (got,) = RowTable(str(tmp_path / "t"), GenerationRow).latest().values()
+    assert (got.output, got.tflops) == ("kept", None)
+    # what a range's reader (file by file, no check of the non-nullable columns) may hand over: the default applies
+    assert typed_row(GenerationRow, {**stored, "tokens_by_role": None, "tflops": None}, "t") == got
+    with pytest.raises(StoreError, match="t holds a row that is not a GenerationRow"):
+        typed_row(GenerationRow, {**stored, "instruction": None}, "t")
 
 
 def test_compaction_leaves_one_row_per_key(tmp_path: Path) -> None:

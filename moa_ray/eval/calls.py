@@ -164,10 +164,10 @@ def proposer_entries(generations: str, run_id: str) -> list[GenerationRow]:
     pipelines share is one entry; proposers of one model with the same label but other settings (a system
     role) are told apart as ``#2``, ``#3`` in the order of their pipelines and positions.
     """
-    answers = RowTable(generations, GenerationRow).latest(
+    answers = RowTable(generations, GenerationRow).latest_records(
         ["dataset", "category", "instruction", "reference", "reference_generator", "output"]
     )
-    calls = calls_table(generations).latest()
+    calls = calls_table(generations).latest_records()
     by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in calls.values():
         if row["layer"] == 1 and row["role"] == "proposer" and row["turn"] == 1 and row["status"] == "ok" and row["text"] is not None:

@@ -31,7 +31,7 @@ from moa_ray.chat import ChatMessage, ChatParams, Completion
 from moa_ray.errors import ConfigError, MoARayError
 from moa_ray.eval.benchmarks import registry
 from moa_ray.eval.benchmarks.alpaca_eval import OFFICIAL_MODE, PAIRWISE_MODE
-from moa_ray.eval.benchmarks.base import JudgeContext, JudgmentKind, PlanRequest, PromptLookup, Row, Rows
+from moa_ray.eval.benchmarks.base import Generations, JudgeContext, JudgmentKind, Key, PlanRequest, PromptLookup
 from moa_ray.eval.benchmarks.gsm8k import EXACT
 from moa_ray.eval.benchmarks.mt_bench import BASELINE_MODE, SINGLE_MODE
 from moa_ray.eval.benchmarks.rubric import RUBRIC, RUBRIC_MODE, RubricItem
@@ -40,8 +40,8 @@ from moa_ray.eval.lease import WriterLease
 from moa_ray.eval.progress import EvalProgress
 from moa_ray.eval.report_data import finished, keep, read_resolved, unique
 from moa_ray.eval.runner import PoolKind, count_rows, make_pool
-from moa_ray.eval.schema import GenerationRow
-from moa_ray.eval.store import RowTable, resolve_latest
+from moa_ray.eval.schema import BaselinePairRow, GenerationRow, GradeRow, OfficialAnnotationRow, PairwiseRow, RubricRow, _Row
+from moa_ray.eval.store import R, RowTable, resolve_latest, typed_rows
 from moa_ray.pipeline.agents import Agent, prepare_agents
 
 AUTO = "auto"
@@ -99,15 +99,19 @@ def check_mode_options(mode: str, baseline: str | None, repeats: int, pipelines:
 # --------------------------------------------------------------------------- planning
 
 
-def auto_kind(answer: Row) -> str:
+def auto_kind(answer: GenerationRow) -> str:
     """The kind ``--mode auto`` gives an answer: its benchmark's; a file's, pairwise with a reference, else single."""
-    found = registry.REGISTRY.find(str(answer["dataset"]))
+    found = registry.REGISTRY.find(answer.dataset)
     if found is not None:
         return found.auto_kind
-    return PAIRWISE_MODE if answer["reference"] is not None else SINGLE_MODE
+    return PAIRWISE_MODE if answer.reference is not None else SINGLE_MODE
 
 
-def answers_by_kind(generations: Rows, mode: str) -> Mapping[str, Rows]:
+#: Each kind's stored rows by mode (a kind's :attr:`~moa_ray.eval.benchmarks.base.JudgmentKind.row_type` each).
+DoneRows = Mapping[str, Mapping[Key, _Row]]
+
+
+def answers_by_kind(generations: Generations, mode: str) -> Mapping[str, Generations]:
     """The answers each kind plans from: under ``auto`` by dataset (a conversation goes by its first turn's), else all
     of them to the mode's kind."""
     if mode != AUTO:
@@ -116,13 +120,13 @@ def answers_by_kind(generations: Rows, mode: str) -> Mapping[str, Rows]:
     for (prompt_id, pipeline, turn), row in generations.items():
         if turn == 1:
             first[(prompt_id, pipeline)] = auto_kind(row)
-    split: dict[str, dict[tuple[Any, ...], Row]] = {}
+    split: dict[str, dict[Key, GenerationRow]] = {}
     for key, row in generations.items():
         split.setdefault(first[(key[0], key[1])], {})[key] = row
     return split
 
 
-def plan_items(generations: Rows, request: PlanRequest, done: Mapping[str, Rows]) -> list[Any]:
+def plan_items(generations: Generations, request: PlanRequest, done: DoneRows) -> list[Any]:
     """The items still to judge by a model, kind by kind in registry order; ``done``: each kind's stored rows by mode."""
     check_mode_options(request.mode, request.baseline, request.repeats, request.pipelines)
     split = answers_by_kind(generations, request.mode)
@@ -158,26 +162,26 @@ def plan_request(options: JudgeOptions | None = None, /, **fields: Any) -> PlanR
 
 
 def plan_judging(
-    generations: Rows,
+    generations: Generations,
     judge: str,
-    pairwise_done: Rows,
-    single_done: Rows,
+    pairwise_done: Mapping[Key, PairwiseRow],
+    single_done: Mapping[Key, GradeRow],
     *,
     mode: str = AUTO,
     pipelines: list[str] | None = None,
     limit: int | None = None,
     baseline: str | None = None,
     repeats: int = 1,
-    baseline_done: Rows | None = None,
-    official_done: Rows | None = None,
-    rubric_done: Rows | None = None,
+    baseline_done: Mapping[Key, BaselinePairRow] | None = None,
+    official_done: Mapping[Key, OfficialAnnotationRow] | None = None,
+    rubric_done: Mapping[Key, RubricRow] | None = None,
 ) -> list[Any]:
     """Judge items for the finished generations that this judge has not judged yet (failed ones again), with the
     built-in kinds' stored rows named one by one (:func:`plan_items` takes them by mode).
 
     A grade made with another number of repeats than asked is made again.
     """
-    done = {
+    done: dict[str, Mapping[Key, _Row]] = {
         PAIRWISE_MODE: pairwise_done,
         SINGLE_MODE: single_done,
         BASELINE_MODE: baseline_done or {},
@@ -189,9 +193,9 @@ def plan_judging(
 
 
 def plan_rubric(
-    generations: Rows,
+    generations: Generations,
     judge: str,
-    done: Rows,
+    done: Mapping[Key, RubricRow],
     *,
     mode: str = AUTO,
     pipelines: list[str] | None = None,
@@ -267,13 +271,13 @@ class StoredAnswers:
                 size += rows[prompt_id]
         return self._bounds
 
-    def of_datasets(self, names: list[str]) -> Rows:
+    def of_datasets(self, names: list[str]) -> dict[Key, GenerationRow]:
         """The answers (proposer entries too) of these datasets only, read whole."""
         table = self._table()
         found = table.read_where(pc.field("dataset").isin(names), ANSWER_COLUMNS).to_pylist()
-        rows = resolve_latest(found, table.key, table.row_type.RESOLVE)
+        rows = typed_rows(GenerationRow, resolve_latest(found, table.key, table.row_type.RESOLVE), table.uri)
         if self.proposers:
-            rows.update({e.row_key(): e.model_dump() for e in proposer_entries(self.uri, run_id="proposers") if e.dataset in names})
+            rows.update({e.row_key(): e for e in proposer_entries(self.uri, run_id="proposers") if e.dataset in names})
         return rows
 
     def _split(self, table: RowTable[Any], columns: list[str]) -> list[str | None]:
@@ -300,8 +304,9 @@ class StoredAnswers:
         self._parts[table.uri] = paths
         return paths
 
-    def chunks(self, tables: Mapping[str, RowTable[Any]]) -> Iterator[tuple[Rows, dict[str, Rows]]]:
-        """Each range's answers (resolved, no traces), with each of ``tables``' resolved rows of the same prompts."""
+    def chunks(self, tables: Mapping[str, RowTable[Any]]) -> Iterator[tuple[dict[Key, GenerationRow], dict[str, dict[Key, _Row]]]]:
+        """Each range's answers (resolved, no traces), with each of ``tables``' resolved rows of the same prompts: row
+        models, made only for the rows of one range at a time."""
         entries: dict[str, list[GenerationRow]] = defaultdict(list)
         if self.proposers:
             for entry in proposer_entries(self.uri, run_id="proposers"):
@@ -315,21 +320,22 @@ class StoredAnswers:
             last = bounds[index + 1] if index + 1 < len(bounds) else None
             rows = _read_part(answer_parts[index], answers)
             for prompt_id in [p for p in entries if first <= p and (last is None or p < last)]:
-                rows.update({e.row_key(): e.model_dump() for e in entries.pop(prompt_id)})
+                rows.update({e.row_key(): e for e in entries.pop(prompt_id)})
             yield rows, {mode: _read_part(parts[index], tables[mode]) for mode, parts in done_parts.items()}
 
 
-def _read_part(path: str | None, table: RowTable[Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
+def _read_part(path: str | None, table: RowTable[R]) -> dict[Key, R]:
+    """One range's resolved rows of ``table`` (set aside by :meth:`StoredAnswers._split`) as its row model."""
     if path is None:
         return {}
-    return resolve_latest(pq.read_table(path).to_pylist(), table.key, table.row_type.RESOLVE)
+    return typed_rows(table.row_type, resolve_latest(pq.read_table(path).to_pylist(), table.key, table.row_type.RESOLVE), table.uri)
 
 
 #: What ``eval judge`` judges: answers already read (one chunk), or a generations directory read a range at a time.
-Answers = Rows | StoredAnswers
+Answers = Generations | StoredAnswers
 
 
-def _planned_chunks(answers: Answers, options: JudgeOptions) -> Iterator[tuple[Rows, Mapping[str, Rows]]]:
+def _planned_chunks(answers: Answers, options: JudgeOptions) -> Iterator[tuple[Generations, DoneRows]]:
     """The answers to plan from, chunk by chunk, each with the stored rows of the kinds that plan from them.
 
     A stored table is read a range of prompts at a time, unless the plan needs every prompt at once: a ``--limit``
@@ -513,8 +519,8 @@ def run_exact(answers: Answers, out: str, run_id: str, *, pipelines: list[str] |
             with table.writer(run_id, flush_rows=len(rows)) as writer:
                 writer.add(rows)
             table.compact(run_id)
-    wanted = [k for k, r in generations.items() if is_exact_answer(r) and (pipelines is None or r["pipeline"] in pipelines)]
-    already = sum(1 for k in wanted if (prev := done.get(k)) is not None and prev["status"] == "ok")
+    wanted = [k for k, r in generations.items() if is_exact_answer(r) and (pipelines is None or r.pipeline in pipelines)]
+    already = sum(1 for k in wanted if (prev := done.get(k)) is not None and prev.status == "ok")
     return ExactSummary(
         run_id=run_id,
         out=out,
@@ -525,9 +531,9 @@ def run_exact(answers: Answers, out: str, run_id: str, *, pipelines: list[str] |
     )
 
 
-def is_exact_answer(answer: Row) -> bool:
+def is_exact_answer(answer: GenerationRow) -> bool:
     """Whether ``--mode auto`` scores an answer without a judge model."""
-    return is_exact_dataset(str(answer["dataset"]))
+    return is_exact_dataset(answer.dataset)
 
 
 def is_exact_dataset(name: str) -> bool:
@@ -566,16 +572,14 @@ ANSWER_COLUMNS = [f.name for f in GenerationRow.SCHEMA if f.name != "trace"]
 REPORT_COLUMNS = ["dataset", "prompt_tokens", "completion_tokens", "latency_s", "cost_usd", "tflops"]
 
 
-def read_generations(uri: str, *, proposers: bool = False, columns: list[str] | None = None) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """The answers of a generations directory (``columns``: only those besides the key and status, default
-    :data:`ANSWER_COLUMNS`); with ``proposers``, each stored layer-1 answer too, as an entry of its own
-    (``proposer:<label>``, from the call table: no new generation call; see :func:`~moa_ray.eval.calls.proposer_entries`)."""
-    rows = RowTable(uri, GenerationRow).latest(columns or ANSWER_COLUMNS)  # never the traces: judging and reports read none
+def read_generations(uri: str, *, proposers: bool = False) -> dict[Key, GenerationRow]:
+    """The answers of a generations directory, every column but the trace (:data:`ANSWER_COLUMNS`: judging reads
+    none, and it is the largest by far; the field stays None); with ``proposers``, each stored layer-1 answer too, as
+    an entry of its own (``proposer:<label>``, from the call table: no new generation call; see
+    :func:`~moa_ray.eval.calls.proposer_entries`)."""
+    rows = RowTable(uri, GenerationRow).latest(without=("trace",))
     if proposers:
-        wanted = set(rows[next(iter(rows))]) if rows else None
-        for entry in proposer_entries(uri, run_id="proposers"):
-            row = entry.model_dump()
-            rows[entry.row_key()] = row if wanted is None else {k: v for k, v in row.items() if k in wanted}
+        rows.update({entry.row_key(): entry for entry in proposer_entries(uri, run_id="proposers")})
     return rows
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from moa_ray.errors import MoARayError
 from moa_ray.eval.schema import _Row
@@ -78,6 +79,21 @@ def resolve_latest(
         if best is None or better(row, best):
             out[k] = row
     return out
+
+
+def typed_row(row_type: type[R], record: Mapping[str, Any], table: str) -> R:
+    """A stored record as its row model. Nulls are dropped first: a null is a column an older version did not write
+    (the dataset reader fills it), so the field's default applies and old tables still read; a field with no default
+    then fails, as a StoreError naming ``table``."""
+    try:
+        return row_type.model_validate({name: value for name, value in record.items() if value is not None})
+    except ValidationError as err:
+        raise StoreError(f"{table} holds a row that is not a {row_type.__name__} (another version?): {err}") from None
+
+
+def typed_rows(row_type: type[R], records: Mapping[tuple[Any, ...], Mapping[str, Any]], table: str) -> dict[tuple[Any, ...], R]:
+    """:func:`typed_row` of each resolved record, by key (resolve first: no model is made for a row that lost)."""
+    return {key: typed_row(row_type, record, table) for key, record in records.items()}
 
 
 def _later(row: dict[str, Any], best: dict[str, Any]) -> bool:
@@ -173,16 +189,22 @@ class RowTable(Generic[R]):
         dataset = pads.dataset(files, schema=self.schema, format="parquet", filesystem=self.fs)
         return dataset.to_table(columns=wanted, filter=condition)
 
-    def latest(self, columns: list[str] | None = None) -> dict[tuple[Any, ...], dict[str, Any]]:
-        """One resolved row per key (see :func:`resolve_latest`); ``columns`` as in :meth:`read` (the key and
-        resolution columns are always read)."""
+    def latest(self, *, without: tuple[str, ...] = ()) -> dict[tuple[Any, ...], R]:
+        """One resolved row per key (see :func:`resolve_latest`) as the table's row model; ``without``: columns not
+        read (Parquet skips them; the fields take their defaults: ``("trace",)`` for judging, which reads none)."""
+        columns = [c for c in self.schema.names if c not in without] if without else None
+        return typed_rows(self.row_type, self.latest_records(columns), self.uri)
+
+    def latest_records(self, columns: list[str] | None = None) -> dict[tuple[Any, ...], dict[str, Any]]:
+        """One resolved row per key as a dict of ``columns`` (the key and resolution columns are always read): a
+        projection, for a reader of a few columns of many rows, which a row model (every field) cannot hold."""
         if columns is not None:
             needed = [*self.key, "status", "attempt", "created_at"]
             columns = list(dict.fromkeys([*needed, *columns]))
         return resolve_latest(self.read(columns=columns).to_pylist(), self.key, self.row_type.RESOLVE)
 
     def done_keys(self) -> set[tuple[Any, ...]]:
-        return {k for k, row in self.latest().items() if row["status"] == "ok"}
+        return {k for k, row in self.latest_records([]).items() if row["status"] == "ok"}
 
     # ------------------------------------------------------------------ writing
 

@@ -51,11 +51,12 @@ from moa_ray.chat import ChatMessage, ChatParams, Completion, TokenLogprob, TopL
 from moa_ray.eval.benchmarks.base import (
     Aggregate,
     Benchmark,
+    Generations,
     JudgeContext,
     JudgmentKind,
+    Key,
     PlanRequest,
     ReportScope,
-    Rows,
     conversations,
     is_done,
     limited,
@@ -65,7 +66,7 @@ from moa_ray.eval.datasets import EvalDataset, EvalPrompt, data_file, shipped_js
 from moa_ray.eval.judge_prompts import PAIRWISE_PROMPT, pairwise_messages, parse_verdict, verdict_preference
 from moa_ray.eval.metrics import N_SPLITS, GLMData, MetricsError, WinRate, alpaca_index, head_to_head, length_controlled_win_rate
 from moa_ray.eval.report_data import finished, is_ok, keep, numbers, of_pipelines, resolve_table, unique
-from moa_ray.eval.schema import OfficialAnnotationRow, PairwiseRow
+from moa_ray.eval.schema import OfficialAnnotationRow, PairwiseRow, _Row
 from moa_ray.eval.store import RowTable, StoreError, join, resolve
 
 ALPACA_EVAL = "alpaca_eval"
@@ -301,14 +302,14 @@ class ReferenceComparison(BaseModel):
     attempt: int = 1
 
 
-def plan_comparisons(answers: Rows, done: Rows, request: PlanRequest) -> list[dict[str, Any]]:
+def plan_comparisons(answers: Generations, done: Mapping[Key, _Row], request: PlanRequest) -> list[dict[str, Any]]:
     """The first-turn answers with a reference not yet compared ok with it by ``request.judge`` (failed ones again),
     at most ``request.limit`` prompts per pipeline: the fields of a :class:`ReferenceComparison` each."""
     convo = conversations(answers, request)
     comparisons = []
     for prompt_id, pipeline in limited(convo, request.limit):
         first = convo[(prompt_id, pipeline)].get(1)
-        if first is None or first["reference"] is None:
+        if first is None or first.reference is None:
             continue  # nothing to compare with
         prev = done.get((prompt_id, pipeline, 1, request.judge))
         if is_done(prev):
@@ -317,11 +318,11 @@ def plan_comparisons(answers: Rows, done: Rows, request: PlanRequest) -> list[di
             {
                 "prompt_id": prompt_id,
                 "pipeline": pipeline,
-                "instruction": first["instruction"],
-                "category": first["category"],
-                "reference": first["reference"],
-                "reference_generator": first["reference_generator"] or "reference",
-                "output": first["output"],
+                "instruction": first.instruction,
+                "category": first.category,
+                "reference": first.reference,
+                "reference_generator": first.reference_generator or "reference",
+                "output": first.output,
                 "attempt": next_attempt(prev),
             }
         )
@@ -422,7 +423,7 @@ class PairwiseKind(JudgmentKind[PairwiseItem, PairwiseRow]):
     row_type: ClassVar[type[PairwiseRow]] = PairwiseRow
     report_columns: ClassVar[tuple[str, ...] | None] = WIN_RATE_COLUMNS
 
-    def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[PairwiseItem]:
+    def plan(self, answers: Generations, done: Mapping[Key, PairwiseRow], request: PlanRequest) -> list[PairwiseItem]:
         return [PairwiseItem(**c) for c in plan_comparisons(answers, done, request)]
 
     async def judge(self, item: PairwiseItem, ctx: JudgeContext) -> PairwiseRow:
@@ -543,7 +544,7 @@ class OfficialKind(JudgmentKind[OfficialItem, OfficialAnnotationRow]):
     row_type: ClassVar[type[OfficialAnnotationRow]] = OfficialAnnotationRow
     report_columns: ClassVar[tuple[str, ...] | None] = WIN_RATE_COLUMNS
 
-    def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[OfficialItem]:
+    def plan(self, answers: Generations, done: Mapping[Key, OfficialAnnotationRow], request: PlanRequest) -> list[OfficialItem]:
         return [OfficialItem(**c) for c in plan_comparisons(answers, done, request)]
 
     async def judge(self, item: OfficialItem, ctx: JudgeContext) -> OfficialAnnotationRow:
@@ -556,7 +557,7 @@ class OfficialKind(JudgmentKind[OfficialItem, OfficialAnnotationRow]):
         return win_rate_columns(rows, scope)
 
     def write_files(self, out: str, judge: str) -> dict[str, int]:
-        rows = [r for r in self.table(out).latest().values() if r["judge"] == judge]
+        rows = [r for r in self.table(out).latest_records().values() if r["judge"] == judge]  # AlpacaEval's JSON records
         return write_annotations(rows, join(out, ALPACA_RESULTS_DIR))
 
 

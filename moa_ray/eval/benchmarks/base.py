@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion
 from moa_ray.eval.datasets import EvalDataset
-from moa_ray.eval.schema import _Row
+from moa_ray.eval.schema import GenerationRow, _Row
 from moa_ray.eval.store import RowTable, join
 
 if TYPE_CHECKING:
@@ -28,14 +28,23 @@ if TYPE_CHECKING:
     from moa_ray.eval.metrics import GLMData
     from moa_ray.pipeline.agents import Agent
 
-#: A table's key values (:attr:`~moa_ray.eval.schema._Row.KEY`), and one stored row as read back.
+#: A table's key values (:attr:`~moa_ray.eval.schema._Row.KEY`).
 Key = tuple[Any, ...]
-Row = Mapping[str, Any]
-#: A table's resolved rows by key (:meth:`~moa_ray.eval.store.RowTable.latest`): generations, or a kind's judgments.
-Rows = Mapping[Key, Row]
+#: The answers judging plans from, by key: every column but the trace (:data:`~moa_ray.eval.judging.ANSWER_COLUMNS`).
+Generations = Mapping[Key, GenerationRow]
+#: A row as a dict of columns: what the report's table builders (a rubric's :meth:`RubricJudge.tables`) take, one
+#: benchmark's rows made from the report's Arrow columns, and a test's rows handed to the report. Judging reads
+#: row models (:class:`Generations`, a kind's ``row_type``), never these.
+Record = Mapping[str, Any]
+#: Records by key (the report's answers as a test hands them).
+Records = Mapping[Key, Record]
+#: The names :mod:`moa_ray.eval.report` imports for records.
+Row = Record
+Rows = Records
 
 ItemT = TypeVar("ItemT", bound=BaseModel)
-RowT = TypeVar("RowT", bound=_Row, covariant=True)
+#: A kind's row model: what it writes (:meth:`JudgmentKind.judge`) and reads back as done (:meth:`JudgmentKind.plan`).
+RowT = TypeVar("RowT", bound=_Row)
 
 
 class AnswerTemperature(BaseModel):
@@ -205,7 +214,7 @@ class JudgmentKind(Protocol, Generic[ItemT, RowT]):
     #: length in characters of the text column ``<text>``, measured as the table is read, so the text stays on disk.
     report_columns: ClassVar[tuple[str, ...] | None] = None
 
-    def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> Sequence[ItemT]:
+    def plan(self, answers: Generations, done: Mapping[Key, RowT], request: PlanRequest) -> Sequence[ItemT]:
         """The items of ``answers`` (finished or not, every dataset the mode covers) not yet judged ok in ``done``."""
         ...
 
@@ -231,24 +240,32 @@ class JudgmentKind(Protocol, Generic[ItemT, RowT]):
         return {}
 
 
-def next_attempt(prev: Row | None) -> int:
+def next_attempt(prev: _Row | None) -> int:
     """The attempt number of a key planned again after ``prev`` (none: the first)."""
-    return int(prev["attempt"]) + 1 if prev else 1
+    return prev.attempt + 1 if prev is not None else 1
 
 
-def is_done(prev: Row | None) -> bool:
-    return prev is not None and prev["status"] == "ok"
+def is_done(prev: _Row | None) -> bool:
+    return prev is not None and prev.status == "ok"
+
+
+def output_of(answer: GenerationRow) -> str:
+    """A finished answer's text: generation writes every ok row with one, so a missing one is a broken table (an
+    error here, as the item's validation raised when rows were dicts), never an empty answer to judge."""
+    if answer.output is None:
+        raise ValueError(f"answer {answer.row_key()} is finished but has no output")
+    return answer.output
 
 
 #: Finished answers by (prompt id, pipeline), then by turn.
-Conversations = dict[tuple[str, str], dict[int, Row]]
+Conversations = dict[tuple[str, str], dict[int, GenerationRow]]
 
 
-def conversations(answers: Rows, request: PlanRequest, *, with_baseline: bool = False) -> Conversations:
+def conversations(answers: Generations, request: PlanRequest, *, with_baseline: bool = False) -> Conversations:
     """Finished answers by (prompt id, pipeline), then turn; of the wanted pipelines (and the baseline's)."""
     convo: Conversations = defaultdict(dict)
     for (prompt_id, pipeline, turn), row in answers.items():
-        if row["status"] == "ok" and (request.wants(pipeline) or (with_baseline and pipeline == request.baseline)):
+        if row.status == "ok" and (request.wants(pipeline) or (with_baseline and pipeline == request.baseline)):
             convo[(prompt_id, pipeline)][turn] = row
     return convo
 

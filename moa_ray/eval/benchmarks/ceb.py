@@ -21,7 +21,7 @@ from functools import cache
 from typing import Any
 
 from moa_ray.chat import ChatMessage
-from moa_ray.eval.benchmarks.base import Benchmark, BenchmarkTable, Cell, Row
+from moa_ray.eval.benchmarks.base import Benchmark, BenchmarkTable, Cell, Record
 from moa_ray.eval.benchmarks.rubric import (
     COST_COLUMNS,
     RUBRIC_MODE,
@@ -90,14 +90,14 @@ class CebJudge(RubricJudge):
     def labels(self, item: RubricItem) -> list[RubricLabel]:
         return [RubricLabel(name=n, value=str(item.metadata[n])) for n in ("axis", "bucket", "task") if item.metadata.get(n) is not None]
 
-    def tables(self, benchmark: str, rows: Sequence[Row], costs: dict[str, dict[str, Cell]]) -> list[BenchmarkTable]:
+    def tables(self, benchmark: str, rows: Sequence[Record], costs: dict[str, dict[str, Cell]]) -> list[BenchmarkTable]:
         return [ceb_table(benchmark, rows, costs)]
 
 
 # --------------------------------------------------------------------------- report
 
 
-def ceb_table(benchmark: str, rows: Sequence[Row], costs: dict[str, dict[str, Cell]]) -> BenchmarkTable:
+def ceb_table(benchmark: str, rows: Sequence[Record], costs: dict[str, dict[str, Cell]]) -> BenchmarkTable:
     """Mean bias per axis and SMoA's overall (the mean of the axis means); lower is better."""
     axes = ordered({a for r in rows for a in row_labels(r, "axis")}, CEB_AXES)
     cells: dict[str, dict[str, Cell]] = {}

@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from moa_ray.chat import ChatMessage
-from moa_ray.eval.benchmarks.base import Benchmark, BenchmarkTable, Cell, Row
+from moa_ray.eval.benchmarks.base import Benchmark, BenchmarkTable, Cell, Record
 from moa_ray.eval.benchmarks.rubric import (
     COST_COLUMNS,
     RUBRIC_MODE,
@@ -192,7 +192,7 @@ class FlaskJudge(RubricJudge):
                 labels.append(RubricLabel(name=name, value=str(value)))
         return labels
 
-    def tables(self, benchmark: str, rows: Sequence[Row], costs: dict[str, dict[str, Cell]]) -> list[BenchmarkTable]:
+    def tables(self, benchmark: str, rows: Sequence[Record], costs: dict[str, dict[str, Cell]]) -> list[BenchmarkTable]:
         return flask_tables(benchmark, rows, costs)
 
 
@@ -220,7 +220,7 @@ FLASK_DIFFICULTIES = (
 )
 
 
-def flask_tables(benchmark: str, rows: Sequence[Row], costs: dict[str, dict[str, Cell]]) -> list[BenchmarkTable]:
+def flask_tables(benchmark: str, rows: Sequence[Record], costs: dict[str, dict[str, Cell]]) -> list[BenchmarkTable]:
     """Per skill (with the overall mean), per domain and per difficulty, for FLASK or FLASK-Hard."""
     skills = ordered({s.aspect for r in rows for s in row_scores(r)}, [s.Skill for s in skillset()])
     domains = ordered({d for r in rows for d in row_labels(r, "domain")}, FLASK_DOMAINS)

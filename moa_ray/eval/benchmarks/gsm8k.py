@@ -31,18 +31,18 @@ from moa_ray.errors import MoARayError
 from moa_ray.eval.benchmarks.base import (
     Aggregate,
     Benchmark,
+    Generations,
     JudgeContext,
     JudgmentKind,
+    Key,
     PlanRequest,
     ReportScope,
-    Row,
-    Rows,
     is_done,
     next_attempt,
 )
 from moa_ray.eval.datasets import DatasetError, EvalDataset, EvalPrompt, build_dataset, read_json_list, require_keys, shipped_jsonl
 from moa_ray.eval.report_data import is_ok, of_pipelines
-from moa_ray.eval.schema import ExactRow
+from moa_ray.eval.schema import ExactRow, GenerationRow
 from moa_ray.eval.store import RowTable, join
 
 GSM8K = "gsm8k"
@@ -236,10 +236,18 @@ class ExactKind(JudgmentKind[ExactItem, ExactRow]):
     needs_judge: ClassVar[bool] = False
     report_columns: ClassVar[tuple[str, ...] | None] = ("prompt_id", "pipeline", "turn", "dataset", "status", "correct")
 
-    def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[ExactItem]:
-        fields = ("prompt_id", "pipeline", "turn", "dataset", "category", "output", "reference")
+    def plan(self, answers: Generations, done: Mapping[Key, ExactRow], request: PlanRequest) -> list[ExactItem]:
         return [
-            ExactItem(**{k: row[k] for k in fields}, attempt=next_attempt(done.get(_key(row))))
+            ExactItem(
+                prompt_id=row.prompt_id,
+                pipeline=row.pipeline,
+                turn=row.turn,
+                dataset=row.dataset,
+                category=row.category,
+                output=row.output,
+                reference=row.reference,
+                attempt=next_attempt(done.get(row.row_key())),
+            )
             for row in plan_exact(answers, done, pipelines=request.pipelines, limit=request.limit)
         ]
 
@@ -281,24 +289,22 @@ def score_answer(item: ExactItem, run_id: str) -> ExactRow:
 EXACT = ExactKind()
 
 
-def plan_exact(generations: Rows, done: Rows, *, pipelines: list[str] | None = None, limit: int | None = None) -> list[Row]:
+def plan_exact(
+    generations: Generations, done: Mapping[Key, ExactRow], *, pipelines: list[str] | None = None, limit: int | None = None
+) -> list[GenerationRow]:
     """The finished GSM8K answers not scored yet (at most ``limit`` prompts per pipeline)."""
     per_pipeline: dict[str, int] = defaultdict(int)
     todo = []
     for key in sorted(generations):
         row = generations[key]
-        if row["status"] != "ok" or row["dataset"] != GSM8K or (pipelines is not None and row["pipeline"] not in pipelines):
+        if row.status != "ok" or row.dataset != GSM8K or (pipelines is not None and row.pipeline not in pipelines):
             continue
-        if limit is not None and per_pipeline[row["pipeline"]] >= limit:
+        if limit is not None and per_pipeline[row.pipeline] >= limit:
             continue
-        per_pipeline[row["pipeline"]] += 1
+        per_pipeline[row.pipeline] += 1
         if not is_done(done.get(key)):
             todo.append(row)
     return todo
-
-
-def _key(row: Row) -> tuple[Any, ...]:
-    return tuple(row[c] for c in ExactRow.KEY)
 
 
 def exact_table(out: str) -> RowTable[ExactRow]:

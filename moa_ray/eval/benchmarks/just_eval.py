@@ -37,7 +37,7 @@ import numpy as np
 
 from moa_ray.chat import ChatMessage
 from moa_ray.errors import MoARayError
-from moa_ray.eval.benchmarks.base import Benchmark, BenchmarkTable, Cell, Row
+from moa_ray.eval.benchmarks.base import Benchmark, BenchmarkTable, Cell, Record
 from moa_ray.eval.benchmarks.rubric import (
     COST_COLUMNS,
     RUBRIC_MODE,
@@ -169,7 +169,7 @@ class JustEvalJudge(RubricJudge):
             labels.append(RubricLabel(name="source", value=str(source)))
         return labels
 
-    def tables(self, benchmark: str, rows: Sequence[Row], costs: dict[str, dict[str, Cell]]) -> list[BenchmarkTable]:
+    def tables(self, benchmark: str, rows: Sequence[Record], costs: dict[str, dict[str, Cell]]) -> list[BenchmarkTable]:
         return [just_eval_table(rows, costs)]
 
 
@@ -239,7 +239,7 @@ def aggregate_file(path: str | Path) -> dict[str, float | int]:
 # --------------------------------------------------------------------------- report
 
 
-def just_eval_table(rows: Sequence[Row], costs: dict[str, dict[str, Cell]]) -> BenchmarkTable:
+def just_eval_table(rows: Sequence[Record], costs: dict[str, dict[str, Cell]]) -> BenchmarkTable:
     """Official per-aspect means over the multi items and over the safety items."""
     aspects = [*ASPECTS[MULTI], *ASPECTS[SAFETY]]
     cells: dict[str, dict[str, Cell]] = {}

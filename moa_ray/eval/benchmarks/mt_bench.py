@@ -34,22 +34,24 @@ from moa_ray.eval.benchmarks.base import (
     Aggregate,
     AnswerTemperature,
     Benchmark,
+    Generations,
     JudgeContext,
     JudgmentKind,
+    Key,
     PlanRequest,
+    Record,
     ReportScope,
-    Row,
-    Rows,
     conversations,
     is_done,
     limited,
     next_attempt,
+    output_of,
 )
 from moa_ray.eval.datasets import EvalDataset, EvalPrompt, shipped_jsonl
 from moa_ray.eval.judge_prompts import MT_BENCH_REFERENCE_CATEGORIES, judge_prompts, parse_rating, single_grade_messages, single_prompt_name
 from moa_ray.eval.metrics import MTBenchScore
 from moa_ray.eval.report_data import is_ok, numbers, of_pipelines, unique
-from moa_ray.eval.schema import BaselinePairRow, GradeRow
+from moa_ray.eval.schema import BaselinePairRow, GenerationRow, GradeRow
 from moa_ray.eval.store import RowTable, join
 
 MT_BENCH = "mt_bench"
@@ -188,10 +190,10 @@ class BaselinePairItem(BaseModel):
 
 
 def plan_pairwise_baseline(
-    convo: Mapping[tuple[str, str], Mapping[int, Row]],
+    convo: Mapping[tuple[str, str], Mapping[int, GenerationRow]],
     judge: str,
     baseline: str,
-    done: Rows,
+    done: Mapping[Key, BaselinePairRow],
     *,
     pipelines: Iterable[str],
 ) -> list[BaselinePairItem]:
@@ -213,10 +215,10 @@ def plan_pairwise_baseline(
             row, base_row = turns.get(turn), base_turns.get(turn)
             if row is None or base_row is None:
                 break  # the turn (and so the next) is not answered by both
-            questions.append(row["instruction"])
-            answers.append(row["output"])
-            base_answers.append(base_row["output"])
-            references.append(row["reference"])
+            questions.append(row.instruction)
+            answers.append(output_of(row))
+            base_answers.append(output_of(base_row))
+            references.append(row.reference)
             prev = done.get((prompt_id, pipeline, baseline, turn, judge))
             if is_done(prev):
                 continue
@@ -226,7 +228,7 @@ def plan_pairwise_baseline(
                     pipeline=pipeline,
                     baseline=baseline,
                     turn=turn,
-                    category=turns[1]["category"],
+                    category=turns[1].category,
                     questions=list(questions),
                     answers=list(answers),
                     baseline_answers=list(base_answers),
@@ -294,7 +296,7 @@ class BaselineWinRate(BaseModel):
     win_rate_adjusted: float = Field(description="(win + 0.5 tie) / n: each tie counts half a win.")
 
 
-def baseline_win_rates(rows: Iterable[Row]) -> dict[str, BaselineWinRate]:
+def baseline_win_rates(rows: Iterable[Record]) -> dict[str, BaselineWinRate]:
     """Win/loss/tie counts and rates per pipeline of finished pairwise-baseline rows."""
     counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: {"win": 0, "loss": 0, "tie": 0})
     for r in rows:
@@ -381,10 +383,9 @@ class GradeItem(BaseModel):
     attempt: int = 1
 
 
-def _repeats_of(row: Row) -> int:
+def _repeats_of(row: GradeRow) -> int:
     """How many judgments a stored grade is the median of (tables written before repeats: 1)."""
-    scores = row.get("scores")
-    return len(scores) if scores is not None else 1
+    return len(row.scores) if row.scores is not None else 1
 
 
 class SingleKind(JudgmentKind[GradeItem, GradeRow]):
@@ -395,7 +396,7 @@ class SingleKind(JudgmentKind[GradeItem, GradeRow]):
     row_type: ClassVar[type[GradeRow]] = GradeRow
     report_columns: ClassVar[tuple[str, ...] | None] = ("prompt_id", "pipeline", "turn", "judge", "status", "category", "score")
 
-    def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[GradeItem]:
+    def plan(self, answers: Generations, done: Mapping[Key, GradeRow], request: PlanRequest) -> list[GradeItem]:
         """Every answered turn (1 and 2, without a gap) not graded ok with ``request.repeats`` repeats."""
         convo = conversations(answers, request)
         items: list[GradeItem] = []
@@ -411,18 +412,18 @@ class SingleKind(JudgmentKind[GradeItem, GradeRow]):
                 if turn != len(questions) + 1 or turn > 2:
                     break  # a gap (turn 1 missing) or beyond MT-Bench's two turns
                 row = turns[turn]
-                questions.append(row["instruction"])
-                answered.append(row["output"])
-                references.append(row["reference"])
+                questions.append(row.instruction)
+                answered.append(output_of(row))
+                references.append(row.reference)
                 prev = done.get((prompt_id, pipeline, turn, request.judge))
-                if is_done(prev) and _repeats_of(prev) == request.repeats:  # type: ignore[arg-type]
+                if prev is not None and is_done(prev) and _repeats_of(prev) == request.repeats:
                     continue
                 items.append(
                     GradeItem(
                         prompt_id=prompt_id,
                         pipeline=pipeline,
                         turn=turn,
-                        category=first["category"],
+                        category=first.category,
                         questions=list(questions),
                         answers=list(answered),
                         references=list(references),
@@ -513,7 +514,7 @@ class BaselineKind(JudgmentKind[BaselinePairItem, BaselinePairRow]):
     report_columns: ClassVar[tuple[str, ...] | None] = ("prompt_id", "pipeline", "baseline", "turn", "judge", "status", "outcome")
     plans_whole_table: ClassVar[bool] = True  # the baseline must have answers somewhere in the table
 
-    def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[BaselinePairItem]:
+    def plan(self, answers: Generations, done: Mapping[Key, BaselinePairRow], request: PlanRequest) -> list[BaselinePairItem]:
         baseline = request.baseline
         if baseline is None:
             raise ConfigError("mode pairwise-baseline needs --baseline PIPELINE")

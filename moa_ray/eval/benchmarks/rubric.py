@@ -31,13 +31,14 @@ from moa_ray.eval.benchmarks.base import (
     Aggregate,
     BenchmarkTable,
     Cell,
+    Generations,
     JudgeContext,
     JudgmentKind,
+    Key,
     PlanRequest,
     PromptLookup,
+    Record,
     ReportScope,
-    Row,
-    Rows,
     is_done,
     next_attempt,
 )
@@ -118,7 +119,7 @@ class RubricJudge(ABC):
         self.messages(item)
 
     @abstractmethod
-    def tables(self, benchmark: str, rows: Sequence[Row], costs: dict[str, dict[str, Cell]]) -> list[BenchmarkTable]:
+    def tables(self, benchmark: str, rows: Sequence[Record], costs: dict[str, dict[str, Cell]]) -> list[BenchmarkTable]:
         """The benchmark's report tables from its finished rows, aggregated as its own scripts do."""
 
 
@@ -209,7 +210,7 @@ class RubricKind(JudgmentKind[RubricItem, RubricRow]):
     row_type: ClassVar[type[RubricRow]] = RubricRow
     report_columns: ClassVar[tuple[str, ...] | None] = ("prompt_id", "pipeline", "turn", "judge", "benchmark", "status", "labels", "scores")
 
-    def plan(self, answers: Rows, done: Rows, request: PlanRequest) -> list[RubricItem]:
+    def plan(self, answers: Generations, done: Mapping[Key, RubricRow], request: PlanRequest) -> list[RubricItem]:
         """Finished turn-1 answers of rubric benchmarks not yet judged ok by ``request.judge`` (failed ones again)."""
 
         def rubric(dataset: str) -> RubricJudge | None:
@@ -218,11 +219,11 @@ class RubricKind(JudgmentKind[RubricItem, RubricRow]):
 
         lookup: PromptLookup = request.prompts or _no_prompts
         rows = sorted(
-            (r for (_, pipeline, turn), r in answers.items() if turn == 1 and r["status"] == "ok" and request.wants(pipeline)),
-            key=lambda r: (r["prompt_id"], r["pipeline"]),
+            (r for (_, pipeline, turn), r in answers.items() if turn == 1 and r.status == "ok" and request.wants(pipeline)),
+            key=lambda r: (r.prompt_id, r.pipeline),
         )
         if request.mode == RUBRIC_MODE:
-            other = sorted({r["dataset"] for r in rows if rubric(r["dataset"]) is None})
+            other = sorted({r.dataset for r in rows if rubric(r.dataset) is None})
             if other:
                 raise RubricInputError(
                     f"--mode rubric: no rubric judge for dataset(s) {', '.join(other)} (rubric benchmarks: {_names(request)})"
@@ -231,29 +232,29 @@ class RubricKind(JudgmentKind[RubricItem, RubricRow]):
         per_pipeline: dict[str, int] = defaultdict(int)
         items: list[RubricItem] = []
         for row in rows:
-            dataset = row["dataset"]
+            dataset = row.dataset
             judge = rubric(dataset)
             if judge is None:
                 continue
-            if request.limit is not None and per_pipeline[row["pipeline"]] >= request.limit:
+            if request.limit is not None and per_pipeline[row.pipeline] >= request.limit:
                 continue
-            per_pipeline[row["pipeline"]] += 1
-            prev = done.get((row["prompt_id"], row["pipeline"], 1, request.judge, dataset))
+            per_pipeline[row.pipeline] += 1
+            prev = done.get((row.prompt_id, row.pipeline, 1, request.judge, dataset))
             if is_done(prev):
                 continue
             if dataset not in lookups:
                 lookups[dataset] = lookup(dataset)
-            info = lookups[dataset].get(row["prompt_id"])
+            info = lookups[dataset].get(row.prompt_id)
             if info is None:
-                raise RubricInputError(f"prompt {row['prompt_id']!r} of the generations is not in dataset {dataset!r}")
+                raise RubricInputError(f"prompt {row.prompt_id!r} of the generations is not in dataset {dataset!r}")
             references = list(info.get("references") or [])
             item = RubricItem(
-                prompt_id=row["prompt_id"],
-                pipeline=row["pipeline"],
+                prompt_id=row.prompt_id,
+                pipeline=row.pipeline,
                 benchmark=dataset,
-                instruction=row["instruction"],
-                output=row["output"] or "",
-                reference=row["reference"] if row["reference"] is not None else (references[0] if references else None),
+                instruction=row.instruction,
+                output=row.output or "",
+                reference=row.reference if row.reference is not None else (references[0] if references else None),
                 metadata=dict(info.get("metadata") or {}),
                 attempt=next_attempt(prev),
             )
@@ -319,16 +320,16 @@ def ordered(seen: Iterable[str], order: Sequence[str]) -> list[str]:
     return [v for v in order if v in seen] + sorted(seen - set(order))
 
 
-def row_scores(row: Row) -> list[AspectScore]:
+def row_scores(row: Record) -> list[AspectScore]:
     return [AspectScore.model_validate(s) for s in row["scores"]]
 
 
-def row_labels(row: Row, name: str) -> list[str]:
+def row_labels(row: Record, name: str) -> list[str]:
     return [label["value"] for label in row["labels"] if label["name"] == name]
 
 
-def by_pipeline(rows: Iterable[Row]) -> dict[str, list[Row]]:
-    out: dict[str, list[Row]] = defaultdict(list)
+def by_pipeline(rows: Iterable[Record]) -> dict[str, list[Record]]:
+    out: dict[str, list[Record]] = defaultdict(list)
     for row in rows:
         out[row["pipeline"]].append(row)
     return dict(sorted(out.items()))
