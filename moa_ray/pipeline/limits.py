@@ -91,8 +91,11 @@ LEASE_LIMIT_SHARE = 1 / 16
 LEASE_HEADROOM = 2.0
 #: How soon what the leases spent goes to the actor when no lease request takes it there first.
 SETTLE_AFTER_S = 0.05
+#: The windows actor's protocol (its methods and their arguments): a detached actor outlives upgrades, so a cluster
+#: that still runs an older one gets a new actor of its own name instead of calls the old one cannot answer.
+ACTOR_PROTOCOL = 2
 #: Where the shared windows live on a Ray cluster.
-ACTOR_NAME = "moa-ray-rate-limits"
+ACTOR_NAME = f"moa-ray-rate-limits-v{ACTOR_PROTOCOL}"
 ACTOR_NAMESPACE = "moa-ray"
 
 
