@@ -29,8 +29,10 @@ from moa_ray.pipeline.limits import (
     LocalWindows,
     RateLimit,
     RateLimitedAgent,
+    ReplicaRetries,
     SlidingWindow,
     rate_limited,
+    replica_backend,
     reserved_tokens,
 )
 from moa_ray.serve.auth import KeyVerifier, Redactor
@@ -533,3 +535,67 @@ async def test_a_retry_without_room_before_the_deadline_is_not_made(monkeypatch)
     assert len(provider.arrivals) == 1  # the first attempt failed; its retry found no room in time
     assert refused.value.attempts == 1 and refused.value.retries == ["UpstreamError (HTTP 503)"]
     assert "for a retry" in str(refused.value) and refused.value.retry_after_s == pytest.approx(5.1, abs=0.1)
+
+
+def deployed_retrying(provider: FailingProvider, rpm: int, window_s: float) -> RateLimitedAgent:
+    """A deployed model's two ends in this process: the caller's limiter (its first attempts) over the replica's
+    backend, whose retries take room in the replica (:class:`ReplicaRetries`), one set of windows between them, as
+    the cluster's actor is one for a driver and a replica."""
+    spec = parse_config(
+        {
+            "models": {
+                "lim": {
+                    "backend": "openai",
+                    "model": "sim-lim",
+                    "base_url": "http://provider.test/v1",
+                    "hosting": "deployment",
+                    "rpm": rpm,
+                    "max_retries": 4,
+                    "backoff_s": 0.001,
+                    "backoff_max_s": 0.01,
+                    "http_transport": "httpx",
+                }
+            }
+        }
+    ).models["lim"]
+    backend = OpenAIBackend(spec, transport=httpx.MockTransport(provider.handle))
+    replica = ReplicaRetries(backend, "lim", spec, window_s=window_s)
+    return RateLimitedAgent(LocalAgent(replica), "lim", spec, window_s=window_s)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_deployed_models_retries_take_room_in_its_replica_so_the_provider_never_sees_more_than_rpm(monkeypatch, stream):
+    """As above for ``hosting: deployment``: the backend retries in the Serve replica, which takes room for each retry
+    there before it is sent."""
+    monkeypatch.setattr(limits, "LATE_START_S", 0.1)
+    window_s = 0.5
+    provider = FailingProvider(failures=3)
+    agent = deployed_retrying(provider, rpm=2, window_s=window_s)
+    completions = await asyncio.gather(*(answer(agent, stream, 30.0) for _ in range(2)))
+    assert [c.text for c in completions] == ["fine now", "fine now"]
+    assert sorted(c.attempts for c in completions) == [2, 3]
+    assert len(provider.arrivals) == 5
+    assert most_in_any_window(provider.arrivals, window_s) <= 2
+    assert provider.arrivals[-1] - provider.arrivals[0] >= 2 * window_s  # two waits for room, in the replica
+
+
+@pytest.mark.anyio
+async def test_the_caller_of_a_deployed_model_does_not_charge_the_retries_its_replica_charged(monkeypatch):
+    actor = DirectActor()
+    monkeypatch.setattr(limits, "process_windows", lambda: actor)
+    provider = FailingProvider(failures=3)
+    agent = deployed_retrying(provider, rpm=10, window_s=30.0)  # room for all: nothing waits, nothing leaves the window
+    await asyncio.gather(*(answer(agent, False, 30.0) for _ in range(2)))
+    await asyncio.sleep(limits.lease_seconds(agent.limit) + 4 * limits.SETTLE_AFTER_S)
+    assert len(provider.arrivals) == 5
+    assert actor.held(agent.key) == 5  # each request the provider saw, once: the caller charged first attempts only
+
+
+def test_a_replica_holds_retries_to_the_limit_only_for_a_limited_model():
+    config = parse_config(
+        {"models": {"free": remote("http://127.0.0.1:1/v1", "free"), "lim": remote("http://127.0.0.1:1/v1", "lim", rpm=5)}}
+    )
+    backend = QuickAgent()
+    assert replica_backend(backend, "free", config.models["free"]) is backend
+    assert isinstance(replica_backend(backend, "lim", config.models["lim"]), ReplicaRetries)

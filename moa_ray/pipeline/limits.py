@@ -20,8 +20,10 @@ The rule, exact rather than a token bucket's average:
   through :data:`~moa_ray.backends.base.RETRY_GATE`, which the limited agent sets around the call, and the retry
   reserves room like a call (it waits, or, with no room within :data:`MAX_WAIT_SHARE` of the call's time left, is
   not made: :class:`~moa_ray.errors.OverRateLimit`). A failed attempt keeps its prompt's tokens; a call cut while it
-  ran keeps what each of its attempts reserved. A backend that retries where the gate cannot reach (a Serve
-  replica's, for ``hosting: deployment``) has its extra attempts charged when the call ends, as before.
+  ran keeps what each of its attempts reserved. A model that runs as a Serve deployment retries in its replica:
+  the caller takes room for the first attempt, the replica (:class:`ReplicaRetries`) for each retry, in the same
+  window, and each settles its own. A backend that retries without the gate has its extra attempts charged when
+  the call ends.
 * A call waits only while its request's deadline allows: at most :data:`MAX_WAIT_SHARE` of the time left, so the
   call itself keeps the rest. A call that would wait longer is not made and fails with
   :class:`~moa_ray.errors.OverRateLimit` (its ``retry_after_s``: when the room opens), which the endpoint answers
@@ -620,16 +622,36 @@ def reserved_tokens(messages: list[ChatMessage], params: ChatParams, default_max
     return prompt + (params.max_tokens or default_max_tokens)
 
 
+class _HeldByCaller:
+    """The first attempt's room as a Serve replica sees it: the caller's process took it, and settles it."""
+
+    tokens = 0
+
+    def finish(self, calls: int, tokens: int) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def keep(self) -> None:
+        pass
+
+
+HELD_BY_CALLER = _HeldByCaller()
+
+
 @dataclass
 class Admission:
     """Room reserved for one call (its first attempt, and each retry the backend made), and what to tell the window
-    when the call ends."""
+    when the call ends. ``retries_elsewhere``: the backend runs in a Serve replica, which takes and settles the
+    retries' room itself (:class:`ReplicaRetries`), so this process settles the first attempt alone."""
 
-    share: Share
+    share: Share | _HeldByCaller
     reserved: int
     prompt: int
     waited_s: float
     retries: list[Share] = field(default_factory=list)
+    retries_elsewhere: bool = False
 
     def used(self, completion: Completion) -> None:
         tokens = completion.usage.prompt_tokens + completion.usage.completion_tokens
@@ -640,8 +662,11 @@ class Admission:
 
     def _ended(self, attempts: int, answered: int | None) -> None:
         """Each attempt's room: the answer's tokens on the last (when it answered), the prompt's on a failed one.
-        Attempts made without room of their own (a backend that retries without the gate: a Serve replica's) are
-        charged on the last, now."""
+        Attempts made without room of their own (a backend that retries without the gate) are charged on the last,
+        now; a deployed model's caller settles its first attempt alone (its replica settled the retries)."""
+        if self.retries_elsewhere:
+            self.share.finish(1, self.prompt if answered is None or attempts > 1 else answered)
+            return
         shares = [self.share, *self.retries]
         unheld = max(attempts - len(shares), 0)
         made = min(attempts, len(shares))
@@ -707,6 +732,8 @@ class RateLimitedAgent:
         self.default_max_tokens = spec.max_tokens
         # the window is the model's under these limits: a changed limit starts a window of its own
         self.key = f"{name}|rpm={spec.rpm}|tpm={spec.tpm}|window={window_s:g}"
+        # a deployed model's backend retries in its Serve replica, which takes room for each retry there
+        self.retries_elsewhere = spec.deployed
 
     def prepare(self) -> None:
         prepare = getattr(self.inner, "prepare", None)
@@ -732,7 +759,13 @@ class RateLimitedAgent:
                 share.release()
                 raise
         prompt = max(reserved - (params.max_tokens or self.default_max_tokens), 0)
-        return Admission(share, reserved, prompt, wait)
+        return Admission(share, reserved, prompt, wait, retries_elsewhere=self.retries_elsewhere)
+
+    def retries_admission(self, messages: list[ChatMessage], params: ChatParams) -> Admission:
+        """A Serve replica's part of a call whose caller took room for the first attempt: room for each retry."""
+        reserved = reserved_tokens(messages, params, self.default_max_tokens) if self.limit.tpm else 0
+        prompt = max(reserved - (params.max_tokens or self.default_max_tokens), 0)
+        return Admission(HELD_BY_CALLER, reserved, prompt, 0.0)
 
     @staticmethod
     def _left_after(params: ChatParams, admission: Admission) -> ChatParams:
@@ -782,6 +815,29 @@ class RateLimitedAgent:
         admission = await self.admit(messages, params)
         async for chunk in self.stream_admitted(admission, messages, self._left_after(params, admission)):
             yield chunk
+
+
+class ReplicaRetries:
+    """A rate-limited model's backend in its Serve replica: the calling process took room for each call's first
+    attempt (:class:`RateLimitedAgent`), and each retry the backend makes here takes room of its own before it is sent,
+    in the same window (the same named actor, the same key), so retries keep to the limit however many replicas."""
+
+    def __init__(self, backend: Agent, name: str, spec: ModelSpecBase, *, window_s: float = RATE_WINDOW_S) -> None:
+        self.limiter = RateLimitedAgent(backend, name, spec, window_s=window_s)
+
+    async def chat(self, messages: list[ChatMessage], params: ChatParams) -> Completion:
+        admission = self.limiter.retries_admission(messages, params)
+        return await self.limiter.chat_admitted(admission, messages, params)
+
+    async def stream(self, messages: list[ChatMessage], params: ChatParams) -> AsyncIterator[StreamChunk]:
+        admission = self.limiter.retries_admission(messages, params)
+        async for chunk in self.limiter.stream_admitted(admission, messages, params):
+            yield chunk
+
+
+def replica_backend(backend: Agent, name: str, spec: ModelSpecBase) -> Agent:
+    """What a Serve replica calls for its model: the backend, its retries held to the model's limits when it has any."""
+    return ReplicaRetries(backend, name, spec) if spec.rate_limited else backend
 
 
 def rate_limited(agent: Agent, name: str, spec: ModelSpecBase, *, window_s: float = RATE_WINDOW_S) -> Agent:

@@ -23,6 +23,7 @@ from moa_ray.backends import create_backend
 from moa_ray.chat import ChatRequest
 from moa_ray.config import ModelSpec
 from moa_ray.errors import BackendError
+from moa_ray.pipeline.limits import replica_backend
 from moa_ray.serve.auth import Redactor
 from moa_ray.streaming import coalesce
 
@@ -54,6 +55,7 @@ class AgentDeployment:
         self.name = name
         self.spec = _MODEL_SPEC.validate_python(spec)
         self.backend = create_backend(self.spec)
+        self._calls = replica_backend(self.backend, name, self.spec)  # a limited model's retries take room here
         self._closed = False  # a backend to close from here on
         self._redactor = Redactor.for_models([self.spec])
 
@@ -65,7 +67,7 @@ class AgentDeployment:
     async def agent_chat(self, request: dict[str, Any]) -> dict[str, Any]:
         req = ChatRequest.model_validate(request)
         try:
-            completion = await self.backend.chat(req.messages, req.params)
+            completion = await self._calls.chat(req.messages, req.params)
         except BackendError as err:
             return self._error(err)
         return {"completion": completion.model_dump()}
@@ -73,7 +75,7 @@ class AgentDeployment:
     async def agent_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         req = ChatRequest.model_validate(request)
         try:
-            async for chunk in coalesce(self.backend.stream(req.messages, req.params)):  # fewer messages per answer
+            async for chunk in coalesce(self._calls.stream(req.messages, req.params)):  # fewer messages per answer
                 yield {"chunk": chunk.model_dump()}
         except BackendError as err:
             yield self._error(err)
