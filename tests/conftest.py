@@ -35,9 +35,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """What collection left alive (modules, classes, schemas) lives to the end: collect once, then freeze it so the
-    full collections during the tests, and the ones pytest makes at the end to find unraisable exceptions, skip it."""
+    full collections during the tests, and the ones pytest makes at the end to find unraisable exceptions, skip it.
+
+    The tests then allocate ~600k long-lived objects more (the SDKs a test imports): with a young generation of 10,000
+    objects instead of 700, ~400 young collections and ~4 full ones instead of ~4,000 and ~20 (~3 s of the lane)."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
     gc.enable()
 
 
