@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from eval_support import generate_options, judge_options, model, simulator_config
 
-from bench.simulator import Behaviour, run_simulator
+from bench.simulator import Behaviour
 from moa_ray.config import parse_config
 from moa_ray.eval.benchmarks.registry import load_dataset
 from moa_ray.eval.calls import PROPOSER_PREFIX, calls_table
@@ -56,9 +56,9 @@ def write_dataset(path: Path, n: int = 4) -> Path:
 
 
 @pytest.fixture
-def sim():
-    with run_simulator(simulator_config(latency_ms=20)) as server:
-        yield server
+def sim(simulator):
+    """A fresh simulator per test, stopped in the background as the test ends (conftest's ``simulator``)."""
+    return simulator(simulator_config(latency_ms=20))
 
 
 def made(sim) -> int:
@@ -143,20 +143,20 @@ def test_sampled_calls_are_reused_only_with_the_flag(sim, tmp_path: Path) -> Non
     assert made(sim) - before == 2 * 4
 
 
-def test_a_provider_key_ending_in_a_newline_never_reaches_the_stored_texts(tmp_path: Path, monkeypatch) -> None:
+def test_a_provider_key_ending_in_a_newline_never_reaches_the_stored_texts(tmp_path: Path, monkeypatch, simulator) -> None:
     secret = "sk-call-store-secret-42"
     monkeypatch.setenv("SIM_KEY", secret + "\n")
     behaviour = simulator_config(latency_ms=5)
     behaviour.models["sim-echo"] = Behaviour(latency_ms=5, reply=f"my key is {secret} and {secret!r}")
-    with run_simulator(behaviour) as server:
-        config = parse_config(
-            {
-                "models": {"echo": model(server.base_url, "sim-echo", temperature=0.0, api_key_env="SIM_KEY")},
-                "pipelines": {"one": {"kind": "single", "model": "echo"}},
-            }
-        )
-        data = load_dataset(str(write_dataset(tmp_path / "q.jsonl", n=2)))
-        run_generation(config, data, in_process_agents(config, ["echo"]), generate_options(tmp_path / "out", ["one"]))
+    server = simulator(behaviour)
+    config = parse_config(
+        {
+            "models": {"echo": model(server.base_url, "sim-echo", temperature=0.0, api_key_env="SIM_KEY")},
+            "pipelines": {"one": {"kind": "single", "model": "echo"}},
+        }
+    )
+    data = load_dataset(str(write_dataset(tmp_path / "q.jsonl", n=2)))
+    run_generation(config, data, in_process_agents(config, ["echo"]), generate_options(tmp_path / "out", ["one"]))
     texts = [r.text for r in call_table(tmp_path / "out")]
     assert texts and all("[REDACTED]" in t and secret not in t for t in texts)
     assert not any(secret in p.read_bytes().decode("latin-1") for p in (tmp_path / "out" / "_calls").glob("*.parquet"))
