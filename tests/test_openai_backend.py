@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable
 
@@ -17,7 +18,7 @@ import httpx
 import pytest
 
 from bench.simulator import Behaviour, SimulatorConfig
-from moa_ray.backends.openai_http import OpenAIBackend
+from moa_ray.backends.openai_http import OpenAIBackend, default_tls
 from moa_ray.chat import ChatMessage, ChatParams, Completion
 from moa_ray.config import OpenAIModelSpec
 from moa_ray.errors import (
@@ -412,3 +413,14 @@ def test_retry_log_lines_carry_no_provider_text(caplog):
     retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert retries == ["test/model: attempt 1 failed (RateLimited, HTTP 429); retrying"]
     assert "sk-echoed" not in caplog.text
+
+
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+def test_every_backend_checks_certificates_with_one_context_made_once(transport):
+    """httpx would load the CA bundle for each client (~20 ms); the backends share one context, httpx's default."""
+    backends = [OpenAIBackend(spec("https://api.example.com/v1", http_transport=transport)) for _ in range(3)]
+    pool = backends[0]._client._transport
+    context = getattr(pool, "ssl_context", None) or pool._pool._ssl_context
+    assert context is default_tls()
+    assert all((getattr(b._client._transport, "ssl_context", None) or b._client._transport._pool._ssl_context) is context for b in backends)
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
