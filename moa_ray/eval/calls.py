@@ -17,12 +17,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import pyarrow.compute as pc
+
 from moa_ray.chat import ChatMessage
 from moa_ray.config import MoARayConfig, ProposerSpec
 from moa_ray.errors import ConfigError
 from moa_ray.eval.datasets import read_rows
 from moa_ray.eval.schema import CallRow, GenerationRow
-from moa_ray.eval.store import RowTable, join
+from moa_ray.eval.store import RowTable, join, resolve_latest
 from moa_ray.pipeline.base import call_params
 from moa_ray.pipeline.reuse import StoredCall, call_key
 from moa_ray.pipeline.trace import Trace
@@ -154,6 +156,9 @@ def reference_calls(config: MoARayConfig, pipelines: list[str], paths: Iterable[
 
 
 PROPOSER_PREFIX = "proposer:"
+#: What an entry takes from its proposer's call, and from the answer of the prompt's first turn.
+ENTRY_CALL_COLUMNS = ("label", "key", "text", "finish_reason", "prompt_tokens", "completion_tokens", "latency_s", "cost_usd")
+ENTRY_ANSWER_COLUMNS = ("dataset", "category", "instruction", "reference", "reference_generator")
 
 
 def proposer_entries(generations: str, run_id: str) -> list[GenerationRow]:
@@ -164,14 +169,22 @@ def proposer_entries(generations: str, run_id: str) -> list[GenerationRow]:
     pipelines share is one entry; proposers of one model with the same label but other settings (a system
     role) are told apart as ``#2``, ``#3`` in the order of their pipelines and positions.
     """
-    answers = RowTable(generations, GenerationRow).latest_records(
-        ["dataset", "category", "instruction", "reference", "reference_generator", "output"]
-    )
-    calls = calls_table(generations).latest_records()
+    # Parquet reads only the first turns' layer-1 proposer calls (key columns: the filter keeps whole keys, so each
+    # key's standing row is among them) and, of the answers, the first turns that have some: a run without
+    # proposers (single models) reads none, and no answer's text is read.
+    table = calls_table(generations)
+    first_proposers = (pc.field("layer") == 1) & (pc.field("role") == "proposer") & (pc.field("turn") == 1)
+    found = table.read_where(first_proposers, [*ENTRY_CALL_COLUMNS])
     by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in calls.values():
-        if row["layer"] == 1 and row["role"] == "proposer" and row["turn"] == 1 and row["status"] == "ok" and row["text"] is not None:
+    for row in resolve_latest(found.to_pylist(), table.key, table.row_type.RESOLVE).values():
+        if row["status"] == "ok" and row["text"] is not None:
             by_prompt[row["prompt_id"]].append(row)
+    del found
+    if not by_prompt:
+        return []
+    generated = RowTable(generations, GenerationRow)
+    first_turns_of = (pc.field("turn") == 1) & pc.field("prompt_id").isin(sorted(by_prompt))
+    answers = resolve_latest(generated.read_where(first_turns_of, [*ENTRY_ANSWER_COLUMNS]).to_pylist(), generated.key)
     names: dict[tuple[str, int, str], str] = {}  # (pipeline, index, label) -> entry name, fixed where first needed
     used: dict[str, int] = defaultdict(int)
     entries: dict[tuple[str, str], GenerationRow] = {}
