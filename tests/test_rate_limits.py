@@ -477,23 +477,24 @@ class FailingProvider:
         return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
 
 
+def retrying_spec(rpm: int, **extra: Any) -> Any:
+    """A model with ``rpm`` whose backend retries 4 times, at once (1-10 ms backoff)."""
+    model = {
+        "backend": "openai",
+        "model": "sim-lim",
+        "base_url": "http://provider.test/v1",
+        "rpm": rpm,
+        "max_retries": 4,
+        "backoff_s": 0.001,
+        "backoff_max_s": 0.01,
+        "http_transport": "httpx",
+        **extra,
+    }
+    return parse_config({"models": {"lim": model}}).models["lim"]
+
+
 def retrying_agent(provider: FailingProvider, rpm: int, window_s: float) -> RateLimitedAgent:
-    spec = parse_config(
-        {
-            "models": {
-                "lim": {
-                    "backend": "openai",
-                    "model": "sim-lim",
-                    "base_url": "http://provider.test/v1",
-                    "rpm": rpm,
-                    "max_retries": 4,
-                    "backoff_s": 0.001,
-                    "backoff_max_s": 0.01,
-                    "http_transport": "httpx",
-                }
-            }
-        }
-    ).models["lim"]
+    spec = retrying_spec(rpm)
     backend = OpenAIBackend(spec, transport=httpx.MockTransport(provider.handle))
     return RateLimitedAgent(LocalAgent(backend), "lim", spec, window_s=window_s)
 
@@ -541,23 +542,7 @@ def deployed_retrying(provider: FailingProvider, rpm: int, window_s: float) -> R
     """A deployed model's two ends in this process: the caller's limiter (its first attempts) over the replica's
     backend, whose retries take room in the replica (:class:`ReplicaRetries`), one set of windows between them, as
     the cluster's actor is one for a driver and a replica."""
-    spec = parse_config(
-        {
-            "models": {
-                "lim": {
-                    "backend": "openai",
-                    "model": "sim-lim",
-                    "base_url": "http://provider.test/v1",
-                    "hosting": "deployment",
-                    "rpm": rpm,
-                    "max_retries": 4,
-                    "backoff_s": 0.001,
-                    "backoff_max_s": 0.01,
-                    "http_transport": "httpx",
-                }
-            }
-        }
-    ).models["lim"]
+    spec = retrying_spec(rpm, hosting="deployment")
     backend = OpenAIBackend(spec, transport=httpx.MockTransport(provider.handle))
     replica = ReplicaRetries(backend, "lim", spec, window_s=window_s)
     return RateLimitedAgent(LocalAgent(replica), "lim", spec, window_s=window_s)

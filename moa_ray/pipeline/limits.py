@@ -532,14 +532,15 @@ class _Queue:
                     continue
                 del self.waiting[:granted]
                 reserved = group[:granted]
+                group_tokens = sum(w.tokens for w in reserved)
                 self.started += granted
-                self.started_tokens += sum(w.tokens for w in reserved)
+                self.started_tokens += group_tokens
                 # spare room is spent from now until the lease's end as the actor counts it, whatever the hop took
                 lease = _Lease(
                     functools.partial(self.settle_later, entry_id),
                     self.limit.tpm is not None,
                     granted,
-                    sum(w.tokens for w in reserved),
+                    group_tokens,
                     spare,
                     spare_tokens,
                     sent + self.lease_s,
@@ -698,22 +699,8 @@ class _RetryGate:
     async def __call__(self, left_s: float | None) -> None:
         if not self.open:
             return
-        agent = self.agent
         max_wait = None if left_s is None else max(left_s, 0.0) * MAX_WAIT_SHARE
-        share, wait = await process_windows().reserve(agent.key, agent.limit, self.admission.reserved, max_wait)
-        if share is None:
-            raise OverRateLimit(
-                f"{agent.name}: over its rate limit ({agent.limit.describe()}) for a retry: room in {wait:.1f} s, too late for "
-                "the call's deadline",
-                model=agent.name,
-                retry_after_s=wait,
-            )
-        if wait > 0:
-            try:
-                await asyncio.sleep(wait)
-            except BaseException:
-                share.release()
-                raise
+        share, _ = await self.agent.room(self.admission.reserved, max_wait, " for a retry", "the call's deadline")
         self.admission.retries.append(share)
 
 
@@ -743,12 +730,29 @@ class RateLimitedAgent:
     async def admit(self, messages: list[ChatMessage], params: ChatParams, *, patient: bool = False) -> Admission:
         """Wait for room for this call; :class:`OverRateLimit` when it would come too late for ``params.timeout_s``
         (never when ``patient``, or without a timeout)."""
-        reserved = reserved_tokens(messages, params, self.default_max_tokens) if self.limit.tpm else 0
+        reserved, prompt = self._tokens(messages, params)
         max_wait = None if patient or params.timeout_s is None else params.timeout_s * MAX_WAIT_SHARE
+        share, wait = await self.room(reserved, max_wait, "", "the request's deadline")
+        return Admission(share, reserved, prompt, wait, retries_elsewhere=self.retries_elsewhere)
+
+    def retries_admission(self, messages: list[ChatMessage], params: ChatParams) -> Admission:
+        """A Serve replica's part of a call whose caller took room for the first attempt: room for each retry."""
+        reserved, prompt = self._tokens(messages, params)
+        return Admission(HELD_BY_CALLER, reserved, prompt, 0.0)
+
+    def _tokens(self, messages: list[ChatMessage], params: ChatParams) -> tuple[int, int]:
+        """What an attempt reserves under ``tpm`` (its prompt's estimate plus ``max_tokens``; 0 without), and of that
+        its prompt's part, what a failed attempt keeps."""
+        reserved = reserved_tokens(messages, params, self.default_max_tokens) if self.limit.tpm else 0
+        return reserved, max(reserved - (params.max_tokens or self.default_max_tokens), 0)
+
+    async def room(self, reserved: int, max_wait: float | None, what: str, deadline: str) -> tuple[Share, float]:
+        """Room for one attempt (a call's first, or a retry: ``what``), waited for; :class:`OverRateLimit` naming
+        ``deadline`` when it would open later than ``max_wait``. Returns the share and how long it waited."""
         share, wait = await process_windows().reserve(self.key, self.limit, reserved, max_wait)
         if share is None:
             raise OverRateLimit(
-                f"{self.name}: over its rate limit ({self.limit.describe()}): room in {wait:.1f} s, too late for the request's deadline",
+                f"{self.name}: over its rate limit ({self.limit.describe()}){what}: room in {wait:.1f} s, too late for {deadline}",
                 model=self.name,
                 retry_after_s=wait,
             )
@@ -758,14 +762,7 @@ class RateLimitedAgent:
             except BaseException:
                 share.release()
                 raise
-        prompt = max(reserved - (params.max_tokens or self.default_max_tokens), 0)
-        return Admission(share, reserved, prompt, wait, retries_elsewhere=self.retries_elsewhere)
-
-    def retries_admission(self, messages: list[ChatMessage], params: ChatParams) -> Admission:
-        """A Serve replica's part of a call whose caller took room for the first attempt: room for each retry."""
-        reserved = reserved_tokens(messages, params, self.default_max_tokens) if self.limit.tpm else 0
-        prompt = max(reserved - (params.max_tokens or self.default_max_tokens), 0)
-        return Admission(HELD_BY_CALLER, reserved, prompt, 0.0)
+        return share, wait
 
     @staticmethod
     def _left_after(params: ChatParams, admission: Admission) -> ChatParams:
