@@ -7,15 +7,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
+from moa_ray.eval.benchmarks.mt_bench import mt_bench_scores
 from moa_ray.eval.metrics import (
     GLMData,
     MetricsError,
     head_to_head,
     length_controlled_win_rate,
-    mt_bench_scores,
     read_records,
     win_rates,
 )
@@ -163,7 +164,7 @@ def test_mt_bench_scores() -> None:
         {"pipeline": "p", "turn": 1, "category": "writing", "score": 10.0, "status": "ok"},
         {"pipeline": "p", "turn": 2, "category": "writing", "score": None, "status": "error"},
     ]
-    s = mt_bench_scores(grades)["p"]
+    s = mt_bench_scores(pa.Table.from_pylist(grades))["p"]
     assert s.score == pytest.approx(8.0) and s.turn_1 == pytest.approx(9.0) and s.turn_2 == pytest.approx(6.0)
     assert s.by_category == {"math": 7.0, "writing": 10.0} and s.n_graded == 3
 

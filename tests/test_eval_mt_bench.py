@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 
 from moa_ray.chat import ChatMessage, ChatParams, Completion, Usage
@@ -256,12 +257,12 @@ def test_match_outcome_follows_show_result(g1: str, g2: str, outcome: str | None
 def test_baseline_win_rates() -> None:
     rows = [{"pipeline": "moa", "baseline": "ref", "outcome": o, "status": "ok"} for o in ["win"] * 5 + ["tie"] * 2 + ["loss"] * 3]
     rows.append({"pipeline": "moa", "baseline": "ref", "outcome": None, "status": "error"})
-    rates = baseline_win_rates(rows)
+    rates = baseline_win_rates(pa.Table.from_pylist(rows))
     r = rates["moa"]
     assert (r.win, r.loss, r.tie, r.n) == (5, 3, 2, 10)
     assert (r.win_rate, r.loss_rate, r.win_rate_adjusted) == (0.5, 0.3, 0.6)
     with pytest.raises(ConfigError, match="several baselines"):
-        baseline_win_rates([*rows, {"pipeline": "moa", "baseline": "other", "outcome": "win", "status": "ok"}])
+        baseline_win_rates(pa.Table.from_pylist([*rows, {"pipeline": "moa", "baseline": "other", "outcome": "win", "status": "ok"}]))
 
 
 def test_fastchat_temperatures_cover_the_shipped_questions() -> None:

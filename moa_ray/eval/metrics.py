@@ -30,7 +30,7 @@ import io
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -363,22 +363,46 @@ def win_rates(records: list[dict[str, Any]], *, glm_data: GLMData | None = None,
     index = alpaca_index() if glm_data is not None else None
     out = {}
     for generator, rows in groups.items():
-        h2h = head_to_head([r["preference"] for r in rows])
-        lengths = [chars(r, "output_2") for r in rows]
-        result = WinRate.model_validate({"generator": generator, "avg_length": int(np.mean(lengths)), **h2h})
-        if lc and h2h["n_total"] >= N_SPLITS:
-            positions = None
-            if index is not None:
-                try:
-                    positions = [index[r["instruction"]] for r in rows]
-                except KeyError as err:
-                    raise MetricsError(f"instruction not in AlpacaEval, no difficulty for it: {str(err)[:80]}") from None
-            lcw, lcse, model = length_controlled_win_rate(
-                [r["preference"] for r in rows], lengths, [chars(r, "output_1") for r in rows], positions, glm_data
-            )
-            result = result.model_copy(update={"lc_win_rate": lcw, "lc_standard_error": lcse, "lc_model": model})
-        out[generator] = result
+
+        def positions(rows: list[dict[str, Any]] = rows, index: Mapping[str, int] | None = index) -> list[int] | None:
+            if index is None:
+                return None
+            try:
+                return [index[r["instruction"]] for r in rows]
+            except KeyError as err:
+                raise MetricsError(f"instruction not in AlpacaEval, no difficulty for it: {str(err)[:80]}") from None
+
+        out[generator] = generator_win_rate(
+            generator,
+            [r["preference"] for r in rows],
+            [chars(r, "output_2") for r in rows],
+            [chars(r, "output_1") for r in rows],
+            positions,
+            glm_data,
+            lc=lc,
+        )
     return out
+
+
+def generator_win_rate(
+    generator: str,
+    preferences: Sequence[float | None],
+    lengths: Sequence[int],
+    reference_lengths: Sequence[int],
+    positions: Callable[[], Sequence[int] | None],
+    glm_data: GLMData | None,
+    *,
+    lc: bool = True,
+) -> WinRate:
+    """One generator's AlpacaEval metrics from its annotations' preferences and output lengths, in their order (the
+    LC fit's folds follow it); ``positions``: the instructions' places in AlpacaEval for ``glm_data``, looked up only
+    when the LC fit runs (at least :data:`N_SPLITS` annotations)."""
+    h2h = head_to_head(preferences)
+    result = WinRate.model_validate({"generator": generator, "avg_length": int(np.mean(lengths)), **h2h})
+    if lc and h2h["n_total"] >= N_SPLITS:
+        lcw, lcse, model = length_controlled_win_rate(preferences, lengths, reference_lengths, positions(), glm_data)
+        result = result.model_copy(update={"lc_win_rate": lcw, "lc_standard_error": lcse, "lc_model": model})
+    return result
 
 
 # --------------------------------------------------------------------------- MT-Bench
@@ -393,29 +417,3 @@ class MTBenchScore(BaseModel):
     turn_2: float | None = None
     by_category: dict[str, float] = Field(default_factory=dict)
     n_graded: int
-
-
-def mt_bench_scores(grades: Sequence[Mapping[str, Any]]) -> dict[str, MTBenchScore]:
-    """MT-Bench means per pipeline: overall, per turn, per category (ungraded turns are left out)."""
-    by_pipeline: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for g in grades:
-        if g.get("score") is not None and g.get("status", "ok") == "ok":
-            by_pipeline[g["pipeline"]].append(g)
-    out = {}
-    for pipeline, rows in by_pipeline.items():
-
-        def mean(sel: list[Mapping[str, Any]]) -> float | None:
-            return float(np.mean([r["score"] for r in sel])) if sel else None
-
-        cats: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-        for r in rows:
-            cats[r.get("category") or "uncategorized"].append(r)
-        out[pipeline] = MTBenchScore(
-            pipeline=pipeline,
-            score=float(np.mean([r["score"] for r in rows])),
-            turn_1=mean([r for r in rows if r["turn"] == 1]),
-            turn_2=mean([r for r in rows if r["turn"] == 2]),
-            by_category={c: float(np.mean([r["score"] for r in sel])) for c, sel in sorted(cats.items())},
-            n_graded=len(rows),
-        )
-    return out

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from moa_ray.eval.benchmarks import registry
 from moa_ray.eval.benchmarks.alpaca_eval import PAIRWISE_MODE
-from moa_ray.eval.benchmarks.base import BenchmarkTable, Cell, ReportScope, Row, Rows
+from moa_ray.eval.benchmarks.base import BenchmarkTable, Cell, Record, Records, ReportScope
 from moa_ray.eval.benchmarks.gsm8k import EXACT_MODE
 from moa_ray.eval.benchmarks.mt_bench import BASELINE_MODE, SINGLE_MODE
 from moa_ray.eval.benchmarks.rubric import RUBRIC
@@ -110,9 +110,9 @@ def _fmt(value: Any, fmt: str) -> str:
 
 #: The answers a report reads: an Arrow table of their key, status and numbers (:func:`~moa_ray.eval.judging.read_report_answers`),
 #: or rows already read as dicts by key (a test's, a small run's), made into one.
-Answers: TypeAlias = pa.Table | Rows
+Answers: TypeAlias = pa.Table | Records
 #: A kind's finished judgments: an Arrow table of its report columns, or rows already read as dicts.
-Judged: TypeAlias = pa.Table | Sequence[Row]
+Judged: TypeAlias = pa.Table | Sequence[Record]
 
 #: The columns of an answer the main report reads.
 ANSWER_COLUMNS = [
@@ -225,7 +225,7 @@ def benchmark_tables(generations: Answers, judged: Mapping[str, Judged], *, pipe
 
 
 def build_rubric_tables(
-    generations: Answers, rubric_rows: Judged | Iterable[Row], *, pipelines: list[str] | None = None
+    generations: Answers, rubric_rows: Judged | Iterable[Record], *, pipelines: list[str] | None = None
 ) -> list[BenchmarkTable]:
     """Every table the judged rubric rows (status ok) support, benchmark by benchmark."""
     rows = rubric_rows if isinstance(rubric_rows, pa.Table) else list(rubric_rows)

@@ -64,7 +64,7 @@ from moa_ray.eval.benchmarks.base import (
 )
 from moa_ray.eval.datasets import EvalDataset, EvalPrompt, data_file, shipped_jsonl
 from moa_ray.eval.judge_prompts import PAIRWISE_PROMPT, pairwise_messages, parse_verdict, verdict_preference
-from moa_ray.eval.metrics import N_SPLITS, GLMData, MetricsError, WinRate, alpaca_index, head_to_head, length_controlled_win_rate
+from moa_ray.eval.metrics import GLMData, MetricsError, WinRate, alpaca_index, generator_win_rate
 from moa_ray.eval.report_data import finished, is_ok, keep, numbers, of_pipelines, resolve_table, unique
 from moa_ray.eval.schema import OfficialAnnotationRow, PairwiseRow, _Row
 from moa_ray.eval.store import RowTable, StoreError, join, resolve
@@ -381,20 +381,19 @@ def table_win_rates(rows: pa.Table, *, glm_data: GLMData | None = None, lc: bool
     for name in unique(generator):
         group = keep(rows, pc.equal(generator, name))
         preferences = numbers(pc.cast(pc.fill_null(group.column("preference"), np.nan), pa.float64()))
-        h2h = head_to_head(cast("Sequence[float | None]", preferences))  # metrics reads any sequence through numpy
-        lengths = output_lengths(group, "output_2")
-        result = WinRate.model_validate({"generator": str(name), "avg_length": int(np.mean(lengths)), **h2h})
-        if lc and h2h["n_total"] >= N_SPLITS:
-            positions = None if index is None else alpaca_positions(group.column("instruction"), index)
-            lcw, lcse, model = length_controlled_win_rate(
-                cast("Sequence[float | None]", preferences),
-                cast("Sequence[int]", lengths),
-                cast("Sequence[int]", output_lengths(group, "output_1")),
-                positions,
-                glm_data,
-            )
-            result = result.model_copy(update={"lc_win_rate": lcw, "lc_standard_error": lcse, "lc_model": model})
-        out[str(name)] = result
+
+        def positions(group: pa.Table = group) -> list[int] | None:
+            return None if index is None else alpaca_positions(group.column("instruction"), index)
+
+        out[str(name)] = generator_win_rate(  # metrics reads any sequence through numpy
+            str(name),
+            cast("Sequence[float | None]", preferences),
+            cast("Sequence[int]", output_lengths(group, "output_2")),
+            cast("Sequence[int]", output_lengths(group, "output_1")),
+            positions,
+            glm_data,
+            lc=lc,
+        )
     return out
 
 

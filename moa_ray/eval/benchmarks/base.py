@@ -38,9 +38,6 @@ Generations = Mapping[Key, GenerationRow]
 Record = Mapping[str, Any]
 #: Records by key (the report's answers as a test hands them).
 Records = Mapping[Key, Record]
-#: The names :mod:`moa_ray.eval.report` imports for records.
-Row = Record
-Rows = Records
 
 ItemT = TypeVar("ItemT", bound=BaseModel)
 #: A kind's row model: what it writes (:meth:`JudgmentKind.judge`) and reads back as done (:meth:`JudgmentKind.plan`).

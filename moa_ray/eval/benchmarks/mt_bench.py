@@ -39,7 +39,6 @@ from moa_ray.eval.benchmarks.base import (
     JudgmentKind,
     Key,
     PlanRequest,
-    Record,
     ReportScope,
     conversations,
     is_done,
@@ -296,17 +295,8 @@ class BaselineWinRate(BaseModel):
     win_rate_adjusted: float = Field(description="(win + 0.5 tie) / n: each tie counts half a win.")
 
 
-def baseline_win_rates(rows: Iterable[Record]) -> dict[str, BaselineWinRate]:
-    """Win/loss/tie counts and rates per pipeline of finished pairwise-baseline rows."""
-    counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: {"win": 0, "loss": 0, "tie": 0})
-    for r in rows:
-        if r.get("status", "ok") == "ok" and r.get("outcome") in ("win", "loss", "tie"):
-            counts[(r["pipeline"], r["baseline"])][r["outcome"]] += 1
-    return win_rates_of_counts(counts)
-
-
-def table_baseline_win_rates(rows: pa.Table) -> dict[str, BaselineWinRate]:
-    """:func:`baseline_win_rates` of rows held as an Arrow table: the outcomes counted by Arrow's group_by."""
+def baseline_win_rates(rows: pa.Table) -> dict[str, BaselineWinRate]:
+    """Win/loss/tie counts and rates per pipeline of finished pairwise-baseline rows, counted by Arrow's group_by."""
     outcome = rows.column("outcome")
     finished = rows.filter(pc.and_(is_ok(rows), pc.fill_null(pc.is_in(outcome, value_set=pa.array(["win", "loss", "tie"])), False)))
     counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: {"win": 0, "loss": 0, "tie": 0})
@@ -340,9 +330,9 @@ def win_rates_of_counts(counts: Mapping[tuple[str, str], Mapping[str, int]]) -> 
     return out
 
 
-def table_mt_bench_scores(rows: pa.Table) -> dict[str, MTBenchScore]:
-    """:func:`~moa_ray.eval.metrics.mt_bench_scores` of grades held as an Arrow table: numpy means over each
-    pipeline's scores in the rows' order (the order a mean's float sum takes)."""
+def mt_bench_scores(rows: pa.Table) -> dict[str, MTBenchScore]:
+    """MT-Bench means per pipeline of finished grades: overall, per turn, per category (ungraded turns left out),
+    numpy means over each pipeline's scores in the rows' order (the order a mean's float sum takes)."""
     graded = rows.filter(pc.and_(is_ok(rows), pc.is_valid(rows.column("score"))))
     category = graded.column("category") if "category" in graded.column_names else pa.nulls(graded.num_rows, pa.string())
     category = pc.if_else(pc.equal(pc.fill_null(category, ""), ""), "uncategorized", category)
@@ -480,7 +470,7 @@ class SingleKind(JudgmentKind[GradeItem, GradeRow]):
 
     def aggregate(self, rows: pa.Table, scope: ReportScope) -> Aggregate:
         """MT-Bench means per pipeline: overall, per turn, per category."""
-        scores = table_mt_bench_scores(of_pipelines(rows, scope.pipelines))
+        scores = mt_bench_scores(of_pipelines(rows, scope.pipelines))
         return Aggregate(
             columns={
                 p: {"mt_bench": s.score, "mt_bench_turn_1": s.turn_1, "mt_bench_turn_2": s.turn_2, "mt_bench_categories": s.by_category}
@@ -534,7 +524,7 @@ class BaselineKind(JudgmentKind[BaselinePairItem, BaselinePairRow]):
         return BaselinePairRow(**baseline_row_base(item, run_id=ctx.run_id, judge=ctx.judge), status="error", error=error)
 
     def aggregate(self, rows: pa.Table, scope: ReportScope) -> Aggregate:
-        versus = table_baseline_win_rates(of_pipelines(rows, scope.pipelines))
+        versus = baseline_win_rates(of_pipelines(rows, scope.pipelines))
         return Aggregate(
             columns={
                 p: {
