@@ -21,6 +21,7 @@ import contextlib
 import importlib.abc
 import importlib.machinery
 import os
+import random
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -71,13 +72,27 @@ def haproxy_template(template: str, frontend_host: str) -> str:
     return template
 
 
+#: Where :func:`free_ports` looks: above Ray's worker ports (10002-19999) and below the kernel's ephemeral range
+#: (Linux: 32768-60999), from which every port-0 bind and outgoing connection (Ray's own servers among them) draws:
+#: a port picked there could be taken in the seconds before Serve binds it.
+PICKED_PORTS = range(20000, 32768)
+
+
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports that are free right now (held open together so they differ)."""
+    """``count`` distinct loopback ports that are free right now (held open together so they differ), from
+    :data:`PICKED_PORTS`, which nothing takes without asking for it by number."""
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in socks:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in socks]
+        ports: list[int] = []
+        for port in random.sample(PICKED_PORTS, len(PICKED_PORTS)):
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise OSError(f"no {count} free loopback ports in {PICKED_PORTS.start}-{PICKED_PORTS.stop - 1}")
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
