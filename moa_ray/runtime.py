@@ -7,6 +7,7 @@ import importlib.util
 import ipaddress
 import logging
 import os
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -64,20 +65,78 @@ def init_ray(
         # the embedded model's threads are set by its config, not by this number.
         cpus = num_cpus or max(8, os.cpu_count() or 1)
         export_port = metrics_port({**os.environ, **(env or {})})
-        # "local": never attach to the latest `ray start` cluster of this machine by surprise.
-        with _loopback_node(), _reaped_session(), _environment(env or {}):
-            ray.init(
-                address="local",
-                num_cpus=cpus,
-                include_dashboard=False,
-                _node_ip_address=LOCAL_RAY_HOST,
-                runtime_env={"worker_process_setup_hook": loopback.HOOK},
-                _metrics_export_port=export_port,
-                **kwargs,
-            )
+        for attempt in range(1, HEAD_START_ATTEMPTS + 1):
+            try:
+                # "local": never attach to the latest `ray start` cluster of this machine by surprise.
+                with _loopback_node(), _reaped_session(), _environment(env or {}):
+                    before = _children()
+                    try:
+                        ray.init(
+                            address="local",
+                            num_cpus=cpus,
+                            include_dashboard=False,
+                            _node_ip_address=LOCAL_RAY_HOST,
+                            runtime_env={"worker_process_setup_hook": loopback.HOOK},
+                            _metrics_export_port=export_port,
+                            **kwargs,
+                        )
+                    except Exception as err:
+                        if _head_did_not_start(err):  # before the reaper stops: a stuck fork holds its stdin open
+                            _kill_unexecuted_forks(before)
+                        raise
+                break
+            except Exception as err:
+                if attempt == HEAD_START_ATTEMPTS or not _head_did_not_start(err):
+                    raise
+                log.warning("the local Ray's head did not start (%s): starting it again", str(err).splitlines()[0])
+                ray.shutdown()
         node_ip = ray.util.get_node_ip_address()
         if node_ip != LOCAL_RAY_HOST:  # a Ray whose node-IP rules changed: say so rather than expose it silently
             log.warning("the local Ray runs on %s, not %s: its ports may be reachable from other machines", node_ip, LOCAL_RAY_HOST)
+
+
+#: How many times :func:`init_ray` starts a local Ray's head that did not come up (see :func:`_head_did_not_start`).
+HEAD_START_ATTEMPTS = 2
+
+
+def _head_did_not_start(err: Exception) -> bool:
+    """Whether ``ray.init`` gave up waiting for the head's processes (the GCS's port file, the node's registration).
+
+    Ray starts them with ``preexec_fn`` (``services.start_ray_process``), so each is forked from this process and
+    runs Python before its ``exec``; a later Ray of the same process forks while the earlier one's gRPC and Serve
+    threads are still running (gRPC logs "Other threads are currently calling into gRPC, skipping fork() handlers"
+    every time), and a child that inherits a lock held by one of them never reaches ``exec``: no log, no port file.
+    Seen once in CI, for the GCS of a session's second local Ray; a second start succeeds.
+    """
+    text = str(err)
+    return "Timed out waiting for file" in text or "timed out during startup" in text
+
+
+def _children() -> set[tuple[int, int]]:
+    """This process's children, as ``(pid, start time)`` (unique even when a pid is reused)."""
+    from moa_ray import ray_reaper
+
+    if not ray_reaper.supported():
+        return set()
+    me = os.getpid()
+    return {proc for proc, ppid in ray_reaper.processes().items() if ppid == me}
+
+
+def _kill_unexecuted_forks(before: set[tuple[int, int]]) -> None:
+    """SIGKILL the children started since ``before`` that still run this very program: forks of ``ray.init`` stuck
+    before their ``exec`` (see :func:`_head_did_not_start`), which also hold the reaper's stdin open. Those that did
+    ``exec`` carry the session's token: the reaper kills them as it stops."""
+    try:
+        me = os.readlink("/proc/self/exe")
+    except OSError:
+        return
+    for pid, _start in _children() - before:
+        try:
+            if os.readlink(f"/proc/{pid}/exe") == me:
+                log.warning("killing pid %d, a fork of ray.init that never started its program", pid)
+                os.kill(pid, signal.SIGKILL)
+        except OSError:  # gone meanwhile
+            continue
 
 
 #: The environment variable that fixes the port a local Ray exports its Prometheus metrics on (``/metrics``).

@@ -366,3 +366,49 @@ def test_reaper_process_kills_its_session_when_its_stdin_closes_and_then_exits()
         for p in (reaper, marked, other):
             if p.poll() is None:
                 p.kill()
+
+
+@pytest.mark.timeout(60)
+def test_a_local_head_that_did_not_start_is_started_again_and_its_stuck_fork_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ray.init`` forks the head's processes with ``preexec_fn``: a fork that never reaches ``exec`` leaves no port
+    file, and Ray gives up after 30 s. ``init_ray`` kills that fork and starts the head once more; any other error, or
+    the same one twice, is raised as it is."""
+    import ray
+
+    from moa_ray import runtime
+
+    calls: list[int] = []
+    stuck: list[int] = []
+
+    def init(**kwargs: object) -> None:
+        calls.append(os.getpid())
+        if len(calls) == 1:
+            pid = os.fork()
+            if pid == 0:  # a fork stuck before its exec: it runs this program and never returns
+                time.sleep(60)
+                os._exit(0)
+            stuck.append(pid)
+            raise RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_abc")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: runtime.LOCAL_RAY_HOST)
+    try:
+        runtime.init_ray(num_cpus=1)
+        assert len(calls) == 2
+        assert os.waitpid(stuck[0], 0)[1] == signal.SIGKILL  # killed, not left to sleep its minute
+    finally:
+        runtime.stop_reaper()
+
+    def failing(**kwargs: object) -> None:
+        calls.append(os.getpid())
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(ray, "init", failing)
+    for message, tries in [("Timed out waiting for file /tmp/ray/x/gcs_server_port_y", 2), ("bad resources", 1)]:
+        calls.clear()
+        with pytest.raises(RuntimeError, match=message.split()[0]):
+            runtime.init_ray(num_cpus=1)
+        assert len(calls) == tries
+    runtime.stop_reaper()
