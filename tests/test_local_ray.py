@@ -9,6 +9,7 @@ gave the CLI (which also finds those reparented once the raylet dies).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import signal
@@ -394,21 +395,24 @@ def test_a_local_head_that_did_not_start_is_started_again_and_its_stuck_fork_kil
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: runtime.LOCAL_RAY_HOST)
+    serve_log = logging.getLogger("ray.serve")
+    level = serve_log.level  # a quiet init_ray sets it to WARNING: given back below
     try:
         runtime.init_ray(num_cpus=1)
         assert len(calls) == 2
         assert os.waitpid(stuck[0], 0)[1] == signal.SIGKILL  # killed, not left to sleep its minute
-    finally:
         runtime.stop_reaper()
 
-    def failing(**kwargs: object) -> None:
-        calls.append(os.getpid())
-        raise RuntimeError(message)
+        def failing(**kwargs: object) -> None:
+            calls.append(os.getpid())
+            raise RuntimeError(message)
 
-    monkeypatch.setattr(ray, "init", failing)
-    for message, tries in [("Timed out waiting for file /tmp/ray/x/gcs_server_port_y", 2), ("bad resources", 1)]:
-        calls.clear()
-        with pytest.raises(RuntimeError, match=message.split()[0]):
-            runtime.init_ray(num_cpus=1)
-        assert len(calls) == tries
-    runtime.stop_reaper()
+        monkeypatch.setattr(ray, "init", failing)
+        for message, tries in [("Timed out waiting for file /tmp/ray/x/gcs_server_port_y", 2), ("bad resources", 1)]:
+            calls.clear()
+            with pytest.raises(RuntimeError, match=message.split()[0]):
+                runtime.init_ray(num_cpus=1)
+            assert len(calls) == tries
+    finally:
+        runtime.stop_reaper()
+        serve_log.setLevel(level)

@@ -103,9 +103,12 @@ async def test_a_bad_trace_level_is_a_400_naming_the_field(value):
 async def test_texts_never_reach_the_log(caplog):
     caplog.set_level(logging.DEBUG)
     # the service logs under "ray.serve", which Ray Serve stops from propagating once any test has imported it:
-    # listen on that logger itself, so the check does not depend on which tests ran before
+    # listen on that logger itself, at its own level (a quiet init_ray sets "ray.serve" to WARNING), so the check does
+    # not depend on which tests ran before
     service_log = logging.getLogger("ray.serve.moa_ray.ingress")
     service_log.addHandler(caplog.handler)
+    level = service_log.level
+    service_log.setLevel(logging.DEBUG)
     try:
         async with asgi_client(fake_api(fake_layers_config(), FakeProvider())) as client:
             for stream in (False, True):
@@ -113,6 +116,7 @@ async def test_texts_never_reach_the_log(caplog):
                 assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
     finally:
         service_log.removeHandler(caplog.handler)
+        service_log.setLevel(level)
     assert caplog.records  # the service did log its requests
     assert not any(text in caplog.text for text in EXPECTED.values())
 
