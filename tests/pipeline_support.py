@@ -18,7 +18,8 @@ class Recorder(httpx.AsyncBaseTransport):
     """Real HTTP to the simulator, keeping each request's JSON body."""
 
     def __init__(self) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
+        # no keep-alive: each test runs its pipeline in its own asyncio.run, whose end would strand a pooled connection
+        self.inner = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_keepalive_connections=0))
         self.bodies: list[dict[str, Any]] = []
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

@@ -23,13 +23,17 @@ def run(sim, pipeline: dict[str, Any], recorder: Recorder | None = None, stream:
             "pipelines": {"b": pipeline},
         }
     )
-    pipe = build_pipeline(config, "b", local_agents(config, transport=recorder))
+    agents = local_agents(config, transport=recorder)
+    pipe = build_pipeline(config, "b", agents)
 
     async def go():
-        if not stream:
-            return await pipe.run("Which answer is best?")
-        chunks = [item async for item in pipe.stream("Which answer is best?")]
-        return chunks
+        try:
+            if not stream:
+                return await pipe.run("Which answer is best?")
+            return [item async for item in pipe.stream("Which answer is best?")]
+        finally:  # the connection pools belong to this asyncio.run's loop
+            for agent in agents.values():
+                await agent.backend.aclose()
 
     return asyncio.run(go())
 
