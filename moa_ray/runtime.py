@@ -123,16 +123,22 @@ def _children() -> set[tuple[int, int]]:
 
 
 def _kill_unexecuted_forks(before: set[tuple[int, int]]) -> None:
-    """SIGKILL the children started since ``before`` that still run this very program: forks of ``ray.init`` stuck
-    before their ``exec`` (see :func:`_head_did_not_start`), which also hold the reaper's stdin open. Those that did
-    ``exec`` carry the session's token: the reaper kills them as it stops."""
+    """SIGKILL the children started since ``before`` that still run this very program with this very command line:
+    forks of ``ray.init`` stuck before their ``exec`` (see :func:`_head_did_not_start`), which also hold the reaper's
+    stdin open. Those that did ``exec`` (Ray's Python processes included: another command line) carry the session's
+    token: the reaper kills them as it stops."""
+
+    def program(pid: int | str) -> tuple[str, bytes]:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return os.readlink(f"/proc/{pid}/exe"), cmdline.read()
+
     try:
-        me = os.readlink("/proc/self/exe")
+        me = program("self")
     except OSError:
         return
     for pid, _start in _children() - before:
         try:
-            if os.readlink(f"/proc/{pid}/exe") == me:
+            if program(pid) == me:
                 log.warning("killing pid %d, a fork of ray.init that never started its program", pid)
                 os.kill(pid, signal.SIGKILL)
         except OSError:  # gone meanwhile
